@@ -120,14 +120,16 @@ def uses_triton(hidden: Tensor) -> bool:
 
 # ----------------------------------------------------------------------------- per-chunk math
 
-def _chunk_lse_target(logits: Tensor, targets: Tensor, use_triton: bool) -> tuple[Tensor, Tensor]:
-    """(rows, V) logits -> lse (rows,) fp32 and target log-prob (rows,) fp32. May clobber logits."""
-    rows = logits.shape[0]
-    if use_triton:
-        lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
-        logp = torch.empty_like(lse)
-        _launch(_lse_target_kernel, logits, targets, lse, logp)
-        return lse, logp
+def _lse_target_triton(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, V) logits -> lse (rows,) fp32 and the targets' log-probs (rows,) fp32."""
+    lse = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
+    logp = torch.empty_like(lse)
+    _launch(_lse_target_kernel, logits, targets, lse, logp)
+    return lse, logp
+
+
+def _lse_target_torch(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Same as _lse_target_triton; clobbers fp32 logits to stay at one chunk-sized buffer."""
     x = logits.float()  # (rows, V); the same tensor when logits are fp32, so the ops below are in place
     target_logit = x.gather(1, targets[:, None]).squeeze(1)
     row_max = x.amax(dim=1, keepdim=True)
@@ -135,15 +137,18 @@ def _chunk_lse_target(logits: Tensor, targets: Tensor, use_triton: bool) -> tupl
     return lse, target_logit - lse
 
 
-def _chunk_dlogits_(logits: Tensor, targets: Tensor, lse: Tensor, upstream: Tensor, use_triton: bool) -> Tensor:
+def _dlogits_triton_(logits: Tensor, targets: Tensor, lse: Tensor, upstream: Tensor) -> Tensor:
     """Overwrite (rows, V) logits with upstream * (onehot - softmax), in the logits' dtype."""
-    if use_triton:
-        _launch(_dlogits_kernel, logits, targets, lse, upstream)
-        return logits
+    _launch(_dlogits_kernel, logits, targets, lse, upstream)
+    return logits
+
+
+def _dlogits_torch_(logits: Tensor, targets: Tensor, lse: Tensor, upstream: Tensor) -> Tensor:
+    """Same as _dlogits_triton_, with one fp32 temporary when the logits are half precision."""
     x = logits.float()  # (rows, V)
     x.sub_(lse[:, None]).exp_().mul_(-upstream[:, None])
     x.scatter_add_(1, targets[:, None], upstream[:, None])
-    return logits.copy_(x) if x is not logits else logits
+    return logits if x is logits else logits.copy_(x)
 
 
 def _accumulate_mm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -173,23 +178,25 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
 
 def _forward(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, use_triton: bool) -> tuple[Tensor, Tensor]:
     """hidden (M, C), weight (V, C) in the compute dtype, targets (M,) all valid -> logp, lse (M,) fp32."""
+    lse_target = _lse_target_triton if use_triton else _lse_target_torch
     logp = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
         logits = hidden[rows] @ weight.T  # (rows, V)
-        lse[rows], logp[rows] = _chunk_lse_target(logits, targets[rows], use_triton)
+        lse[rows], logp[rows] = lse_target(logits, targets[rows])
     return logp, lse
 
 
 def _backward(hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, upstream: Tensor, chunk_rows: int,
               use_triton: bool, need_hidden: bool, need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
     """Recompute each chunk's logits, make dlogits in place, then the two gradient matmuls."""
+    dlogits_ = _dlogits_triton_ if use_triton else _dlogits_torch_
     grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (M, C)
     grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None  # (V, C)
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
-        dlogits = _chunk_dlogits_(hidden[rows] @ weight.T, targets[rows], lse[rows], upstream[rows], use_triton)
+        dlogits = dlogits_(hidden[rows] @ weight.T, targets[rows], lse[rows], upstream[rows])  # (rows, V)
         if need_hidden:
             torch.mm(dlogits, weight, out=grad_hidden[rows])
         if need_weight:

@@ -1,0 +1,157 @@
+"""kernels/logprob.py against its float64 reference, on both CPU paths: the Triton kernels in the
+interpreter and the plain-PyTorch chunked path. Each test pins its path by setting TRITON_INTERPRET
+(read at call time) and by making the other path raise, so a silent fallback fails the test."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported, so it can interpret
+
+import pytest
+import torch
+
+import kernels.logprob as lp
+from kernels.logprob import token_logprobs, token_logprobs_ref, uses_triton
+
+
+def _forbid(*_args, **_kwargs):
+    raise AssertionError("the other backend ran: a silent fallback")
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch):
+    """Pin one path; count the Triton kernel launches so the test can check them."""
+    launches = []
+    if request.param == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setattr(lp, "_lse_target_torch", _forbid)
+        monkeypatch.setattr(lp, "_dlogits_torch_", _forbid)
+        real_launch = lp._launch
+        monkeypatch.setattr(lp, "_launch", lambda kernel, *args: launches.append(kernel) or real_launch(kernel, *args))
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        monkeypatch.setattr(lp, "_launch", _forbid)
+    return request.param, launches
+
+
+def _problem(n_rows: int, vocab: int, n_embd: int = 24, ignore_every: int = 0, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n_rows, n_embd, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, n_embd, generator=gen, dtype=torch.float64) * 0.7
+    targets = torch.randint(0, vocab, (n_rows,), generator=gen)
+    if ignore_every:
+        targets[::ignore_every] = -100
+    upstream = torch.randn(n_rows, generator=gen, dtype=torch.float64)  # per-row, like SPIN's per-sequence weights
+    return hidden, weight, targets, upstream
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).abs().max() / want.abs().max().clamp(min=1e-12)).item()
+
+
+def _check_against_ref(hidden, weight, targets, upstream, dtype, chunk_bytes, tol):
+    """Values and both gradients of token_logprobs(dtype) vs the float64 reference on the same rounded inputs."""
+    h = hidden.to(dtype).requires_grad_()
+    w = weight.to(dtype).requires_grad_()
+    h64 = h.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    want = token_logprobs_ref(h64, w64, targets)
+    want_gh, want_gw = torch.autograd.grad((want * upstream).sum(), (h64, w64))
+
+    got = token_logprobs(h, w, targets, chunk_bytes=chunk_bytes)
+    assert got.dtype == torch.float32 and got.shape == targets.shape
+    got_gh, got_gw = torch.autograd.grad((got * upstream.float()).sum(), (h, w))
+    assert got_gh.dtype == dtype and got_gw.dtype == dtype
+    assert _rel_err(got, want) < tol
+    assert _rel_err(got_gh, want_gh) < tol
+    assert _rel_err(got_gw, want_gw) < tol
+    ignored = targets == -100
+    assert (got[ignored] == 0).all() and (got_gh[ignored] == 0).all()
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_rows, vocab, rows_per_chunk", [
+    (37, 1000, None),   # odd N in one chunk; V below one block
+    (53, 5003, 8),      # several chunks, the last one partial; V not a multiple of the 4096 block
+])
+def test_values_and_grads_match_reference(backend, dtype, n_rows, vocab, rows_per_chunk):
+    name, launches = backend
+    hidden, weight, targets, upstream = _problem(n_rows, vocab, ignore_every=4)
+    chunk_bytes = None if rows_per_chunk is None else rows_per_chunk * vocab * dtype.itemsize
+    assert uses_triton(hidden) == (name == "triton")
+    _check_against_ref(hidden, weight, targets, upstream, dtype, chunk_bytes, TOL[dtype])
+    if name == "triton":
+        assert lp._lse_target_kernel in launches and lp._dlogits_kernel in launches
+
+
+def test_chunks_respect_the_memory_cap(backend, monkeypatch):
+    """No chunk's logits exceed chunk_bytes, and a small cap really splits the work."""
+    name, _ = backend
+    seen_rows = []
+    fn_name = "_lse_target_triton" if name == "triton" else "_lse_target_torch"
+    real = getattr(lp, fn_name)
+    monkeypatch.setattr(lp, fn_name, lambda logits, targets: seen_rows.append(logits.shape[0]) or real(logits, targets))
+    hidden, weight, targets, _ = _problem(40, 300)
+    chunk_bytes = 300 * 4 * 7 + 5  # seven fp32 rows
+    token_logprobs(hidden.float(), weight.float(), targets, chunk_bytes=chunk_bytes)
+    assert seen_rows == [7, 7, 7, 7, 7, 5]
+
+
+def test_all_rows_ignored(backend):
+    hidden, weight, targets, upstream = _problem(9, 100)
+    targets[:] = -100
+    h = hidden.float().requires_grad_()
+    w = weight.float().requires_grad_()
+    logp = token_logprobs(h, w, targets)
+    (logp * upstream.float()).sum().backward()
+    assert (logp == 0).all() and (h.grad == 0).all() and (w.grad == 0).all()
+
+
+def test_no_grad_path_skips_backward_state(backend):
+    hidden, weight, targets, _ = _problem(21, 700, ignore_every=3)
+    want = token_logprobs_ref(hidden, weight, targets)
+    h = hidden.float().requires_grad_()
+    with torch.no_grad():
+        got = token_logprobs(h, weight.float(), targets)
+    assert got.grad_fn is None and not got.requires_grad
+    assert _rel_err(got, want) < TOL[torch.float32]
+    frozen = token_logprobs(hidden.float(), weight.float(), targets)  # nothing requires grad
+    assert frozen.grad_fn is None and torch.equal(frozen, got)
+
+
+def test_grad_for_hidden_only(backend):
+    """A frozen output layer: only grad_hidden is formed, and it is still exact."""
+    hidden, weight, targets, upstream = _problem(15, 400, ignore_every=5)
+    h = hidden.float().requires_grad_()
+    logp = token_logprobs(h, weight.float(), targets)
+    (grad_h,) = torch.autograd.grad((logp * upstream.float()).sum(), (h,))
+    h64 = hidden.clone().requires_grad_()
+    (want,) = torch.autograd.grad((token_logprobs_ref(h64, weight, targets) * upstream).sum(), (h64,))
+    assert _rel_err(grad_h, want) < TOL[torch.float32]
+
+
+def test_bf16_autocast_on_torch_path(monkeypatch):
+    """Under autocast the matmuls run in bf16 while grads keep the fp32 parameters' dtype."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # bf16 is not supported by the interpreter
+    hidden, weight, targets, upstream = _problem(33, 900, ignore_every=6)
+    h = hidden.float().requires_grad_()
+    w = weight.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = token_logprobs(h, w, targets)
+    (logp * upstream.float()).sum().backward()
+    assert logp.dtype == torch.float32 and h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    h64 = hidden.clone().requires_grad_()
+    w64 = weight.clone().requires_grad_()
+    want = token_logprobs_ref(h64, w64, targets)
+    (want * upstream).sum().backward()
+    assert _rel_err(logp, want) < 3e-2
+    assert _rel_err(h.grad, h64.grad) < 3e-2 and _rel_err(w.grad, w64.grad) < 3e-2
+
+
+def test_out_of_range_target_is_an_error():
+    hidden, weight, targets, _ = _problem(5, 50)
+    targets[2] = 50
+    with pytest.raises(ValueError, match="vocab_size"):
+        token_logprobs(hidden, weight, targets)
