@@ -1,18 +1,19 @@
 """Per-token log-probabilities log_softmax(hidden @ weight.T)[targets] without the (N, V) logits.
 
 Design choices:
-- Tokens are processed in chunks whose logits stay under `chunk_bytes`; rows with target -100 are
-  dropped before any matmul, so they cost nothing and get exactly zero gradient.
-- Exact for any upstream gradient: the forward keeps only the log-sum-exp (N,) fp32; the backward
-  recomputes each chunk's logits and turns them in place into dlogits = g * (onehot - softmax),
-  then grad_hidden = dlogits @ W and grad_weight += dlogits.T @ h. Liger's trick (gradients made in
-  the forward, rescaled in the backward) is exact for grad_hidden row by row but not for
-  grad_weight = sum_rows g_row * d_row.T h_row when g varies per row, as it does in SPIN (one
-  weight per sequence); so we pay one extra matmul (4 instead of the naive path's 3) and win it
-  back by never writing or re-reading the naive path's fp32 (N, V) tensors.
-- Matmuls stay in torch (bf16/fp16 inputs, fp32 accumulation); log-sum-exp and softmax math in fp32.
+- Rows with target -100 are dropped before any matmul; the vocabulary is cut into slices so that
+  one slice's logits (tokens x slice) stay under `chunk_bytes`. The forward merges each slice's
+  log-sum-exp into a running (N,) fp32 one and picks up the target logit from its slice.
+- Exact for any upstream gradient g (per token: SPIN weighs each sequence differently). Liger's
+  trick (make the gradients in the forward, rescale them in the backward) is exact for grad_hidden
+  row by row but not for grad_weight = sum_rows g_row * dlogits_row.T h_row, so the forward keeps
+  only the lse and the backward recomputes each slice's logits, turns them in place into
+  g * (onehot - softmax) (the lse is known, so no reduction is needed), writes that slice of
+  grad_weight once and adds to an fp32 grad_hidden. 4 matmuls against the naive path's 3, paid for
+  by never writing and re-reading the naive path's fp32 (N, V) tensors.
+- Matmuls stay in torch (fp32 accumulation); log-sum-exp and softmax math in fp32.
 - Backends: CUDA -> Triton kernels; CPU with TRITON_INTERPRET=1 (read at call time) -> the same
-  kernels in the interpreter; otherwise the same chunked algorithm in plain PyTorch.
+  kernels in the interpreter; otherwise the same sliced algorithm in plain PyTorch.
 """
 
 from __future__ import annotations
@@ -48,37 +49,44 @@ def token_logprobs_ref(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tenso
 # Plain functions jitted on first use by _jitted(), so that importing this file never needs a GPU
 # and the kernels are compiled or interpreted the same way as triton's own library (tl.max, tl.sum).
 
-def _lse_target_kernel(logits_ptr, targets_ptr, lse_ptr, logp_ptr, vocab, stride_row, BLOCK_V: tl.constexpr):
-    """One program per row: online log-sum-exp over V in blocks, and the target's log-prob."""
+def _lse_target_kernel(logits_ptr, targets_ptr, lse_ptr, target_logit_ptr, vocab_offset, n_cols, stride_row,
+                       BLOCK_V: tl.constexpr):
+    """One program per row of a vocabulary slice: merge the slice's log-sum-exp into lse[row] and
+    store the target logit if the target falls in this slice."""
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride_row can pass 2**31
     row_ptr = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK_V)
     running_max = float("-inf")
     running_sum = 0.0
-    for start in range(0, vocab, BLOCK_V):
-        x = tl.load(row_ptr + start + cols, mask=start + cols < vocab, other=float("-inf")).to(tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        x = tl.load(row_ptr + start + cols, mask=start + cols < n_cols, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(x, axis=0))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
         running_max = new_max
-    lse = running_max + tl.log(running_sum)
-    target_logit = tl.load(row_ptr + tl.load(targets_ptr + row)).to(tl.float32)
-    tl.store(lse_ptr + row, lse)
-    tl.store(logp_ptr + row, target_logit - lse)
+    # lse[row] starts at -inf; exp(-inf) = 0 makes the first merge a copy
+    prev_lse = tl.load(lse_ptr + row)
+    new_max = tl.maximum(prev_lse, running_max)
+    tl.store(lse_ptr + row, new_max + tl.log(tl.exp(prev_lse - new_max) + running_sum * tl.exp(running_max - new_max)))
+    target_col = tl.load(targets_ptr + row) - vocab_offset
+    in_slice = (target_col >= 0) & (target_col < n_cols)
+    target_logit = tl.load(row_ptr + target_col, mask=in_slice)
+    tl.store(target_logit_ptr + row, target_logit.to(tl.float32), mask=in_slice)
 
 
-def _dlogits_kernel(logits_ptr, targets_ptr, lse_ptr, grad_ptr, vocab, stride_row, BLOCK_V: tl.constexpr):
-    """One program per row: overwrite the row's logits with g * (onehot(target) - softmax)."""
+def _dlogits_kernel(logits_ptr, targets_ptr, lse_ptr, grad_ptr, vocab_offset, n_cols, stride_row,
+                    BLOCK_V: tl.constexpr):
+    """One program per row of a vocabulary slice: overwrite the logits with g * (onehot(target) - softmax)."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK_V)
     lse = tl.load(lse_ptr + row)
     upstream = tl.load(grad_ptr + row)
-    target = tl.load(targets_ptr + row)
-    for start in range(0, vocab, BLOCK_V):
+    target_col = tl.load(targets_ptr + row) - vocab_offset
+    for start in range(0, n_cols, BLOCK_V):
         offs = start + cols
-        mask = offs < vocab
+        mask = offs < n_cols
         x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        onehot = tl.where(offs == target, 1.0, 0.0)
+        onehot = tl.where(offs == target_col, 1.0, 0.0)
         dlogits = upstream * (onehot - tl.exp(x - lse))
         tl.store(row_ptr + offs, dlogits.to(logits_ptr.dtype.element_ty), mask=mask)
 
@@ -100,15 +108,17 @@ def _jitted(kernel):
         return triton.jit(kernel)
 
 
-def _launch(kernel, logits: Tensor, *row_args: Tensor) -> None:
+def _launch(kernel, logits: Tensor, *row_args: Tensor, vocab_offset: int) -> None:
     if not logits.is_cuda and not _triton_interprets():
         raise RuntimeError("kernels/logprob.py: TRITON_INTERPRET=1 was set after triton was imported, so its kernels "
                            "cannot be interpreted; set it before the first `import triton` (top of the test module, "
                            "or the environment of the command)")
-    rows, vocab = logits.shape
-    block_v = min(4096, triton.next_power_of_2(vocab))
-    _jitted(kernel)[(rows,)](
-        logits, *row_args, vocab, logits.stride(0), BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
+    rows, n_cols = logits.shape
+    if rows == 0:  # every target was -100
+        return
+    block_v = min(4096, triton.next_power_of_2(n_cols))
+    _jitted(kernel)[(rows,)](logits, *row_args, vocab_offset, n_cols, logits.stride(0),
+                             BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
 
 
 def uses_triton(hidden: Tensor) -> bool:
@@ -118,53 +128,61 @@ def uses_triton(hidden: Tensor) -> bool:
     return hidden.is_cuda or (hidden.device.type == "cpu" and _interpret_requested())
 
 
-# ----------------------------------------------------------------------------- per-chunk math
+# ----------------------------------------------------------------------------- per-slice math
+# logits (M, S): all kept tokens x one vocabulary slice starting at vocab_offset; lse, target_logit,
+# targets and upstream are (M,). lse is fp32 and -inf before the first slice.
 
-def _lse_target_triton(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """(rows, V) logits -> lse (rows,) fp32 and the targets' log-probs (rows,) fp32."""
-    lse = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
-    logp = torch.empty_like(lse)
-    _launch(_lse_target_kernel, logits, targets, lse, logp)
-    return lse, logp
+def _lse_target_triton_(logits: Tensor, targets: Tensor, vocab_offset: int, lse: Tensor, target_logit: Tensor) -> None:
+    _launch(_lse_target_kernel, logits, targets, lse, target_logit, vocab_offset=vocab_offset)
 
 
-def _lse_target_torch(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Same as _lse_target_triton; clobbers fp32 logits to stay at one chunk-sized buffer."""
-    x = logits.float()  # (rows, V); the same tensor when logits are fp32, so the ops below are in place
-    target_logit = x.gather(1, targets[:, None]).squeeze(1)
+def _lse_target_torch_(logits: Tensor, targets: Tensor, vocab_offset: int, lse: Tensor, target_logit: Tensor) -> None:
+    """Same as _lse_target_triton_; clobbers fp32 logits so one slice-sized buffer suffices."""
+    x = logits.float()  # (M, S); the same tensor when logits are fp32, so the ops below are in place
+    target_col = targets - vocab_offset
+    in_slice = (target_col >= 0) & (target_col < x.shape[1])
+    picked = x.gather(1, target_col.clamp(0, x.shape[1] - 1)[:, None]).squeeze(1)
+    target_logit.copy_(torch.where(in_slice, picked, target_logit))
     row_max = x.amax(dim=1, keepdim=True)
-    lse = row_max.squeeze(1) + x.sub_(row_max).exp_().sum(dim=1).log()
-    return lse, target_logit - lse
+    slice_lse = row_max.squeeze(1) + x.sub_(row_max).exp_().sum(dim=1).log()
+    torch.logaddexp(lse, slice_lse, out=lse)
 
 
-def _dlogits_triton_(logits: Tensor, targets: Tensor, lse: Tensor, upstream: Tensor) -> Tensor:
-    """Overwrite (rows, V) logits with upstream * (onehot - softmax), in the logits' dtype."""
-    _launch(_dlogits_kernel, logits, targets, lse, upstream)
+def _dlogits_triton_(logits: Tensor, targets: Tensor, vocab_offset: int, lse: Tensor, upstream: Tensor) -> Tensor:
+    """Overwrite the logits with upstream * (onehot(target) - softmax), in the logits' dtype."""
+    _launch(_dlogits_kernel, logits, targets, lse, upstream, vocab_offset=vocab_offset)
     return logits
 
 
-def _dlogits_torch_(logits: Tensor, targets: Tensor, lse: Tensor, upstream: Tensor) -> Tensor:
+def _dlogits_torch_(logits: Tensor, targets: Tensor, vocab_offset: int, lse: Tensor, upstream: Tensor) -> Tensor:
     """Same as _dlogits_triton_, with one fp32 temporary when the logits are half precision."""
-    x = logits.float()  # (rows, V)
+    x = logits.float()  # (M, S)
     x.sub_(lse[:, None]).exp_().mul_(-upstream[:, None])
-    x.scatter_add_(1, targets[:, None], upstream[:, None])
+    target_col = targets - vocab_offset
+    in_slice = (target_col >= 0) & (target_col < x.shape[1])
+    x.scatter_add_(1, target_col.clamp(0, x.shape[1] - 1)[:, None], torch.where(in_slice, upstream, 0.0)[:, None])
     return logits if x is logits else logits.copy_(x)
 
 
-def _accumulate_mm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b, where acc is fp32 and a, b may be half precision (one temporary of acc's shape)."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+def _mm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """out (+)= a @ b; out may be in a wider dtype than a and b (then via one temporary of out's shape)."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
     else:
-        acc.add_(a @ b)
+        out.add_(a @ b) if accumulate else out.copy_(a @ b)
 
 
-def _rows_per_chunk(n_rows: int, vocab: int, logit_bytes: int, chunk_bytes: int | None) -> int:
+def _cols_per_slice(n_rows: int, vocab: int, logit_bytes: int, chunk_bytes: int | None) -> int:
     if chunk_bytes is None:
         # an eighth of the full logits keeps memory far below the naive path's; the 1 GiB cap and
-        # 32 MiB floor keep chunks few (each one re-reads grad_weight) and matmuls large
+        # 32 MiB floor keep the slices few and their matmuls large
         chunk_bytes = min(max(n_rows * vocab * logit_bytes // 8, 32 << 20), 1 << 30)
-    return max(1, min(n_rows, chunk_bytes // (vocab * logit_bytes)))
+    max_cols = max(1, chunk_bytes // max(1, n_rows * logit_bytes))
+    if max_cols >= 128:
+        max_cols -= max_cols % 128  # slice widths that keep the logits' rows aligned for the matmuls
+    n_slices = -(-vocab // max_cols)
+    cols = -(-vocab // n_slices)  # equal slices: no narrow last slice with an inefficient matmul
+    return min(max_cols, -(-cols // 128) * 128) if max_cols >= 128 else cols
 
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -176,31 +194,31 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
 
 # ----------------------------------------------------------------------------- chunked forward / backward
 
-def _forward(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, use_triton: bool) -> tuple[Tensor, Tensor]:
-    """hidden (M, C), weight (V, C) in the compute dtype, targets (M,) all valid -> logp, lse (M,) fp32."""
-    lse_target = _lse_target_triton if use_triton else _lse_target_torch
-    logp = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
-    lse = torch.empty_like(logp)
-    for start in range(0, hidden.shape[0], chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        logits = hidden[rows] @ weight.T  # (rows, V)
-        lse[rows], logp[rows] = lse_target(logits, targets[rows])
-    return logp, lse
+def _forward(hidden: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype, cols: int,
+             use_triton: bool) -> tuple[Tensor, Tensor]:
+    """hidden (M, C), weight (V, C), targets (M,) all valid -> logp, lse (M,) fp32."""
+    lse_target_ = _lse_target_triton_ if use_triton else _lse_target_torch_
+    lse = torch.full((hidden.shape[0],), float("-inf"), device=hidden.device, dtype=torch.float32)
+    target_logit = torch.empty_like(lse)
+    for start in range(0, weight.shape[0], cols):
+        weight_slice = weight[start:start + cols].to(dtype)  # (S, C); cast per slice, never all of weight
+        lse_target_(hidden @ weight_slice.T, targets, start, lse, target_logit)  # logits (M, S)
+    return target_logit - lse, lse
 
 
-def _backward(hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, upstream: Tensor, chunk_rows: int,
-              use_triton: bool, need_hidden: bool, need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
-    """Recompute each chunk's logits, make dlogits in place, then the two gradient matmuls."""
+def _backward(hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, upstream: Tensor, dtype: torch.dtype,
+              cols: int, use_triton: bool, need_hidden: bool, need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Recompute each slice's logits, make dlogits in place, write that slice of grad_weight, add to grad_hidden."""
     dlogits_ = _dlogits_triton_ if use_triton else _dlogits_torch_
-    grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (M, C)
-    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None  # (V, C)
-    for start in range(0, hidden.shape[0], chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        dlogits = dlogits_(hidden[rows] @ weight.T, targets[rows], lse[rows], upstream[rows])  # (rows, V)
+    grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32) if need_hidden else None  # (M, C)
+    grad_weight = torch.empty_like(weight) if need_weight else None  # (V, C)
+    for start in range(0, weight.shape[0], cols):
+        weight_slice = weight[start:start + cols].to(dtype)  # (S, C)
+        dlogits = dlogits_(hidden @ weight_slice.T, targets, start, lse, upstream)  # (M, S)
         if need_hidden:
-            torch.mm(dlogits, weight, out=grad_hidden[rows])
+            _mm_into(grad_hidden, dlogits, weight_slice, accumulate=True)
         if need_weight:
-            _accumulate_mm_(grad_weight, dlogits.T, hidden[rows])
+            _mm_into(grad_weight[start:start + cols], dlogits.T, hidden, accumulate=False)
     return grad_hidden, grad_weight
 
 
@@ -217,28 +235,25 @@ class _TokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_bytes: int | None) -> Tensor:
         dtype = _compute_dtype(hidden, weight)
         valid = _valid_rows(targets, weight.shape[0])
-        hidden_valid = hidden.index_select(0, valid).to(dtype)  # (M, C)
-        chunk_rows = _rows_per_chunk(valid.numel(), weight.shape[0], dtype.itemsize, chunk_bytes)
+        cols = _cols_per_slice(valid.numel(), weight.shape[0], dtype.itemsize, chunk_bytes)
         use_triton = uses_triton(hidden)
-        logp_valid, lse = _forward(hidden_valid, weight.to(dtype), targets[valid], chunk_rows, use_triton)
+        logp_valid, lse = _forward(hidden.index_select(0, valid).to(dtype), weight, targets[valid], dtype, cols,
+                                   use_triton)
         ctx.save_for_backward(hidden, weight, targets, valid, lse)
-        ctx.dtype, ctx.chunk_rows, ctx.use_triton = dtype, chunk_rows, use_triton
-        logp = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
-        return logp.index_copy_(0, valid, logp_valid)
+        ctx.dtype, ctx.cols, ctx.use_triton = dtype, cols, use_triton
+        return torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32).index_copy_(0, valid, logp_valid)
 
     @staticmethod
     def backward(ctx, grad_logp: Tensor):
         hidden, weight, targets, valid, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         upstream = grad_logp.float().index_select(0, valid)  # (M,)
-        grad_hidden_valid, grad_weight = _backward(
-            hidden.index_select(0, valid).to(ctx.dtype), weight.to(ctx.dtype), targets[valid], lse, upstream,
-            ctx.chunk_rows, ctx.use_triton, need_hidden, need_weight)
+        grad_hidden_valid, grad_weight = _backward(hidden.index_select(0, valid).to(ctx.dtype), weight,
+                                                   targets[valid], lse, upstream, ctx.dtype, ctx.cols,
+                                                   ctx.use_triton, need_hidden, need_weight)
         grad_hidden = None
         if need_hidden:
             grad_hidden = torch.zeros_like(hidden).index_copy_(0, valid, grad_hidden_valid.to(hidden.dtype))
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
 
 
@@ -246,8 +261,8 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_bytes:
     """hidden (N, C), weight (V, C), targets (N,) int64 with -100 = ignore -> log-probs (N,) float32.
 
     log_softmax(hidden @ weight.T)[targets], 0 (and no gradient) where targets == -100; differentiable
-    with respect to hidden and weight. chunk_bytes caps one chunk's logits (default: an eighth of
-    the full logits, between 32 MiB and 1 GiB).
+    with respect to hidden and weight. chunk_bytes caps the logits of one vocabulary slice
+    (default: an eighth of the full logits, between 32 MiB and 1 GiB).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or targets.shape != hidden.shape[:1] or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"token_logprobs: expected hidden (N, C), weight (V, C), targets (N,); got "
@@ -257,8 +272,8 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_bytes:
     # no gradient wanted (e.g. opponent log-probs at rollout): forward only, nothing saved
     dtype = _compute_dtype(hidden, weight)
     valid = _valid_rows(targets, weight.shape[0])
-    chunk_rows = _rows_per_chunk(valid.numel(), weight.shape[0], dtype.itemsize, chunk_bytes)
-    logp_valid, _ = _forward(hidden.index_select(0, valid).to(dtype), weight.to(dtype), targets[valid],
-                             chunk_rows, uses_triton(hidden))
+    cols = _cols_per_slice(valid.numel(), weight.shape[0], dtype.itemsize, chunk_bytes)
+    logp_valid, _ = _forward(hidden.index_select(0, valid).to(dtype), weight, targets[valid], dtype, cols,
+                             uses_triton(hidden))
     logp = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
     return logp.index_copy_(0, valid, logp_valid)

@@ -23,10 +23,10 @@ def backend(request, monkeypatch):
     launches = []
     if request.param == "triton":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setattr(lp, "_lse_target_torch", _forbid)
+        monkeypatch.setattr(lp, "_lse_target_torch_", _forbid)
         monkeypatch.setattr(lp, "_dlogits_torch_", _forbid)
         real_launch = lp._launch
-        monkeypatch.setattr(lp, "_launch", lambda kernel, *args: launches.append(kernel) or real_launch(kernel, *args))
+        monkeypatch.setattr(lp, "_launch", lambda kernel, *args, **kw: launches.append(kernel) or real_launch(kernel, *args, **kw))
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         monkeypatch.setattr(lp, "_launch", _forbid)
@@ -72,31 +72,32 @@ TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("n_rows, vocab, rows_per_chunk", [
-    (37, 1000, None),   # odd N in one chunk; V below one block
-    (53, 5003, 8),      # several chunks, the last one partial; V not a multiple of the 4096 block
+@pytest.mark.parametrize("n_rows, vocab, slice_cols", [
+    (37, 5003, None),   # odd N, one slice; V not a multiple of the kernels' 4096-wide block
+    (53, 1000, 300),    # several vocabulary slices, the last one narrower
 ])
-def test_values_and_grads_match_reference(backend, dtype, n_rows, vocab, rows_per_chunk):
+def test_values_and_grads_match_reference(backend, dtype, n_rows, vocab, slice_cols):
     name, launches = backend
     hidden, weight, targets, upstream = _problem(n_rows, vocab, ignore_every=4)
-    chunk_bytes = None if rows_per_chunk is None else rows_per_chunk * vocab * dtype.itemsize
+    chunk_bytes = None if slice_cols is None else n_rows * slice_cols * dtype.itemsize
     assert uses_triton(hidden) == (name == "triton")
     _check_against_ref(hidden, weight, targets, upstream, dtype, chunk_bytes, TOL[dtype])
     if name == "triton":
         assert lp._lse_target_kernel in launches and lp._dlogits_kernel in launches
 
 
-def test_chunks_respect_the_memory_cap(backend, monkeypatch):
-    """No chunk's logits exceed chunk_bytes, and a small cap really splits the work."""
+def test_slices_respect_the_memory_cap(backend, monkeypatch):
+    """No slice's logits exceed chunk_bytes, and a small cap really splits the vocabulary."""
     name, _ = backend
-    seen_rows = []
-    fn_name = "_lse_target_triton" if name == "triton" else "_lse_target_torch"
+    slice_shapes = []
+    fn_name = "_lse_target_triton_" if name == "triton" else "_lse_target_torch_"
     real = getattr(lp, fn_name)
-    monkeypatch.setattr(lp, fn_name, lambda logits, targets: seen_rows.append(logits.shape[0]) or real(logits, targets))
+    monkeypatch.setattr(lp, fn_name, lambda logits, *args: slice_shapes.append(logits.shape) or real(logits, *args))
     hidden, weight, targets, _ = _problem(40, 300)
-    chunk_bytes = 300 * 4 * 7 + 5  # seven fp32 rows
-    token_logprobs(hidden.float(), weight.float(), targets, chunk_bytes=chunk_bytes)
-    assert seen_rows == [7, 7, 7, 7, 7, 5]
+    chunk_bytes = 40 * 70 * 4 + 5  # 70 fp32 columns
+    got = token_logprobs(hidden.float(), weight.float(), targets, chunk_bytes=chunk_bytes)
+    assert slice_shapes == [(40, 60)] * 5
+    assert _rel_err(got, token_logprobs_ref(hidden, weight, targets)) < TOL[torch.float32]
 
 
 def test_all_rows_ignored(backend):
