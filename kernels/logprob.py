@@ -66,7 +66,8 @@ def _lse_target_kernel(logits_ptr, targets_ptr, lse_ptr, target_logit_ptr, vocab
     # lse[row] starts at -inf; exp(-inf) = 0 makes the first merge a copy
     prev_lse = tl.load(lse_ptr + row)
     new_max = tl.maximum(prev_lse, running_max)
-    tl.store(lse_ptr + row, new_max + tl.log(tl.exp(prev_lse - new_max) + running_sum * tl.exp(running_max - new_max)))
+    merged_sum = tl.exp(prev_lse - new_max) + running_sum * tl.exp(running_max - new_max)
+    tl.store(lse_ptr + row, new_max + tl.log(merged_sum))
     target_col = tl.load(targets_ptr + row) - vocab_offset
     in_slice = (target_col >= 0) & (target_col < n_cols)
     target_logit = tl.load(row_ptr + target_col, mask=in_slice)
@@ -166,10 +167,13 @@ def _dlogits_torch_(logits: Tensor, targets: Tensor, vocab_offset: int, lse: Ten
 
 def _mm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
     """out (+)= a @ b; out may be in a wider dtype than a and b (then via one temporary of out's shape)."""
-    if out.dtype == a.dtype:
-        out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+    if out.dtype != a.dtype:
+        product = a @ b
+        out.add_(product) if accumulate else out.copy_(product)
+    elif accumulate:
+        out.addmm_(a, b)
     else:
-        out.add_(a @ b) if accumulate else out.copy_(a @ b)
+        torch.mm(a, b, out=out)
 
 
 def _cols_per_slice(n_rows: int, vocab: int, logit_bytes: int, chunk_bytes: int | None) -> int:
@@ -192,7 +196,7 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-# ----------------------------------------------------------------------------- chunked forward / backward
+# ----------------------------------------------------------------------------- sliced forward / backward
 
 def _forward(hidden: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype, cols: int,
              use_triton: bool) -> tuple[Tensor, Tensor]:
@@ -267,13 +271,6 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_bytes:
     if hidden.dim() != 2 or weight.dim() != 2 or targets.shape != hidden.shape[:1] or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"token_logprobs: expected hidden (N, C), weight (V, C), targets (N,); got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _TokenLogprobs.apply(hidden, weight, targets, chunk_bytes)
-    # no gradient wanted (e.g. opponent log-probs at rollout): forward only, nothing saved
-    dtype = _compute_dtype(hidden, weight)
-    valid = _valid_rows(targets, weight.shape[0])
-    cols = _cols_per_slice(valid.numel(), weight.shape[0], dtype.itemsize, chunk_bytes)
-    logp_valid, _ = _forward(hidden.index_select(0, valid).to(dtype), weight, targets[valid], dtype, cols,
-                             uses_triton(hidden))
-    logp = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
-    return logp.index_copy_(0, valid, logp_valid)
+    # without grad (e.g. opponent log-probs at rollout) autograd records nothing: the forward does no
+    # gradient work in any case, and the saved (N,) lse is dropped with the unrecorded ctx
+    return _TokenLogprobs.apply(hidden, weight, targets, chunk_bytes)
