@@ -1,0 +1,139 @@
+"""Benchmark kernels/attention.py against PyTorch SDPA's flash backend: causal, bf16, B=4, H=16.
+
+Usage: python bench/attention.py [--quick]
+FLOPs are counted the usual way: forward = 4*B*H*T^2*D (two matmuls), halved for the causal mask;
+forward+backward = 2.5x forward (the backward does five matmuls to the forward's two). Each time is
+the median over several runs timed with CUDA events. Without CUDA it says so, runs a tiny check of
+the same kernels in the Triton interpreter, and exits 0.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import (kernels.attention's)
+
+from kernels.attention import attention, attention_ref, uses_triton  # noqa: E402
+
+BATCH, HEADS = 4, 16
+
+
+def causal_flops(B: int, H: int, T: int, D: int, backward: bool) -> float:
+    forward = 4 * B * H * T * T * D / 2  # QK^T and PV, half the score matrix is masked
+    return forward * (2.5 if backward else 1.0)
+
+
+def sdpa_flash(q, k, v, causal=True):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # fail loudly rather than time another backend
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def median_ms(run, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_impl(impl, q, k, v, grad_out, backward: bool, reps: int) -> float:
+    if not backward:
+        def run():
+            with torch.no_grad():
+                impl(q, k, v, causal=True)
+    else:
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+        def run():
+            for t in leaves:
+                t.grad = None
+            impl(*leaves, causal=True).backward(grad_out)
+    return median_ms(run, reps)
+
+
+def max_difference(q, k, v, grad_out) -> float:
+    """Largest |triton - sdpa| over the output and the three gradients (bf16, so ~1e-2 is normal)."""
+    results = []
+    for impl in (attention, sdpa_flash):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = impl(*leaves, causal=True)
+        out.backward(grad_out)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    return max((a.float() - b.float()).abs().max().item() for a, b in zip(*results))
+
+
+def bench_gpu(quick: bool) -> None:
+    import triton
+    head_dims = (64, 128)
+    lengths = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192)
+    reps = 5 if quick else 20
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"causal bf16, B={BATCH}, H={HEADS} (no GQA); TFLOP/s with causal FLOPs halved: "
+          f"fwd = 4*B*H*T^2*D/2, fwd+bwd = 2.5 x fwd; median of {reps} runs (CUDA events)")
+    print("| D | T | fwd triton | fwd sdpa-flash | fwd ratio | fwd+bwd triton | fwd+bwd sdpa-flash | "
+          "fwd+bwd ratio | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for D in head_dims:
+        for T in lengths:
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            q, k, v, grad_out = (torch.randn(BATCH, HEADS, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+                                 for _ in range(4))  # (B, H, T, D)
+            assert uses_triton(q)
+            diff = max_difference(q, k, v, grad_out)
+            row = [str(D), str(T)]
+            for backward in (False, True):
+                flops = causal_flops(BATCH, HEADS, T, D, backward)
+                ours = flops / time_impl(attention, q, k, v, grad_out, backward, reps) / 1e9  # TFLOP/s
+                theirs = flops / time_impl(sdpa_flash, q, k, v, grad_out, backward, reps) / 1e9
+                row += [f"{ours:.0f}", f"{theirs:.0f}", f"{ours / theirs:.2f}x"]
+            row.append(f"{diff:.1e}")
+            print("| " + " | ".join(row) + " |", flush=True)
+
+
+def check_interpreter() -> None:
+    """No GPU: run the kernels once in the Triton interpreter on a tiny shape, compared with the spec."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 45, 32, generator=gen, requires_grad=True)  # (B, Hq, T, D)
+    k, v = (torch.randn(1, 2, 45, 32, generator=gen, requires_grad=True) for _ in range(2))  # (B, Hkv, T, D)
+    assert uses_triton(q)
+    out = attention(q, k, v, causal=True)
+    out.sum().backward()
+    got = [out.detach(), q.grad, k.grad, v.grad]
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attention_ref(*leaves, causal=True)
+    ref.sum().backward()
+    want = [ref.detach()] + [t.grad for t in leaves]
+    err = max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want))
+    print(f"interpreter check (fp32, T=45, D=32, GQA 2:1, fwd+bwd): max relative error {err:.1e} vs float64")
+    if err > 1e-4:
+        raise SystemExit("interpreter check failed: the kernels disagree with attention_ref")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two sequence lengths, fewer runs")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to benchmark (TFLOP/s need a GPU); checking the kernels in the "
+              "Triton interpreter instead")
+        check_interpreter()
+        return
+    bench_gpu(args.quick)
+
+
+if __name__ == "__main__":
+    main()
