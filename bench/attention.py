@@ -1,26 +1,29 @@
 """Benchmark kernels/attention.py against PyTorch SDPA's flash backend: causal, bf16, B=4, H=16.
 
-Usage: python bench/attention.py [--quick]
+Usage: python bench/attention.py [--quick] [--compile-check]
 FLOPs are counted the usual way: forward = 4*B*H*T^2*D (two matmuls), halved for the causal mask;
 forward+backward = 2.5x forward (the backward does five matmuls to the forward's two). Each time is
 the median over several runs timed with CUDA events. Without CUDA it says so, runs a tiny check of
-the same kernels in the Triton interpreter, and exits 0.
+the same kernels in the Triton interpreter, and exits 0. --compile-check needs no GPU: it compiles
+the bf16 kernels for an H100 (sm_90) and prints shared memory, tensor-core use and register spills.
 """
 
 import argparse
+import inspect
 import os
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import (kernels.attention's)
-
-from kernels.attention import attention, attention_ref, uses_triton  # noqa: E402
+# kernels.attention is imported inside the functions: TRITON_INTERPRET must be settled (in main)
+# before triton is first imported, since triton builds its own helpers for one mode at import.
 
 BATCH, HEADS = 4, 16
 
@@ -67,6 +70,7 @@ def time_impl(impl, q, k, v, grad_out, backward: bool, reps: int) -> float:
 
 def max_difference(q, k, v, grad_out) -> float:
     """Largest |triton - sdpa| over the output and the three gradients (bf16, so ~1e-2 is normal)."""
+    from kernels.attention import attention
     results = []
     for impl in (attention, sdpa_flash):
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -78,6 +82,7 @@ def max_difference(q, k, v, grad_out) -> float:
 
 def bench_gpu(quick: bool) -> None:
     import triton
+    from kernels.attention import attention, uses_triton
     head_dims = (64, 128)
     lengths = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192)
     reps = 5 if quick else 20
@@ -106,6 +111,7 @@ def bench_gpu(quick: bool) -> None:
 
 def check_interpreter() -> None:
     """No GPU: run the kernels once in the Triton interpreter on a tiny shape, compared with the spec."""
+    from kernels.attention import attention, attention_ref, uses_triton
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 45, 32, generator=gen, requires_grad=True)  # (B, Hq, T, D)
     k, v = (torch.randn(1, 2, 45, 32, generator=gen, requires_grad=True) for _ in range(2))  # (B, Hkv, T, D)
@@ -123,16 +129,73 @@ def check_interpreter() -> None:
         raise SystemExit("interpreter check failed: the kernels disagree with attention_ref")
 
 
+def compile_for_h100(fn, dtype: str, constants: dict, num_warps: int, num_stages: int) -> str:
+    """Compile one kernel for sm_90 as the launcher would (16-byte aligned pointers), no GPU needed."""
+    import triton
+    import triton.knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    params = inspect.signature(fn).parameters
+    signature, pointers = {}, []
+    for i, (name, param) in enumerate(params.items()):
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.isupper():  # Q, K, ..., LSE, DELTA: pointers
+            signature[name] = "*fp32" if name in ("LSE", "DELTA") else f"*{dtype}"
+            pointers.append(i)
+        else:
+            signature[name] = "fp32" if name.endswith("scale") else "i32"
+    source = ASTSource(triton.jit(fn), signature, constexprs=constants,
+                       attrs={(i,): [["tt.divisibility", 16]] for i in pointers})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    tensor_core = "wgmma" if "wgmma.mma_async" in kernel.asm["ptx"] else "none"
+    usage = ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        report = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", cubin.name],
+                                capture_output=True, text=True).stdout
+        found = re.search(r"REG:(\d+).*LOCAL:(\d+)", report)
+        if found:
+            usage = f"| {found.group(1)} | {found.group(2)} B"
+    return f"| {kernel.metadata.shared} B | {tensor_core} {usage}"
+
+
+def compile_check() -> None:
+    import kernels.attention as attention_module
+    print("bf16 kernels compiled for sm_90 (no GPU needed); spills = local memory per thread")
+    print("| kernel | D | causal | shared memory | tensor cores | registers | spills |")
+    print("|---|---|---|---|---|---|---|")
+    for D in (64, 128):
+        tiles = attention_module._block_sizes(D, torch.bfloat16)
+        for causal in (True, False):
+            for name, fn in (("fwd", attention_module._attn_fwd_kernel),
+                             ("dkdv", attention_module._attn_bwd_dkdv_kernel),
+                             ("dq", attention_module._attn_bwd_dq_kernel)):
+                tile = dict(tiles[name])
+                warps, stages = tile.pop("num_warps"), tile.pop("num_stages")
+                constants = dict(GROUP=1, HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION="tf32", **tile)
+                print(f"| {name} | {D} | {causal} " + compile_for_h100(fn, "bf16", constants, warps, stages) + " |",
+                      flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two sequence lengths, fewer runs")
+    parser.add_argument("--compile-check", action="store_true",
+                        help="compile the kernels for sm_90 without a GPU and report their resources")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.compile_check:
+        os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU even where the interpreter is on
+        compile_check()
+    elif not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark (TFLOP/s need a GPU); checking the kernels in the "
               "Triton interpreter instead")
+        os.environ["TRITON_INTERPRET"] = "1"
         check_interpreter()
-        return
-    bench_gpu(args.quick)
+    else:
+        bench_gpu(args.quick)
 
 
 if __name__ == "__main__":

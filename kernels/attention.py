@@ -60,9 +60,10 @@ def _attn_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # One program: BLOCK_M query rows of one (batch, query head).
-    start_m = tl.program_id(0)
-    batch_head = tl.program_id(1)
+    # One program: BLOCK_M query rows of one (batch, query head). Causal work grows with start_m, so
+    # the last query blocks of every head are launched first (no long tail of heavy programs).
+    start_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    batch_head = tl.program_id(0)
     batch = (batch_head // n_q_heads).to(tl.int64)
     head = batch_head % n_q_heads
     kv_head = (head // GROUP).to(tl.int64)
@@ -159,9 +160,10 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_N keys of one (batch, kv head), summed over the GROUP query heads sharing it.
-    # Works in the transposed layout (keys x queries) so dk and dv come out of plain dots.
-    start_n = tl.program_id(0)
-    batch_kv_head = tl.program_id(1)
+    # Works in the transposed layout (keys x queries) so dk and dv come out of plain dots. The first
+    # key blocks see the most queries (causal) and are launched first.
+    start_n = tl.program_id(1)
+    batch_kv_head = tl.program_id(0)
     batch = (batch_kv_head // n_kv_heads).to(tl.int64)
     kv_head = batch_kv_head % n_kv_heads
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -226,9 +228,9 @@ def _attn_bwd_dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # One program: BLOCK_M query rows of one (batch, query head); same key stages as the forward.
-    start_m = tl.program_id(0)
-    batch_head = tl.program_id(1)
+    # One program: BLOCK_M query rows of one (batch, query head); same key stages and order as the forward.
+    start_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    batch_head = tl.program_id(0)
     batch = (batch_head // n_q_heads).to(tl.int64)
     head = batch_head % n_q_heads
     kv_head = (head // GROUP).to(tl.int64)
@@ -339,7 +341,7 @@ def _forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.T
     o = torch.empty_like(q)  # (B, Hq, T, D), keeps q's memory layout
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)  # log2-sum-exp2 per row
     cfg = _block_sizes(D, q.dtype)["fwd"]
-    grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)
+    grid = (B * Hq, triton.cdiv(T, cfg["BLOCK_M"]))
     _kernel(_attn_fwd_kernel)[grid](
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         Hq, T, scale * LOG2_E,
@@ -360,14 +362,14 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float) -> tuple[torch.Te
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     cfg = cfgs["dkdv"]
-    _kernel(_attn_bwd_dkdv_kernel)[(triton.cdiv(T, cfg["BLOCK_N"]), B * Hkv)](
+    _kernel(_attn_bwd_dkdv_kernel)[(B * Hkv, triton.cdiv(T, cfg["BLOCK_N"]))](
         q, k, v, do, lse, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         Hkv, T, scale * LOG2_E, scale,
         GROUP=Hq // Hkv, HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=precision, **cfg,
     )
     cfg = cfgs["dq"]
-    _kernel(_attn_bwd_dq_kernel)[(triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)](
+    _kernel(_attn_bwd_dq_kernel)[(B * Hq, triton.cdiv(T, cfg["BLOCK_M"]))](
         q, k, v, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         Hq, T, scale * LOG2_E, scale,
