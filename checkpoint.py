@@ -40,8 +40,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def full_model_state(model) -> dict[str, torch.Tensor]:
-    """Every rank gets the full (unsharded) weights on the CPU; a collective under FSDP."""
+def full_model_state(model, every_rank: bool = False) -> dict[str, torch.Tensor]:
+    """The full (unsharded) weights, a collective under FSDP: on rank 0 only, offloaded to the CPU
+    tensor by tensor (for saving), or on every rank, on the model's device (for a rollout copy)."""
+    if every_rank:
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 

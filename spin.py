@@ -127,9 +127,13 @@ def rollout(model, examples: list, max_new_tokens: int, max_len: int, stop: list
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].prompt_ids), i))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     local = []
-    for j in range(rank, len(batches), world_size):
+    for first in range(0, len(batches), world_size):
+        # every rank runs the same number of rounds: should_stop() is a collective
         if should_stop is not None and should_stop():
             return None
+        j = first + rank
+        if j >= len(batches):
+            continue
         idx = batches[j]
         prompts = [examples[i].prompt_ids for i in idx]
         budget = min(max_new_tokens, max_len - max(len(p) for p in prompts))

@@ -389,7 +389,7 @@ def main(argv: list[str]) -> None:
         if not use_fsdp and device.type == "cpu":
             return model
         from model import GPT
-        weights = ckpt.full_model_state(model)
+        weights = ckpt.full_model_state(model, every_rank=True)
         with torch.device("meta"):
             plain = GPT(gpt_cfg)
         plain.load_state_dict({k: v.to(device, compute_dtype) for k, v in weights.items()}, assign=True)

@@ -12,6 +12,8 @@ import torch
 import kernels.logprob as lp
 from kernels.logprob import token_logprobs, token_logprobs_ref, uses_triton
 
+pytestmark = pytest.mark.triton
+
 
 def _forbid(*_args, **_kwargs):
     raise AssertionError("the other backend ran: a silent fallback")
