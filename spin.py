@@ -63,11 +63,11 @@ def spin_loss(policy_real_logps: torch.Tensor, policy_gen_logps: torch.Tensor, r
     return losses.mean(), metrics
 
 
-def beta_for(beta: float | list[float], iteration: int) -> float:
-    """β is a float or a per-iteration list (the last entry repeats)."""
-    if isinstance(beta, list):
-        return beta[min(iteration, len(beta) - 1)]
-    return beta
+def per_iteration(value: float | list[float], iteration: int) -> float:
+    """β and the learning rate are a float or a per-iteration list (the last entry repeats)."""
+    if isinstance(value, list):
+        return value[min(iteration, len(value) - 1)]
+    return value
 
 
 # ----------------------------------------------------------------------------------------------

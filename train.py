@@ -79,7 +79,7 @@ class TrainConfig:
     mix_previous_rollouts: bool = False  # also train on iteration t-1's generations (the official repository)
     beta: float | list[float] = 0.1  # a float, or one per iteration (the last repeats)
     loss_type: str = "sigmoid"  # 'sigmoid' | 'hinge'
-    lr: float = 5e-7
+    lr: float | list[float] = 5e-7  # SPIN's peak learning rate: a float, or one per iteration (the last repeats)
     # --- rollout -----------------------------------------------------------------------------------
     rollout_batch_size: int = 64
     max_new_tokens: int = 256
@@ -148,8 +148,9 @@ def check_config(cfg: TrainConfig) -> None:
             raise UserError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")
     if cfg.max_prompt_len >= cfg.max_len:
         raise UserError(f"max_prompt_len={cfg.max_prompt_len} must be < max_len={cfg.max_len}")
-    if isinstance(cfg.beta, list) and not cfg.beta:
-        raise UserError("config key 'beta' is an empty list; give a float or one value per iteration")
+    for key in ("beta", "lr"):
+        if isinstance(getattr(cfg, key), list) and not getattr(cfg, key):
+            raise UserError(f"config key '{key}' is an empty list; give a float or one value per iteration")
     if cfg.baseline_sft and cfg.stage != "sft+spin":
         raise UserError("baseline_sft=True needs stage='sft+spin' (it continues SFT from the SFT model)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -404,7 +405,7 @@ def main(argv: list[str]) -> None:
         return path
 
     # ---- evaluation ---------------------------------------------------------------------------
-    from spin import beta_for, pair_logps, read_rollouts, rescore, rollout, sequence_logps, spin_terms, write_rollouts
+    from spin import pair_logps, per_iteration, read_rollouts, rescore, rollout, sequence_logps, spin_terms, write_rollouts
     eval_examples = val_examples[: cfg.eval_samples]
 
     def evaluate(eval_pairs, beta) -> dict:
@@ -463,8 +464,8 @@ def main(argv: list[str]) -> None:
         kind, iteration = phases[state["phase"]]
         name = f"{kind} {iteration}" if kind != "sft" else "sft"
         starting = state["step"] == 0
-        beta = beta_for(cfg.beta, iteration)
-        max_lr = cfg.lr if kind == "spin" else cfg.sft_lr
+        beta = per_iteration(cfg.beta, iteration)
+        max_lr = per_iteration(cfg.lr, iteration) if kind == "spin" else cfg.sft_lr
         rollouts_path = None
         eval_pairs = []
 
