@@ -5,7 +5,7 @@ import json
 import os
 import random
 import unicodedata
-from math import comb
+from math import perm
 
 import pytest
 import tiktoken
@@ -513,60 +513,69 @@ def test_synthetic_data_is_deterministic_short_and_split_disjoint():
     train, val = data.synthetic_split(seed=0, n_train=2000, n_val=200)
     assert (len(train), len(val)) == (2000, 200)
     assert (train, val) == data.synthetic_split(seed=0, n_train=2000, n_val=200)
+    assert val != data.synthetic_split(seed=1, n_train=2000, n_val=200)[1]
     val_prompts = [c[0]["content"] for c in val]
     assert len(set(val_prompts)) == 200
     assert not set(val_prompts) & {c[0]["content"] for c in train}
+    assert len({c[0]["content"] for c in train}) > 300  # the rest of the prompts are all trained on
     for user, assistant in train + val:
         assert user["role"] == "user" and assistant["role"] == "assistant"
         assert len(user["content"]) <= 40 and len(assistant["content"]) <= 40
+    with pytest.raises(UserError, match="distinct prompts"):
+        data.synthetic_split(seed=0, n_train=10, n_val=len(data.synthetic_specs()))
 
 
 def test_checker_accepts_every_real_answer_and_prompts_have_many_answers():
     convs = data.synthetic_conversations(3000, seed=6)
     for user, assistant in convs:
         scores = data.check_answer(user["content"], assistant["content"])
-        assert scores == {"format": 1.0, "count": 1.0, "range": 1.0, "parity": 1.0, "order": 1.0, "valid": 1.0}
-        k, parity, lo, hi, _ = data.PROMPT_RE.fullmatch(user["content"]).groups()
-        n_parity = sum(1 for x in range(int(lo), int(hi) + 1) if x % 2 == (parity == "odd"))
-        assert comb(n_parity, int(k)) >= 84  # a sample equals the real answer rarely
+        assert scores == {"format": 1.0, "count": 1.0, "range": 1.0, "parity": 1.0, "distinct": 1.0, "valid": 1.0}
+    for spec in data.synthetic_specs():
+        k, parity, lo, hi = spec
+        n_parity = sum(1 for x in range(lo, hi + 1) if x % 2 == (parity == "odd"))
+        assert perm(n_parity, k) >= 720  # k-permutations: a sample equals the real answer rarely
     # answers spread: the same prompt drawn twice almost never repeats its answer
     by_prompt = {}
     for user, assistant in convs:
         by_prompt.setdefault(user["content"], []).append(assistant["content"])
-    repeated = [answers for answers in by_prompt.values() if len(answers) > 1]
-    assert all(len(set(answers)) == len(answers) for answers in repeated)
+    repeats = sum(len(a) - len(set(a)) for a in by_prompt.values())
+    assert repeats <= 5, repeats
     # the checker also finds the prompt inside a rendered conversation
     tok = data.load_tokenizer("bytes")
     rendered = tok.decode(data.render_prompt(tok, convs[0][:1], "chatml"))
     assert data.check_answer(rendered, convs[0][1]["content"])["valid"] == 1.0
 
 
+ALL_CRITERIA = ["format", "count", "range", "parity", "distinct"]
+
+
 @pytest.mark.parametrize("answer, failed", [
-    ("12 16 40", []),
+    ("12 40 16", []),
+    ("50 10 12", []),
     ("12 16", ["count"]),
     ("12 16 40 42", ["count"]),
     ("8 16 40", ["range"]),
     ("12 16 52", ["range"]),
     ("12 17 40", ["parity"]),
-    ("16 12 40", ["order"]),
-    ("12 12 40", ["order"]),
-    ("13 12", ["count", "parity", "order"]),
-    ("12, 16, 40", ["format", "count", "range", "parity", "order"]),
-    ("12 16 40 ", ["format", "count", "range", "parity", "order"]),
-    ("12  16 40", ["format", "count", "range", "parity", "order"]),
-    ("012 16 40", ["format", "count", "range", "parity", "order"]),
-    ("", ["format", "count", "range", "parity", "order"]),
-    ("twelve", ["format", "count", "range", "parity", "order"]),
+    ("12 40 12", ["distinct"]),
+    ("13 13", ["count", "parity", "distinct"]),
+    ("12, 16, 40", ALL_CRITERIA),
+    ("12 16 40 ", ALL_CRITERIA),
+    ("12  16 40", ALL_CRITERIA),
+    ("012 16 40", ALL_CRITERIA),
+    ("", ALL_CRITERIA),
+    ("twelve", ALL_CRITERIA),
 ])
 def test_checker_rejects_wrong_answers(answer, failed):
-    scores = data.check_answer("3 even numbers from 10 to 50, increasing", answer)
+    scores = data.check_answer("3 distinct even numbers from 10 to 50", answer)
     assert {k for k, v in scores.items() if v == 0.0} == set(failed) | ({"valid"} if failed else set())
 
 
-def test_checker_decreasing_and_odd():
-    prompt = "4 odd numbers from 21 to 87, decreasing"
-    assert data.check_answer(prompt, "87 61 33 21")["valid"] == 1.0
-    assert data.check_answer(prompt, "21 33 61 87")["order"] == 0.0
-    assert data.check_answer(prompt, "89 61 33 21")["range"] == 0.0
+def test_checker_odd_bounds_and_non_task_prompts():
+    prompt = "4 distinct odd numbers from 25 to 64"
+    assert data.check_answer(prompt, "25 63 33 41")["valid"] == 1.0
+    assert data.check_answer(prompt, "23 63 33 41")["range"] == 0.0
+    assert data.check_answer(prompt, "25 65 33 41")["range"] == 0.0
+    assert data.check_answer(prompt, "25 64 33 41")["parity"] == 0.0
     with pytest.raises(ValueError, match="not a synthetic-task prompt"):
         data.check_answer("what is 2+2?", "4")
