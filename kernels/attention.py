@@ -1,16 +1,12 @@
-"""Fused attention, forward and backward, in Triton (FlashAttention-2 style), with grouped-query attention.
+"""Fused attention in Triton, FlashAttention-2 style: forward, backward, grouped-query attention.
 
-- Online softmax in fp32 over key blocks: the (T, T) score matrix never exists. Scores live in the
-  log2 domain (scale * log2(e) folded in) so the kernels use exp2; the forward saves one
-  log-sum-exp per query row (LSE, base 2) and the backward recomputes the probabilities from it.
-- Grouped-query attention reads k/v head `h // group` directly; the dk/dv kernel owns one kv head
-  and loops over the query heads of its group, so nothing is repeated in memory and no atomics.
-- Each key loop runs in two stages: blocks that need no mask, then the (few) blocks on the causal
-  diagonal or past the sequence end, which do; tl.static_range(2) keeps it one loop body.
-- The kernels are plain functions wrapped with triton.jit on first use, per mode: TRITON_INTERPRET
-  is read at call time, not when this module is imported (it must still be set before triton is).
-- Dispatch: CUDA -> Triton; CPU with TRITON_INTERPRET=1 -> the same kernels in the interpreter
-  (fp32/fp16 only: the interpreter's bf16 dot is wrong); else, or head dim not in 16/32/64/128, SDPA.
+- fp32 online softmax over key blocks (log2 domain, exp2), never a (T, T) matrix; the forward keeps one
+  log-sum-exp per row, the backward recomputes probabilities from it (a dk/dv kernel, then a dq kernel).
+- GQA reads kv head h // group in place; a dk/dv program owns one kv head and loops over its group.
+- Key loops run in two stages: unmasked blocks, then causal-diagonal/tail blocks (tl.static_range).
+- Kernels are wrapped with triton.jit on first use, so TRITON_INTERPRET is read at call time.
+- Dispatch: CUDA -> Triton; CPU + TRITON_INTERPRET=1 -> the same kernels interpreted (fp32/fp16: the
+  interpreter's bf16 dot is wrong); otherwise, or head dim not in 16/32/64/128 -> SDPA.
 """
 
 import math
@@ -36,15 +32,15 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    q32 = q.to(compute_dtype)
-    k32 = k.to(compute_dtype).repeat_interleave(group, dim=1)  # (B, Hq, T, D)
-    v32 = v.to(compute_dtype).repeat_interleave(group, dim=1)  # (B, Hq, T, D)
-    scores = (q32 @ k32.transpose(-2, -1)) * scale  # (B, Hq, T, T)
+    q_c = q.to(compute_dtype)
+    k_c = k.to(compute_dtype).repeat_interleave(group, dim=1)  # (B, Hq, T, D)
+    v_c = v.to(compute_dtype).repeat_interleave(group, dim=1)  # (B, Hq, T, D)
+    scores = (q_c @ k_c.transpose(-2, -1)) * scale  # (B, Hq, T, T)
     if causal:
         T_q, T_k = scores.shape[-2:]
         allowed = torch.ones(T_q, T_k, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
-    return (torch.softmax(scores, dim=-1) @ v32).to(q.dtype)  # (B, Hq, T, D)
+    return (torch.softmax(scores, dim=-1) @ v_c).to(q.dtype)  # (B, Hq, T, D)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -399,6 +395,8 @@ class _TritonAttention(torch.autograd.Function):
 def uses_triton(q: torch.Tensor) -> bool:
     """Whether attention() takes the Triton path for a query tensor like q."""
     if q.shape[-1] not in TRITON_HEAD_DIMS or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if q.numel() == 0:  # nothing to launch
         return False
     if q.is_cuda:
         return True

@@ -1,7 +1,7 @@
 """kernels/attention.py: the Triton kernels (run by the interpreter on CPU) against the float64 spec.
 
 Shapes are odd on purpose (T = 1, 77, 130 against 32..128-wide tiles), both GQA 4:1 and 1:1, causal
-and not, and most cases use the (B, T, H, D).transpose(1, 2) layout model.py passes in.
+and not, and most cases use strided views of a fused projection, the layout model.py passes in.
 """
 
 import os
@@ -27,14 +27,11 @@ def interpret(monkeypatch):
 
 def make_inputs(B, Hq, Hkv, T, D, dtype, model_layout, seed=0):
     gen = torch.Generator().manual_seed(seed)
-
-    def randn(H):
-        if model_layout:  # strided view, as model.py makes q/k/v from the fused projection
-            return torch.randn(B, T, H, D, generator=gen).to(dtype).transpose(1, 2)  # (B, H, T, D)
-        return torch.randn(B, H, T, D, generator=gen).to(dtype)  # (B, H, T, D)
-
-    q, k, v, grad_out = randn(Hq), randn(Hkv), randn(Hkv), randn(Hq)
-    return q, k, v, grad_out
+    if model_layout:  # strided views into one fused projection, as model.py makes q, k, v
+        fused = torch.randn(B, T, (2 * Hq + 2 * Hkv) * D, generator=gen).to(dtype)  # (B, T, (2*Hq + 2*Hkv) * D)
+        parts = fused.split([Hq * D, Hkv * D, Hkv * D, Hq * D], dim=-1)
+        return [part.view(B, T, -1, D).transpose(1, 2) for part in parts]  # q, k, v, grad_out: (B, H, T, D)
+    return [torch.randn(B, H, T, D, generator=gen).to(dtype) for H in (Hq, Hkv, Hkv, Hq)]  # (B, H, T, D)
 
 
 def relative_error(actual: torch.Tensor, ref: torch.Tensor) -> float:
