@@ -18,6 +18,8 @@ import kernels.attention as attention_module
 from configurator import UserError
 from kernels.attention import attention, attention_ref, uses_triton
 
+pytestmark = pytest.mark.triton
+
 
 @pytest.fixture(autouse=True)
 def interpret(monkeypatch):

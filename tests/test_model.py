@@ -150,3 +150,29 @@ def test_unsupported_and_broken_checkpoints(tmp_path):
 
     with pytest.raises(UserError, match="does not exist"):
         GPT.from_pretrained(str(tmp_path / "nope"))
+
+
+@pytest.mark.triton
+def test_triton_attention_path_matches_sdpa(monkeypatch):
+    """model.py's attention='triton' under the interpreter: the same logits and gradients as SDPA,
+    and the Triton kernels really ran (SDPA is made to fail for the triton model)."""
+    import kernels.attention as ka
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=61, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    ref = GPT(cfg)
+    fast = GPT(GPTConfig(**{**cfg.__dict__, "attention": "triton"}))
+    fast.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 61, (2, 33))
+    expected = ref(idx)
+    expected.square().mean().backward()
+    assert ka.uses_triton(torch.zeros(1, 1, 1, 16))
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("SDPA ran: the Triton path fell back")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    got = fast(idx)
+    got.square().mean().backward()
+    assert (got - expected).abs().max().item() < 1e-4
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-3), name
