@@ -235,11 +235,13 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
         logits = prefill(model, tokens, pad_lens, key_ok)
         token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         pos = torch.tensor([len(p) for p in prompts], device=device)[:, None]  # (B, 1) next token's position
+        # (1,) cache slot of the token fed back; its own tensor, as a moving view would change the compiled inputs
+        slot = torch.full((1,), P, device=device)
         for t in range(steps):
             if t > 0:
-                slot = key_slots[P + t - 1:P + t]  # (1,) where the previous token's k/v go
                 token, logits = decode_one_token(model, token[:, None], pos, slot, key_ok, key_slots,
                                                  temperature, top_k, top_p, generator, compile)
+                slot = slot + 1
                 # rows past their budget keep running (static shapes) on a clamped, in-range position
                 pos = (pos + 1).clamp_(max=model.config.block_size - 1)
             new_tokens[:, t] = token
