@@ -93,9 +93,8 @@ class Tokenizer:
     def save(self, directory: str) -> None:
         """Write what load_tokenizer(directory) needs to rebuild this same tokenizer."""
         os.makedirs(directory, exist_ok=True)
-        eos_text = self.enc.decode([self.eos_id])
         meta = {"format": "nanospin-tokenizer-1", "kind": self.kind, "name": self.name,
-                "eos": eos_text, "chat_template": self.chat_template}
+                "eos_id": self.eos_id, "chat_template": self.chat_template}
         if self.kind == "bpe":
             ranks = self.enc._mergeable_ranks  # tiktoken keeps no public accessor for these
             with open(os.path.join(directory, SAVED_RANKS_FILE), "wb") as f:
@@ -356,7 +355,7 @@ def saved_tokenizer(directory: str) -> Tokenizer:
     enc = tiktoken.Encoding(f"nanospin_saved_{os.path.basename(os.path.abspath(directory))}",
                             pat_str=meta["pat_str"], mergeable_ranks=ranks, special_tokens=specials)
     sources = tuple(os.path.join(directory, f) for f in HF_FILES if os.path.isfile(os.path.join(directory, f)))
-    return Tokenizer(enc=enc, name=directory, eos_id=specials[meta["eos"]], specials=specials,
+    return Tokenizer(enc=enc, name=directory, eos_id=int(meta["eos_id"]), specials=specials,
                      chat_template=meta.get("chat_template"), normalization=meta.get("normalization"),
                      added_text_tokens=frozenset(meta.get("added_text_tokens", [])), source_files=sources)
 
@@ -386,8 +385,8 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
 
 
 # -----------------------------------------------------------------------------
-# Chat templates: each turn is a list of (text, is_special) parts; adjacent texts are encoded together
-# so BPE sees the same strings a Hugging Face template would give it.
+# Chat templates: a turn is a list of parts, text (str) or special-token ids (int); adjacent texts are
+# encoded together so BPE sees the same strings a Hugging Face template would give it.
 
 TEMPLATES = ("chatml", "llama3", "zephyr", "plain")
 ROLES = ("system", "user", "assistant")
@@ -410,39 +409,35 @@ def end_of_turn_id(tok: Tokenizer, template: str) -> int:
     return tok.specials.get(name, tok.eos_id) if name else tok.eos_id
 
 
-def _special(tok: Tokenizer, text: str) -> tuple[str, bool]:
-    # zephyr's role markers are plain text for tokenizers that lack them (as in zephyr itself)
-    return (text, text in tok.specials)
-
-
-def _header(tok: Tokenizer, template: str, role: str) -> list[tuple[str, bool]]:
+def _header(tok: Tokenizer, template: str, role: str) -> list[str | int]:
+    sp = tok.specials
     if template == "chatml":
-        return [("<|im_start|>", True), (f"{role}\n", False)]
+        return [sp["<|im_start|>"], f"{role}\n"]
     if template == "llama3":
-        return [("<|start_header_id|>", True), (role, False), ("<|end_header_id|>", True), ("\n\n", False)]
-    if template == "zephyr":
-        return [_special(tok, f"<|{role}|>"), ("\n", False)]
-    return [(f"{role.capitalize()}: ", False)]
+        return [sp["<|start_header_id|>"], role, sp["<|end_header_id|>"], "\n\n"]
+    if template == "zephyr":  # role markers stay text for tokenizers that lack them, as in zephyr itself
+        return [sp.get(f"<|{role}|>", f"<|{role}|>"), "\n"]
+    return [f"{role.capitalize()}: "]
 
 
-def _turn(tok: Tokenizer, template: str, role: str, content: str) -> list[tuple[str, bool]]:
-    eot = tok.enc.decode([end_of_turn_id(tok, template)])
+def _turn(tok: Tokenizer, template: str, role: str, content: str) -> list[str | int]:
+    eot = end_of_turn_id(tok, template)
     if template == "llama3":  # Llama-3's own template trims every message
-        return _header(tok, template, role) + [(content.strip(), False), (eot, True)]
+        return _header(tok, template, role) + [content.strip(), eot]
     if template == "plain" and role != "assistant":  # plain ends only assistant turns with eos
-        return _header(tok, template, role) + [(content + "\n", False)]
-    return _header(tok, template, role) + [(content, False), (eot, True), ("\n", False)]
+        return _header(tok, template, role) + [content + "\n"]
+    return _header(tok, template, role) + [content, eot, "\n"]
 
 
-def _encode_parts(tok: Tokenizer, parts: list[tuple[str, bool]]) -> list[int]:
+def _encode_parts(tok: Tokenizer, parts: list[str | int]) -> list[int]:
     ids: list[int] = []
     text = ""
-    for piece, is_special in parts:
-        if is_special:
-            ids += tok.encode(text) + [tok.specials[piece]]
+    for part in parts:
+        if isinstance(part, int):
+            ids += tok.encode(text) + [part]
             text = ""
         else:
-            text += piece
+            text += part
     return ids + tok.encode(text)
 
 
@@ -458,7 +453,7 @@ def render_prompt(tok: Tokenizer, messages: list[dict], template: str) -> list[i
     """The conversation so far (no final assistant turn), ending with the assistant header."""
     _check_template(tok, template)
     _check_messages(messages)
-    parts = [("<|begin_of_text|>", True)] if template == "llama3" else []
+    parts = [tok.specials["<|begin_of_text|>"]] if template == "llama3" else []
     for m in messages:
         parts += _turn(tok, template, m["role"], m["content"])
     return _encode_parts(tok, parts + _header(tok, template, "assistant"))
