@@ -94,6 +94,16 @@ def test_hf_byte_level_bpe_ids_equal_tokenizers(tmp_path, style):
     assert hf.token_to_id("<|im_end|>") not in ids and tok.decode(ids) == "say <|im_end|> now"
 
 
+def test_non_special_added_tokens_are_matched_in_text_as_hf_does(tmp_path):
+    hf = train_hf_tokenizer(tmp_path, "gpt2")
+    hf.add_tokens(["<think>", "ZZZ"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = data.load_tokenizer(str(tmp_path))
+    for text in ["a <think> b", "<think>x</think>", "aZZZb", " ZZZ 12"]:
+        assert tok.encode(text) == hf.encode(text, add_special_tokens=False).ids
+    assert hf.token_to_id("ZZZ") in tok.encode("aZZZb")
+
+
 def test_hf_directory_template_and_eos_from_config(tmp_path):
     jinja = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     hf = train_hf_tokenizer(tmp_path, "gpt2", chat_template=jinja)
