@@ -287,14 +287,24 @@ def generate_ref(model: GPT, prompts: list[list[int]], max_new_tokens: int,
 # loading a model for chat
 
 
+def _is_model_dir(path: str) -> bool:
+    """config.json beside weights (a run's out_dir has a config.json of its own, without weights)."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return False
+    return any(f.endswith((".safetensors", ".safetensors.index.json", ".bin")) for f in os.listdir(path))
+
+
 def resolve_model_dir(path: str) -> str:
-    """A Hugging Face dir (config.json) as is; a nanospin checkpoint (model/config.json) -> model/;
-    a run's out_dir (final/config.json or final/model/config.json) -> that dir."""
-    for sub in ("", "model", "final", os.path.join("final", "model")):
-        candidate = os.path.join(path, sub) if sub else path
-        if os.path.isfile(os.path.join(candidate, "config.json")):
+    """A Hugging Face dir (config.json + weights) as is; a nanospin checkpoint -> its model/; a run's
+    out_dir -> final/ (the exported model), else its latest checkpoint's model/."""
+    candidates = [path, os.path.join(path, "model"), os.path.join(path, "final")]
+    checkpoints = os.path.join(path, "checkpoints")
+    if os.path.isdir(checkpoints):  # step_XXXXXXXX names sort in step order
+        candidates += [os.path.join(checkpoints, d, "model") for d in sorted(os.listdir(checkpoints), reverse=True)]
+    for candidate in candidates:
+        if os.path.isdir(candidate) and _is_model_dir(candidate):
             return candidate
-    what = "does not exist" if not os.path.exists(path) else "has no config.json (nor model/ or final/ with one)"
+    what = "does not exist" if not os.path.exists(path) else "holds no model (config.json with weights)"
     raise UserError(f"model path '{path}' {what}; pass --model=<a Hugging Face model directory, a nanospin "
                     f"checkpoint directory or a run's out_dir>")
 

@@ -207,15 +207,23 @@ def test_compiled_decode_step_matches(monkeypatch):
 
 
 def test_resolve_model_dir(tmp_path):
-    for sub in ("hf", "ckpt/model", "out/final"):
+    def model_dir(sub):
         os.makedirs(tmp_path / sub)
         (tmp_path / sub / "config.json").write_text("{}")
+        (tmp_path / sub / "model.safetensors").write_text("")
+
+    for sub in ("hf", "ckpt/model", "out/final", "run/checkpoints/step_00000002/model",
+                "run/checkpoints/step_00000010/model"):
+        model_dir(sub)
+    (tmp_path / "out" / "config.json").write_text("{}")  # a run's own config, not a model
+    (tmp_path / "run" / "config.json").write_text("{}")
     assert gen.resolve_model_dir(str(tmp_path / "hf")) == str(tmp_path / "hf")
     assert gen.resolve_model_dir(str(tmp_path / "ckpt")) == str(tmp_path / "ckpt" / "model")
     assert gen.resolve_model_dir(str(tmp_path / "out")) == str(tmp_path / "out" / "final")
+    assert gen.resolve_model_dir(str(tmp_path / "run")) == str(tmp_path / "run/checkpoints/step_00000010/model")
     with pytest.raises(UserError, match="does not exist"):
         gen.resolve_model_dir(str(tmp_path / "missing"))
-    with pytest.raises(UserError, match="has no config.json"):
+    with pytest.raises(UserError, match="holds no model"):
         gen.resolve_model_dir(str(tmp_path))
 
 
