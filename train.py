@@ -353,7 +353,7 @@ def main(argv: list[str]) -> None:
         raise UserError("nothing to run: stage='spin' with max_iterations=0")
 
     state = {"phase": 0, "step": 0, "global_step": 0, "order": None, "rollouts_sha": None, "history": []}
-    optimizer = make_optimizer(model, cfg, cfg.lr)
+    optimizer = make_optimizer(model, cfg, cfg.sft_lr)  # every step sets its own lr (cfg.lr may be a list)
     if resume_from:
         state = ckpt.load_checkpoint(resume_from, model, optimizer, gpt_cfg)
         print0(f"resumed from {resume_from}: phase {state['phase']}, step {state['step']}")
@@ -519,7 +519,10 @@ def main(argv: list[str]) -> None:
                                          cfg.temperature, cfg.top_k, cfg.top_p, autocast=autocast)
                 if cfg.mix_previous_rollouts and iteration > 0:
                     previous = read_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration - 1}", "rollouts.jsonl"))
-                    pairs = pairs + rescore(opponent, [p for p in previous], pad_id, cfg.rollout_batch_size, device,
+                    # that file starts with iteration t-1's own generations (as many as here); what follows
+                    # them is t-2's, which iteration t does not train on
+                    previous = previous[:len(pairs)]
+                    pairs = pairs + rescore(opponent, previous, pad_id, cfg.rollout_batch_size, device,
                                             rank, world, autocast)
                 del opponent
                 gen_tokens = sum(len(p.generated_ids) for p in pairs)

@@ -1,0 +1,310 @@
+"""train.py end to end on a tiny config/quick.py: outputs, exports, log 2 at each iteration's start,
+grad accumulation, save/load, kill-and-resume exactness, the opponent of each iteration, and the
+errors a user meets (resume=False, a changed config, a bad data file).
+
+The uninterrupted run is shared with test_distributed.py (train_runs.baseline); runs that must be
+bit-identical to it are subprocesses on one thread, the rest call main() in this process."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from train_runs import (REPO, SPIN_STEPS, TINY, assert_same_weights, baseline, checkpoint_steps, checkpoint_weights,
+                        child_env, describe, final_weights, metrics, rollouts, run_in_process, run_train,
+                        step_losses)
+
+SPIN_KEYS = {"iteration", "epoch", "step", "loss", "rewards/real", "rewards/generated", "rewards/margins",
+             "rewards/accuracies", "logps/real", "logps/generated", "lr", "grad_norm", "tokens_per_sec",
+             "gen_len_mean", "eos_rate"}
+ROLLOUT_KEYS = {"prompt", "real", "generated", "prompt_tokens", "real_tokens", "generated_tokens", "eos",
+                "ref_real_logp", "ref_generated_logp"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """main() in this process: tiny models run fastest on one thread (a busy 2-core machine makes 2 crawl)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return baseline(tmp_path_factory)
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------------------------
+# pure pieces
+
+
+def test_lr_schedules():
+    from train import TrainConfig, get_lr
+    cfg = TrainConfig(warmup_frac=0.2, min_lr_frac=0.1, lr_schedule="linear")
+    lrs = [get_lr(s, 10, 1.0, cfg) for s in range(10)]
+    assert lrs[:2] == pytest.approx([1 / 3, 2 / 3])  # 2 warmup steps climbing towards the peak
+    assert lrs[2] == 1.0 and lrs[-1] > 0.1 and lrs == sorted(lrs[:2]) + sorted(lrs[2:], reverse=True)
+    assert get_lr(10, 10, 1.0, cfg) == pytest.approx(0.1)  # reaches min_lr at the end
+    cosine = TrainConfig(warmup_frac=0.0, min_lr_frac=0.0, lr_schedule="cosine")
+    assert get_lr(0, 10, 2.0, cosine) == 2.0 and get_lr(5, 10, 2.0, cosine) == pytest.approx(1.0)
+    constant = TrainConfig(warmup_frac=0.0, lr_schedule="constant")
+    assert {get_lr(s, 10, 3.0, constant) for s in range(10)} == {3.0}
+
+
+def test_save_load_gives_identical_next_step(tmp_path):
+    import checkpoint as ckpt
+    from data import load_tokenizer, render_prompt, render_response
+    from model import GPT, GPTConfig
+    from spin import sequence_logps
+    from train import TrainConfig, make_optimizer
+
+    tok = load_tokenizer("bytes")
+    cfg = GPTConfig(model_type="llama", vocab_size=tok.n_vocab, block_size=96, n_layer=2, n_head=2, n_kv_head=1,
+                    n_embd=32)
+    prompts = [render_prompt(tok, [{"role": "user", "content": f"{k} distinct odd numbers from 11 to 40"}], "chatml")
+               for k in (3, 4)]
+    real = [render_response(tok, answer, "chatml") for answer in ("13 37 21", "11 15 39 25")]
+    cpu = torch.device("cpu")
+
+    def train_step(model, optimizer) -> float:
+        loss = -sequence_logps(model, prompts, real, tok.eos_id, cpu).sum() / sum(map(len, real))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    optimizer = make_optimizer(model, TrainConfig(), 1e-2)
+    train_step(model, optimizer)  # the optimizer now holds moments that must survive the round trip
+    path = ckpt.save_checkpoint(str(tmp_path), 1, model, optimizer, {"phase": 0, "step": 1}, cfg, tok, "chatml",
+                                None, rank=0)
+    assert ckpt.list_checkpoints(str(tmp_path)) == [path]
+
+    torch.manual_seed(1)
+    restored = GPT(cfg)
+    restored_optimizer = make_optimizer(restored, TrainConfig(), 1e-2)
+    state = ckpt.load_checkpoint(path, restored, restored_optimizer, cfg)
+    assert state["phase"] == 0 and state["step"] == 1
+    assert train_step(model, optimizer) == train_step(restored, restored_optimizer)
+    assert train_step(model, optimizer) == train_step(restored, restored_optimizer)
+    for (name, a), b in zip(model.named_parameters(), restored.parameters()):
+        assert torch.equal(a, b), name
+
+
+# ----------------------------------------------------------------------------------------------
+# the uninterrupted run: outputs, exports, the opponent
+
+
+def test_smoke_run_writes_metrics_rollouts_and_table(run):
+    out_dir, proc = run
+    records = metrics(out_dir)
+    spin_steps = [r for r in records if r.get("phase") == "spin" and "loss" in r and "event" not in r]
+    assert [r["step"] for r in spin_steps] == list(range(7, 15))
+    for r in spin_steps:
+        assert SPIN_KEYS <= r.keys(), SPIN_KEYS - r.keys()
+        assert all(math.isfinite(r[k]) for k in SPIN_KEYS)
+    evals = [r for r in records if r.get("event") == "phase_end"]
+    assert [(r["phase"], r["iteration"]) for r in evals] == [("sft", 0), ("spin", 0), ("spin", 1), ("baseline", 0),
+                                                            ("baseline", 1)]
+    for r in evals:
+        assert any("valid" in k for k in r) and any("exact" in k for k in r), r.keys()
+        assert "eval/nll" in r
+    assert all("eval/reward_accuracy" in r for r in evals if r["phase"] == "spin")
+
+    for t in (0, 1):
+        pairs = rollouts(out_dir, t)
+        assert len(pairs) == 32
+        for p in pairs:
+            assert ROLLOUT_KEYS <= p.keys()
+            assert p["prompt_tokens"] == len(p["prompt_ids"]) and p["generated_tokens"] == len(p["generated_ids"])
+            assert p["real"].endswith("<|im_end|>") and p["prompt"].startswith("<|im_start|>user")
+        assert len(rollouts(out_dir, t, "eval_rollouts.jsonl")) == 8
+
+    for line in ("| after | step |", "| SFT | 6 |", "| SPIN iter 0 | 10 |", "| SPIN iter 1 | 14 |",
+                 "| cont. SFT iter 0 | 18 |", "| cont. SFT iter 1 | 22 |"):
+        assert line in proc.stdout, line
+    assert "spin 0 done at step 10" in proc.stdout and "spin 1 done at step 14" in proc.stdout
+    assert "rollout 0" in proc.stderr  # the tqdm bars
+    assert checkpoint_steps(out_dir) == [3, 6, 9, 10, 12, 14, 15, 18, 21, 22]
+
+
+def test_each_iteration_starts_at_log2(run):
+    """policy == opponent when an iteration starts, so its first step's loss is log 2 and its rewards 0."""
+    out_dir, _ = run
+    records = {r["step"]: r for r in metrics(out_dir) if r.get("phase") == "spin" and "loss" in r}
+    for first, last in SPIN_STEPS.values():
+        assert records[first]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+        assert abs(records[first]["rewards/margins"]) < 1e-4
+        assert records[last]["loss"] < math.log(2) - 1e-3  # and training moves away from it
+
+
+def test_final_export_loads_in_nanospin_and_transformers(run):
+    from transformers import AutoModelForCausalLM
+
+    from model import GPT
+    out_dir, _ = run
+    final = out_dir / "final"
+    # the product is the model after the last SPIN iteration, not the continued-SFT baseline
+    assert_same_weights(final_weights(out_dir), checkpoint_weights(out_dir, 14))
+    ours = GPT.from_pretrained(str(final)).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(str(final), torch_dtype=torch.float32).eval()
+    idx = torch.tensor([[257, 117, 115, 101, 114, 10, 51, 32, 100, 258, 10, 257, 97]])
+    with torch.no_grad():
+        assert (ours(idx) - theirs(idx).logits).abs().max().item() < 1e-4
+    meta = json.loads((final / "nanospin.json").read_text())
+    assert meta["chat_template"] == "chatml"
+
+
+def test_generate_cli_chats_with_the_final_model(run):
+    out_dir, _ = run
+    proc = subprocess.run([sys.executable, "generate.py", f"--model={out_dir}/final",
+                           "--prompt=3 distinct even numbers from 10 to 29", "--max_new_tokens=8", "--seed=0",
+                           "--device=cpu"], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout.strip(), describe(proc)
+
+
+def test_opponent_logps_are_the_weights_at_the_end_of_the_previous_iteration(run):
+    """iter_1's reference log-probs are the model after SPIN iteration 0 (checkpoint 10), not its start
+    (checkpoint 6): the opponent is renewed every iteration."""
+    from model import GPT
+    from spin import pair_logps
+    out_dir, _ = run
+    pairs = rollouts(out_dir, 1)
+    scored = {}
+    for step in (10, 6):
+        model = GPT.from_pretrained(str(out_dir / "checkpoints" / f"step_{step:08d}" / "model")).eval()
+        with torch.no_grad():
+            scored[step] = pair_logps(model, [p["prompt_ids"] for p in pairs], [p["real_ids"] for p in pairs],
+                                      [p["generated_ids"] for p in pairs], 256, torch.device("cpu"))
+    ref_real = torch.tensor([p["ref_real_logp"] for p in pairs])
+    ref_gen = torch.tensor([p["ref_generated_logp"] for p in pairs])
+    assert (scored[10][0] - ref_real).abs().max() < 1e-3 and (scored[10][1] - ref_gen).abs().max() < 1e-3
+    assert (scored[6][0] - ref_real).abs().max() > 0.05  # the previous opponent would score them differently
+
+
+# ----------------------------------------------------------------------------------------------
+# batch layout
+
+
+@pytest.mark.parametrize("batch_size, grad_accum", [(4, 2), (1, 8)])
+def test_grad_accumulation_equals_one_batch(run, tmp_path, batch_size, grad_accum):
+    """k micro-batches of B/k (down to micro-batches of 1) make the same run as one batch of B."""
+    out_dir, _ = run
+    out = tmp_path / "accum"
+    assert run_in_process(*TINY, f"--out_dir={out}", f"--batch_size={batch_size}", f"--grad_accum={grad_accum}",
+                          "--baseline_sft=False", "--save_interval=0") == 0
+    expected, got = step_losses(out_dir), step_losses(out)
+    assert sorted(got) == list(range(1, 15))
+    assert [got[s] for s in got] == pytest.approx([expected[s] for s in got], abs=1e-5)
+    assert_same_weights(final_weights(out), final_weights(out_dir), atol=1e-5)
+    for t in (0, 1):
+        assert [p["generated_ids"] for p in rollouts(out, t)] == [p["generated_ids"] for p in rollouts(out_dir, t)]
+
+
+def test_mix_previous_rollouts_and_lr_per_iteration(tmp_path):
+    """mix_previous_rollouts trains iteration t on its own generations and those of t-1 (not older
+    ones), the latter rescored by the current opponent; lr may be one value per iteration."""
+    out = tmp_path / "mix"
+    assert run_in_process(*TINY, f"--out_dir={out}", "--stage=spin", "--baseline_sft=False", "--max_iterations=3",
+                          "--mix_previous_rollouts=True", "--lr=[1e-3, 5e-4]", "--save_interval=0") == 0
+    it0, it1, it2 = (rollouts(out, t) for t in range(3))
+    assert (len(it0), len(it1), len(it2)) == (32, 64, 64)
+    assert [p["generated_ids"] for p in it2[32:]] == [p["generated_ids"] for p in it1[:32]]
+    assert [p["generated_ids"] for p in it1[32:]] == [p["generated_ids"] for p in it0]
+    # rescored under the new opponent, not copied
+    assert max(abs(a["ref_real_logp"] - b["ref_real_logp"]) for a, b in zip(it1[32:], it0)) > 1e-3
+    peak = {}
+    for r in metrics(out):
+        if r.get("phase") == "spin" and "lr" in r:
+            peak[r["iteration"]] = max(peak.get(r["iteration"], 0.0), r["lr"])
+    assert peak == pytest.approx({0: 1e-3, 1: 5e-4, 2: 5e-4})
+
+
+# ----------------------------------------------------------------------------------------------
+# kill and resume
+
+
+def test_kill_mid_epoch_then_rerun_gives_identical_weights(run, tmp_path):
+    """SIGKILL after step 13 (the last checkpoint is 12, mid-iteration): the same command again replays
+    step 13 from checkpoint 12 with that iteration's saved rollouts and ends bit-identical."""
+    out_dir, _ = run
+    out = tmp_path / "killed"
+    killed = run_train(out, fault="kill_after_step:13")
+    assert killed.returncode == -9, describe(killed)
+    assert checkpoint_steps(out)[-1] == 12 and not (out / "final").exists()
+    resumed = run_train(out)
+    assert resumed.returncode == 0, describe(resumed)
+    assert "resumed from" in resumed.stdout and "step_00000012" in resumed.stdout
+    assert "reusing the iteration's 32 rollouts" in resumed.stdout
+    assert_same_weights(final_weights(out), final_weights(out_dir))
+    assert_same_weights(checkpoint_weights(out, 22), checkpoint_weights(out_dir, 22))
+    assert step_losses(out) == step_losses(out_dir)
+    assert rollouts(out, 1) == rollouts(out_dir, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# what a user meets
+
+
+def test_rerunning_a_finished_run_is_a_no_op_that_prints_the_table(run, tmp_path):
+    out_dir, _ = run
+    out = copy_run(out_dir, tmp_path / "again")
+    metrics_before = (out / "metrics.jsonl").read_bytes()
+    final_before = (out / "final" / "model.safetensors").stat().st_mtime_ns
+    proc = run_train(out)
+    assert proc.returncode == 0, describe(proc)
+    assert "| SPIN iter 1 | 14 |" in proc.stdout and "| cont. SFT iter 1 | 22 |" in proc.stdout
+    assert "saved checkpoint" not in proc.stdout and "rollout of" not in proc.stdout
+    assert checkpoint_steps(out) == checkpoint_steps(out_dir)
+    assert (out / "metrics.jsonl").read_bytes() == metrics_before
+    assert (out / "final" / "model.safetensors").stat().st_mtime_ns == final_before
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: "), err
+    assert not any(line.startswith("Traceback") for line in err)
+    return err[-1]
+
+
+def test_resume_false_refuses_a_non_empty_out_dir(run, capsys):
+    out_dir, _ = run
+    before = sorted(p.name for p in out_dir.iterdir())
+    assert run_in_process(*TINY, f"--out_dir={out_dir}", "--resume=False") == 2
+    message = one_line_error(capsys)
+    assert str(out_dir) in message and "resume=False" in message
+    assert sorted(p.name for p in out_dir.iterdir()) == before
+
+
+def test_a_different_config_is_refused_unless_allowed(run, tmp_path, capsys):
+    out_dir, _ = run
+    assert run_in_process(*TINY, f"--out_dir={out_dir}", "--lr=2e-3") == 2
+    message = one_line_error(capsys)
+    assert "different config" in message and "lr" in message and "allow_config_change" in message
+    out = copy_run(out_dir, tmp_path / "changed")
+    assert run_in_process(*TINY, f"--out_dir={out}", "--lr=2e-3", "--allow_config_change=True") == 0
+    assert "| SPIN iter 1 | 14 |" in capsys.readouterr().out
+    assert checkpoint_steps(out) == checkpoint_steps(out_dir)
+
+
+def test_a_bad_data_file_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
+    data = tmp_path / "chat.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data.write_text(json.dumps(good) + "\n" + '{"messages": [{"role": "user", "content": "hi"}\n')
+    out = tmp_path / "never"
+    assert run_in_process(*TINY, f"--out_dir={out}", f"--train_data={data}", "--stage=spin",
+                          "--baseline_sft=False") == 2
+    assert f"{data}:2" in one_line_error(capsys)
+    assert not out.exists()

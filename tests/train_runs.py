@@ -1,0 +1,163 @@
+"""Helpers for the tests that run train.py end to end (test_train.py, test_distributed.py).
+
+- One tiny configuration (config/quick.py shrunk to seconds) that every such test starts from:
+  SFT 6 steps, 2 SPIN iterations of 4 steps, 2 continued-SFT iterations, a checkpoint every 3 steps
+  and at each phase end (steps 3 6 9 10 12 14 15 18 21 22), all kept.
+- Runs are subprocesses (one CPU thread each, so two runs of the same command are bit-identical),
+  or torchrun with 2 processes on gloo; `shared_run` runs a command once per pytest process and
+  hands the same out_dir to every test that compares against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FAULTS = str(REPO / "tests" / "train_with_faults.py")
+
+TINY = [str(REPO / "config" / "quick.py"), "--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--synthetic_train=32",
+        "--synthetic_val=8", "--sft_steps=6", "--max_iterations=2", "--prompts_per_iteration=0",
+        "--rollout_batch_size=8", "--max_new_tokens=12", "--eval_samples=8", "--log_interval=1",
+        "--save_interval=3", "--keep_checkpoints=100", "--lr=1e-3", "--batch_size=8"]
+# global steps of the tiny run: sft 1-6, spin 0 7-10, spin 1 11-14, baseline 0 15-18, baseline 1 19-22
+SPIN_STEPS = {0: (7, 10), 1: (11, 14)}
+CHECKPOINT_STEPS = [3, 6, 9, 10, 12, 14, 15, 18, 21, 22]
+
+
+def child_env(fault: str | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "NANOSPIN_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                        "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if fault:
+        env["NANOSPIN_FAULT"] = fault
+    return env
+
+
+def train_command(out_dir, *overrides: str, nproc: int = 1, fault: str | None = None) -> list[str]:
+    script = FAULTS if fault else "train.py"
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return launcher + [script, *TINY, f"--out_dir={out_dir}", *overrides]
+
+
+def run_train(out_dir, *overrides: str, nproc: int = 1, fault: str | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(train_command(out_dir, *overrides, nproc=nproc, fault=fault), cwd=REPO,
+                          env=child_env(fault), capture_output=True, text=True, timeout=timeout)
+
+
+def start_train(out_dir, *overrides: str, nproc: int = 1, fault: str | None = None) -> subprocess.Popen:
+    return subprocess.Popen(train_command(out_dir, *overrides, nproc=nproc, fault=fault), cwd=REPO,
+                            env=child_env(fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def describe(proc) -> str:
+    """The tail of a finished run's output, for assertion messages."""
+    return f"exit code {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
+
+
+_shared: dict = {}
+
+
+def shared_run(tmp_path_factory, name: str, *overrides: str, nproc: int = 1) -> tuple[Path, subprocess.CompletedProcess]:
+    """Run the tiny config once per pytest process (every test module that asks gets the same run)."""
+    key = (name, overrides, nproc)
+    if key not in _shared:
+        out_dir = tmp_path_factory.getbasetemp() / f"shared-{name}"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        proc = run_train(out_dir, *overrides, nproc=nproc)
+        assert proc.returncode == 0, describe(proc)
+        _shared[key] = (out_dir, proc)
+    return _shared[key]
+
+
+def baseline(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The uninterrupted one-process run every resume test is compared with."""
+    return shared_run(tmp_path_factory, "baseline")
+
+
+# ------------------------------------------------------------------------------------------------
+# reading a run's outputs
+
+
+def weights(model_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def final_weights(out_dir) -> dict[str, torch.Tensor]:
+    return weights(Path(out_dir) / "final")
+
+
+def checkpoint_weights(out_dir, step: int) -> dict[str, torch.Tensor]:
+    return weights(Path(out_dir) / "checkpoints" / f"step_{step:08d}" / "model")
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        if atol == 0.0:
+            assert torch.equal(a[name], b[name]), f"{name}: max diff {(a[name] - b[name]).abs().max().item()}"
+        else:
+            diff = (a[name] - b[name]).abs().max().item()
+            assert diff <= atol, f"{name}: max diff {diff} > {atol}"
+
+
+def metrics(out_dir) -> list[dict]:
+    with open(Path(out_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def step_losses(out_dir) -> dict[int, float]:
+    """{global step: training loss}; a resumed run logs the replayed steps again, the last one wins."""
+    return {r["step"]: r["loss"] for r in metrics(out_dir) if "loss" in r and "event" not in r}
+
+
+def rollouts(out_dir, iteration: int, name: str = "rollouts.jsonl") -> list[dict]:
+    with open(Path(out_dir) / f"iter_{iteration}" / name) as f:
+        return [json.loads(line) for line in f]
+
+
+def checkpoint_steps(out_dir) -> list[int]:
+    root = Path(out_dir) / "checkpoints"
+    return sorted(int(p.name.removeprefix("step_")) for p in root.glob("step_*"))
+
+
+def run_in_process(*argv: str) -> int:
+    """train.py's main in this process (no start-up cost): its exit code, 2 for a UserError."""
+    import train
+    from configurator import run_main
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        run_main(train.main, list(argv))
+        return 0
+    except SystemExit as e:
+        return e.code
+    finally:  # main() installs its own handlers; pytest's must come back
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll until predicate() holds; fail if the run ends first."""
+    end = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the run ended (exit code {proc.returncode}) before the expected point\n"
+                                 f"{out[-2000:]}\n{err[-2000:]}")
+        if time.time() > end:
+            proc.send_signal(signal.SIGKILL)
+            raise AssertionError("timed out waiting for the run to reach the expected point")
+        time.sleep(0.05)
