@@ -1,6 +1,7 @@
 """generate.py: cache == no cache, ragged batch == rows alone, parity with transformers' greedy
 generate, the top-k/top-p token sets, EOS and length limits, seeds, log-probs, and the CLI."""
 
+import io
 import os
 import subprocess
 import sys
@@ -235,13 +236,13 @@ def saved_chat_model(path) -> None:
     tok.save(str(path))
 
 
-def run_cli(*args, stdin: str | None = None):
+def run_cli(*args):
     env = {**os.environ, "PYTHONPATH": REPO}
-    return subprocess.run([sys.executable, os.path.join(REPO, "generate.py"), *args], input=stdin,
-                          capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, os.path.join(REPO, "generate.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=120)
 
 
-def test_cli(tmp_path, capsys):
+def test_cli(tmp_path, capsys, monkeypatch):
     import configurator
 
     saved_chat_model(tmp_path / "m")
@@ -251,10 +252,10 @@ def test_cli(tmp_path, capsys):
     assert r.stdout.endswith("\n") and len(r.stdout) >= 1
     gen.main(args)  # in-process: the same seed prints the same answer
     assert capsys.readouterr().out == r.stdout
-    # interactive: two turns on stdin, then EOF
-    r = run_cli(f"--model={tmp_path / 'm'}", "--max_new_tokens=4", "--temperature=0", stdin="hi\nagain\n")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("> ") == 3  # two answers, then the prompt that met EOF
+    # interactive (in-process, stdin replaced): two turns, then EOF
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nagain\n"))
+    gen.main([f"--model={tmp_path / 'm'}", "--max_new_tokens=4", "--temperature=0"])
+    assert capsys.readouterr().out.count("> ") == 3  # two answers, then the prompt that met EOF
     # errors: one line on stderr, exit code 2
     r = run_cli(f"--model={tmp_path / 'nope'}", "--prompt=hi")
     assert r.returncode == 2 and r.stderr.startswith("error: model path") and r.stderr.count("\n") == 1
