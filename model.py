@@ -377,6 +377,11 @@ def hf_config_to_gpt_config(hf: dict, attention: str = "sdpa", block_size: int |
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"{where}: model_type '{model_type}' is not supported; nanospin loads {SUPPORTED_MODEL_TYPES}")
+    required = ("vocab_size", "n_layer", "n_head", "n_embd") if model_type == "gpt2" else (
+        "vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
+    missing = [k for k in required if k not in hf]
+    if missing:
+        raise UserError(f"{where}: '{missing[0]}' is missing; is this a Hugging Face model's config.json?")
     common = dict(model_type=model_type, vocab_size=hf["vocab_size"], attention=attention,
                   bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
     if model_type == "gpt2":

@@ -130,6 +130,10 @@ def test_unsupported_and_broken_checkpoints(tmp_path):
     with pytest.raises(UserError, match="model_type 'bert' is not supported"):
         GPT.from_pretrained(str(tmp_path / "m"))
 
+    cfg_path.write_text(json.dumps({k: v for k, v in good.items() if k != "hidden_size"}))
+    with pytest.raises(UserError, match="'hidden_size' is missing"):
+        GPT.from_pretrained(str(tmp_path / "m"))
+
     cfg_path.write_text(json.dumps({**good, "intermediate_size": 40}))
     with pytest.raises(UserError, match=r"tensor 'model.layers.0.mlp.up_proj.weight' .* has shape"):
         GPT.from_pretrained(str(tmp_path / "m"))
