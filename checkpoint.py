@@ -24,13 +24,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
 from configurator import UserError
-from model import (GPTConfig, gpt_config_to_hf_config, hf_state_to_nanospin, nanospin_state_to_hf,
-                   read_safetensors_dir, save_hf_dir)
+from model import (GPTConfig, gpt_config_to_hf_config, hf_config_to_gpt_config, hf_state_to_nanospin,
+                   nanospin_state_to_hf, read_hf_config, read_safetensors_dir, save_hf_dir)
 
 CHECKPOINTS = "checkpoints"
 
@@ -142,6 +143,17 @@ def load_checkpoint(path: str, model, optimizer, cfg: GPTConfig) -> dict:
     """Load weights, optimizer and RNG into the (possibly FSDP-sharded) model; return state.json."""
     state = read_state(path)
     model_dir = os.path.join(path, "model")
+    if not os.path.isdir(model_dir):
+        raise UserError(f"checkpoint '{path}' has no model/ directory; it is incomplete, delete it to resume "
+                        f"from the one before it")
+    saved = hf_config_to_gpt_config(read_hf_config(model_dir), where=os.path.join(model_dir, "config.json"))
+    shape_keys = ("model_type", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size")
+    differ = [k for k in shape_keys if getattr(saved, k) != getattr(cfg, k)]
+    if differ:
+        raise UserError(f"checkpoint '{model_dir}' holds a model with "
+                        f"{', '.join(f'{k}={getattr(saved, k)}' for k in differ)} but this run's config has "
+                        f"{', '.join(f'{k}={getattr(cfg, k)}' for k in differ)}; resume with the checkpoint's "
+                        f"model settings or use another out_dir")
     weights = hf_state_to_nanospin(read_safetensors_dir(model_dir), cfg, model_dir)
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     load_optimizer(path, model, optimizer)
@@ -158,6 +170,9 @@ def load_optimizer(path: str, model, optimizer) -> None:
     optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     try:
         dcp.load(optim_state, checkpoint_id=optim_dir)
-    except Exception as e:
-        raise UserError(f"cannot read the optimizer state in '{optim_dir}': {str(e).splitlines()[0][:300]}") from None
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        # its first line only names the failing ranks; the cause is on the last
+        cause = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+        raise UserError(f"cannot read the optimizer state in '{optim_dir}' ({cause[0][:200]}); delete that "
+                        f"checkpoint directory to resume from the one before it") from None
     set_optimizer_state_dict(model, optimizer, optim_state["optimizer"])

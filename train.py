@@ -610,7 +610,10 @@ def main(argv: list[str]) -> None:
             step_sums = all_reduce_sum(step_sums, world)
             if not torch.isfinite(step_sums[0]) or not torch.isfinite(grad_norm):
                 last = ckpt.list_checkpoints(cfg.out_dir)
-                raise UserError(f"{name}, step {step} (global step {state['global_step']}): loss or gradient is "
+                bar.close()  # the error then gets a line of its own, not the tail of the progress bar's
+                # steps are named 1-based, as metrics.jsonl and the checkpoints count them
+                raise UserError(f"{name}, step {step + 1} of {total_steps} (global step {state['global_step'] + 1}): "
+                                f"loss or gradient is "
                                 f"NaN/Inf (loss sum {step_sums[0].item()}, grad norm {grad_norm.item()}); the last "
                                 f"good checkpoint is {last[-1] if last else 'none'}; lower the learning rate")
             optimizer.step()

@@ -104,14 +104,15 @@ def checkpoint_weights(out_dir, step: int) -> dict[str, torch.Tensor]:
     return weights(Path(out_dir) / "checkpoints" / f"step_{step:08d}" / "model")
 
 
-def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0, what: str = "") -> None:
+    """Equal tensors (atol 0: bit-identical)."""
     assert a.keys() == b.keys()
     for name in a:
+        diff = (a[name] - b[name]).abs().max().item()
         if atol == 0.0:
-            assert torch.equal(a[name], b[name]), f"{name}: max diff {(a[name] - b[name]).abs().max().item()}"
+            assert torch.equal(a[name], b[name]), f"{what} {name}: max diff {diff}"
         else:
-            diff = (a[name] - b[name]).abs().max().item()
-            assert diff <= atol, f"{name}: max diff {diff} > {atol}"
+            assert diff <= atol, f"{what} {name}: max diff {diff} > {atol}"
 
 
 def metrics(out_dir) -> list[dict]:

@@ -1,0 +1,224 @@
+"""Distributed training and reliability: 2 processes (torchrun, gloo, FSDP2) == 1 process, resume
+across world sizes, SIGKILL at several points then the same command == an uninterrupted run, the NaN
+guard, SIGTERM under torchrun, and corrupt checkpoints as one-line errors.
+
+Every run is the tiny config of train_runs.py; the one-process uninterrupted run is shared with
+test_train.py. Faults are injected at exact points by tests/train_with_faults.py."""
+
+import json
+import shutil
+import signal
+
+import pytest
+import torch
+
+from train_runs import (CHECKPOINT_STEPS, TINY, assert_same_weights, baseline, checkpoint_steps, checkpoint_weights,
+                        describe, final_weights, metrics, rollouts, run_in_process, run_train, shared_run,
+                        start_train, step_losses, wait_for)
+
+# 2 ranks x micro-batch 2 x grad_accum 2 = the baseline's global batch of 8 (and FSDP's no-sync micro-batch)
+TWO_RANKS = ("--batch_size=2", "--grad_accum=2")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return baseline(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return shared_run(tmp_path_factory, "two-ranks", *TWO_RANKS, nproc=2)
+
+
+def assert_exactly_like(out, reference) -> None:
+    """The bit-exact end state of an uninterrupted run on the CPU."""
+    assert_same_weights(final_weights(out), final_weights(reference), what="final")
+    assert_same_weights(checkpoint_weights(out, 22), checkpoint_weights(reference, 22), what="checkpoint 22")
+    assert step_losses(out) == step_losses(reference)
+    for t in (0, 1):
+        assert rollouts(out, t) == rollouts(reference, t)
+    assert not list((out / "checkpoints").glob("tmp-*"))
+
+
+def assert_close_to(out, reference) -> None:
+    """Another world size sums in another order: the exported SPIN model within 1e-5; the last
+    checkpoint, 8 continued-SFT steps at a 2x larger learning rate later, within 1e-4."""
+    assert_same_weights(final_weights(out), final_weights(reference), atol=1e-5, what="final")
+    assert_same_weights(checkpoint_weights(out, 22), checkpoint_weights(reference, 22), atol=1e-4,
+                        what="checkpoint 22")
+
+
+# ----------------------------------------------------------------------------------------------
+# 2 ranks == 1 rank
+
+
+def test_two_ranks_equal_one_rank(run, two_ranks):
+    out_dir, _ = run
+    out2, proc = two_ranks
+    one, two = step_losses(out_dir), step_losses(out2)
+    assert sorted(two) == list(range(1, 23))
+    assert [two[s] for s in sorted(two)] == pytest.approx([one[s] for s in sorted(two)], abs=1e-5)
+    for key in ("rewards/margins", "logps/real", "logps/generated"):  # all-reduced over ranks, not rank 0's half
+        a = {r["step"]: r[key] for r in metrics(out_dir) if key in r}
+        b = {r["step"]: r[key] for r in metrics(out2) if key in r}
+        assert a.keys() == b.keys() and [b[s] for s in a] == pytest.approx([a[s] for s in a], abs=1e-4)
+    assert_close_to(out2, out_dir)
+    for t in (0, 1):
+        r1, r2 = rollouts(out_dir, t), rollouts(out2, t)
+        assert [p["generated_ids"] for p in r2] == [p["generated_ids"] for p in r1]
+        assert [p["ref_generated_logp"] for p in r2] == pytest.approx([p["ref_generated_logp"] for p in r1], abs=1e-4)
+    # rank 0 alone prints and writes
+    assert proc.stdout.count("| after | step |") == 1
+    assert proc.stdout.count("saved checkpoint") == len(CHECKPOINT_STEPS)
+    assert "world size 2" in proc.stdout
+    assert len(metrics(out2)) == len(metrics(out_dir))
+
+
+def test_two_ranks_killed_in_a_checkpoint_write_then_sigterm_then_one_process(run, tmp_path):
+    """One out_dir through three runs of the same command:
+    1. 2 ranks; rank 0 is SIGKILLed while writing checkpoint 10 (weights written, no state.json):
+       the mid-iteration checkpoint 9 stays the latest and the half-written one is not a checkpoint;
+    2. 2 ranks again: resumes from 9, rewrites 10 over the leftover; SIGTERM to torchrun, which
+       forwards it to the workers: they finish the step, save a checkpoint together and exit;
+    3. 1 process at the same global batch (a config change: batch_size) resumes the 2-rank
+       checkpoint and ends where the uninterrupted run does."""
+    out_dir, _ = run
+    out = tmp_path / "two-then-one"
+    killed = run_train(out, *TWO_RANKS, nproc=2, fault="kill_in_save:4")
+    assert killed.returncode != 0, describe(killed)
+    assert checkpoint_steps(out) == [3, 6, 9]
+    assert (out / "checkpoints" / "tmp-step_00000010" / "model" / "model.safetensors").exists()
+
+    proc = start_train(out, *TWO_RANKS, nproc=2, fault="slow_after_step:2")  # slow from global step 11 on
+    metrics_file = out / "metrics.jsonl"
+    wait_for(lambda: '"step": 11,' in metrics_file.read_text(), proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert "stopped by SIGTERM" in stdout and "Traceback" not in stdout, f"{stdout[-2000:]}\n{stderr[-3000:]}"
+    assert "resumed from" in stdout and "step_00000009" in stdout
+    stopped_at = checkpoint_steps(out)[-1]
+    assert 12 <= stopped_at <= 14 and 10 in checkpoint_steps(out), checkpoint_steps(out)
+    assert f"step_{stopped_at:08d}" in stdout
+    assert not list((out / "checkpoints").glob("tmp-*"))
+
+    assert run_in_process(*TINY, f"--out_dir={out}", "--allow_config_change=True") == 0
+    assert_close_to(out, out_dir)
+    assert [p["generated_ids"] for p in rollouts(out, 1)] == [p["generated_ids"] for p in rollouts(out_dir, 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# one process: faults at four points, each run resuming the last, bit-exact at the end
+
+
+def last_error_line(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in proc.stderr, describe(proc)
+    return lines[-1]
+
+
+def test_kill_mid_rollout_kill_at_boundary_nan_and_sigterm_then_bit_exact(run, tmp_path):
+    """The same command again after each fault resumes from the last complete checkpoint:
+    A. SIGKILL mid-rollout (2 of SPIN 0's 4 rollout batches)          -> resume from 6 regenerates it
+    B. SIGKILL right after checkpoint 10 (end of SPIN 0) is complete  -> resume at the boundary rolls
+       out SPIN 1 with the NEW opponent (the model at step 10)
+    C. NaN loss from global step 13 on                                -> exit 2, names the step, keeps 12
+    D. SIGTERM after global step 16                                   -> checkpoint 16, exit 0
+    E. (this process) resumes mid continued-SFT and finishes: identical to the uninterrupted run."""
+    from model import GPT
+    out_dir, _ = run
+    out = tmp_path / "faults"
+
+    a = run_train(out, fault="kill_in_rollout:0:2")
+    assert a.returncode == -9, describe(a)
+    assert checkpoint_steps(out) == [3, 6] and not (out / "iter_0").exists()
+
+    b = run_train(out, fault="kill_after_save:2")
+    assert b.returncode == -9, describe(b)
+    assert "step_00000006" in b.stdout and checkpoint_steps(out)[-1] == 10
+    assert rollouts(out, 0) == rollouts(out_dir, 0)
+    assert not (out / "iter_1").exists()
+
+    c = run_train(out, fault="nan_loss_after_step:2")
+    assert c.returncode == 2, describe(c)
+    error = last_error_line(c)
+    assert "spin 1, step 3 of 4 (global step 13)" in error and "NaN" in error and "step_00000012" in error, error
+    assert rollouts(out, 1) == rollouts(out_dir, 1)  # the boundary resume's opponent: the model at step 10
+    assert checkpoint_steps(out)[-1] == 12 and not list((out / "checkpoints").glob("tmp-*"))
+    last_good = out / "checkpoints" / "step_00000012"
+    assert json.loads((last_good / "state.json").read_text())["step"] == 2
+    assert all(torch.isfinite(p).all() for p in GPT.from_pretrained(str(last_good / "model")).parameters())
+    assert 13 not in step_losses(out)
+
+    d = run_train(out, fault="term_after_step:4")
+    assert d.returncode == 0, describe(d)
+    assert "step_00000012" in d.stdout and "reusing the iteration's 32 rollouts" in d.stdout
+    assert "stopped by SIGTERM at baseline 0, step 2; checkpoint saved" in d.stdout, describe(d)
+    assert checkpoint_steps(out)[-1] == 16
+
+    assert run_in_process(*TINY, f"--out_dir={out}") == 0
+    assert_exactly_like(out, out_dir)
+
+
+def test_nan_from_a_huge_learning_rate_is_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "lr"
+    assert run_in_process(*TINY, f"--out_dir={out}", "--stage=sft", "--baseline_sft=False", "--sft_lr=1e30",
+                          "--save_interval=0") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: sft, step ") and "NaN/Inf" in err[-1], err[-1]
+    assert "last good checkpoint is none" in err[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# missing and corrupt checkpoints
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def remove(path):
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+CORRUPTIONS = {  # name: (damage to checkpoint 9, the file the error must name, extra overrides)
+    "truncated weights": (lambda c: truncate(c / "model" / "model.safetensors"), "model/model.safetensors", ()),
+    "garbage state.json": (lambda c: (c / "state.json").write_text("{not json"), "state.json", ()),
+    "missing weights": (lambda c: remove(c / "model"), "step_00000009' has no model/", ()),
+    "missing optimizer": (lambda c: remove(c / "optimizer"), "step_00000009", ()),
+    "truncated optimizer": (lambda c: [truncate(p) for p in (c / "optimizer").glob("*.distcp")], "optimizer", ()),
+    "edited rollouts": (lambda c: (c / "rollouts.jsonl").write_text(""), "step_00000009", ()),
+    "shapes unlike the config": (lambda c: None, "step_00000009/model' holds a model with n_embd=32",
+                                 ("--n_embd=64", "--allow_config_change=True")),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_a_corrupt_checkpoint_is_a_one_line_error_naming_the_file(run, tmp_path, capsys, corruption):
+    damage, names, overrides = CORRUPTIONS[corruption]
+    out_dir, _ = run
+    out = tmp_path / "corrupt"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copy(out_dir / "config.json", out / "config.json")
+    shutil.copytree(out_dir / "checkpoints" / "step_00000009", out / "checkpoints" / "step_00000009")
+    shutil.copytree(out_dir / "iter_0", out / "iter_0")
+    damage(out / "checkpoints" / "step_00000009")
+    assert run_in_process(*TINY, f"--out_dir={out}", *overrides) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and not any("Traceback" in line for line in err), err
+    assert names in err[-1], err[-1]
+    assert checkpoint_steps(out) == [9]  # nothing written over it
+
+
+def test_resume_true_without_a_checkpoint_is_an_error(tmp_path, capsys):
+    assert run_in_process(*TINY, f"--out_dir={tmp_path / 'empty'}", "--resume=True") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "no checkpoint" in err[-1]
