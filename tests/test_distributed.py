@@ -124,12 +124,13 @@ def last_error_line(proc) -> str:
     return lines[-1]
 
 
-def test_kill_mid_rollout_kill_at_boundary_nan_and_sigterm_then_bit_exact(run, tmp_path):
+def test_kill_mid_rollout_at_boundary_in_checkpoint_write_nan_and_sigterm_then_bit_exact(run, tmp_path):
     """The same command again after each fault resumes from the last complete checkpoint:
     A. SIGKILL mid-rollout (2 of SPIN 0's 4 rollout batches)          -> resume from 6 regenerates it
     B. SIGKILL right after checkpoint 10 (end of SPIN 0) is complete  -> resume at the boundary rolls
        out SPIN 1 with the NEW opponent (the model at step 10)
     C. NaN loss from global step 13 on                                -> exit 2, names the step, keeps 12
+    C2. SIGKILL while writing checkpoint 14 (weights written, no state.json) -> 12 stays the latest
     D. SIGTERM after global step 16                                   -> checkpoint 16, exit 0
     E. (this process) resumes mid continued-SFT and finishes: identical to the uninterrupted run."""
     from model import GPT
@@ -156,6 +157,11 @@ def test_kill_mid_rollout_kill_at_boundary_nan_and_sigterm_then_bit_exact(run, t
     assert json.loads((last_good / "state.json").read_text())["step"] == 2
     assert all(torch.isfinite(p).all() for p in GPT.from_pretrained(str(last_good / "model")).parameters())
     assert 13 not in step_losses(out)
+
+    c2 = run_train(out, fault="kill_in_save:1")
+    assert c2.returncode == -9, describe(c2)
+    assert checkpoint_steps(out)[-1] == 12
+    assert (out / "checkpoints" / "tmp-step_00000014" / "model" / "model.safetensors").exists()
 
     d = run_train(out, fault="term_after_step:4")
     assert d.returncode == 0, describe(d)
