@@ -399,6 +399,7 @@ def main(argv: list[str]) -> None:
         return plain.eval()
 
     def save(phase_state: dict, rollouts_path: str | None) -> str:
+        phase_state = {**phase_state, "config": dataclasses.asdict(cfg)}  # the resolved config travels with it
         path = ckpt.save_checkpoint(cfg.out_dir, state["global_step"], model, optimizer, phase_state, gpt_cfg, tok,
                                     template, rollouts_path, rank, cfg.keep_checkpoints)
         print0(f"saved checkpoint {path}")
