@@ -82,36 +82,43 @@ def test_two_ranks_equal_one_rank(run, two_ranks):
     assert len(metrics(out2)) == len(metrics(out_dir))
 
 
-def test_two_ranks_killed_in_a_checkpoint_write_then_sigterm_then_one_process(run, tmp_path):
-    """One out_dir through three runs of the same command:
+def test_resume_across_world_sizes_after_a_kill_in_a_checkpoint_write_and_sigterms(run, tmp_path):
+    """One out_dir through four runs, alternating world sizes at the same global batch of 8:
     1. 2 ranks; rank 0 is SIGKILLed while writing checkpoint 10 (weights written, no state.json):
-       the mid-iteration checkpoint 9 stays the latest and the half-written one is not a checkpoint;
-    2. 2 ranks again: resumes from 9, rewrites 10 over the leftover; SIGTERM to torchrun, which
-       forwards it to the workers: they finish the step, save a checkpoint together and exit;
-    3. 1 process at the same global batch (a config change: batch_size) resumes the 2-rank
-       checkpoint and ends where the uninterrupted run does."""
+       torchrun takes rank 1 down too; the mid-iteration checkpoint 9 stays the latest;
+    2. 1 process (a config change: batch_size) resumes the 2-rank checkpoint, rewrites 10 over the
+       leftover, and stops on SIGTERM with checkpoint 12;
+    3. 2 ranks resume the 1-process checkpoint (FSDP re-shards it); SIGTERM to torchrun, which
+       forwards it: the workers finish the step, save a checkpoint together and exit;
+    4. 1 process finishes: where the uninterrupted one-process run ends."""
     out_dir, _ = run
-    out = tmp_path / "two-then-one"
+    out = tmp_path / "two-one-two-one"
     killed = run_train(out, *TWO_RANKS, nproc=2, fault="kill_in_save:4")
     assert killed.returncode != 0, describe(killed)
     assert checkpoint_steps(out) == [3, 6, 9]
     assert (out / "checkpoints" / "tmp-step_00000010" / "model" / "model.safetensors").exists()
 
-    proc = start_train(out, *TWO_RANKS, nproc=2, fault="slow_after_step:2")  # slow from global step 11 on
+    one = run_train(out, "--allow_config_change=True", fault="term_after_step:3")
+    assert one.returncode == 0, describe(one)
+    assert "step_00000009" in one.stdout and "reusing the iteration's 32 rollouts" in one.stdout
+    assert "stopped by SIGTERM at spin 1, step 2; checkpoint saved" in one.stdout, describe(one)
+    assert checkpoint_steps(out)[-3:] == [9, 10, 12] and not list((out / "checkpoints").glob("tmp-*"))
+
+    proc = start_train(out, *TWO_RANKS, nproc=2, fault="slow_after_step:2")  # slow from global step 14 on
     metrics_file = out / "metrics.jsonl"
-    wait_for(lambda: '"step": 11,' in metrics_file.read_text(), proc)
+    wait_for(lambda: '"step": 15,' in metrics_file.read_text(), proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert "stopped by SIGTERM" in stdout and "Traceback" not in stdout, f"{stdout[-2000:]}\n{stderr[-3000:]}"
-    assert "resumed from" in stdout and "step_00000009" in stdout
+    assert "world size 2" in stdout and "step_00000012" in stdout
     stopped_at = checkpoint_steps(out)[-1]
-    assert 12 <= stopped_at <= 14 and 10 in checkpoint_steps(out), checkpoint_steps(out)
+    assert 16 <= stopped_at <= 18, checkpoint_steps(out)
     assert f"step_{stopped_at:08d}" in stdout
-    assert not list((out / "checkpoints").glob("tmp-*"))
 
     assert run_in_process(*TINY, f"--out_dir={out}", "--allow_config_change=True") == 0
     assert_close_to(out, out_dir)
     assert [p["generated_ids"] for p in rollouts(out, 1)] == [p["generated_ids"] for p in rollouts(out_dir, 1)]
+    assert not list((out / "checkpoints").glob("tmp-*"))
 
 
 # ----------------------------------------------------------------------------------------------
