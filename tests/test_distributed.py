@@ -112,7 +112,7 @@ def test_resume_across_world_sizes_after_a_kill_in_a_checkpoint_write_and_sigter
     assert "stopped by SIGTERM" in stdout and "Traceback" not in stdout, f"{stdout[-2000:]}\n{stderr[-3000:]}"
     assert "world size 2" in stdout and "step_00000012" in stdout
     stopped_at = checkpoint_steps(out)[-1]
-    assert 16 <= stopped_at <= 18, checkpoint_steps(out)
+    assert 15 <= stopped_at <= 18, checkpoint_steps(out)  # the step under way when the signal arrived
     assert f"step_{stopped_at:08d}" in stdout
 
     assert run_in_process(*TINY, f"--out_dir={out}", "--allow_config_change=True") == 0
