@@ -4,8 +4,9 @@
   SFT 6 steps, 2 SPIN iterations of 4 steps, 2 continued-SFT iterations, a checkpoint every 3 steps
   and at each phase end (steps 3 6 9 10 12 14 15 18 21 22), all kept.
 - Runs are subprocesses (one CPU thread each, so two runs of the same command are bit-identical),
-  or torchrun with 2 processes on gloo; `shared_run` runs a command once per pytest process and
-  hands the same out_dir to every test that compares against it.
+  torchrun with 2 processes on gloo, or main() in the test's process (`run_in_process`, no start-up
+  cost; on one thread it is bit-identical to a subprocess); `shared_run` runs a command once per
+  pytest process and hands the same out_dir to every test that compares against it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 FAULTS = str(REPO / "tests" / "train_with_faults.py")
 
-TINY = [str(REPO / "config" / "quick.py"), "--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--synthetic_train=32",
-        "--synthetic_val=8", "--sft_steps=6", "--max_iterations=2", "--prompts_per_iteration=0",
+TINY = [str(REPO / "config" / "quick.py"), "--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32",
+        "--synthetic_train=32", "--synthetic_val=8", "--sft_steps=6", "--max_iterations=2", "--prompts_per_iteration=0",
         "--rollout_batch_size=8", "--max_new_tokens=12", "--eval_samples=8", "--log_interval=1",
         "--save_interval=3", "--keep_checkpoints=100", "--lr=1e-3", "--batch_size=8"]
 # global steps of the tiny run: sft 1-6, spin 0 7-10, spin 1 11-14, baseline 0 15-18, baseline 1 19-22
@@ -70,7 +71,8 @@ def describe(proc) -> str:
 _shared: dict = {}
 
 
-def shared_run(tmp_path_factory, name: str, *overrides: str, nproc: int = 1) -> tuple[Path, subprocess.CompletedProcess]:
+def shared_run(tmp_path_factory, name: str, *overrides: str,
+               nproc: int = 1) -> tuple[Path, subprocess.CompletedProcess]:
     """Run the tiny config once per pytest process (every test module that asks gets the same run)."""
     key = (name, overrides, nproc)
     if key not in _shared:
