@@ -1,0 +1,441 @@
+"""Benchmark: one SPIN iteration of nanospin against the Hugging Face way (HF generate + TRL DPOTrainer).
+
+- The workload is the peer's (shared/bench/peer_spin_iteration.py): GPT-2-shaped 4 x 256 model, its byte-level
+  BPE tokenizer rebuilt with `tokenizers` (same ids), 256 "What is A + B?" chat prompts, rollout batch 64 x 16
+  new tokens at temperature 1 with EOS stopping, then 32 steps of 8 pairs (AdamW, lr 1e-4, beta 0.1), fp32.
+- Ours runs through the functions train.py calls: spin.rollout (sampling + the opponent's log-probs), then
+  train.py's SPIN step (pair_logps, spin_terms, make_optimizer, get_lr, BatchOrder, clipping, NaN guard).
+- Every run is a fresh process, ours and the peer's alternate, figures are medians; own CPU-seconds are printed
+  beside wall time because on a busy shared machine 2 threads stall at barriers (--threads=1 is steadier).
+- The peer is CPU-only: with --device=cuda only ours runs (bf16 autocast, compiled, first iteration compiles).
+
+python bench/iteration.py [--reps=3] [--threads=2] [--peer=auto|yes|no] [--peer_mode=functions|script] [--device=cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+import configurator  # noqa: E402
+from configurator import UserError  # noqa: E402
+
+PEER_CANDIDATES = (os.path.join(REPO, "shared", "bench", "peer_spin_iteration.py"),
+                   os.path.join(os.path.dirname(REPO), "shared", "bench", "peer_spin_iteration.py"))
+# what the peer script hard-codes (its model and DPOConfig); ours must match for a fair comparison
+PEER_FIXED = {"n_layer": 4, "n_head": 8, "n_embd": 256, "block_size": 256, "batch_size": 8, "epochs": 1,
+              "lr": 1e-4, "beta": 0.1, "max_len": 64}
+IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+
+
+@dataclass
+class BenchConfig:
+    reps: int = 3  # runs of each side, alternating ours / peer
+    peer: str = "auto"  # 'auto' (when trl is importable and the peer script is found) | 'yes' | 'no'
+    peer_script: str = ""  # '' = shared/bench/peer_spin_iteration.py in or beside the repository
+    peer_mode: str = "functions"  # 'functions': the peer's own functions, its precompute=True path only (its TOTAL);
+    # 'script': the unmodified script, which also runs a precompute=False epoch (twice the time, same TOTAL)
+    device: str = "cpu"  # 'cpu' | 'cuda' (ours only)
+    threads: int = 2  # OMP_NUM_THREADS of every run (the peer's 9-10 s were measured with 2)
+    n: int = 256  # chat prompts
+    seed: int = 0
+    vocab_size: int = 1024
+    n_layer: int = 4
+    n_head: int = 8
+    n_embd: int = 256
+    block_size: int = 256
+    rollout_batch_size: int = 64
+    max_new_tokens: int = 16
+    batch_size: int = 8  # pairs per optimizer step
+    epochs: int = 1
+    lr: float = 1e-4
+    beta: float = 0.1
+    max_len: int = 64  # prompt + response tokens (the peer's DPO max_length)
+    iterations: int = 0  # timed iterations per ours process; 0 = 1 on the CPU, 2 on a GPU (the first compiles)
+    compile: bool | None = None  # None: True on a GPU (decode step and training), False on the CPU
+    json_out: str = ""  # write every run's record here
+
+
+# ----------------------------------------------------------------------------------------------
+# contention probe: on a shared machine, say how much CPU other processes took during a run
+
+
+def busy_cpu_seconds() -> float:
+    """CPU-seconds the whole machine has been busy (user..steal, without idle and iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+# ----------------------------------------------------------------------------------------------
+# ours: the peer's tokenizer and data, nanospin's model and functions
+
+
+def chatml_text(question: str, answer: str) -> str:
+    return f"{IM_START}user\n{question}{IM_END}\n{IM_START}assistant\n{answer}{IM_END}\n"
+
+
+def peer_tokenizer(vocab_size: int, seed: int, directory: str):
+    """The peer's tokenizer rebuilt: byte-level BPE trained by `tokenizers` on the same 4000 ChatML
+    additions (its corpus seed is seed + 1000), saved as tokenizer.json, read back by data.load_tokenizer
+    (tiktoken with the same ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from data import load_tokenizer
+    rng = random.Random(seed + 1000)
+    corpus = []
+    for _ in range(4000):
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        corpus.append(chatml_text(f"What is {a} + {b}?", str(a + b)))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, IM_START, IM_END],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    bpe.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": IM_END, "pad_token": PAD}, f)
+    return load_tokenizer(directory)
+
+
+def addition_conversations(n: int, seed: int) -> list[list[dict]]:
+    """The peer's data: 'What is A + B?' -> 'A+B' with 3-digit A, B, drawn in the same order."""
+    rng = random.Random(seed)
+    convs = []
+    for _ in range(n):
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        convs.append([{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": str(a + b)}])
+    return convs
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def one_iteration(model, examples, stop: list[int], pad_id: int, cfg: BenchConfig, iteration: int,
+                  device: torch.device, compile: bool) -> dict:
+    """Rollout (sampling + the opponent's log-probs) then one epoch of SPIN steps, as train.py runs them."""
+    import spin
+    from data import BatchOrder
+    from train import TrainConfig, get_lr, make_optimizer
+
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    autocast = torch.autocast(device.type, dtype=compute_dtype) if device.type == "cuda" else nullcontext()
+    scoring = {"seconds": 0.0}
+    score_pairs = spin.pair_logps
+
+    def timed_pair_logps(*args, **kwargs):  # splits the rollout into sampling and scoring
+        sync(device)
+        t0 = time.perf_counter()
+        out = score_pairs(*args, **kwargs)
+        sync(device)
+        scoring["seconds"] += time.perf_counter() - t0
+        return out
+
+    # ---- rollout ----
+    sync(device)
+    cpu0, t_rollout = time.process_time(), time.perf_counter()
+    # train.py's opponent: the model itself on the CPU, a plain copy in the compute dtype on a GPU
+    opponent = model if device.type == "cpu" else copy.deepcopy(model).to(compute_dtype)
+    opponent.eval()
+    spin.pair_logps = timed_pair_logps
+    try:
+        pairs = spin.rollout(opponent, examples, cfg.max_new_tokens, cfg.max_len, stop, pad_id, cfg.rollout_batch_size,
+                             cfg.seed, iteration, device, temperature=1.0, compile=compile, autocast=autocast)
+    finally:
+        spin.pair_logps = score_pairs
+    del opponent
+    sync(device)
+    rollout_s = time.perf_counter() - t_rollout
+
+    # ---- train: train.py's SPIN step (global-count loss, clip, finite check, AdamW, linear schedule) ----
+    tcfg = TrainConfig(lr=cfg.lr, beta2=0.999, weight_decay=0.0, warmup_frac=0.0, lr_schedule="linear",
+                       grad_clip=1.0, batch_size=cfg.batch_size)
+    sync(device)
+    t_train = time.perf_counter()
+    model.train()
+    optimizer = make_optimizer(model, tcfg, cfg.lr)
+    order = BatchOrder(n=len(pairs), batch_size=cfg.batch_size, seed=cfg.seed + 1000 * iteration)
+    total_steps = cfg.epochs * order.batches_per_epoch()
+    sums = torch.zeros(7, device=device)
+    for step in range(total_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(step, total_steps, cfg.lr, tcfg)
+        batch = [pairs[i] for i in order.next_batch()]
+        with autocast:
+            real, gen = spin.pair_logps(model, [p.prompt_ids for p in batch], [p.real_ids for p in batch],
+                                        [p.generated_ids for p in batch], pad_id, device)
+            ref_real = torch.tensor([p.ref_real_logp for p in batch], device=device)
+            ref_gen = torch.tensor([p.ref_generated_logp for p in batch], device=device)
+            losses, real_rewards, gen_rewards = spin.spin_terms(real, gen, ref_real, ref_gen, cfg.beta)
+        (losses.sum() / len(batch)).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        step_sums = torch.stack([losses.sum().detach(), real_rewards.sum().detach(), gen_rewards.sum().detach(),
+                                 (real_rewards > gen_rewards).float().sum(), real.detach().sum(), gen.detach().sum(),
+                                 torch.tensor(float(len(batch)), device=device)])
+        sums += step_sums
+        if not torch.isfinite(step_sums[0]) or not torch.isfinite(grad_norm):  # train.py's NaN guard (a sync)
+            raise RuntimeError(f"non-finite loss or gradient at step {step}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    train_s = time.perf_counter() - t_train
+
+    # spin.rollout's batches: prompts sorted by length, cut into rollout_batch_size; a batch runs until its
+    # longest row is done, so it costs batch size x longest row positions
+    by_length = sorted(range(len(examples)), key=lambda i: (len(examples[i].prompt_ids), i))
+    positions = sum(len(group) * max(len(pairs[i].generated_ids) for i in group)
+                    for group in (by_length[k:k + cfg.rollout_batch_size]
+                                  for k in range(0, len(by_length), cfg.rollout_batch_size)))
+    n = sums[6].item()
+    return {"sampling_s": rollout_s - scoring["seconds"], "ref_logps_s": scoring["seconds"], "train_s": train_s,
+            "total_s": rollout_s + train_s, "cpu_s": time.process_time() - cpu0, "steps": total_steps,
+            "gen_tokens": sum(len(p.generated_ids) for p in pairs), "gen_positions": positions,
+            "eos_rows": sum(p.eos for p in pairs),
+            "train_tokens": cfg.epochs * sum(2 * len(p.prompt_ids) + len(p.real_ids) + len(p.generated_ids)
+                                             for p in pairs),
+            "loss": sums[0].item() / n, "reward_accuracy": sums[3].item() / n}
+
+
+def run_ours(cfg: BenchConfig) -> dict:
+    from data import examples_from_messages, stop_ids
+    from generate import generate
+    from model import GPT, GPTConfig
+
+    device = torch.device(cfg.device)
+    compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    with tempfile.TemporaryDirectory(prefix="iteration_bench_") as directory:
+        tok = peer_tokenizer(cfg.vocab_size, cfg.seed, directory)
+    examples, _ = examples_from_messages(addition_conversations(cfg.n, cfg.seed), tok, "chatml", cfg.max_len,
+                                         cfg.max_len - cfg.max_new_tokens)
+    stop = stop_ids(tok, "chatml")
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig(model_type="gpt2", vocab_size=tok.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                          n_head=cfg.n_head, n_kv_head=cfg.n_head, n_embd=cfg.n_embd, eos_token_id=tok.eos_id))
+    model.to(device)
+    if compile and device.type == "cuda":
+        model.compile()  # train.py's compile=True on a GPU
+    # one tiny untimed call absorbs lazy one-time initialisation, as the peer's warm-up does
+    generate(model, [examples[0].prompt_ids, examples[1].prompt_ids], 2, eos_id=stop, seed=0)
+    iterations = cfg.iterations or (2 if device.type == "cuda" else 1)
+    runs = [one_iteration(model, examples, stop, tok.eos_id, cfg, t, device, compile) for t in range(iterations)]
+    return {**runs[-1], "iterations": runs, "vocab": tok.n_vocab, "params": sum(p.numel() for p in model.parameters()),
+            "prompt_tokens": len(examples[0].prompt_ids), "compile": compile,
+            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+
+
+# ----------------------------------------------------------------------------------------------
+# the peer, run by its own code
+
+
+def find_peer(cfg: BenchConfig) -> str | None:
+    for path in ([cfg.peer_script] if cfg.peer_script else PEER_CANDIDATES):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def run_peer_functions(cfg: BenchConfig, path: str) -> dict:
+    """The peer's main() up to its TOTAL (rollout + precompute=True training), through its own functions."""
+    spec = importlib.util.spec_from_file_location("peer_spin_iteration", path)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    args = argparse.Namespace(trl_defaults=False, seed=cfg.seed)
+    work = tempfile.mkdtemp(prefix="peer_spin_")
+    try:
+        tok = peer.build_tokenizer(cfg.vocab_size, cfg.seed)
+        model = peer.build_model(tok, cfg.seed)
+        model_dir = os.path.join(work, "init_model")
+        model.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        examples = peer.build_examples(cfg.n, cfg.seed)
+        policy = peer.load_model(model_dir)
+        cpu0 = time.process_time()
+        completions, ro = peer.rollout(policy, tok, examples, cfg.rollout_batch_size, cfg.max_new_tokens, 0, cfg.seed,
+                                       True)
+        cpu_rollout = time.process_time() - cpu0
+        del policy
+        train_ds = peer.Dataset.from_list([{"prompt": e["prompt"], "chosen": [{"role": "assistant", "content": e["answer"]}],
+                                            "rejected": [{"role": "assistant", "content": c}]}
+                                           for e, c in zip(examples, completions)])
+        cpu0 = time.process_time()
+        pre = peer.run_dpo(model_dir, tok, train_ds, True, args, work)  # loads the model (untimed there), trains
+        cpu_train = time.process_time() - cpu0
+        prompt = tok.apply_chat_template(examples[0]["prompt"], add_generation_prompt=True, tokenize=False)
+        return {"rollout": ro, "train_precompute": pre, "spin_iteration_total_s": ro["rollout_s"] + pre["train_total_s"],
+                "cpu_s": cpu_rollout + cpu_train,
+                "vocab": len(tok), "params": sum(p.numel() for p in model.parameters()),
+                "prompt_tokens": len(tok(prompt, add_special_tokens=False)["input_ids"])}
+    finally:
+        import shutil
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_peer_script(cfg: BenchConfig, path: str) -> dict:
+    """The unmodified script; its last line is 'JSON {...}'."""
+    cmd = [sys.executable, path, f"--n={cfg.n}", f"--seed={cfg.seed}", f"--vocab-size={cfg.vocab_size}",
+           f"--gen-batch-size={cfg.rollout_batch_size}", f"--max-new-tokens={cfg.max_new_tokens}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    lines = [line for line in out.stdout.splitlines() if line.startswith("JSON ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"the peer script failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
+    return json.loads(lines[-1][5:])
+
+
+def peer_summary(record: dict) -> dict:
+    """The peer's record in ours' terms."""
+    ro, pre = record["rollout"], record["train_precompute"]
+    logs = [entry for entry in pre.get("logs", []) if "num_tokens" in entry]
+    return {"sampling_s": ro["rollout_s"], "ref_logps_s": pre["precompute_ref_s"],
+            "train_s": pre["train_total_s"] - pre["precompute_ref_s"], "total_s": record["spin_iteration_total_s"],
+            "cpu_s": record.get("cpu_s"), "steps": pre["steps"], "gen_tokens": ro["gen_tokens"], "gen_positions": ro["gen_positions"],
+            "train_tokens": float(logs[-1]["num_tokens"]) if logs else None, "loss": pre["final_loss"],
+            "vocab": record.get("vocab"), "params": record.get("params"), "prompt_tokens": record.get("prompt_tokens")}
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver: fresh processes, alternating sides
+
+
+def worker(side: str, cfg: BenchConfig) -> None:
+    t0, cpu0, busy0 = time.perf_counter(), time.process_time(), busy_cpu_seconds()
+    if side == "ours":
+        record = run_ours(cfg)
+    elif cfg.peer_mode == "script":
+        record = peer_summary(run_peer_script(cfg, find_peer(cfg)))
+    else:
+        record = peer_summary(run_peer_functions(cfg, find_peer(cfg)))
+    wall, own = time.perf_counter() - t0, time.process_time() - cpu0
+    # the script mode's work happens in a child process, whose CPU time this process does not see
+    record["other_cpu_s"] = max(busy_cpu_seconds() - busy0 - own, 0.0) if own > 0.1 * wall else None
+    record["process_wall_s"] = wall
+    print("RESULT " + json.dumps(record))
+
+
+def run_worker(side: str, argv: list[str], threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--worker={side}", *argv], capture_output=True,
+                         text=True, env=env)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"the {side} run failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][7:])
+
+
+def peer_available(cfg: BenchConfig) -> tuple[bool, str]:
+    if cfg.peer == "no":
+        return False, "peer=no"
+    if cfg.device != "cpu":
+        return False, "the peer runs on the CPU only"
+    missing = [m for m in ("trl", "transformers", "datasets", "tokenizers") if importlib.util.find_spec(m) is None]
+    path = find_peer(cfg)
+    reason = (f"{', '.join(missing)} not installed (pip install -r bench/requirements-peer.txt)" if missing
+              else "" if path else f"peer script not found ({cfg.peer_script or ' or '.join(PEER_CANDIDATES)})")
+    if reason and cfg.peer == "yes":
+        raise UserError(f"peer=yes but {reason}")
+    return not reason, reason
+
+
+def check_config(cfg: BenchConfig, with_peer: bool) -> None:
+    if cfg.peer not in ("auto", "yes", "no"):
+        raise UserError(f"--peer={cfg.peer!r}; use auto, yes or no")
+    if cfg.peer_mode not in ("functions", "script"):
+        raise UserError(f"--peer_mode={cfg.peer_mode!r}; use functions or script")
+    if cfg.device not in ("cpu", "cuda"):
+        raise UserError(f"--device={cfg.device!r}; use cpu or cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda but CUDA is not available; use --device=cpu")
+    if with_peer:
+        differ = {k: getattr(cfg, k) for k, v in PEER_FIXED.items() if getattr(cfg, k) != v}
+        if differ:
+            raise UserError(f"the peer script hard-codes {PEER_FIXED}; these differ: {differ}; keep them or pass --peer=no")
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    keys = [("sampling_s", "sampling (generate) s"), ("ref_logps_s", "reference log-probs s"),
+            ("train_s", "training (policy steps) s"), ("total_s", "TOTAL one SPIN iteration s"),
+            ("cpu_s", "own CPU-seconds (all threads)")]
+    sides = [s for s in ("ours", "peer") if results.get(s)]
+    both = len(sides) == 2
+    lines = ["| median of runs | " + " | ".join(sides) + (" | peer/ours |" if both else " |"),
+             "|---|" + "---|" * (len(sides) + both)]
+    for key, label in keys:
+        values = {s: [r[key] for r in results[s] if r.get(key) is not None] for s in sides}
+        if not all(values.values()):
+            continue
+        med = {s: statistics.median(v) for s, v in values.items()}
+        ratio = f" | {med['peer'] / med['ours']:.2f}" if both and med["ours"] else ""
+        lines.append(f"| {label} | " + " | ".join(f"{med[s]:.2f}" for s in sides) + ratio + " |")
+    for key, label in (("steps", "optimizer steps"), ("gen_tokens", "generated tokens (to EOS)"),
+                       ("gen_positions", "sampled positions (batch x steps)"),
+                       ("train_tokens", "training tokens per epoch (prompt + response, both sequences of a pair)")):
+        lines.append(f"| {label} | " + " | ".join(f"{results[s][-1].get(key):.0f}" for s in sides)
+                     + (" | |" if both else " |"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    side = next((a.split("=", 1)[1] for a in argv if a.startswith("--worker=")), None)
+    argv = [a for a in argv if not a.startswith("--worker=")]
+    cfg = configurator.load_config(BenchConfig, argv)
+    if side:
+        worker(side, cfg)
+        return
+    with_peer, why_not = peer_available(cfg)
+    check_config(cfg, with_peer)
+    print(f"torch {torch.__version__}, device {cfg.device}, OMP_NUM_THREADS={cfg.threads} per run, {cfg.reps} reps, "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print("peer: " + (f"{find_peer(cfg)} ({cfg.peer_mode})" if with_peer else f"skipped ({why_not})"), flush=True)
+    results: dict[str, list[dict]] = {"ours": [], "peer": []}
+    for rep in range(cfg.reps):
+        for s in ("ours", "peer") if with_peer else ("ours",):
+            load = os.getloadavg()[0]
+            record = run_worker(s, argv, cfg.threads)
+            record["load_before"] = load
+            results[s].append(record)
+            other = f"{record['other_cpu_s']:.0f}" if record.get("other_cpu_s") is not None else "?"
+            cpu = f"{record['cpu_s']:.1f}" if record.get("cpu_s") is not None else "?"
+            print(f"rep {rep} {s:4s}: total {record['total_s']:6.2f}s = sampling {record['sampling_s']:5.2f} + ref "
+                  f"log-probs {record['ref_logps_s']:5.2f} + training {record['train_s']:6.2f}; own CPU {cpu} s; "
+                  f"load {load:.1f}, other processes {other} CPU-s during the run", flush=True)
+    ours = results["ours"][-1]
+    print(f"model: GPT-2 shaped {cfg.n_layer}x{cfg.n_embd}, {cfg.n_head} heads, vocab {ours['vocab']}, "
+          f"{ours['params'] / 1e6:.2f}M params, prompt {ours['prompt_tokens']} tokens"
+          + (f" (peer: vocab {results['peer'][-1]['vocab']}, {results['peer'][-1]['params'] / 1e6:.2f}M, prompt "
+             f"{results['peer'][-1]['prompt_tokens']} tokens)" if results["peer"] else "")
+          + (f"; {ours['device_name']}, compile={ours['compile']}" if cfg.device == "cuda" else ""))
+    if cfg.device == "cuda":
+        first = ours["iterations"][0]
+        print(f"first iteration (includes compilation): {first['total_s']:.2f}s; the table shows the last")
+    print(table(results))
+    if results["peer"]:
+        ratio = statistics.median(r["total_s"] for r in results["peer"]) / statistics.median(
+            r["total_s"] for r in results["ours"])
+        print(f"peer/ours total: {ratio:.2f}x (goal >= 1.5: {'met' if ratio >= 1.5 else 'MISSED'}); per rep: "
+              + " ".join(f"{p['total_s'] / o['total_s']:.2f}" for o, p in zip(results["ours"], results["peer"])))
+    if cfg.json_out:
+        with open(cfg.json_out, "w") as f:
+            json.dump({"config": asdict(cfg), **results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    configurator.run_main(main, sys.argv[1:])
