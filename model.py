@@ -285,7 +285,8 @@ class GPT(nn.Module):
             return self.lm_head(h).float()
         from kernels.logprob import token_logprobs
         B, T, C = h.shape
-        logps = token_logprobs(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T)).view(B, T)
+        logps = token_logprobs(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T))
+        logps = logps.view(B, T).clone()  # a fresh tensor, not a view: FSDP's forward hooks warn about views
         if return_logprobs:
             return logps
         return -logps.sum() / (targets != -100).sum().clamp(min=1)

@@ -159,11 +159,14 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"config key 'temperature' must be >= 0, got {cfg.temperature}")
 
 
-def config_fingerprint(cfg: TrainConfig) -> dict:
-    """The settings a resumed run must share with the run that wrote the checkpoint."""
+def config_fingerprint(cfg: TrainConfig, world_size: int) -> dict:
+    """The settings a resumed run must share with the run that wrote the checkpoint. The batch counts
+    as its global size, so a run may resume at another world size or micro-batch split."""
     ignore = {"out_dir", "resume", "allow_config_change", "log_interval", "eval_interval", "save_interval",
-              "keep_checkpoints", "compile", "device"}
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
+              "keep_checkpoints", "compile", "device", "batch_size", "grad_accum"}
+    fingerprint = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
+    fingerprint["global_batch"] = cfg.batch_size * cfg.grad_accum * world_size
+    return fingerprint
 
 
 def phases_of(cfg: TrainConfig) -> list[tuple[str, int]]:
@@ -313,7 +316,7 @@ def main(argv: list[str]) -> None:
                             f"pass --resume=auto to continue it")
         if os.path.isfile(saved_config) and not cfg.allow_config_change:
             old = json.load(open(saved_config))
-            new = json.loads(json.dumps(config_fingerprint(cfg)))
+            new = json.loads(json.dumps(config_fingerprint(cfg, world)))
             diff = sorted(k for k in new if old.get(k) != new[k])
             if diff:
                 raise UserError(f"out_dir '{cfg.out_dir}' holds a run with a different config (keys: "
@@ -360,7 +363,7 @@ def main(argv: list[str]) -> None:
     elif rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(saved_config, "w") as f:
-            json.dump(config_fingerprint(cfg), f, indent=2)
+            json.dump(config_fingerprint(cfg, world), f, indent=2)
     if world > 1:
         dist.barrier()
 
@@ -377,7 +380,21 @@ def main(argv: list[str]) -> None:
         flag = torch.tensor([1.0 if stop_requested["signal"] else 0.0])
         return bool(all_reduce_sum(flag, world).item() > 0)
 
-    metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if resume_from and rank == 0 and os.path.isfile(metrics_path):
+        # the steps after the checkpoint are run again: drop their first records so each step logs once
+        # (and a line cut short by a kill)
+        kept = []
+        for line in open(metrics_path):
+            try:
+                if json.loads(line).get("step", 0) <= state["global_step"]:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                pass
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
+    metrics_file = open(metrics_path, "a") if rank == 0 else None
 
     def log(record: dict) -> None:
         if metrics_file is not None:
