@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -84,7 +85,19 @@ class Tokenizer:
         return self.enc.encode(text, allowed_special=self.added_text_tokens, disallowed_special=())
 
     def decode(self, ids: list[int]) -> str:
-        return self.enc.decode(list(ids), errors="replace")
+        """Specials decode to their text; invalid UTF-8 and ids outside the vocabulary (a model whose
+        vocab is padded past n_vocab can sample them) become U+FFFD."""
+        ids = list(ids)
+        try:
+            return self.enc.decode(ids, errors="replace")
+        except KeyError:
+            pieces = []
+            for i in ids:
+                try:
+                    pieces.append(self.enc.decode_single_token_bytes(i))
+                except KeyError:
+                    pieces.append("\ufffd".encode())
+            return b"".join(pieces).decode("utf-8", errors="replace")
 
     @property
     def n_vocab(self) -> int:
@@ -715,6 +728,7 @@ def load_examples(path: str, tok: Tokenizer, template: str, max_len: int, max_pr
         raise UserError(f"data file '{path}' not found (check the data path in your config)")
     with open(path, "rb") as f:
         data = f.read()
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # a UTF-8 byte-order mark is harmless
     reader = _json_list_records if path.endswith(".json") else _jsonl_records
     records = ((f"{path}:{line}", record, error) for line, record, error in reader(path, data))
     stats = DataStats(source=path)
@@ -828,35 +842,35 @@ class BatchOrder:
 
 
 # -----------------------------------------------------------------------------
-# Synthetic task: "5 distinct even numbers from 15 to 54" -> "38 16 52 20 44". Each prompt has many
-# valid answers (k-permutations of the 10-25 numbers of the parity in range) and the real answer is a
-# uniform draw among them, so samples rarely equal it and the checker scores any sample. Count, parity
-# and range are near-local rules a tiny model learns fast; distinctness needs it to look back at its
-# own answer, which short SFT leaves half-learned (repeats at temperature 1): room for SPIN.
-# (Measured: requiring increasing order instead left a tiny model at ~1% validity after 500 steps.)
+# Synthetic task: "5 distinct 2-digit numbers, digits 1479" -> "47 91 14 79 44". Each prompt has many
+# valid answers (k-permutations of the 9 or 16 numbers its digits make) and the real answer is a
+# uniform draw among them, so samples rarely equal it and the checker scores any sample. Using only
+# the prompt's digits is copying, which a tiny transformer learns fast; distinctness needs it to look
+# back at its own answer, which short SFT leaves half-learned (repeats at temperature 1): room for
+# SPIN. Measured with the quick demo's model after 500 SFT steps, numeric ranges ("even numbers from
+# 15 to 54", in increasing order or not) stayed at 1-6% validity: comparing numbers is learned slowly.
 
 SYNTHETIC_COUNTS = (3, 4, 5, 6)
-PARITIES = ("even", "odd")
-SPANS = (20, 25, 30, 35, 40, 45, 50)  # hi - lo + 1; lo is a multiple of 5 from 10
-PROMPT_RE = re.compile(r"(\d+) distinct (even|odd) numbers from (\d+) to (\d+)")
-ANSWER_RE = re.compile(r"[1-9]\d*( [1-9]\d*)*")
+DIGIT_SET_SIZES = (3, 4)
+PROMPT_RE = re.compile(r"(\d+) distinct 2-digit numbers, digits ([1-9]+)")
+ANSWER_RE = re.compile(r"\d+( \d+)*")
 
 
-def synthetic_specs() -> list[tuple[int, str, int, int]]:
-    """Every (k, parity, lo, hi) prompt of the task, in a fixed order."""
-    ranges = [(lo, lo + span - 1) for span in SPANS for lo in range(10, 101 - span, 5)]
-    return [(k, parity, lo, hi) for k in SYNTHETIC_COUNTS for parity in PARITIES for lo, hi in ranges]
+def synthetic_specs() -> list[tuple[int, str]]:
+    """Every (k, digits) prompt of the task, in a fixed order."""
+    digit_sets = ["".join(c) for size in DIGIT_SET_SIZES for c in itertools.combinations("123456789", size)]
+    return [(k, digits) for k in SYNTHETIC_COUNTS for digits in digit_sets]
 
 
-def synthetic_prompt(spec: tuple[int, str, int, int]) -> str:
-    k, parity, lo, hi = spec
-    return f"{k} distinct {parity} numbers from {lo} to {hi}"
+def synthetic_prompt(spec: tuple[int, str]) -> str:
+    k, digits = spec
+    return f"{k} distinct 2-digit numbers, digits {digits}"
 
 
 def _synthetic_answer(rng: random.Random, spec) -> str:
-    k, parity, lo, hi = spec
-    pool = [x for x in range(lo, hi + 1) if x % 2 == (parity == "odd")]
-    return " ".join(str(x) for x in rng.sample(pool, k))
+    k, digits = spec
+    pool = [a + b for a in digits for b in digits]
+    return " ".join(rng.sample(pool, k))
 
 
 def _conversations(rng: random.Random, specs: list) -> list[list[dict]]:
@@ -892,15 +906,13 @@ def check_answer(prompt_text: str, answer_text: str) -> dict[str, float]:
     matches = PROMPT_RE.findall(prompt_text)
     if not matches:
         raise ValueError(f"not a synthetic-task prompt: {prompt_text!r}")
-    k, parity, lo, hi = matches[-1]
-    k, lo, hi = int(k), int(lo), int(hi)
-    scores = {"format": 0.0, "count": 0.0, "range": 0.0, "parity": 0.0, "distinct": 0.0}
+    k, digits = int(matches[-1][0]), set(matches[-1][1])
+    scores = {"format": 0.0, "count": 0.0, "digits": 0.0, "distinct": 0.0}
     if ANSWER_RE.fullmatch(answer_text):
-        numbers = [int(x) for x in answer_text.split(" ")]
+        numbers = answer_text.split(" ")
         scores["format"] = 1.0
         scores["count"] = float(len(numbers) == k)
-        scores["range"] = float(all(lo <= x <= hi for x in numbers))
-        scores["parity"] = float(all(x % 2 == (parity == "odd") for x in numbers))
+        scores["digits"] = float(all(len(x) == 2 and set(x) <= digits for x in numbers))
         scores["distinct"] = float(len(set(numbers)) == len(numbers))
     scores["valid"] = float(all(v == 1.0 for v in scores.values()))
     return scores

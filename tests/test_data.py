@@ -153,6 +153,7 @@ def test_bytes_tokenizer():
     assert tok.n_vocab == 256 + len(data.CHAT_SPECIALS)
     assert sorted(tok.specials.values()) == list(range(256, tok.n_vocab))
     assert tok.decode([tok.specials["<|im_start|>"], 104, 0xFF]) == "<|im_start|>h\ufffd"
+    assert tok.decode([104, tok.n_vocab + 7, 105]) == "h\ufffdi"  # a padded-vocab id from a sampler
     assert tok.eos_id == tok.specials["<|endoftext|>"]
 
 
@@ -333,7 +334,7 @@ def write_lines(path, lines) -> str:
 
 def test_every_format_gives_the_same_example(tmp_path):
     tok = data.load_tokenizer("bytes")
-    openai = write_lines(tmp_path / "a.jsonl", [json.dumps({"messages": MESSAGES})])
+    openai = write_lines(tmp_path / "a.jsonl", [b"\xef\xbb\xbf" + json.dumps({"messages": MESSAGES}).encode() + b"\n"])
     spin = write_lines(tmp_path / "b.jsonl", [json.dumps({
         "real": MESSAGES, "generated": MESSAGES[:2] + [{"role": "assistant", "content": "five"}]})])
     nemo = write_lines(tmp_path / "c.jsonl", [json.dumps({
@@ -520,14 +521,16 @@ def test_order_is_seeded_and_reshuffled_each_epoch():
 def test_synthetic_data_is_deterministic_short_and_split_disjoint():
     assert data.synthetic_conversations(50, seed=4) == data.synthetic_conversations(50, seed=4)
     assert data.synthetic_conversations(50, seed=4) != data.synthetic_conversations(50, seed=5)
-    train, val = data.synthetic_split(seed=0, n_train=2000, n_val=200)
-    assert (len(train), len(val)) == (2000, 200)
-    assert (train, val) == data.synthetic_split(seed=0, n_train=2000, n_val=200)
-    assert val != data.synthetic_split(seed=1, n_train=2000, n_val=200)[1]
+    train, val = data.synthetic_split(seed=0, n_train=2000, n_val=128)
+    assert (len(train), len(val)) == (2000, 128)
+    assert (train, val) == data.synthetic_split(seed=0, n_train=2000, n_val=128)
+    assert val != data.synthetic_split(seed=1, n_train=2000, n_val=128)[1]
     val_prompts = [c[0]["content"] for c in val]
-    assert len(set(val_prompts)) == 200
+    assert len(set(val_prompts)) == 128
     assert not set(val_prompts) & {c[0]["content"] for c in train}
-    assert len({c[0]["content"] for c in train}) > 300  # the rest of the prompts are all trained on
+    train_prompts = {c[0]["content"] for c in train}  # drawn from all the other prompts
+    all_prompts = {data.synthetic_prompt(s) for s in data.synthetic_specs()}
+    assert train_prompts <= all_prompts - set(val_prompts) and len(train_prompts) > 0.9 * (len(all_prompts) - 128)
     for user, assistant in train + val:
         assert user["role"] == "user" and assistant["role"] == "assistant"
         assert len(user["content"]) <= 40 and len(assistant["content"]) <= 40
@@ -539,53 +542,48 @@ def test_checker_accepts_every_real_answer_and_prompts_have_many_answers():
     convs = data.synthetic_conversations(3000, seed=6)
     for user, assistant in convs:
         scores = data.check_answer(user["content"], assistant["content"])
-        assert scores == {"format": 1.0, "count": 1.0, "range": 1.0, "parity": 1.0, "distinct": 1.0, "valid": 1.0}
-    for spec in data.synthetic_specs():
-        k, parity, lo, hi = spec
-        n_parity = sum(1 for x in range(lo, hi + 1) if x % 2 == (parity == "odd"))
-        assert perm(n_parity, k) >= 720  # k-permutations: a sample equals the real answer rarely
-    # answers spread: the same prompt drawn twice almost never repeats its answer
+        assert scores == {"format": 1.0, "count": 1.0, "digits": 1.0, "distinct": 1.0, "valid": 1.0}
+    for k, digits in data.synthetic_specs():
+        assert perm(len(digits) ** 2, k) >= 504  # k-permutations: a sample equals the real answer rarely
+    # answers spread: the same prompt drawn twice rarely repeats its answer
     by_prompt = {}
     for user, assistant in convs:
         by_prompt.setdefault(user["content"], []).append(assistant["content"])
     repeats = sum(len(a) - len(set(a)) for a in by_prompt.values())
-    assert repeats <= 5, repeats
+    assert repeats <= 10, repeats
     # the checker also finds the prompt inside a rendered conversation
     tok = data.load_tokenizer("bytes")
     rendered = tok.decode(data.render_prompt(tok, convs[0][:1], "chatml"))
     assert data.check_answer(rendered, convs[0][1]["content"])["valid"] == 1.0
 
 
-ALL_CRITERIA = ["format", "count", "range", "parity", "distinct"]
+ALL_CRITERIA = ["format", "count", "digits", "distinct"]
 
 
 @pytest.mark.parametrize("answer, failed", [
-    ("12 40 16", []),
-    ("50 10 12", []),
-    ("12 16", ["count"]),
-    ("12 16 40 42", ["count"]),
-    ("8 16 40", ["range"]),
-    ("12 16 52", ["range"]),
-    ("12 17 40", ["parity"]),
-    ("12 40 12", ["distinct"]),
-    ("13 13", ["count", "parity", "distinct"]),
-    ("12, 16, 40", ALL_CRITERIA),
-    ("12 16 40 ", ALL_CRITERIA),
-    ("12  16 40", ALL_CRITERIA),
-    ("012 16 40", ALL_CRITERIA),
+    ("14 71 44", []),
+    ("11 77 47", []),
+    ("14 71", ["count"]),
+    ("14 71 44 77", ["count"]),
+    ("14 72 44", ["digits"]),
+    ("14 7 44", ["digits"]),
+    ("14 147 44", ["digits"]),
+    ("14 71 14", ["distinct"]),
+    ("14 14", ["count", "distinct"]),
+    ("14, 71, 44", ALL_CRITERIA),
+    ("14 71 44 ", ALL_CRITERIA),
+    ("14  71 44", ALL_CRITERIA),
     ("", ALL_CRITERIA),
-    ("twelve", ALL_CRITERIA),
+    ("fourteen", ALL_CRITERIA),
 ])
 def test_checker_rejects_wrong_answers(answer, failed):
-    scores = data.check_answer("3 distinct even numbers from 10 to 50", answer)
+    scores = data.check_answer("3 distinct 2-digit numbers, digits 147", answer)
     assert {k for k, v in scores.items() if v == 0.0} == set(failed) | ({"valid"} if failed else set())
 
 
-def test_checker_odd_bounds_and_non_task_prompts():
-    prompt = "4 distinct odd numbers from 25 to 64"
-    assert data.check_answer(prompt, "25 63 33 41")["valid"] == 1.0
-    assert data.check_answer(prompt, "23 63 33 41")["range"] == 0.0
-    assert data.check_answer(prompt, "25 65 33 41")["range"] == 0.0
-    assert data.check_answer(prompt, "25 64 33 41")["parity"] == 0.0
+def test_checker_reads_its_own_prompts_only():
+    prompt = "6 distinct 2-digit numbers, digits 2589"
+    assert data.check_answer(prompt, "22 58 95 89 99 25")["valid"] == 1.0
+    assert data.check_answer(prompt, "22 58 95 89 99 21")["digits"] == 0.0
     with pytest.raises(ValueError, match="not a synthetic-task prompt"):
         data.check_answer("what is 2+2?", "4")
