@@ -20,13 +20,6 @@ from train_runs import (CHECKPOINT_STEPS, TINY, assert_same_weights, baseline, c
 TWO_RANKS = ("--batch_size=2", "--grad_accum=2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

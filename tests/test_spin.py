@@ -14,14 +14,6 @@ from spin import (pair_logps, per_iteration, read_rollouts, rollout, sequence_lo
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core machine makes 2 threads crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_gpt(seed: int = 0, model_type: str = "llama") -> GPT:
     torch.manual_seed(seed)

@@ -25,14 +25,6 @@ ROLLOUT_KEYS = {"prompt", "real", "generated", "prompt_tokens", "real_tokens", "
                 "ref_real_logp", "ref_generated_logp"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """main() in this process: tiny models run fastest on one thread (a busy 2-core machine makes 2 crawl)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
