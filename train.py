@@ -69,6 +69,7 @@ class TrainConfig:
     # --- what to run -------------------------------------------------------------------------------
     stage: str = "spin"  # 'sft' | 'spin' | 'sft+spin'
     baseline_sft: bool = False  # after SPIN, continue SFT from the SFT model for as many steps, for comparison
+    baseline_lr: float = 0.0  # the continued-SFT baseline's peak lr; 0 = sft_lr (a re-warmup to it can hurt)
     # --- SFT -------------------------------------------------------------------------------------
     sft_steps: int = 1000
     sft_lr: float = 1e-3
@@ -484,6 +485,8 @@ def main(argv: list[str]) -> None:
         starting = state["step"] == 0
         beta = per_iteration(cfg.beta, iteration)
         max_lr = per_iteration(cfg.lr, iteration) if kind == "spin" else cfg.sft_lr
+        if kind == "baseline" and cfg.baseline_lr:
+            max_lr = cfg.baseline_lr
         rollouts_path = None
         eval_pairs = []
 
