@@ -845,10 +845,12 @@ class BatchOrder:
 # Synthetic task: "5 distinct 2-digit numbers, digits 1479" -> "47 91 14 79 44". Each prompt has many
 # valid answers (k-permutations of the 9 or 16 numbers its digits make) and the real answer is a
 # uniform draw among them, so samples rarely equal it and the checker scores any sample. Using only
-# the prompt's digits is copying, which a tiny transformer learns fast; distinctness needs it to look
-# back at its own answer, which short SFT leaves half-learned (repeats at temperature 1): room for
-# SPIN. Measured with the quick demo's model after 500 SFT steps, numeric ranges ("even numbers from
-# 15 to 54", in increasing order or not) stayed at 1-6% validity: comparing numbers is learned slowly.
+# the prompt's digits is copying, which a tiny transformer learns; distinctness needs it to look back
+# at its own answer, which SFT leaves half-learned (repeats at temperature 1): room for SPIN.
+# Measured on the quick demo's model (4x128 llama, bytes + chatml, batch 32, lr 2e-3, one seed): 750
+# SFT steps gave 31% valid at temperature 1 (digits 68%, distinct 46%), 22% greedy, and no sample
+# equal to its real answer; numeric ranges ("even numbers from 15 to 54", increasing or in any
+# order) stayed at 1-6% valid after 500 steps: comparing numbers is learned slowly.
 
 SYNTHETIC_COUNTS = (3, 4, 5, 6)
 DIGIT_SET_SIZES = (3, 4)
