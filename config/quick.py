@@ -1,7 +1,9 @@
 # The quick demo: python train.py config/quick.py
 # A tiny Llama-style model learns the synthetic task from scratch on the byte tokenizer (SFT), then
 # runs 3 SPIN iterations; a continued-SFT baseline runs the same number of steps for comparison.
-# Sized to finish within about 5 minutes on a 2-core CPU.
+# Sized to finish within about 5 minutes on a 2-core CPU (measured: 222 s on one thread).
+# Measured over seeds 1-3: SPIN stays within noise of both the SFT start and continued SFT on this
+# task (valid@T=1 about 41% throughout); its held-out reward accuracy rises only to 0.52-0.57.
 out_dir = "out-quick"
 init_from = "scratch"
 tokenizer = "bytes"  # offline: 256 byte tokens + chat special tokens
@@ -21,14 +23,16 @@ n_embd = 128
 
 stage = "sft+spin"
 baseline_sft = True  # the honest comparison: continued SFT for the same number of steps
+baseline_lr = 1e-4  # SPIN's peak lr and schedule; re-warming to sft_lr (2e-3) cut greedy validity from 32% to 5%
 sft_steps = 500
 sft_lr = 2e-3
 
 max_iterations = 3
 max_epochs = 1
 prompts_per_iteration = 512
-beta = 0.1
-lr = 1e-4  # the sensitive knob: too high collapses the model within a few iterations
+beta = 1.0
+lr = 1e-4  # the sensitive knob: at 3e-4 (beta 0.1) validity fell from 45% to 27% within one iteration; at 3e-4
+           # (beta 5) greedy validity fell on 2 of 3 seeds
 optimizer = "adamw"
 warmup_frac = 0.1
 lr_schedule = "linear"
