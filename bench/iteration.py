@@ -233,8 +233,16 @@ def run_ours(cfg: BenchConfig) -> dict:
     model.to(device)
     if compile and device.type == "cuda":
         model.compile()  # train.py's compile=True on a GPU
-    # one tiny untimed call absorbs lazy one-time initialisation, as the peer's warm-up does
+    # untimed one-time initialisation, as the peer's warm-up generate does (and its imports of transformers and
+    # trl, which load torch._dynamo): a tiny generate, a scored forward (imports kernels/logprob.py), and an
+    # optimizer, whose first construction imports torch._dynamo (~1 s; train.py makes one at startup)
+    import spin
+    from train import TrainConfig, make_optimizer
     generate(model, [examples[0].prompt_ids, examples[1].prompt_ids], 2, eos_id=stop, seed=0)
+    with torch.no_grad():
+        spin.pair_logps(model, [examples[0].prompt_ids], [examples[0].real_ids], [examples[1].real_ids], tok.eos_id,
+                        device)
+    make_optimizer(model, TrainConfig(), cfg.lr)
     iterations = cfg.iterations or (2 if device.type == "cuda" else 1)
     runs = [one_iteration(model, examples, stop, tok.eos_id, cfg, t, device, compile) for t in range(iterations)]
     return {**runs[-1], "iterations": runs, "vocab": tok.n_vocab, "params": sum(p.numel() for p in model.parameters()),

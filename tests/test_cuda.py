@@ -128,6 +128,7 @@ def check_logprob() -> None:
 
 def check_model_attention() -> None:
     """The model in bf16 with attention='triton' against attention='sdpa', same weights: loss and gradients."""
+    import kernels.attention as attention_module
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     cfg = dict(model_type="llama", vocab_size=1000, block_size=256, n_layer=2, n_head=8, n_kv_head=2, n_embd=512)
@@ -141,6 +142,7 @@ def check_model_attention() -> None:
             loss = model(idx, targets)
         loss.backward()
         outputs[impl] = (loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()]))
+    assert any(not interpreted for (_, interpreted) in attention_module._jitted), "the model did not use Triton"
     (loss_sdpa, grad_sdpa), (loss_triton, grad_triton) = outputs["sdpa"], outputs["triton"]
     grad_err = relative_error(grad_triton, grad_sdpa)
     print(f"loss sdpa {loss_sdpa:.5f} triton {loss_triton:.5f}; gradient relative difference {grad_err:.1e}")
