@@ -396,7 +396,8 @@ def table(results: dict[str, list[dict]]) -> str:
     for key, label in (("steps", "optimizer steps"), ("gen_tokens", "generated tokens (to EOS)"),
                        ("gen_positions", "sampled positions (batch x steps)"),
                        ("train_tokens", "training tokens per epoch (prompt + response, both sequences of a pair)")):
-        lines.append(f"| {label} | " + " | ".join(f"{results[s][-1].get(key):.0f}" for s in sides)
+        counts = [results[s][-1].get(key) for s in sides]  # the script mode does not report them all
+        lines.append(f"| {label} | " + " | ".join("?" if c is None else f"{c:.0f}" for c in counts)
                      + (" | |" if both else " |"))
     return "\n".join(lines)
 
