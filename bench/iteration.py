@@ -197,7 +197,7 @@ def one_iteration(model, examples, stop: list[int], pad_id: int, cfg: BenchConfi
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     sync(device)
-    train_s = time.perf_counter() - t_train
+    train_s, cpu_s = time.perf_counter() - t_train, time.process_time() - cpu0
 
     # spin.rollout's batches: prompts sorted by length, cut into rollout_batch_size; a batch runs until its
     # longest row is done, so it costs batch size x longest row positions
@@ -207,7 +207,7 @@ def one_iteration(model, examples, stop: list[int], pad_id: int, cfg: BenchConfi
                                   for k in range(0, len(by_length), cfg.rollout_batch_size)))
     n = sums[6].item()
     return {"sampling_s": rollout_s - scoring["seconds"], "ref_logps_s": scoring["seconds"], "train_s": train_s,
-            "total_s": rollout_s + train_s, "cpu_s": time.process_time() - cpu0, "steps": total_steps,
+            "total_s": rollout_s + train_s, "cpu_s": cpu_s, "steps": total_steps,
             "gen_tokens": sum(len(p.generated_ids) for p in pairs), "gen_positions": positions,
             "eos_rows": sum(p.eos for p in pairs),
             "train_tokens": cfg.epochs * sum(2 * len(p.prompt_ids) + len(p.real_ids) + len(p.generated_ids)
