@@ -85,7 +85,8 @@ ROWS+=("| packages | $install_status | $(($(date +%s) - install_start)) | $insta
 
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 CARD=${CARD:-none}
-VERSIONS=$("$PY" -c "import torch; print(f'torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}')" 2>&1 | tail -n 1)
+VERSIONS=$("$PY" -c "import torch; print(f'torch {torch.__version__}, CUDA: {torch.cuda.is_available()}')" 2>&1 |
+  tail -n 1)
 if [ "$DRY_RUN" = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   echo "warning: torch sees no CUDA device ($VERSIONS); the CUDA steps will skip or fail" >&2
 fi
@@ -143,7 +144,8 @@ fi
 SUMMARY=$(
   echo "## GPU check $(date -u +%Y-%m-%d) on: $CARD"
   echo
-  echo "$VERSIONS; $(nproc) CPUs; total $(($(date +%s) - START))s of a ${BUDGET_S}s budget$([ "$DRY_RUN" = 1 ] && echo '; DRY RUN (no GPU expected)')"
+  dry=""; [ "$DRY_RUN" = 1 ] && dry="; DRY RUN (no GPU expected)"
+  echo "$VERSIONS; $(nproc) CPUs; total $(($(date +%s) - START))s of a ${BUDGET_S}s budget$dry"
   echo
   echo "| step | status | seconds | note |"
   echo "|---|---|---|---|"

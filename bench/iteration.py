@@ -281,14 +281,17 @@ def run_peer_functions(cfg: BenchConfig, path: str) -> dict:
                                        True)
         cpu_rollout = time.process_time() - cpu0
         del policy
-        train_ds = peer.Dataset.from_list([{"prompt": e["prompt"], "chosen": [{"role": "assistant", "content": e["answer"]}],
+        # SPIN's pairs as the peer builds them: chosen = the real answer, rejected = the sample
+        train_ds = peer.Dataset.from_list([{"prompt": e["prompt"],
+                                            "chosen": [{"role": "assistant", "content": e["answer"]}],
                                             "rejected": [{"role": "assistant", "content": c}]}
                                            for e, c in zip(examples, completions)])
         cpu0 = time.process_time()
         pre = peer.run_dpo(model_dir, tok, train_ds, True, args, work)  # loads the model (untimed there), trains
         cpu_train = time.process_time() - cpu0
         prompt = tok.apply_chat_template(examples[0]["prompt"], add_generation_prompt=True, tokenize=False)
-        return {"rollout": ro, "train_precompute": pre, "spin_iteration_total_s": ro["rollout_s"] + pre["train_total_s"],
+        return {"rollout": ro, "train_precompute": pre,
+                "spin_iteration_total_s": ro["rollout_s"] + pre["train_total_s"],
                 "cpu_s": cpu_rollout + cpu_train,
                 "vocab": len(tok), "params": sum(p.numel() for p in model.parameters()),
                 "prompt_tokens": len(tok(prompt, add_special_tokens=False)["input_ids"])}
@@ -314,7 +317,8 @@ def peer_summary(record: dict) -> dict:
     logs = [entry for entry in pre.get("logs", []) if "num_tokens" in entry]
     return {"sampling_s": ro["rollout_s"], "ref_logps_s": pre["precompute_ref_s"],
             "train_s": pre["train_total_s"] - pre["precompute_ref_s"], "total_s": record["spin_iteration_total_s"],
-            "cpu_s": record.get("cpu_s"), "steps": pre["steps"], "gen_tokens": ro["gen_tokens"], "gen_positions": ro["gen_positions"],
+            "cpu_s": record.get("cpu_s"), "steps": pre["steps"], "gen_tokens": ro["gen_tokens"],
+            "gen_positions": ro["gen_positions"],
             "train_tokens": float(logs[-1]["num_tokens"]) if logs else None, "loss": pre["final_loss"],
             "vocab": record.get("vocab"), "params": record.get("params"), "prompt_tokens": record.get("prompt_tokens")}
 
@@ -345,7 +349,8 @@ def run_worker(side: str, argv: list[str], threads: int) -> dict:
                          text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
-        raise RuntimeError(f"the {side} run failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"the {side} run failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n"
+                           f"{out.stderr[-3000:]}")
     return json.loads(lines[-1][7:])
 
 
@@ -375,7 +380,8 @@ def check_config(cfg: BenchConfig, with_peer: bool) -> None:
     if with_peer:
         differ = {k: getattr(cfg, k) for k, v in PEER_FIXED.items() if getattr(cfg, k) != v}
         if differ:
-            raise UserError(f"the peer script hard-codes {PEER_FIXED}; these differ: {differ}; keep them or pass --peer=no")
+            raise UserError(f"the peer script hard-codes {PEER_FIXED}; these differ: {differ}; keep them or "
+                            f"pass --peer=no")
 
 
 def table(results: dict[str, list[dict]]) -> str:
