@@ -581,7 +581,7 @@ def main(argv: list[str]) -> None:
         if starting:
             state["rollouts_sha"] = file_sha(rollouts_path) if rollouts_path else None
         model.train()
-        sums, n_logged, t_log, tokens_seen = None, 0, time.time(), 0
+        sums, t_log, tokens_seen = None, time.time(), 0
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=state["step"], desc=name, disable=rank != 0, leave=False)
         while state["step"] < total_steps:
@@ -643,7 +643,6 @@ def main(argv: list[str]) -> None:
             state["global_step"] += 1
             bar.update(1)
             sums = step_sums if sums is None else sums + step_sums
-            n_logged += 1
             last_step = state["step"] == total_steps
             if state["step"] % cfg.log_interval == 0 or last_step:
                 dt = time.time() - t_log
@@ -664,7 +663,7 @@ def main(argv: list[str]) -> None:
                     record["mfu"] = tps * model.flops_per_token(cfg.max_len) / (flops * world)
                 log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-                sums, n_logged, t_log, tokens_seen = None, 0, time.time(), 0
+                sums, t_log, tokens_seen = None, time.time(), 0
             if cfg.eval_interval and state["step"] % cfg.eval_interval == 0 and not last_step:
                 log({"iteration": iteration, "phase": kind, "step": state["global_step"], **evaluate(eval_pairs, beta)})
             stopping = should_stop()
