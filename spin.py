@@ -88,6 +88,17 @@ def pair_logps(model, prompts, real, generated, pad_id, device) -> tuple[torch.T
     return logps[: len(prompts)], logps[len(prompts):]
 
 
+def pair_terms(model, pairs: list["Pair"], beta: float, loss_type: str, pad_id: int, device):
+    """The policy's log-probs of a batch of rollout pairs and their SPIN terms against the opponent's
+    stored log-probs: (losses, real_rewards, gen_rewards, policy_real_logps, policy_gen_logps), each (B,)."""
+    real, gen = pair_logps(model, [p.prompt_ids for p in pairs], [p.real_ids for p in pairs],
+                           [p.generated_ids for p in pairs], pad_id, device)
+    ref_real = torch.tensor([p.ref_real_logp for p in pairs], device=device)
+    ref_gen = torch.tensor([p.ref_generated_logp for p in pairs], device=device)
+    losses, real_rewards, gen_rewards = spin_terms(real, gen, ref_real, ref_gen, beta, loss_type)
+    return losses, real_rewards, gen_rewards, real, gen
+
+
 # ----------------------------------------------------------------------------------------------
 # rollout
 

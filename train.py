@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from configurator import UserError, config_to_json, load_config, run_main
 
@@ -424,7 +425,7 @@ def main(argv: list[str]) -> None:
         return path
 
     # ---- evaluation ---------------------------------------------------------------------------
-    from spin import pair_logps, per_iteration, read_rollouts, rescore, rollout, sequence_logps, spin_terms, write_rollouts
+    from spin import pair_terms, per_iteration, read_rollouts, rescore, rollout, sequence_logps, write_rollouts
     eval_examples = val_examples[: cfg.eval_samples]
 
     def evaluate(eval_pairs, beta) -> dict:
@@ -447,11 +448,7 @@ def main(argv: list[str]) -> None:
             with torch.no_grad(), autocast:
                 for i in range(0, len(eval_pairs), cfg.rollout_batch_size):
                     batch = eval_pairs[i:i + cfg.rollout_batch_size]
-                    real, gen = pair_logps(model, [p.prompt_ids for p in batch], [p.real_ids for p in batch],
-                                           [p.generated_ids for p in batch], pad_id, device)
-                    ref_real = torch.tensor([p.ref_real_logp for p in batch], device=device)
-                    ref_gen = torch.tensor([p.ref_generated_logp for p in batch], device=device)
-                    losses, rr, rg = spin_terms(real, gen, ref_real, ref_gen, beta, cfg.loss_type)
+                    losses, rr, rg, _, _ = pair_terms(model, batch, beta, cfg.loss_type, pad_id, device)
                     sums += torch.stack([losses.sum(), (rr > rg).float().sum(), (rr - rg).sum()]).cpu()
             out.update({"eval/spin_loss": sums[0].item() / len(eval_pairs),
                         "eval/reward_accuracy": sums[1].item() / len(eval_pairs),
@@ -489,6 +486,7 @@ def main(argv: list[str]) -> None:
             max_lr = cfg.baseline_lr
         rollouts_path = None
         eval_pairs = []
+        rollout_stats = {}
 
         if kind == "baseline" and iteration == 0 and starting:
             # continued SFT starts from the SFT model, not from the SPIN result
@@ -513,6 +511,7 @@ def main(argv: list[str]) -> None:
                 pairs = read_rollouts(saved)
                 eval_file = os.path.join(iter_dir, "eval_rollouts.jsonl")
                 eval_pairs = read_rollouts(eval_file) if eval_examples and os.path.isfile(eval_file) else []
+                rollout_stats = rollout_stats_of(pairs)
                 print0(f"{name}: reusing the iteration's {len(pairs)} rollouts from {saved}")
             else:
                 subset = train_examples
@@ -523,7 +522,6 @@ def main(argv: list[str]) -> None:
                 opponent = rollout_model()
                 opponent.eval()
                 t0 = time.time()
-                from tqdm import tqdm
                 bar = tqdm(total=len(subset), desc=f"rollout {iteration}", disable=rank != 0, leave=False)
                 pairs = rollout(opponent, subset, cfg.max_new_tokens, cfg.max_len, stop, pad_id,
                                 cfg.rollout_batch_size, cfg.seed, iteration, device, rank, world, cfg.temperature,
@@ -546,7 +544,7 @@ def main(argv: list[str]) -> None:
                     pairs = pairs + rescore(opponent, previous, pad_id, cfg.rollout_batch_size, device,
                                             rank, world, autocast)
                 del opponent
-                gen_tokens = sum(len(p.generated_ids) for p in pairs)
+                rollout_stats = rollout_stats_of(pairs)
                 if rank == 0:
                     write_rollouts(rollouts_path, pairs, tok.decode)
                     if eval_pairs:
@@ -554,13 +552,12 @@ def main(argv: list[str]) -> None:
                 if world > 1:
                     dist.barrier()
                 dt = time.time() - t0
-                rollout_stats = rollout_stats_of(pairs)
+                gen_tokens = rollout_stats["gen_len_mean"] * len(pairs)
                 print0(f"{name}: rollout of {len(pairs)} prompts in {dt:.1f}s ({gen_tokens / dt:.0f} tokens/s), "
                        f"mean length {rollout_stats['gen_len_mean']:.1f}, EOS reached {rollout_stats['eos_rate']:.0%}")
                 log({"iteration": iteration, "phase": kind, "step": state["global_step"], "rollout_seconds": dt,
                      **rollout_stats})
         data_size = len(pairs) if kind == "spin" else len(train_examples)
-        rollout_stats = rollout_stats_of(pairs) if kind == "spin" else {}
 
         # -- the steps --
         order = BatchOrder(n=data_size, batch_size=cfg.batch_size * cfg.grad_accum, rank=rank, world_size=world,
@@ -582,7 +579,6 @@ def main(argv: list[str]) -> None:
             state["rollouts_sha"] = file_sha(rollouts_path) if rollouts_path else None
         model.train()
         sums, t_log, tokens_seen = None, time.time(), 0
-        from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=state["step"], desc=name, disable=rank != 0, leave=False)
         while state["step"] < total_steps:
             step = state["step"]
@@ -604,11 +600,7 @@ def main(argv: list[str]) -> None:
                 with autocast:
                     if kind == "spin":
                         batch = [pairs[i] for i in mb]
-                        real, gen = pair_logps(model, [p.prompt_ids for p in batch], [p.real_ids for p in batch],
-                                               [p.generated_ids for p in batch], pad_id, device)
-                        ref_real = torch.tensor([p.ref_real_logp for p in batch], device=device)
-                        ref_gen = torch.tensor([p.ref_generated_logp for p in batch], device=device)
-                        losses, rr, rg = spin_terms(real, gen, ref_real, ref_gen, beta, cfg.loss_type)
+                        losses, rr, rg, real, gen = pair_terms(model, batch, beta, cfg.loss_type, pad_id, device)
                         loss_sum = losses.sum()
                         ntok = sum(len(p.real_ids) + len(p.generated_ids) + 2 * len(p.prompt_ids) for p in batch)
                         step_sums += torch.stack([loss_sum.detach(), rr.sum().detach(), rg.sum().detach(),
