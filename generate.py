@@ -322,7 +322,8 @@ def load_for_chat(path: str, device: str = "auto", dtype: torch.dtype | None = N
     'chat_template' if present, else the tokenizer's own, else 'chatml' if the tokenizer has its
     special tokens, else 'plain'. dtype None: bf16 on a GPU
     that supports it, fp32 otherwise."""
-    from data import load_tokenizer, resolve_template
+    from data import resolve_template
+    from tokenizer import load_tokenizer
 
     model_dir = resolve_model_dir(path)
     device = pick_device(device)

@@ -329,7 +329,8 @@ def main(argv: list[str]) -> None:
     print0(config_to_json(cfg))
 
     # ---- tokenizer and data -----------------------------------------------------------------------
-    from data import BatchOrder, check_answer, load_tokenizer, stop_ids, strip_stop
+    from data import BatchOrder, check_answer, stop_ids, strip_stop
+    from tokenizer import load_tokenizer
     from generate import resolve_model_dir
     model_dir = None if cfg.init_from == "scratch" else resolve_model_dir(cfg.init_from)
     tok_name = cfg.tokenizer if cfg.tokenizer != "auto" else (model_dir or "bytes")

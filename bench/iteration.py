@@ -93,11 +93,11 @@ def chatml_text(question: str, answer: str) -> str:
 
 def peer_tokenizer(vocab_size: int, seed: int, directory: str):
     """The peer's tokenizer rebuilt: byte-level BPE trained by `tokenizers` on the same 4000 ChatML
-    additions (its corpus seed is seed + 1000), saved as tokenizer.json, read back by data.load_tokenizer
+    additions (its corpus seed is seed + 1000), saved as tokenizer.json, read back by tokenizer.load_tokenizer
     (tiktoken with the same ids)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from data import load_tokenizer
+    from tokenizer import load_tokenizer
     rng = random.Random(seed + 1000)
     corpus = []
     for _ in range(4000):

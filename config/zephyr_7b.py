@@ -4,7 +4,7 @@
 # Needs: 8x 80 GB GPUs (FSDP2 shards weights, gradients and optimizer state; bf16 compute);
 # alignment-handbook/zephyr-7b-sft-full downloaded to a local directory; 50k UltraChat prompts as
 # {"messages": [...]} JSONL (the paper samples 50k of UltraChat200k's train_sft split).
-# Limitation: Zephyr (Mistral-7B) ships a SentencePiece tokenizer, which data.py refuses (nanospin's
+# Limitation: Zephyr (Mistral-7B) ships a SentencePiece tokenizer, which tokenizer.py refuses (nanospin's
 # tokenizers are tiktoken byte-level BPE). Until SentencePiece support exists, run these exact settings on
 # a 7-8B SFT model with a byte-level BPE tokenizer (a Llama-3-8B or Qwen2.5-7B SFT checkpoint): set
 # init_from and chat_template ('llama3' or 'chatml') accordingly.

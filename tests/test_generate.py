@@ -13,6 +13,7 @@ import generate as gen
 from configurator import UserError
 from generate import generate, generate_ref, sample_next, top_k_filter, top_p_filter
 from model import GPT, GPTConfig
+from tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -229,8 +230,7 @@ def test_resolve_model_dir(tmp_path):
 
 
 def saved_chat_model(path) -> None:
-    data = pytest.importorskip("data")
-    tok = data.load_tokenizer("bytes")
+    tok = load_tokenizer("bytes")
     model = tiny_model("llama", vocab_size=tok.n_vocab + 3, block_size=128)
     model.save_pretrained(str(path))
     tok.save(str(path))

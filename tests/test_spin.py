@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
-from data import Example, collate, load_tokenizer, render_prompt, render_response
+from data import Example, collate, render_prompt, render_response
 from model import GPT, GPTConfig
 from spin import (pair_logps, per_iteration, read_rollouts, rollout, sequence_logps, spin_loss, spin_terms,
                   write_rollouts)
+from tokenizer import load_tokenizer
 
 CPU = torch.device("cpu")
 

@@ -55,9 +55,10 @@ def test_lr_schedules():
 
 def test_save_load_gives_identical_next_step(tmp_path):
     import checkpoint as ckpt
-    from data import load_tokenizer, render_prompt, render_response
+    from data import render_prompt, render_response
     from model import GPT, GPTConfig
     from spin import sequence_logps
+    from tokenizer import load_tokenizer
     from train import TrainConfig, make_optimizer
 
     tok = load_tokenizer("bytes")
