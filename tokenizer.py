@@ -45,7 +45,8 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 # GPT-2's pattern run on the pieces of a Digits(individual_digits) pre-tokenizer (SmolLM): a digit is
 # a piece of its own, and whitespace before a digit ends its piece, so it must not wait for a non-space.
 DIGITS_GPT2_PATTERN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 # Llama-3's tokenizer.model holds 128000 ranks; its 256 special tokens follow, named as Meta's code does.
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                    "<|reserved_special_token_1|>", "<|reserved_special_token_2|>",
@@ -192,6 +193,11 @@ def _hf_pattern(pre: dict | None, where: str) -> str:
                     f"tokenizers are not supported")
 
 
+def _hf_files(directory: str) -> tuple[str, ...]:
+    """The Hugging Face tokenizer files present in directory, which Tokenizer.save copies along."""
+    return tuple(os.path.join(directory, f) for f in HF_FILES if os.path.isfile(os.path.join(directory, f)))
+
+
 def _hf_config(directory: str) -> dict:
     path = os.path.join(directory, "tokenizer_config.json")
     if not os.path.isfile(path):
@@ -227,30 +233,8 @@ def _hf_chat_template(directory: str, config: dict) -> str | None:
     return recognise_template(jinja if isinstance(jinja, str) else None)
 
 
-def hf_tokenizer(path: str) -> Tokenizer:
-    """Convert a Hugging Face byte-level BPE tokenizer.json (and the tokenizer_config.json beside it)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: cannot read tokenizer.json ({e})") from None
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        kind = model.get("type") if model.get("type") != "BPE" else "BPE with byte_fallback"
-        raise UserError(f"{path}: a {kind} tokenizer (SentencePiece style) is not byte-level BPE; "
-                        f"nanospin reads byte-level BPE tokenizers (GPT-2, Llama-3, Qwen2, SmolLM)")
-    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        raise UserError(f"{path}: BPE with subword prefix/suffix is not byte-level BPE")
-    pattern = _hf_pattern(spec.get("pre_tokenizer"), path)
-    normalizer = spec.get("normalizer")
-    normalization = None
-    if normalizer is not None:
-        if normalizer.get("type") != "NFC":
-            raise UserError(f"{path}: normalizer {normalizer.get('type')} is not supported (only none or NFC)")
-        normalization = "NFC"
-
-    added = spec.get("added_tokens") or []
-    added_ids = {t["content"]: t["id"] for t in added}
+def _hf_ranks(path: str, model: dict, added_ids: dict[str, int]) -> dict[bytes, int]:
+    """tiktoken ranks of a byte-level BPE model (the 256 bytes and every merge result, rank = id)."""
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
 
     def as_bytes(text: str) -> bytes | None:
@@ -288,6 +272,34 @@ def hf_tokenizer(path: str) -> Tokenizer:
     if unreachable:
         raise UserError(f"{path}: {len(unreachable)} multi-byte vocab tokens (e.g. {unreachable[0]!r}) are "
                         f"made by no merge; this tokenizer is not plain byte-level BPE")
+    return ranks
+
+
+def hf_tokenizer(path: str) -> Tokenizer:
+    """Convert a Hugging Face byte-level BPE tokenizer.json (and the tokenizer_config.json beside it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: cannot read tokenizer.json ({e})") from None
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = model.get("type") if model.get("type") != "BPE" else "BPE with byte_fallback"
+        raise UserError(f"{path}: a {kind} tokenizer (SentencePiece style) is not byte-level BPE; "
+                        f"nanospin reads byte-level BPE tokenizers (GPT-2, Llama-3, Qwen2, SmolLM)")
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise UserError(f"{path}: BPE with subword prefix/suffix is not byte-level BPE")
+    pattern = _hf_pattern(spec.get("pre_tokenizer"), path)
+    normalizer = spec.get("normalizer")
+    normalization = None
+    if normalizer is not None:
+        if normalizer.get("type") != "NFC":
+            raise UserError(f"{path}: normalizer {normalizer.get('type')} is not supported (only none or NFC)")
+        normalization = "NFC"
+
+    added = spec.get("added_tokens") or []
+    added_ids = {t["content"]: t["id"] for t in added}
+    ranks = _hf_ranks(path, model, added_ids)
     try:
         enc = tiktoken.Encoding(f"nanospin_hf_{os.path.basename(os.path.dirname(os.path.abspath(path)))}",
                                 pat_str=pattern, mergeable_ranks=ranks, special_tokens=added_ids)
@@ -303,11 +315,10 @@ def hf_tokenizer(path: str) -> Tokenizer:
     if eos is None:
         raise UserError(f"{path}: cannot tell the end-of-text token; add \"eos_token\" to "
                         f"{os.path.join(directory, 'tokenizer_config.json')}")
-    sources = tuple(os.path.join(directory, f) for f in HF_FILES if os.path.isfile(os.path.join(directory, f)))
     plain_added = frozenset(t["content"] for t in added if not t.get("special"))
     return Tokenizer(enc=enc, name=path, eos_id=added_ids[eos], specials=added_ids,
                      chat_template=_hf_chat_template(directory, config), normalization=normalization,
-                     added_text_tokens=plain_added, source_files=sources)
+                     added_text_tokens=plain_added, source_files=_hf_files(directory))
 
 
 def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
@@ -358,10 +369,9 @@ def saved_tokenizer(directory: str) -> Tokenizer:
     specials = {k: int(v) for k, v in meta["specials"].items()}
     enc = tiktoken.Encoding(f"nanospin_saved_{os.path.basename(os.path.abspath(directory))}",
                             pat_str=meta["pat_str"], mergeable_ranks=ranks, special_tokens=specials)
-    sources = tuple(os.path.join(directory, f) for f in HF_FILES if os.path.isfile(os.path.join(directory, f)))
     return Tokenizer(enc=enc, name=directory, eos_id=int(meta["eos_id"]), specials=specials,
                      chat_template=meta.get("chat_template"), normalization=meta.get("normalization"),
-                     added_text_tokens=frozenset(meta.get("added_text_tokens", [])), source_files=sources)
+                     added_text_tokens=frozenset(meta.get("added_text_tokens", [])), source_files=_hf_files(directory))
 
 
 def load_tokenizer(name_or_path: str) -> Tokenizer:
