@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from data import Example, collate, render_prompt, render_response
+from data import Example, collate, render_prompt, render_response, synthetic_conversations
 from model import GPT, GPTConfig
 from spin import (pair_logps, per_iteration, read_rollouts, rollout, sequence_logps, spin_loss, spin_terms,
                   write_rollouts)
@@ -136,9 +136,9 @@ def test_pair_logps_equal_separate_calls():
 def test_gradient_step_raises_real_and_lowers_generated_logps():
     tok = load_tokenizer("bytes")
     model = tiny_gpt(seed=3).train()
-    triples = [chat_pair(tok, "3 distinct even numbers from 10 to 29", "12 28 16", "x1 y2 zz"),
-               chat_pair(tok, "4 distinct odd numbers from 15 to 44", "17 43 21 33", "abc 9"),
-               chat_pair(tok, "5 distinct even numbers from 20 to 59", "22 58 30 44 50", "5 5 5")]
+    triples = [chat_pair(tok, "3 distinct 2-digit numbers, digits 147", "14 71 44", "x1 y2 zz"),
+               chat_pair(tok, "4 distinct 2-digit numbers, digits 2589", "25 89 52 99", "abc 9"),
+               chat_pair(tok, "5 distinct 2-digit numbers, digits 1479", "47 91 14 79 44", "5 5 5")]
     prompts, real, gen = (list(x) for x in zip(*triples))
     with torch.no_grad():  # the opponent: the same weights, scored before the step
         ref_real, ref_gen = pair_logps(model, prompts, real, gen, tok.eos_id, CPU)
@@ -163,10 +163,8 @@ def test_gradient_step_raises_real_and_lowers_generated_logps():
 
 def synthetic_examples(tok, n: int) -> list[Example]:
     examples = []
-    for i in range(n):
-        question = f"{3 + i % 3} distinct even numbers from {10 + 5 * i} to {39 + 5 * i}"
-        answer = " ".join(str(10 + 5 * i + 2 * k) for k in range(3 + i % 3))
-        messages = [{"role": "user", "content": question}]
+    for i, (user, assistant) in enumerate(synthetic_conversations(n, seed=0)):
+        messages, answer = [user], assistant["content"]
         examples.append(Example(render_prompt(tok, messages, "chatml"), render_response(tok, answer, "chatml"),
                                 f"test:{i}", messages, answer))
     return examples

@@ -64,9 +64,9 @@ def test_save_load_gives_identical_next_step(tmp_path):
     tok = load_tokenizer("bytes")
     cfg = GPTConfig(model_type="llama", vocab_size=tok.n_vocab, block_size=96, n_layer=2, n_head=2, n_kv_head=1,
                     n_embd=32)
-    prompts = [render_prompt(tok, [{"role": "user", "content": f"{k} distinct odd numbers from 11 to 40"}], "chatml")
+    prompts = [render_prompt(tok, [{"role": "user", "content": f"{k} distinct 2-digit numbers, digits 1479"}], "chatml")
                for k in (3, 4)]
-    real = [render_response(tok, answer, "chatml") for answer in ("13 37 21", "11 15 39 25")]
+    real = [render_response(tok, answer, "chatml") for answer in ("14 71 49", "47 91 14 79")]
     cpu = torch.device("cpu")
 
     def train_step(model, optimizer) -> float:
@@ -162,7 +162,7 @@ def test_final_export_loads_in_nanospin_and_transformers(run):
 def test_generate_cli_chats_with_the_final_model(run):
     out_dir, _ = run
     proc = subprocess.run([sys.executable, "generate.py", f"--model={out_dir}/final",
-                           "--prompt=3 distinct even numbers from 10 to 29", "--max_new_tokens=8", "--seed=0",
+                           "--prompt=5 distinct 2-digit numbers, digits 1479", "--max_new_tokens=8", "--seed=0",
                            "--device=cpu"], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, describe(proc)
     assert "error" not in proc.stderr and proc.stdout.endswith("\n"), describe(proc)  # the answer's text is the model's
