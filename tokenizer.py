@@ -7,6 +7,7 @@ Design choices:
   pre-tokenizer, and the ids equal the `tokenizers` library's. tiktoken BPE files (Llama-3's
   tokenizer.model) are read as ranks. SentencePiece-style tokenizers are refused with a clear error.
 - Special-token text inside content stays text: only the chat templates (data.py) insert control tokens.
+  A Hugging Face directory's Jinja chat template is recognised here (by its special tokens), rendered there.
 - Tokenizer.save writes what load_tokenizer needs to rebuild the same ids, so a run directory is self-contained.
 """
 
@@ -57,6 +58,10 @@ EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>", "<|e
 SAVED_TOKENIZER_FILE = "nanospin_tokenizer.json"
 SAVED_RANKS_FILE = "tokenizer.tiktoken"
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+# -----------------------------------------------------------------------------
+# The Tokenizer, 'bytes' and tiktoken's named encodings
 
 
 @dataclass
@@ -151,6 +156,10 @@ def named_tokenizer(name: str) -> Tokenizer:
                             mergeable_ranks=base._mergeable_ranks, special_tokens=specials)
     return Tokenizer(enc=enc, name=name, eos_id=specials["<|endoftext|>"], specials=specials,
                      kind="tiktoken")
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face byte-level BPE (tokenizer.json, tokenizer_config.json)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -319,6 +328,10 @@ def hf_tokenizer(path: str) -> Tokenizer:
     return Tokenizer(enc=enc, name=path, eos_id=added_ids[eos], specials=added_ids,
                      chat_template=_hf_chat_template(directory, config), normalization=normalization,
                      added_text_tokens=plain_added, source_files=_hf_files(directory))
+
+
+# -----------------------------------------------------------------------------
+# tiktoken BPE files, directories written by Tokenizer.save, and the one entry point
 
 
 def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
