@@ -6,11 +6,13 @@ and a plain PyTorch `*_ref` function that is their spec. This file holds what bo
 - One mode per process. triton.jit decides when it wraps a function whether it compiles for the GPU or
   runs in the interpreter, and triton.language's own helpers (tl.sum, tl.max) were wrapped when triton
   was first imported, with TRITON_INTERPRET as it was then; a kernel can only call helpers of its own
-  mode. `jit` wraps ours in that same mode, whenever this package is imported.
+  mode. `jit` wraps ours in that same mode when the kernel files are imported.
 - TRITON_INTERPRET is read at call time: set, CPU tensors go to the interpreter. `launch` runs a kernel
   only in the mode asked for now, else it raises a UserError saying how to fix the order.
 - Nothing touches the GPU driver at import time, so importing works on a CPU-only machine.
 """
+
+from collections.abc import Callable
 
 import torch
 
@@ -41,7 +43,7 @@ def triton_runs_on(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and interpret_requested())
 
 
-def jit(fn):
+def jit(fn: Callable) -> Callable:
     """triton.jit(fn) in the mode triton.language's own helpers were built in (fn itself without triton)."""
     if triton is None:
         return fn
@@ -51,7 +53,7 @@ def jit(fn):
 
 
 def launch(kernel, grid: tuple, *args, **meta) -> None:
-    """kernel[grid](*args, **meta), in the mode TRITON_INTERPRET asks for now."""
+    """kernel[grid](*args, **meta) for a kernel made by `jit`, in the mode TRITON_INTERPRET asks for now."""
     where = f"{kernel.fn.__module__.replace('.', '/')}.py:{kernel.__name__}"
     if interpret_requested() and not triton_interprets():
         raise UserError(f"TRITON_INTERPRET=1 was set after triton was first imported, so the interpreter cannot run "
