@@ -129,13 +129,13 @@ def check_interpreter() -> None:
         raise SystemExit("interpreter check failed: the kernels disagree with attention_ref")
 
 
-def compile_for_h100(fn, dtype: str, constants: dict, num_warps: int, num_stages: int) -> str:
-    """Compile one kernel for sm_90 as the launcher would (16-byte aligned pointers), no GPU needed."""
+def compile_for_h100(kernel, dtype: str, constants: dict, num_warps: int, num_stages: int) -> str:
+    """Compile one @jit kernel for sm_90 as the launcher would (16-byte aligned pointers), no GPU needed."""
     import triton
     import triton.knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    params = inspect.signature(fn).parameters
+    params = inspect.signature(kernel.fn).parameters
     signature, pointers = {}, []
     for i, (name, param) in enumerate(params.items()):
         if name in constants:
@@ -145,21 +145,21 @@ def compile_for_h100(fn, dtype: str, constants: dict, num_warps: int, num_stages
             pointers.append(i)
         else:
             signature[name] = "fp32" if name.endswith("scale") else "i32"
-    source = ASTSource(triton.jit(fn), signature, constexprs=constants,
+    source = ASTSource(kernel, signature, constexprs=constants,
                        attrs={(i,): [["tt.divisibility", 16]] for i in pointers})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
-    tensor_core = "wgmma" if "wgmma.mma_async" in kernel.asm["ptx"] else "none"
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    tensor_core = "wgmma" if "wgmma.mma_async" in compiled.asm["ptx"] else "none"
     usage = ""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
+        cubin.write(compiled.asm["cubin"])
         cubin.flush()
         report = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", cubin.name],
                                 capture_output=True, text=True).stdout
         found = re.search(r"REG:(\d+).*LOCAL:(\d+)", report)
         if found:
             usage = f"| {found.group(1)} | {found.group(2)} B"
-    return f"| {kernel.metadata.shared} B | {tensor_core} {usage}"
+    return f"| {compiled.metadata.shared} B | {tensor_core} {usage}"
 
 
 def compile_check() -> None:
@@ -170,13 +170,13 @@ def compile_check() -> None:
     for D in (64, 128):
         tiles = attention_module._block_sizes(D, torch.bfloat16)
         for causal in (True, False):
-            for name, fn in (("fwd", attention_module._attn_fwd_kernel),
-                             ("dkdv", attention_module._attn_bwd_dkdv_kernel),
-                             ("dq", attention_module._attn_bwd_dq_kernel)):
+            for name, kernel in (("fwd", attention_module._attn_fwd_kernel),
+                                 ("dkdv", attention_module._attn_bwd_dkdv_kernel),
+                                 ("dq", attention_module._attn_bwd_dq_kernel)):
                 tile = dict(tiles[name])
                 warps, stages = tile.pop("num_warps"), tile.pop("num_stages")
                 constants = dict(GROUP=1, HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION="tf32", **tile)
-                print(f"| {name} | {D} | {causal} " + compile_for_h100(fn, "bf16", constants, warps, stages) + " |",
+                print(f"| {name} | {D} | {causal} " + compile_for_h100(kernel, "bf16", constants, warps, stages) + " |",
                       flush=True)
 
 

@@ -12,23 +12,17 @@ Design choices:
   grad_weight once and adds to an fp32 grad_hidden. 4 matmuls against the naive path's 3, paid for
   by never writing and re-reading the naive path's fp32 (N, V) tensors.
 - Matmuls stay in torch (fp32 accumulation); log-sum-exp and softmax math in fp32.
-- Backends: CUDA -> Triton kernels; CPU with TRITON_INTERPRET=1 (read at call time) -> the same
-  kernels in the interpreter; otherwise the same sliced algorithm in plain PyTorch.
+- Backends (TRITON_INTERPRET read at call time, see kernels/__init__.py): CUDA -> Triton kernels; CPU
+  with TRITON_INTERPRET=1 -> the same kernels in the interpreter; otherwise, or without triton, the
+  same sliced algorithm in plain PyTorch.
 """
 
-from __future__ import annotations
-
-import functools
-import os
+from __future__ import annotations  # the kernels' tl.constexpr annotations stay unevaluated without triton
 
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch without triton (e.g. some CPU installs): the PyTorch path still works
-    triton = None
+from kernels import jit, launch, tl, triton, triton_runs_on
 
 IGNORE_INDEX = -100
 
@@ -46,9 +40,8 @@ def token_logprobs_ref(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tenso
 
 
 # ----------------------------------------------------------------------------- Triton kernels
-# Plain functions jitted on first use by _jitted(), so that importing this file never needs a GPU
-# and the kernels are compiled or interpreted the same way as triton's own library (tl.max, tl.sum).
 
+@jit
 def _lse_target_kernel(logits_ptr, targets_ptr, lse_ptr, target_logit_ptr, vocab_offset, n_cols, stride_row,
                        BLOCK_V: tl.constexpr):
     """One program per row of a vocabulary slice: merge the slice's log-sum-exp into lse[row] and
@@ -74,6 +67,7 @@ def _lse_target_kernel(logits_ptr, targets_ptr, lse_ptr, target_logit_ptr, vocab
     tl.store(target_logit_ptr + row, target_logit.to(tl.float32), mask=in_slice)
 
 
+@jit
 def _dlogits_kernel(logits_ptr, targets_ptr, lse_ptr, grad_ptr, vocab_offset, n_cols, stride_row,
                     BLOCK_V: tl.constexpr):
     """One program per row of a vocabulary slice: overwrite the logits with g * (onehot(target) - softmax)."""
@@ -92,41 +86,18 @@ def _dlogits_kernel(logits_ptr, targets_ptr, lse_ptr, grad_ptr, vocab_offset, n_
         tl.store(row_ptr + offs, dlogits.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpret_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _triton_interprets() -> bool:
-    # triton's library functions are jitted when triton is imported, with TRITON_INTERPRET as it was then
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(tl.max, InterpretedFunction)
-
-
-@functools.cache
-def _jitted(kernel):
-    with triton.knobs.runtime.scope():  # the scope restores the knob and env var afterwards
-        triton.knobs.runtime.interpret = _triton_interprets()
-        return triton.jit(kernel)
-
-
 def _launch(kernel, logits: Tensor, *row_args: Tensor, vocab_offset: int) -> None:
-    if not logits.is_cuda and not _triton_interprets():
-        raise RuntimeError("kernels/logprob.py: TRITON_INTERPRET=1 was set after triton was imported, so its kernels "
-                           "cannot be interpreted; set it before the first `import triton` (top of the test module, "
-                           "or the environment of the command)")
     rows, n_cols = logits.shape
     if rows == 0:  # every target was -100
         return
     block_v = min(4096, triton.next_power_of_2(n_cols))
-    _jitted(kernel)[(rows,)](logits, *row_args, vocab_offset, n_cols, logits.stride(0),
-                             BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
+    launch(kernel, (rows,), logits, *row_args, vocab_offset, n_cols, logits.stride(0),
+           BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
 
 
 def uses_triton(hidden: Tensor) -> bool:
     """Whether token_logprobs takes the Triton path for tensors on hidden's device."""
-    if triton is None:
-        return False
-    return hidden.is_cuda or (hidden.device.type == "cpu" and _interpret_requested())
+    return triton_runs_on(hidden)
 
 
 # ----------------------------------------------------------------------------- per-slice math
@@ -214,7 +185,8 @@ def _backward(hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, upst
               cols: int, use_triton: bool, need_hidden: bool, need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
     """Recompute each slice's logits, make dlogits in place, write that slice of grad_weight, add to grad_hidden."""
     dlogits_ = _dlogits_triton_ if use_triton else _dlogits_torch_
-    grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32) if need_hidden else None  # (M, C)
+    grad_hidden = (torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)  # (M, C)
+                   if need_hidden else None)
     grad_weight = torch.empty_like(weight) if need_weight else None  # (V, C)
     for start in range(0, weight.shape[0], cols):
         weight_slice = weight[start:start + cols].to(dtype)  # (S, C)
@@ -268,7 +240,8 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_bytes:
     with respect to hidden and weight. chunk_bytes caps the logits of one vocabulary slice
     (default: an eighth of the full logits, between 32 MiB and 1 GiB).
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or targets.shape != hidden.shape[:1] or hidden.shape[1] != weight.shape[1]:
+    if (hidden.dim() != 2 or weight.dim() != 2 or targets.shape != hidden.shape[:1]
+            or hidden.shape[1] != weight.shape[1]):
         raise ValueError(f"token_logprobs: expected hidden (N, C), weight (V, C), targets (N,); got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
     # without grad (e.g. opponent log-probs at rollout) autograd records nothing: the forward does no

@@ -1,9 +1,12 @@
 """Test setup shared by every module.
 
-Triton decides once, when it is first imported, whether it can interpret kernels on the CPU, so
-TRITON_INTERPRET=1 is set before anything imports it. The kernels read the variable at call time:
-only tests marked `triton` (the kernel tests) keep it; every other test runs with it unset, so the
-model's CPU path (and any train.py subprocess) uses plain PyTorch and stays fast.
+Triton builds its own kernel helpers (tl.sum, tl.max) for one mode, compiled or interpreted, when it is
+first imported, and the kernels can only run in that mode (kernels/__init__.py). So TRITON_INTERPRET=1
+is set and triton imported here, before any test module or test: were triton first imported by a test
+that runs with the variable unset (model.py imports the kernels lazily), the interpreter could not run
+the kernel tests after it. The kernels read the variable at call time: only tests marked `triton` keep
+it; every other test runs with it unset, so the model's CPU path (and any train.py subprocess) uses
+plain PyTorch and stays fast.
 
 Tests use tiny models, which run fastest on one thread (two threads on a busy 2-core machine crawl).
 """
@@ -14,6 +17,11 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+try:
+    import triton  # noqa: E402, F401
+except ImportError:  # no triton (e.g. macOS): the kernels fall back to PyTorch
+    pass
 
 
 @pytest.fixture(autouse=True, scope="session")

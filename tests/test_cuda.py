@@ -1,10 +1,10 @@
 """CUDA-only checks: the Triton kernels in bf16/fp16 on the GPU, the compiled decode step, a compiled train.py run.
 
 Skipped without a CUDA device (the CI machine). Each check runs in a fresh Python process with
-TRITON_INTERPRET unset: conftest.py sets it before Triton is imported, and a Triton imported in
-interpreter mode cannot compile for the GPU (its standard library was jitted for the interpreter),
-so in the pytest process the attention kernels would fail and the log-prob kernels would quietly run
-interpreted. Every check also asserts that its fast path really ran.
+TRITON_INTERPRET unset: conftest.py sets it and imports Triton, and a Triton imported in interpreter
+mode cannot compile for the GPU (its own helpers were built for the interpreter), so in the pytest
+process kernels/__init__.py:launch would refuse to run the kernels. Every check also asserts that its
+fast path really ran, compiled.
 
 On a GPU: python -m pytest tests/test_cuda.py   (bench/gpu_check.sh runs it with the benchmarks)
 """
@@ -61,6 +61,20 @@ def relative_error(actual: torch.Tensor, ref: torch.Tensor) -> float:
     return (actual.double() - ref.double()).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
+def record_launches(kernel_module) -> list:
+    """The names of the Triton kernels kernel_module launches from now on, compiled for the GPU."""
+    import kernels
+    assert not kernels.triton_interprets(), "triton was imported in interpreter mode"
+    launched = []
+    real_launch = kernel_module.launch
+
+    def recording_launch(kernel, *args, **meta):
+        launched.append(kernel.__name__)
+        real_launch(kernel, *args, **meta)  # refuses to run a kernel in another mode than compiled
+    kernel_module.launch = recording_launch
+    return launched
+
+
 def check_attention() -> None:
     """Forward and backward of kernels/attention.py against the float64 spec, with PyTorch SDPA in the
     same dtype as the yardstick: the kernel may be at most twice as far off as SDPA (or within a floor)."""
@@ -68,6 +82,7 @@ def check_attention() -> None:
 
     import kernels.attention as attention_module
     from kernels.attention import attention, attention_ref, uses_triton
+    launched = record_launches(attention_module)
     shapes = [(2, 8, 8, 256, 64, True), (1, 8, 2, 333, 128, True), (2, 4, 4, 130, 32, False), (1, 4, 1, 1, 16, True),
               (1, 16, 4, 1000, 64, True)]  # (B, Hq, Hkv, T, D, causal): ragged tails, GQA, one token
     for dtype, floor in ((torch.bfloat16, 2e-2), (torch.float16, 5e-3)):
@@ -91,8 +106,7 @@ def check_attention() -> None:
                 print(f"{dtype} B{B} H{Hq}:{Hkv} T{T} D{D} causal={causal} {part}: triton {ours:.1e}, sdpa {sdpa:.1e}")
                 assert results["triton"][i].dtype == dtype
                 assert ours <= max(2 * sdpa, floor), f"{part}: triton {ours:.2e} vs sdpa {sdpa:.2e}"
-    compiled = [interpreted for (_, interpreted) in attention_module._jitted]
-    assert compiled and not any(compiled), "the attention kernels did not run as compiled GPU kernels"
+    assert {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"} <= set(launched), launched
 
 
 def check_logprob() -> None:
@@ -100,7 +114,7 @@ def check_logprob() -> None:
     bf16 as the yardstick, forward and both gradients; the Triton kernels must have been compiled."""
     import kernels.logprob as logprob_module
     from kernels.logprob import token_logprobs, token_logprobs_ref, uses_triton
-    assert not logprob_module._triton_interprets(), "triton was imported in interpreter mode"
+    launched = record_launches(logprob_module)
     N, C, V = 3000, 512, 50304
     gen = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(N, C, device="cuda", generator=gen).to(torch.bfloat16)
@@ -117,7 +131,7 @@ def check_logprob() -> None:
         logp = fn(h, w, targets, chunk) if chunk else fn(h, w, targets)
         (logp.double() * upstream.double()).sum().backward()
         results[name] = [logp.detach(), h.grad, w.grad]
-    assert logprob_module._jitted.cache_info().currsize >= 2, "the Triton log-prob kernels were not launched"
+    assert {"_lse_target_kernel", "_dlogits_kernel"} <= set(launched), "the Triton log-prob kernels were not launched"
     for i, part in enumerate(("logp", "grad_hidden", "grad_weight")):
         ours = relative_error(results["fused"][i], results["ref"][i])
         naive = relative_error(results["naive"][i], results["ref"][i])
@@ -130,6 +144,7 @@ def check_model_attention() -> None:
     """The model in bf16 with attention='triton' against attention='sdpa', same weights: loss and gradients."""
     import kernels.attention as attention_module
     from model import GPT, GPTConfig
+    launched = record_launches(attention_module)
     torch.manual_seed(0)
     cfg = dict(model_type="llama", vocab_size=1000, block_size=256, n_layer=2, n_head=8, n_kv_head=2, n_embd=512)
     models = {impl: GPT(GPTConfig(**cfg, attention=impl)).cuda() for impl in ("sdpa", "triton")}
@@ -142,7 +157,7 @@ def check_model_attention() -> None:
             loss = model(idx, targets)
         loss.backward()
         outputs[impl] = (loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()]))
-    assert any(not interpreted for (_, interpreted) in attention_module._jitted), "the model did not use Triton"
+    assert "_attn_fwd_kernel" in launched, "the model did not use Triton"
     (loss_sdpa, grad_sdpa), (loss_triton, grad_triton) = outputs["sdpa"], outputs["triton"]
     grad_err = relative_error(grad_triton, grad_sdpa)
     print(f"loss sdpa {loss_sdpa:.5f} triton {loss_triton:.5f}; gradient relative difference {grad_err:.1e}")

@@ -2,10 +2,6 @@
 interpreter and the plain-PyTorch chunked path. Each test pins its path by setting TRITON_INTERPRET
 (read at call time) and by making the other path raise, so a silent fallback fails the test."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported, so it can interpret
-
 import pytest
 import torch
 
@@ -28,7 +24,11 @@ def backend(request, monkeypatch):
         monkeypatch.setattr(lp, "_lse_target_torch_", _forbid)
         monkeypatch.setattr(lp, "_dlogits_torch_", _forbid)
         real_launch = lp._launch
-        monkeypatch.setattr(lp, "_launch", lambda kernel, *args, **kw: launches.append(kernel) or real_launch(kernel, *args, **kw))
+
+        def counting_launch(kernel, *args, **kw):
+            launches.append(kernel)
+            real_launch(kernel, *args, **kw)
+        monkeypatch.setattr(lp, "_launch", counting_launch)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         monkeypatch.setattr(lp, "_launch", _forbid)
