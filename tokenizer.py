@@ -445,15 +445,16 @@ def _check_bpe_model(model: dict, path: str) -> None:
 
 def _hf_vocab_merges(model: dict, path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
     vocab = model.get("vocab")
-    if not isinstance(vocab, dict) or not all(isinstance(t, str) and isinstance(i, int) and 0 <= i < 1 << 24
-                                              for t, i in vocab.items()):
+    if not isinstance(vocab, dict) or not all(isinstance(t, str) for t in vocab) or not all(
+            isinstance(i, int) and 0 <= i < 1 << 24 for i in vocab.values()):
         raise UserError(f"{path}: model.vocab must map token strings to ids in [0, 2^24)")
-    merges = []
-    for i, merge in enumerate(model.get("merges") or []):
-        pair = merge.split(" ") if isinstance(merge, str) else merge
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(p, str) and p for p in pair)):
-            raise UserError(f"{path}: model.merges[{i}] is not a pair of tokens: {merge!r}")
-        merges.append((pair[0], pair[1]))
+    raw = model.get("merges") or []
+    if not isinstance(raw, list):
+        raise UserError(f"{path}: model.merges must be a list")
+    merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in raw]  # "a b" (older files) or ["a", "b"]
+    if set(map(len, merges)) - {2} or not all(isinstance(a, str) and isinstance(b, str) and a and b for a, b in merges):
+        i = next(i for i, m in enumerate(merges) if len(m) != 2 or not all(isinstance(p, str) and p for p in m))
+        raise UserError(f"{path}: model.merges[{i}] is not a pair of tokens: {raw[i]!r}")
     return vocab, merges
 
 
@@ -761,15 +762,14 @@ def sentencepiece_encoding(path: str, vocab: dict[str, int], merges: list[tuple[
         if len(c.encode()) > 1:
             ranks[c.encode()] = len(ranks)
             id_of_rank.append(chars[c])
-    results = set()
-    for i, (left, right) in enumerate(merges):
-        if left not in vocab or right not in vocab or left + right not in vocab:
-            missing = next(t for t in (left, right, left + right) if t not in vocab)
-            raise UserError(f"{path}: merge {i} ({left!r} {right!r}) uses {missing!r}, which is not in the vocab")
-        if (left + right).encode() not in ranks:
-            ranks[(left + right).encode()] = len(ranks)
-            id_of_rank.append(vocab[left + right])
-            results.add(left + right)
+    made = [left + right for left, right in merges]
+    if not vocab.keys() >= {t for pair in merges for t in pair}.union(made):
+        i, missing = next((i, t) for i, pair in enumerate(merges) for t in (*pair, made[i]) if t not in vocab)
+        raise UserError(f"{path}: merge {i} {merges[i]} uses {missing!r}, which is not in the vocab")
+    results = list(dict.fromkeys(made))  # each merge result once, in merge order
+    first = len(ranks)
+    ranks.update((t.encode(), first + k) for k, t in enumerate(results))
+    id_of_rank += [vocab[t] for t in results]
     pattern = sentencepiece_split_pattern(results, text.space_symbol or "▁", split)
     enc = _encoding(path, pattern, ranks, {})
     id_bytes = ["\ufffd".encode()] * (max([*vocab.values(), *added_ids]) + 1)
