@@ -122,7 +122,8 @@ class TextPipeline:
     """The tokenizers library's steps around the BPE model, in its order: non-normalized added tokens split the
     text into segments; each segment is normalized (Prepend adds its dummy prefix only there); normalized added
     tokens split it again; Metaspace turns spaces into its replacement and adds the dummy prefix per its scheme."""
-    normalizers: tuple = ()  # ("prepend", s) | ("replace", str or re.Pattern, s) | ("strip", l, r) | ("lowercase",) | ("NFC",) ...
+    # steps: ("prepend", s) | ("replace", str or re.Pattern, s) | ("strip", left, right) | ("lowercase",) | ("NFC",)...
+    normalizers: tuple = ()
     metaspace: str | None = None  # the Metaspace pre-tokenizer's replacement character
     prepend_scheme: str = "never"  # when Metaspace adds its dummy prefix: 'always' | 'first' | 'never'
     space_symbol: str | None = None  # what spaces become in vocabulary pieces ('▁'); decode turns it back
@@ -212,8 +213,15 @@ class RankIds:
     byte_ids: list[int]  # (256,) the <0xXX> byte-fallback id of each byte
     prefix_bytes: dict[int, bytes]  # rank -> bytes of each character prefix
     id_bytes: list[bytes]  # (n_vocab,) what each id decodes to
-    split_words: bool = False  # Metaspace(split=True): each replacement character starts a new word
-    whole_words: dict[str, int] | None = None  # ignore_merges: a word in the vocabulary is one id, not merged
+    whole_words: dict[str, int] | None = None  # ignore_merges: a word found in the vocabulary is one id
+    words: re.Pattern | None = None  # with ignore_merges and Metaspace(split=True): the words it splits
+
+    def encode(self, enc: tiktoken.Encoding, text: str) -> list[int]:
+        if self.whole_words is None:
+            return self.ids(enc.encode_to_numpy(text, disallowed_special=()))
+        words = self.words.findall(text) if self.words else [text]
+        return [i for word in words for i in ([self.whole_words[word]] if word in self.whole_words
+                                              else self.ids(enc.encode_to_numpy(word, disallowed_special=())))]
 
     def ids(self, ranks: np.ndarray) -> list[int]:
         ids = self.id_of_rank[ranks]
@@ -327,19 +335,14 @@ class Tokenizer:
         return ids
 
     def _bpe(self, text: str, prefix: bool) -> list[int]:
+        """One normalized piece: Metaspace's replacement and dummy prefix, then the BPE model."""
         if self.rank_ids is None:
             return self.enc.encode_ordinary(text)
         space = self.text.metaspace
         if space is not None:
             text = text.replace(" ", space)
             text = space + text if prefix and not text.startswith(space) else text
-        whole = self.rank_ids.whole_words
-        if whole is None:
-            return self.rank_ids.ids(self.enc.encode_to_numpy(text, disallowed_special=()))
-        words = re.findall(f"{re.escape(space)}[^{re.escape(space)}]*|[^{re.escape(space)}]+", text) \
-            if self.rank_ids.split_words else [text]
-        return [i for w in words for i in ([whole[w]] if w in whole else self.rank_ids.ids(
-            self.enc.encode_to_numpy(w, disallowed_special=())))]
+        return self.rank_ids.encode(self.enc, text)
 
     def save(self, directory: str) -> None:
         """Write what load_tokenizer(directory) needs to rebuild this same tokenizer."""
@@ -434,7 +437,8 @@ def _check_bpe_model(model: dict, path: str) -> None:
     kind = model.get("type", "BPE" if "merges" in model else None)
     if kind != "BPE":
         what = {"WordPiece": "a WordPiece tokenizer (BERT style)", "WordLevel": "a WordLevel tokenizer",
-                "Unigram": "a Unigram tokenizer (SentencePiece Unigram: T5, ALBERT, XLM-R)"}.get(kind, f"model type {kind!r}")
+                "Unigram": "a Unigram tokenizer (SentencePiece Unigram: T5, ALBERT, XLM-R)"}.get(
+            kind, f"model type {kind!r}")
         raise UserError(f"{path}: {what}; nanospin reads BPE tokenizers: byte-level (GPT-2, Llama-3, Qwen2) or "
                         f"SentencePiece-style with byte_fallback (Llama-2, Mistral, Gemma)")
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
@@ -550,7 +554,8 @@ def _hf_chat_template(directory: str, config: dict) -> str | None:
 
 
 def hf_tokenizer(path: str) -> Tokenizer:
-    """A Hugging Face tokenizer.json (and the tokenizer_config.json beside it): byte-level or SentencePiece-style BPE."""
+    """A Hugging Face tokenizer.json (and the tokenizer_config.json beside it): byte-level or SentencePiece-style
+    BPE."""
     spec = _read_json(path, "tokenizer.json")
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
         if isinstance(spec, dict) and spec and all(isinstance(v, int) for v in spec.values()):
@@ -770,7 +775,8 @@ def sentencepiece_encoding(path: str, vocab: dict[str, int], merges: list[tuple[
     first = len(ranks)
     ranks.update((t.encode(), first + k) for k, t in enumerate(results))
     id_of_rank += [vocab[t] for t in results]
-    pattern = sentencepiece_split_pattern(results, text.space_symbol or "▁", split)
+    space = text.space_symbol or "▁"
+    pattern = sentencepiece_split_pattern(results, space, split)
     enc = _encoding(path, pattern, ranks, {})
     id_bytes = ["\ufffd".encode()] * (max([*vocab.values(), *added_ids]) + 1)
     for token, token_id in vocab.items():
@@ -779,8 +785,10 @@ def sentencepiece_encoding(path: str, vocab: dict[str, int], merges: list[tuple[
         id_bytes[token_id] = bytes([b])
     for t in text.added:
         id_bytes[t.id] = t.content.encode()
+    s = re.escape(space)
+    words = re.compile(f"{s}[^{s}]*|[^{s}]+") if split else None  # the library's words: each '▁' starts one
     return enc, RankIds(np.array(id_of_rank, dtype=np.int64), byte_ids, prefix_bytes, id_bytes,
-                        split_words=split and text.metaspace is not None, whole_words=dict(vocab) if ignore_merges else None)
+                        whole_words=dict(vocab) if ignore_merges else None, words=words)
 
 
 def sentencepiece_bpe_ref(word: str, vocab: dict[str, int], merge_rank: dict[tuple[str, str], int]) -> list[int]:
@@ -974,7 +982,8 @@ def vocab_merges_tokenizer(directory: str, pattern: str | None = None) -> Tokeni
                 continue
             pair = line.split(" ")
             if len(pair) != 2 or not all(pair):
-                raise UserError(f"{merges_path}:{lineno}: expected two tokens separated by one space, got {line[:60]!r}")
+                raise UserError(f"{merges_path}:{lineno}: expected two tokens separated by one space, "
+                                f"got {line[:60]!r}")
             merges.append((pair[0], pair[1]))
     config = _hf_config(directory)
     tokenizer_class = config.get("tokenizer_class")
@@ -1049,7 +1058,8 @@ def _load_tokenizer(name_or_path: str, pattern: str | None) -> Tokenizer:
             return _model_file_tokenizer(path("tokenizer.model"), pattern)
         if {"vocab.json", "merges.txt"} <= files:
             return vocab_merges_tokenizer(name_or_path, pattern)
-        half = " (it has only one of vocab.json and merges.txt, which go together)" if {"vocab.json", "merges.txt"} & files else ""
+        half = (" (it has only one of vocab.json and merges.txt, which go together)"
+                if {"vocab.json", "merges.txt"} & files else "")
         raise UserError(f"tokenizer directory '{name_or_path}' has no tokenizer.json, tokenizer.model, vocab.json + "
                         f"merges.txt or {SAVED_TOKENIZER_FILE}{half}; {TOKENIZER_HELP}")
     if os.path.isfile(name_or_path):

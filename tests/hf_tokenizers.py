@@ -97,6 +97,7 @@ SP_STYLES = {
     "always-split": (None, {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}),
     "old-metaspace": (None, {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True}),
     "never": ([{"type": "Replace", "pattern": {"String": " "}, "content": "▁"}], None),  # Gemma: no dummy prefix
+    "metaspace-never": (None, {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "never", "split": False}),
 }
 
 

@@ -170,7 +170,8 @@ def test_rendering_equals_apply_chat_template(tmp_path, template, style):
         if template != "zephyr":
             assert prompt == apply(messages[:-1], add_generation_prompt=True)
         content = messages[-1]["content"]
-        assert data.response_text(tok, response[:-1], template) == (content.strip() if template == "llama3" else content)
+        expected = content.strip() if template == "llama3" else content
+        assert data.response_text(tok, response[:-1], template) == expected
 
 
 # -----------------------------------------------------------------------------

@@ -228,19 +228,25 @@ def test_sentencepiece_vocabulary_and_specials_equal_tokenizers(sp_trained):
     assert tok.eos_id == hf.token_to_id("</s>") and tok.specials["<s>"] == hf.token_to_id("<s>")
 
 
+def metaspace_prefix(style: str) -> bool:
+    """Whether the style's Metaspace pre-tokenizer adds a dummy prefix (only where the text has no leading space)."""
+    pre = SP_STYLES[style][1]
+    return bool(pre) and pre.get("prepend_scheme", "always") != "never"
+
+
 def test_sentencepiece_decode_inverts_encode(sp_trained):
     """Exact, except for a literal '▁' (it decodes to a space) and Metaspace's missing prefix before a leading
     space (encode(' a') == encode('a'), so decode gives 'a')."""
     style, *_, tok = sp_trained
     for text in [t for t in varied_texts() if "▁" not in t]:
-        expected = text[1:] if SP_STYLES[style][1] and text.startswith(" ") else text
+        expected = text[1:] if metaspace_prefix(style) and text.startswith(" ") else text
         assert tok.decode(tok.encode(text)) == expected, repr(text)
 
 
 def hf_words(style: str, text: str) -> list[str]:
     """The words the library's BPE sees for a text without added tokens, by how the style adds the dummy prefix."""
     word = text.replace(" ", "▁")
-    if style == "prepend" or (style != "never" and not word.startswith("▁")):
+    if style == "prepend" or (metaspace_prefix(style) and not word.startswith("▁")):
         word = "▁" + word
     if SP_STYLES[style][1] and SP_STYLES[style][1].get("split", True):  # each '▁' starts a word of its own
         return re.findall("▁[^▁]*|[^▁]+", word)
@@ -285,13 +291,12 @@ def test_encode_parts_equals_tokenizers_on_the_joined_string(sp_trained):
     """Text and special ids (an lstrip/rstrip one among them) give the ids of the joined string."""
     *_, hf, tok = sp_trained
     rng = random.Random(3)
-    specials = [tok.specials[s] for s in ("</s>", "<s>", "<r>")]
     names = {tok.specials[s]: s for s in ("</s>", "<s>", "<r>")}
+    texts = [t.replace("</s>", "").replace("<s>", "") for t in fuzz_texts(200, seed=5)]
+    hf.encode_special_tokens = False
     for _ in range(150):
-        parts = [rng.choice(specials) if rng.random() < 0.3 else rng.choice(fuzz_texts(20, rng.randint(0, 99)))
-                 .replace("</s>", "").replace("<s>", "") for _ in range(rng.randint(1, 6))]
+        parts = [rng.choice(list(names)) if rng.random() < 0.3 else rng.choice(texts) for _ in range(rng.randint(1, 6))]
         joined = "".join(names[p] if isinstance(p, int) else p for p in parts)
-        hf.encode_special_tokens = False
         assert tok.encode_parts(parts) == hf.encode(joined, add_special_tokens=False).ids, repr(parts)
 
 
@@ -314,19 +319,6 @@ def test_sentencepiece_save_then_load_rebuilds_the_same_tokenizer(sp_trained, tm
     assert again.kind == "sentencepiece" and (again.eos_id, again.specials) == (tok.eos_id, tok.specials)
     for text in HELD_OUT:
         assert again.encode(text) == tok.encode(text)
-
-
-def test_metaspace_prepend_scheme_of_older_files(tmp_path):
-    """Files written before `prepend_scheme` say add_prefix_space; false means no dummy prefix."""
-    sentencepiece_hf_tokenizer(tmp_path, "old-metaspace", "spm")
-    spec = json.loads((tmp_path / "tokenizer.json").read_text())
-    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "add_prefix_space": False, "prepend_scheme": "never"}
-    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
-    from tokenizers import Tokenizer as HFTokenizer
-
-    hf, tok = HFTokenizer.from_file(str(tmp_path / "tokenizer.json")), tokenizer.load_tokenizer(str(tmp_path))
-    for text in HELD_OUT:
-        assert tok.encode(text) == hf_ids(hf, text)
 
 
 # -----------------------------------------------------------------------------
@@ -399,7 +391,8 @@ def real_llama2():
     from tokenizers import Tokenizer as HFTokenizer
 
     directory = real_dir("llama2_hf")
-    return directory, HFTokenizer.from_file(os.path.join(directory, "tokenizer.json")), tokenizer.load_tokenizer(directory)
+    hf = HFTokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+    return directory, hf, tokenizer.load_tokenizer(directory)
 
 
 def test_real_llama2_tokenizer_json_ids_equal_tokenizers(real_llama2):
@@ -535,7 +528,8 @@ def test_tiktoken_file_of_a_known_encoding_gets_its_regex_and_specials(tmp_path,
     """Known by its sha256; here our test file stands in for one, registered under its own hash."""
     _, path = tiktoken_file_of(tmp_path)
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    monkeypatch.setitem(tokenizer.KNOWN_TIKTOKEN_FILES, digest, ("test", tokenizer.LLAMA3_PATTERN, {"<|endoftext|>": 900}))
+    known = ("test", tokenizer.LLAMA3_PATTERN, {"<|endoftext|>": 900})
+    monkeypatch.setitem(tokenizer.KNOWN_TIKTOKEN_FILES, digest, known)
     tok = tokenizer.load_tokenizer(path)
     assert tok.enc._pat_str == tokenizer.LLAMA3_PATTERN and tok.eos_id == 900 and tok.specials["<|im_start|>"] == 901
 
@@ -653,7 +647,8 @@ def test_directories_with_partial_or_broken_files(tmp_path, files, message):
 
 
 @pytest.mark.parametrize("model, message", [
-    ({"type": "WordPiece", "vocab": {"a": 0}, "unk_token": "[UNK]"}, "a WordPiece tokenizer .BERT style.; nanospin reads BPE"),
+    ({"type": "WordPiece", "vocab": {"a": 0}, "unk_token": "[UNK]"},
+     "a WordPiece tokenizer .BERT style.; nanospin reads BPE"),
     ({"type": "Unigram", "vocab": [["<unk>", 0.0]]}, "a Unigram tokenizer .SentencePiece Unigram"),
     ({"type": "WordLevel", "vocab": {"a": 0}}, "a WordLevel tokenizer; nanospin reads BPE"),
     ({"type": "BPE", "vocab": {"a": 0}, "merges": []}, "BPE with neither a ByteLevel pre-tokenizer nor byte_fallback"),
@@ -666,12 +661,13 @@ def test_tokenizer_types_nanospin_does_not_run_are_refused(tmp_path, model, mess
         tokenizer.load_tokenizer(str(tmp_path / "tokenizer.json"))
 
 
-@pytest.mark.parametrize("name", ["bytes", "gpt2-dir", "sp-dir"])
+@pytest.mark.parametrize("name", ["bytes", "byte-level", "sentencepiece"])
 def test_tokenizer_pattern_is_refused_where_the_tokenizer_has_its_own(tmp_path, name):
-    path = "bytes"
-    if name != "bytes":
-        path = str(tmp_path)
-        (train_hf_tokenizer if name == "gpt2-dir" else sentencepiece_hf_tokenizer)(tmp_path, *(["gpt2"] if name == "gpt2-dir" else []))
+    path = "bytes" if name == "bytes" else str(tmp_path)
+    if name == "byte-level":
+        train_hf_tokenizer(tmp_path, "gpt2")
+    if name == "sentencepiece":
+        sentencepiece_hf_tokenizer(tmp_path)
     with pytest.raises(UserError, match="tokenizer_pattern is set, but tokenizer .* has its own split rules"):
         tokenizer.load_tokenizer(path, pattern=r"\S+|\s+")
 
@@ -696,8 +692,8 @@ def test_no_tokenizer_input_crashes_with_a_traceback(tmp_path):
     small = json.loads((tmp_path / "sp" / "tokenizer.json").read_text())
     small["model"]["merges"] = small["model"]["merges"][:40]
     sources = {"tokenizer.json": json.dumps(small, ensure_ascii=False).encode()}
-    write_sentencepiece_model(tmp_path / "sp.model", [("<unk>", 0.0, 2), ("a", -1.0, 1), ("b", -2.0, 1), ("ab", -3.0, 1)]
-                              + [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)])
+    pieces = [("<unk>", 0.0, 2), ("a", -1.0, 1), ("b", -2.0, 1), ("ab", -3.0, 1)]
+    write_sentencepiece_model(tmp_path / "sp.model", pieces + [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)])
     sources["tokenizer.model"] = (tmp_path / "sp.model").read_bytes()
     sources["my.tiktoken"] = b"".join(base64_line(bytes([b]), b) for b in range(256))
     sources["vocab.json"] = json.dumps({"a": 0, "b": 1, "ab": 2}).encode()
