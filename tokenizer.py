@@ -241,7 +241,7 @@ class Tokenizer:
     specials: dict[str, int]  # special (and added) token text -> id
     chat_template: str | None = None  # the template recognised in a Hugging Face directory
     kind: str = "bpe"  # 'bytes' | 'tiktoken' (a named encoding) | 'bpe' (byte-level, ranks = ids) | 'sentencepiece'
-    text: TextPipeline = field(default_factory=TextPipeline)
+    pipeline: TextPipeline = field(default_factory=TextPipeline)
     rank_ids: RankIds | None = None
     source_files: tuple = ()  # files copied along by save() (a SentencePiece tokenizer is rebuilt from them)
 
@@ -280,7 +280,7 @@ class Tokenizer:
             table = self.rank_ids.id_bytes
             data = b"".join(table[i] if 0 <= i < len(table) else "\ufffd".encode() for i in ids)
             text = data.decode("utf-8", errors="replace")
-            return text[1:] if text.startswith(" ") and self.text.adds_prefix(self._last(after)) else text
+            return text[1:] if text.startswith(" ") and self.pipeline.adds_prefix(self._last(after)) else text
         try:
             return self.enc.decode(ids, errors="replace")
         except KeyError:
@@ -297,7 +297,7 @@ class Tokenizer:
         return len(self.rank_ids.id_bytes) if self.rank_ids is not None else self.enc.n_vocab
 
     def _added(self, token_id: int) -> AddedToken:
-        return self.text.by_id.get(token_id) or AddedToken("", token_id)
+        return self.pipeline.by_id.get(token_id) or AddedToken("", token_id)
 
     def _last(self, after) -> int | str | None:
         """What the next text follows: None (the string's start), a special token's id, or text of its segment."""
@@ -311,7 +311,7 @@ class Tokenizer:
     def _encode_text(self, text: str, prev: int | str | None) -> list[int]:
         """Text between two specials: cut at non-special added tokens, each piece a segment of its own."""
         ids: list[int] = []
-        for piece in split_added(text, self.text.raw_added, self.text.by_content):
+        for piece in split_added(text, self.pipeline.raw_added, self.pipeline.by_content):
             if isinstance(piece, int):
                 ids.append(piece)
             else:
@@ -321,16 +321,16 @@ class Tokenizer:
 
     def _encode_segment(self, text: str, prev: int | str | None) -> list[int]:
         continues = isinstance(prev, str)
-        text = self.text.normalize(text, starts_segment=not continues)
-        pattern, tokens = self.text.normalized_added
+        text = self.pipeline.normalize(text, starts_segment=not continues)
+        pattern, tokens = self.pipeline.normalized_added
         ids: list[int] = []
         for i, piece in enumerate(split_added(text, pattern, tokens)):
             if isinstance(piece, int):
                 ids.append(piece)
                 continue
             # the library adds Metaspace's prefix to every piece (always) or to the string's first one (first)
-            prefix = (not continues or i > 0) and (self.text.prepend_scheme == "always" or
-                                                   self.text.prepend_scheme == "first" and prev is None and i == 0)
+            prefix = (not continues or i > 0) and (self.pipeline.prepend_scheme == "always" or
+                                                   self.pipeline.prepend_scheme == "first" and prev is None and i == 0)
             ids += self._bpe(piece, prefix)
         return ids
 
@@ -338,7 +338,7 @@ class Tokenizer:
         """One normalized piece: Metaspace's replacement and dummy prefix, then the BPE model."""
         if self.rank_ids is None:
             return self.enc.encode_ordinary(text)
-        space = self.text.metaspace
+        space = self.pipeline.metaspace
         if space is not None:
             text = text.replace(" ", space)
             text = space + text if prefix and not text.startswith(space) else text
@@ -355,8 +355,8 @@ class Tokenizer:
                 for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
                     f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
             meta.update(pat_str=self.enc._pat_str, specials=self.specials, ranks_file=SAVED_RANKS_FILE,
-                        normalizers=_steps_to_json(self.text.normalizers),
-                        added_tokens=[vars(t) for t in self.text.added])
+                        normalizers=_steps_to_json(self.pipeline.normalizers),
+                        added_tokens=[vars(t) for t in self.pipeline.added])
         if self.kind == "sentencepiece":
             meta["source"] = os.path.basename(self.source_files[0])
         for src in self.source_files:
@@ -508,6 +508,12 @@ def _hf_files(directory: str) -> tuple[str, ...]:
     return tuple(os.path.join(directory, f) for f in HF_FILES if os.path.isfile(os.path.join(directory, f)))
 
 
+def _sources(path: str) -> tuple[str, ...]:
+    """What save() copies for a tokenizer rebuilt from the file at path: that file first, then the others."""
+    directory = os.path.dirname(os.path.abspath(path))
+    return (path, *(f for f in _hf_files(directory) if os.path.basename(f) != os.path.basename(path)))
+
+
 def _hf_config(directory: str) -> dict:
     path = os.path.join(directory, "tokenizer_config.json")
     if not os.path.isfile(path):
@@ -574,7 +580,7 @@ def hf_tokenizer(path: str) -> Tokenizer:
     if _is_byte_level(spec.get("pre_tokenizer")):
         enc = byte_level_encoding(path, vocab, merges, _hf_pattern(spec.get("pre_tokenizer"), path), specials)
         return Tokenizer(enc=enc, eos_id=_hf_eos(path, config, specials), **common,
-                         text=TextPipeline(normalizers=normalizers, added=added), source_files=_hf_files(directory))
+                         pipeline=TextPipeline(normalizers=normalizers, added=added), source_files=_hf_files(directory))
     if not model.get("byte_fallback"):
         raise UserError(f"{path}: BPE with neither a ByteLevel pre-tokenizer nor byte_fallback: characters outside "
                         f"its vocabulary would become <unk>; nanospin reads byte-level or byte_fallback BPE")
@@ -582,8 +588,8 @@ def hf_tokenizer(path: str) -> Tokenizer:
     space = metaspace or next((a[1] for kind, *a in normalizers if kind == "replace" and a[0] == " "), None)
     text = TextPipeline(normalizers, metaspace, scheme, space, added)
     enc, rank_ids = sentencepiece_encoding(path, vocab, merges, text, split, bool(model.get("ignore_merges")))
-    return Tokenizer(enc=enc, eos_id=_hf_eos(path, config, specials), **common, kind="sentencepiece", text=text,
-                     rank_ids=rank_ids, source_files=_hf_files(directory))
+    return Tokenizer(enc=enc, eos_id=_hf_eos(path, config, specials), **common, kind="sentencepiece", pipeline=text,
+                     rank_ids=rank_ids, source_files=_sources(path))
 
 
 # -----------------------------------------------------------------------------
@@ -919,10 +925,9 @@ def sentencepiece_model_tokenizer(path: str) -> Tokenizer:
     eos_id = trainer.get(42, 2)
     if "eos_token" not in config and 0 <= eos_id < len(pieces):
         config = {**config, "eos_token": pieces[eos_id][0]}
-    others = tuple(f for f in _hf_files(directory) if os.path.basename(f) != os.path.basename(path))
     return Tokenizer(enc=enc, name=path, eos_id=_hf_eos(path, config, special_ids), specials=special_ids,
-                     chat_template=_hf_chat_template(directory, config), kind="sentencepiece", text=text,
-                     rank_ids=rank_ids, source_files=(path, *others))
+                     chat_template=_hf_chat_template(directory, config), kind="sentencepiece", pipeline=text,
+                     rank_ids=rank_ids, source_files=_sources(path))
 
 
 # -----------------------------------------------------------------------------
@@ -1019,8 +1024,8 @@ def saved_tokenizer(directory: str) -> Tokenizer:
     added += tuple(AddedToken(s, specials[s], special=False) for s in meta.get("added_text_tokens", ()))  # older files
     normalizers = _steps_from_json(meta.get("normalizers", [["NFC"]] if meta.get("normalization") else []))
     return Tokenizer(enc=enc, name=directory, eos_id=int(meta["eos_id"]), specials=specials,
-                     chat_template=meta.get("chat_template"), text=TextPipeline(normalizers=normalizers, added=added),
-                     source_files=_hf_files(directory))
+                     chat_template=meta.get("chat_template"), source_files=_hf_files(directory),
+                     pipeline=TextPipeline(normalizers=normalizers, added=added))
 
 
 def _model_file_tokenizer(path: str, pattern: str | None) -> Tokenizer:

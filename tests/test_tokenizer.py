@@ -228,6 +228,14 @@ def test_sentencepiece_vocabulary_and_specials_equal_tokenizers(sp_trained):
     assert tok.eos_id == hf.token_to_id("</s>") and tok.specials["<s>"] == hf.token_to_id("<s>")
 
 
+def test_sentencepiece_tokenizer_json_of_another_name_saves_and_reloads(tmp_path):
+    sentencepiece_hf_tokenizer(tmp_path / "hf", "first")
+    os.rename(tmp_path / "hf" / "tokenizer.json", tmp_path / "hf" / "mine.json")
+    tok = tokenizer.load_tokenizer(str(tmp_path / "hf" / "mine.json"))
+    tok.save(str(tmp_path / "saved"))
+    assert tokenizer.load_tokenizer(str(tmp_path / "saved")).encode(HELD_OUT[1]) == tok.encode(HELD_OUT[1])
+
+
 def metaspace_prefix(style: str) -> bool:
     """Whether the style's Metaspace pre-tokenizer adds a dummy prefix (only where the text has no leading space)."""
     pre = SP_STYLES[style][1]
@@ -427,65 +435,6 @@ def test_real_gpt2_tokenizer_json_and_vocab_merges_equal_tokenizers(tmp_path):
     assert pair.eos_id == full.eos_id == 50256 and pair.n_vocab == full.n_vocab == 50257
     for text in real_texts():
         assert pair.encode(text) == full.encode(text) == hf_ids(hf, text), repr(text)
-
-
-# -----------------------------------------------------------------------------
-# 'bytes' and tiktoken's named encodings
-
-
-def test_bytes_tokenizer_ids_are_the_utf8_bytes():
-    tok = tokenizer.load_tokenizer("bytes")
-    text = "héllo 😀 <|im_end|>\n"
-    ids = tok.encode(text)
-    assert ids == list(text.encode("utf-8")) and tok.decode(ids) == text
-
-
-def test_bytes_tokenizer_specials_follow_the_256_bytes():
-    tok = tokenizer.load_tokenizer("bytes")
-    assert tok.n_vocab == 256 + len(tokenizer.CHAT_SPECIALS)
-    assert sorted(tok.specials.values()) == list(range(256, tok.n_vocab))
-    assert tok.eos_id == tok.specials["<|endoftext|>"]
-
-
-def test_decode_writes_specials_as_text_and_invalid_utf8_as_replacement():
-    tok = tokenizer.load_tokenizer("bytes")
-    assert tok.decode([tok.specials["<|im_start|>"], 104, 0xFF]) == "<|im_start|>h\ufffd"
-
-
-def test_decode_replaces_ids_past_the_vocabulary():
-    tok = tokenizer.load_tokenizer("bytes")
-    assert tok.decode([104, tok.n_vocab + 7, 105]) == "h\ufffdi"  # a padded-vocab id from a sampler
-
-
-def test_named_encoding_without_network_says_how_to_provide_it(tmp_path, monkeypatch):
-    def no_network(blobpath):
-        raise ConnectionError(f"no network for {blobpath}")
-
-    monkeypatch.setattr(tiktoken.load, "read_file", no_network)  # never wait on the network here
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
-    with pytest.raises(UserError) as err:
-        tokenizer.load_tokenizer("cl100k_base")
-    message = str(err.value)
-    url = tokenizer.TIKTOKEN_URLS["cl100k_base"][0]
-    assert "TIKTOKEN_CACHE_DIR" in message and url in message
-    assert hashlib.sha1(url.encode()).hexdigest() in message
-
-
-def test_named_encoding_gets_the_chat_specials_it_lacks(monkeypatch):
-    base = tiktoken.Encoding("fake", pat_str=r"[\s\S]+", mergeable_ranks={bytes([b]): b for b in range(256)},
-                             special_tokens={"<|endoftext|>": 256, "<|endofprompt|>": 257})
-    monkeypatch.setattr(tokenizer.tiktoken, "get_encoding", lambda name: base)
-    tok = tokenizer.load_tokenizer("cl100k_base")
-    assert tok.eos_id == 256 and tok.specials["<|endofprompt|>"] == 257
-    assert tok.specials["<|im_start|>"] == 258  # appended after the vocabulary, in CHAT_SPECIALS order
-    assert tok.n_vocab == 258 + len(tokenizer.CHAT_SPECIALS) - 1
-    assert tok.kind == "tiktoken" and tok.name == "cl100k_base"
-
-
-def test_unknown_tokenizer_name():
-    with pytest.raises(UserError, match="neither a file"):
-        tokenizer.load_tokenizer("no-such-tokenizer")
 
 
 # -----------------------------------------------------------------------------
