@@ -1,27 +1,21 @@
 """Tokenizers: tiktoken runs every BPE; a small Tokenizer dataclass does what Hugging Face does around it.
 
 Design choices:
-- 'bytes' is offline: 256 single-byte tokens, then the chat specials. tiktoken's named encodings and tiktoken BPE
-  files get the chat specials they lack appended after their vocabulary; a file's split regex comes from the known
-  encoding whose sha256 it has (r50k/p50k/cl100k/o200k, Llama-3's tokenizer.model), else from `pattern`.
-- Hugging Face byte-level BPE (tokenizer.json, or vocab.json + merges.txt) is converted, not run: rank = id, the
-  regex comes from the pre-tokenizer, and the ids equal the `tokenizers` library's.
-- SentencePiece-style BPE (byte_fallback, '▁' for spaces; tokenizer.json, or a bare SentencePiece tokenizer.model
-  read by hand) runs in tiktoken with ranks of our own order: the 256 bytes, the byte prefixes of each vocabulary
-  character, the characters, then merge results in merge order -- so characters form before any merge, as HF's
-  BPE starts from characters -- and a lookup array maps ranks to the model's ids (a byte prefix left unfinished,
-  i.e. a character outside the vocabulary, becomes its <0xXX> byte-fallback ids). The split regex cuts only where
-  no merge result can cross (before '▁' runs, around characters no merge uses), so tiktoken sees short pieces.
-  sentencepiece_bpe_ref is the plain merge loop it is tested against.
-- What the tokenizers library does around the BPE is redone in Python per text segment: added tokens (lstrip,
-  rstrip, single_word, normalized), normalizers, and the dummy prefix ('▁' that Prepend adds to every segment
-  between added tokens, Metaspace to every segment or only the first). encode_parts encodes a chat rendering
-  (text and special-token ids) as the library encodes the joined string; `after` says what precedes the parts.
-- Special-token text inside content stays text: only the chat templates (data.py) insert control tokens.
-  A Hugging Face directory's Jinja chat template is recognised here (by its special tokens), rendered there.
-- decode(encode(s)) == s, except where the model's own pipeline loses information: its normalizer (NFC, ...), a
-  literal '▁' in s (decodes to a space), and a leading space under Metaspace, which adds no dummy prefix before a
-  space: encode(' a') == encode('a') there, and decode gives 'a'. SentencePiece also drops the prefix's space.
+- Byte-level BPE (tokenizer.json, vocab.json + merges.txt) is converted with rank = id and the pre-tokenizer's regex.
+  A tiktoken file's regex comes from the known encoding with its sha256, else from `pattern`.
+- SentencePiece-style BPE (byte_fallback; tokenizer.json, or a tokenizer.model read by hand) runs in tiktoken with
+  ranks of our own order -- bytes, byte prefixes of each vocabulary character, characters, merge results -- so
+  characters form before any merge, as in HF; an array maps ranks to ids, an unfinished prefix to its <0xXX> ids.
+  The split regex cuts only where no merge result can cross. sentencepiece_bpe_ref is the plain merge loop it is
+  tested against.
+- Around the BPE, the tokenizers library's steps are redone per segment: added tokens (lstrip/rstrip/single_word/
+  normalized), normalizers, and the dummy prefix ('▁' per segment for Prepend; Metaspace: always/first/never).
+  encode_parts encodes a chat rendering (text, special ids) as HF encodes the joined string.
+- Special-token text inside content stays text: only the chat templates (data.py) insert control tokens. 'bytes'
+  and tiktoken encodings get the chat specials they lack after their vocabulary; a Hugging Face directory's Jinja
+  chat template is recognised here, by its special tokens, and rendered there.
+- decode(encode(s)) == s except where the model's pipeline loses it: its normalizer, a literal '▁' (a space once
+  decoded), and a leading space under Metaspace, which then adds no prefix (encode(' a') == encode('a')).
 - Tokenizer.save writes what load_tokenizer needs to rebuild the same ids, so a run directory is self-contained.
 """
 
@@ -584,7 +578,7 @@ def hf_tokenizer(path: str) -> Tokenizer:
     if not model.get("byte_fallback"):
         raise UserError(f"{path}: BPE with neither a ByteLevel pre-tokenizer nor byte_fallback: characters outside "
                         f"its vocabulary would become <unk>; nanospin reads byte-level or byte_fallback BPE")
-    metaspace, scheme, split = _hf_metaspace(spec.get("pre_tokenizer"), path)
+    metaspace, scheme, split = _hf_metaspace(spec.get("pre_tokenizer"), path, normalizers)
     space = metaspace or next((a[1] for kind, *a in normalizers if kind == "replace" and a[0] == " "), None)
     text = TextPipeline(normalizers, metaspace, scheme, space, added)
     enc, rank_ids = sentencepiece_encoding(path, vocab, merges, text, split, bool(model.get("ignore_merges")))
@@ -707,9 +701,14 @@ def byte_level_encoding(path: str, vocab: dict[str, int], merges: list[tuple[str
 # SentencePiece-style BPE (byte_fallback): tiktoken runs it with ranks of our own order, mapped to the model's ids
 
 
-def _hf_metaspace(pre, path: str) -> tuple[str | None, str, bool]:
-    """(replacement, prepend_scheme, split) of a Metaspace pre-tokenizer; (None, 'never', False) without one."""
-    steps = _pre_tokenizer_steps(pre)
+def _hf_metaspace(pre, path: str, normalizers: tuple) -> tuple[str | None, str, bool]:
+    """(replacement, prepend_scheme, split) of a Metaspace pre-tokenizer; (None, 'never', False) without one.
+    A Split on a string the normalizer replaces everywhere splits nothing (Gemma's on ' ', after ' ' -> '▁')."""
+    def splits_nothing(step: dict) -> bool:
+        s = (step.get("pattern") or {}).get("String") if step.get("type") == "Split" else None
+        return isinstance(s, str) and bool(s) and s not in TextPipeline(normalizers).normalize(f"a{s}b{s}", True)
+
+    steps = [step for step in _pre_tokenizer_steps(pre) if not splits_nothing(step)]
     if not steps:
         return None, "never", False
     if len(steps) == 1 and steps[0].get("type") == "Metaspace":

@@ -96,7 +96,8 @@ SP_STYLES = {
     "first": (None, {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}),
     "always-split": (None, {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}),
     "old-metaspace": (None, {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True}),
-    "never": ([{"type": "Replace", "pattern": {"String": " "}, "content": "▁"}], None),  # Gemma: no dummy prefix
+    "gemma": ([{"type": "Replace", "pattern": {"String": " "}, "content": "▁"}],  # no dummy prefix, and a Split
+              {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}),
     "metaspace-never": (None, {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "never", "split": False}),
 }
 

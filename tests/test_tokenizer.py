@@ -239,7 +239,7 @@ def test_sentencepiece_tokenizer_json_of_another_name_saves_and_reloads(tmp_path
 def metaspace_prefix(style: str) -> bool:
     """Whether the style's Metaspace pre-tokenizer adds a dummy prefix (only where the text has no leading space)."""
     pre = SP_STYLES[style][1]
-    return bool(pre) and pre.get("prepend_scheme", "always") != "never"
+    return bool(pre) and pre["type"] == "Metaspace" and pre.get("prepend_scheme", "always") != "never"
 
 
 def test_sentencepiece_decode_inverts_encode(sp_trained):
@@ -256,7 +256,7 @@ def hf_words(style: str, text: str) -> list[str]:
     word = text.replace(" ", "▁")
     if style == "prepend" or (metaspace_prefix(style) and not word.startswith("▁")):
         word = "▁" + word
-    if SP_STYLES[style][1] and SP_STYLES[style][1].get("split", True):  # each '▁' starts a word of its own
+    if metaspace_prefix(style) and SP_STYLES[style][1].get("split", True):  # each '▁' starts a word of its own
         return re.findall("▁[^▁]*|[^▁]+", word)
     return [word]
 
