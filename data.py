@@ -26,8 +26,9 @@ from configurator import UserError
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
-# Chat templates: a turn is a list of parts, text (str) or special-token ids (int); adjacent texts are
-# encoded together so BPE sees the same strings a Hugging Face template would give it.
+# Chat templates: a turn is a list of parts, text (str) or special-token ids (int); Tokenizer.encode_parts gives the
+# ids Hugging Face gives the joined string (each text segment between specials encoded on its own, with its own
+# SentencePiece dummy prefix), and a response is encoded as the text that follows its prompt's header.
 
 TEMPLATES = ("chatml", "llama3", "zephyr", "plain")
 ROLES = ("system", "user", "assistant")
@@ -70,18 +71,6 @@ def _turn(tok: Tokenizer, template: str, role: str, content: str) -> list[str | 
     return _header(tok, template, role) + [content, eot, "\n"]
 
 
-def _encode_parts(tok: Tokenizer, parts: list[str | int]) -> list[int]:
-    ids: list[int] = []
-    text = ""
-    for part in parts:
-        if isinstance(part, int):
-            ids += tok.encode(text) + [part]
-            text = ""
-        else:
-            text += part
-    return ids + tok.encode(text)
-
-
 def _message_error(m, where: str) -> str | None:
     """Why m is not a chat message {'role': one of ROLES, 'content': str}, or None if it is one."""
     if not isinstance(m, dict):
@@ -102,13 +91,19 @@ def render_prompt(tok: Tokenizer, messages: list[dict], template: str) -> list[i
     parts = [tok.specials["<|begin_of_text|>"]] if template == "llama3" else []
     for m in messages:
         parts += _turn(tok, template, m["role"], m["content"])
-    return _encode_parts(tok, parts + _header(tok, template, "assistant"))
+    return tok.encode_parts(parts + _header(tok, template, "assistant"))
 
 
 def render_response(tok: Tokenizer, text: str, template: str) -> list[int]:
-    """The assistant's content followed by the end-of-turn token (part of what the model learns)."""
+    """The assistant's content followed by the end-of-turn token (part of what the model learns), encoded as
+    the text that follows the assistant header (no SentencePiece dummy prefix when the header ends in text)."""
     content = text.strip() if template == "llama3" else text
-    return tok.encode(content) + [end_of_turn_id(tok, template)]
+    return tok.encode_parts([content, end_of_turn_id(tok, template)], after=_header(tok, template, "assistant"))
+
+
+def response_text(tok: Tokenizer, ids: list[int], template: str) -> str:
+    """The text of a response's ids (stop tokens already removed): what render_response encodes back to them."""
+    return tok.decode(ids, after=_header(tok, template, "assistant"))
 
 
 def stop_ids(tok: Tokenizer, template: str) -> list[int]:

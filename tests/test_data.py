@@ -11,6 +11,8 @@ import torch
 
 import data
 from configurator import UserError, run_main
+from hf_tokenizers import (CHATML_JINJA, LLAMA3_JINJA, ZEPHYR_JINJA, sentencepiece_hf_tokenizer,
+                           train_hf_tokenizer)
 from tokenizer import CHAT_SPECIALS, Tokenizer, load_tokenizer
 
 
@@ -115,6 +117,61 @@ def test_auto_template_is_chatml_when_the_tokenizer_has_its_specials():
 
 def test_auto_template_falls_back_to_plain():
     assert data.resolve_template(eos_only_tokenizer(), "auto") == "plain"
+
+
+# -----------------------------------------------------------------------------
+# Chat renderings against transformers' apply_chat_template, on tokenizers built with the `tokenizers` library
+
+CHATS = [
+    [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": " What's 2+2?\n"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "日本語で？ 😀"},
+     {"role": "assistant", "content": " 四です。 ok\n\n"}],
+    [{"role": "user", "content": "code:\n    def f(x):\n\treturn x  "}, {"role": "assistant", "content": "Café ½ ok"}],
+]
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def chat_tokenizers(directory, template: str, style: str):
+    """(ours, transformers' apply_chat_template) for one model directory built here."""
+    from transformers import PreTrainedTokenizerFast
+
+    if template == "zephyr":  # SentencePiece style: <|user|> stays text, </s> is the special end of turn
+        hf = sentencepiece_hf_tokenizer(directory, style, "spm", chat_template=ZEPHYR_JINJA)
+        bos, eos = "<s>", "</s>"
+    elif template == "chatml":
+        hf = train_hf_tokenizer(directory, style, chat_template=CHATML_JINJA)
+        bos, eos = None, "<|im_end|>"
+    else:
+        hf = train_hf_tokenizer(directory, style, LLAMA3_SPECIALS, LLAMA3_JINJA, eos="<|eot_id|>")
+        bos, eos = "<|begin_of_text|>", "<|eot_id|>"
+    reference = PreTrainedTokenizerFast(tokenizer_object=hf, bos_token=bos, eos_token=eos)
+    reference.chat_template = {"zephyr": ZEPHYR_JINJA, "chatml": CHATML_JINJA, "llama3": LLAMA3_JINJA}[template]
+
+    def apply(messages, **kwargs) -> list[int]:
+        return list(reference.apply_chat_template(messages, tokenize=True, **kwargs)["input_ids"])
+
+    return load_tokenizer(str(directory)), apply
+
+
+@pytest.mark.parametrize("template, style", [("zephyr", "prepend"), ("zephyr", "first"), ("zephyr", "always-split"),
+                                             ("chatml", "gpt2"), ("llama3", "llama3")])
+def test_rendering_equals_apply_chat_template(tmp_path, template, style):
+    """prompt + response (+ the newline the template puts after a turn's end) == the whole conversation's ids; a
+    chatml/llama3 prompt == its generation prompt (zephyr's lacks the newline after <|assistant|> its turns have)."""
+    tok, apply = chat_tokenizers(tmp_path, template, style)
+    assert data.resolve_template(tok, "auto") == template
+    eot = data.end_of_turn_id(tok, template)
+    for messages in CHATS:
+        prompt = data.render_prompt(tok, messages[:-1], template)
+        response = data.render_response(tok, messages[-1]["content"], template)
+        after_turn = [] if template == "llama3" else tok.encode("\n", after=[eot])
+        assert prompt + response + after_turn == apply(messages)
+        if template != "zephyr":
+            assert prompt == apply(messages[:-1], add_generation_prompt=True)
+        content = messages[-1]["content"]
+        expected = content.strip() if template == "llama3" else content
+        assert data.response_text(tok, response[:-1], template) == expected
 
 
 # -----------------------------------------------------------------------------

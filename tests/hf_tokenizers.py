@@ -1,0 +1,195 @@
+"""Tokenizers the tests build with the `tokenizers` library (the reference), saved as Hugging Face directories:
+byte-level BPE in the GPT-2, Llama-3 and SmolLM styles, and SentencePiece-style BPE with byte_fallback in the styles
+real models ship (Llama-2's Prepend normalizer; Metaspace with each prepend scheme; no dummy prefix); a writer of
+SentencePiece tokenizer.model files; the chat templates' Jinja text; and text that exercises tokenizers."""
+
+import json
+import os
+import random
+import struct
+
+TRAIN_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. It's 2024, and we've got 1234567 reasons!",
+    "Café naïve résumé über straße déjà vu — «quotes» and ‘single’ “double”.",
+    "日本語のテキストです。中文文本也在这里。한국어 문장도 있습니다.",
+    "Emoji: 😀🎉👍🏽 👨‍👩‍👧 🇫🇷 ❤️ ✓",
+    "def f(x):\n    return x**2 + 3*x - 1  # comment\n\n\tif a != b: print(\"hi\")\n",
+    "   leading spaces, trailing spaces   \n\n\n   multiple\r\n newlines \t tabs\t\t",
+    "I'm, you're, he'll, they'd, she's, it's, we've, I'D, YOU'LL",
+    "numbers 3.14159 2,718 10e-5 007 123456789 ١٢٣ ½",
+    "<html><body class=\"x\">text &amp; more</body></html> {\"json\": [1, 2, 3]}",
+] * 3
+HELD_OUT = [
+    "Held-out: Zürich's 42 cafés   served 3,000 crêpes!!\n\n  ok",
+    "混合 text with 日本 and 😀 emoji ... and spaces      end  ",
+    "x = [i for i in range(10)] ; y={'a':1}\n\t\treturn None\r\n",
+    "They'll've DONE it's 99 problems 123456 7 89",
+    "   \n \n  ", "a", "", "1 2 3  4   5", "ﬁ ligature Å (A+ring) Å e\u0301 ñ",
+    "tabs\t\tand\u00a0nbsp\u2003em-space, zero\u200bwidth",
+    " leading space", "  two leading", "trailing space ", "▁literal ▁ marks▁", "Ω ф ж 𝔘 \x00 \x7f \U0010ffff",
+    "</s> special-token text <s> stays <unk> text <|im_end|>", "\n\nstarts with newlines", "a\u0301\u0302 combining",
+]
+HF_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SP_SPECIALS = ["<unk>", "<s>", "</s>"]
+# The templates as their models publish them (written here from the public formats).
+CHATML_JINJA = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                "{% endif %}")
+LLAMA3_JINJA = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+                "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+ZEPHYR_JINJA = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + "
+                "message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + "
+                "message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n' + "
+                "message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n"
+                "{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+
+
+def fuzz_texts(n: int, seed: int) -> list[str]:
+    """Random strings mixing the pieces where pre-tokenizers, normalizers and byte fallback disagree most easily."""
+    rng = random.Random(seed)
+    alphabet = list("ab cd  \n\t\r0123 45'sltvemdr.,!?-_ÅéÜ日本😀\u0301▁")
+    alphabet += ["'s", "'ll", "   ", "\n\n", " 1", "12", "ww", "----", "...", "中文", "語", "Ω", "ф", "🦙", "\u200b",
+                 "</s>", "<s>", "Café", " the", "ing", "▁▁", "\x00", "ż"]
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(n)]
+
+
+def varied_texts(seed: int = 1) -> list[str]:
+    """HELD_OUT, the training lines, and 300 fuzz strings: 340 strings."""
+    return HELD_OUT + TRAIN_CORPUS[:9] + fuzz_texts(300, seed)
+
+
+def train_hf_tokenizer(directory, style: str, specials=HF_SPECIALS, chat_template=None, eos="<|im_end|>"):
+    """A small byte-level BPE trained by `tokenizers`, saved as a Hugging Face directory."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    import tokenizer
+
+    hf = HFTokenizer(models.BPE())
+    if style == "gpt2":  # GPT-2: the ByteLevel pre-tokenizer's own regex
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif style == "llama3":  # Llama-3 / Qwen2: a Split regex, ByteLevel without regex, (Qwen2) NFC
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(tokenizer.LLAMA3_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        hf.normalizer = normalizers.NFC()
+    elif style == "digits":  # SmolLM: single digits, then GPT-2's regex
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=list(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(TRAIN_CORPUS, trainer)
+    os.makedirs(directory, exist_ok=True)
+    hf.save(os.path.join(directory, "tokenizer.json"))
+    if chat_template is not None:
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump({"chat_template": chat_template, "eos_token": eos}, f)
+    return hf
+
+
+# How real SentencePiece-style tokenizer.json files state the dummy prefix: (normalizer, pre_tokenizer).
+SP_STYLES = {
+    "prepend": ([{"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}],
+                None),  # Llama-2, Mistral v0.1, TinyLlama, zephyr
+    "first": (None, {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}),
+    "always-split": (None, {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}),
+    "old-metaspace": (None, {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True}),
+    "gemma": ([{"type": "Replace", "pattern": {"String": " "}, "content": "▁"}],  # no dummy prefix, and a Split
+              {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}),
+    "metaspace-never": (None, {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "never", "split": False}),
+}
+
+
+def _sp_merges(vocab: dict[str, int], kind: str, trained: list) -> list:
+    """'trained': the trainer's merges; 'spm': every split of a piece into two pieces, ordered by the piece's
+    score, as transformers converts a SentencePiece model (its own generate_merges)."""
+    if kind != "spm":
+        return trained
+    from transformers.tokenization_utils_base import generate_merges
+
+    normal = {p: i for p, i in vocab.items() if p not in SP_SPECIALS}
+    return [list(m) for m in generate_merges(normal, {p: -float(i) for p, i in normal.items()})]
+
+
+def sentencepiece_hf_tokenizer(directory, style: str = "prepend", merges: str = "trained", added=(),
+                               chat_template=None, config: dict | None = None):
+    """A SentencePiece-style BPE (byte_fallback, '▁' for spaces) trained by `tokenizers` and saved as a Hugging Face
+    directory. merges: 'trained' | 'spm' (see _sp_merges) | 'crossing' (trained without splitting at '▁', so merges
+    cross word boundaries). added: extra added-token dicts (content, special, lstrip, rstrip, single_word,
+    normalized). A limited alphabet leaves rare characters to byte fallback."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    if merges != "crossing":
+        hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    else:
+        hf.normalizer = normalizers.Replace(" ", "▁")
+    trainer = trainers.BpeTrainer(vocab_size=450, special_tokens=SP_SPECIALS, show_progress=False, limit_alphabet=75)
+    hf.train_from_iterator(TRAIN_CORPUS + [" ".join(TRAIN_CORPUS[:9]).replace("  ", " ")], trainer)
+    spec = json.loads(hf.to_str())
+    vocab = spec["model"]["vocab"]
+    spec["model"]["merges"] = _sp_merges(vocab, merges, spec["model"]["merges"])
+    n = len(vocab)
+    vocab.update({f"<0x{b:02X}>": n + b for b in range(256)})
+    spec["model"]["byte_fallback"] = True
+    normalizer, pre_tokenizer = SP_STYLES[style]
+    spec["normalizer"] = {"type": "Sequence", "normalizers": normalizer} if normalizer else None
+    spec["pre_tokenizer"] = pre_tokenizer
+    for i, token in enumerate(added):
+        content = token["content"]
+        token_id = vocab[content] if content in vocab else len(vocab) + i
+        spec["added_tokens"].append({"id": token_id, "single_word": False, "lstrip": False, "rstrip": False,
+                                     "normalized": not token.get("special", False), "special": False, **token})
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+        json.dump(spec, f, ensure_ascii=False)
+    config = {"eos_token": "</s>", **(config or {}), **({"chat_template": chat_template} if chat_template else {})}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return HFTokenizer.from_str(json.dumps(spec))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, value) -> bytes:
+    """One protobuf field: an int as a varint, bytes/str length-delimited, a float as fixed32."""
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, int):
+        return _varint(number << 3) + _varint(value)
+    value = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(value)) + value
+
+
+def write_sentencepiece_model(path, pieces: list[tuple[str, float, int]], model_type: int = 2,
+                              byte_fallback: bool = True, add_dummy_prefix: bool = True,
+                              remove_extra_whitespaces: bool = False) -> None:
+    """A SentencePiece ModelProto: pieces (text, score, type 1 normal / 2 unknown / 3 control / 4 user-defined /
+    6 byte), a TrainerSpec and a NormalizerSpec (field numbers of sentencepiece_model.proto)."""
+    data = b"".join(_field(1, _field(1, p) + _field(2, float(s)) + _field(3, t)) for p, s, t in pieces)
+    data += _field(2, _field(3, model_type) + _field(35, int(byte_fallback)) + _field(40, 0) + _field(41, 1)
+                   + _field(42, 2))
+    data += _field(3, _field(1, "identity") + _field(3, int(add_dummy_prefix))
+                   + _field(4, int(remove_extra_whitespaces)) + _field(5, 1))
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def sentencepiece_pieces(vocab: dict[str, int]) -> list[tuple[str, float, int]]:
+    """The pieces of a SentencePiece model with this vocab (ids 0..n-1): score -id for normal pieces."""
+    kinds = {"<unk>": 2, "<s>": 3, "</s>": 3}
+    pieces = []
+    for piece, i in sorted(vocab.items(), key=lambda item: item[1]):
+        kind = kinds.get(piece, 6 if piece.startswith("<0x") and len(piece) == 6 else 1)
+        pieces.append((piece, -float(i) if kind == 1 else 0.0, kind))
+    return pieces
