@@ -425,7 +425,13 @@ def main(argv: list[str]) -> None:
         return path
 
     # ---- evaluation ---------------------------------------------------------------------------
-    from spin import pair_terms, per_iteration, read_rollouts, rescore, rollout, sequence_logps, write_rollouts
+    from spin import (RolloutSettings, pair_terms, per_iteration, read_rollouts, rescore, rollout, sequence_logps,
+                      spin_metrics, write_rollouts)
+    rollout_settings = RolloutSettings(max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, stop=stop,
+                                       pad_id=pad_id, batch_size=cfg.rollout_batch_size, seed=cfg.seed, device=device,
+                                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                       compile=cfg.compile and device.type == "cuda", autocast=autocast, rank=rank,
+                                       world_size=world)
     eval_examples = val_examples[: cfg.eval_samples]
 
     def evaluate(eval_pairs, beta) -> dict:
@@ -448,8 +454,9 @@ def main(argv: list[str]) -> None:
             with torch.no_grad(), autocast:
                 for i in range(0, len(eval_pairs), cfg.rollout_batch_size):
                     batch = eval_pairs[i:i + cfg.rollout_batch_size]
-                    losses, rr, rg, _, _ = pair_terms(model, batch, beta, cfg.loss_type, pad_id, device)
-                    sums += torch.stack([losses.sum(), (rr > rg).float().sum(), (rr - rg).sum()]).cpu()
+                    losses, metrics = pair_terms(model, batch, beta, cfg.loss_type, pad_id, device)
+                    margins = metrics["rewards/real"] - metrics["rewards/generated"]
+                    sums += torch.stack([losses.sum(), metrics["rewards/accuracies"].sum(), margins.sum()]).cpu()
             out.update({"eval/spin_loss": sums[0].item() / len(eval_pairs),
                         "eval/reward_accuracy": sums[1].item() / len(eval_pairs),
                         "eval/reward_margin": sums[2].item() / len(eval_pairs)})
@@ -523,9 +530,7 @@ def main(argv: list[str]) -> None:
                 opponent.eval()
                 t0 = time.time()
                 bar = tqdm(total=len(subset), desc=f"rollout {iteration}", disable=rank != 0, leave=False)
-                pairs = rollout(opponent, subset, cfg.max_new_tokens, cfg.max_len, stop, pad_id,
-                                cfg.rollout_batch_size, cfg.seed, iteration, device, rank, world, cfg.temperature,
-                                cfg.top_k, cfg.top_p, cfg.compile and device.type == "cuda", autocast=autocast,
+                pairs = rollout(opponent, subset, rollout_settings, iteration,
                                 progress=lambda n: bar.update(min(n, bar.total - bar.n)), should_stop=should_stop)
                 bar.close()
                 if pairs is None:
@@ -533,16 +538,14 @@ def main(argv: list[str]) -> None:
                            f"stays valid: run the same command to resume (this rollout is regenerated)")
                     return
                 if eval_examples:
-                    eval_pairs = rollout(opponent, eval_examples, cfg.max_new_tokens, cfg.max_len, stop, pad_id,
-                                         cfg.rollout_batch_size, cfg.seed + 1, iteration, device, rank, world,
-                                         cfg.temperature, cfg.top_k, cfg.top_p, autocast=autocast)
+                    eval_settings = dataclasses.replace(rollout_settings, seed=cfg.seed + 1, compile=False)
+                    eval_pairs = rollout(opponent, eval_examples, eval_settings, iteration)
                 if cfg.mix_previous_rollouts and iteration > 0:
                     previous = read_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration - 1}", "rollouts.jsonl"))
                     # that file starts with iteration t-1's own generations (as many as here); what follows
                     # them is t-2's, which iteration t does not train on
                     previous = previous[:len(pairs)]
-                    pairs = pairs + rescore(opponent, previous, pad_id, cfg.rollout_batch_size, device,
-                                            rank, world, autocast)
+                    pairs = pairs + rescore(opponent, previous, rollout_settings)
                 del opponent
                 rollout_stats = rollout_stats_of(pairs)
                 if rank == 0:
@@ -593,48 +596,50 @@ def main(argv: list[str]) -> None:
             else:
                 units = torch.tensor([float(sum(len(train_examples[i].real_ids) for i in indices))])
             units = all_reduce_sum(units, world).item()
-            step_sums = torch.zeros(7, device=device)
+            step_sums = {}
             for k, mb in enumerate(micro):
                 if use_fsdp:
                     model.set_requires_gradient_sync(k == len(micro) - 1)
                 with autocast:
                     if kind == "spin":
                         batch = [pairs[i] for i in mb]
-                        losses, rr, rg, real, gen = pair_terms(model, batch, beta, cfg.loss_type, pad_id, device)
+                        losses, metrics = pair_terms(model, batch, beta, cfg.loss_type, pad_id, device)
                         loss_sum = losses.sum()
                         ntok = sum(len(p.real_ids) + len(p.generated_ids) + 2 * len(p.prompt_ids) for p in batch)
-                        step_sums += torch.stack([loss_sum.detach(), rr.sum().detach(), rg.sum().detach(),
-                                                  (rr > rg).float().sum(), real.detach().sum(), gen.detach().sum(),
-                                                  torch.tensor(float(len(batch)), device=device)])
+                        micro_sums = {name: values.sum() for name, values in metrics.items()}
+                        micro_sums["pairs"] = torch.tensor(float(len(batch)), device=device)
                     else:
                         batch = [train_examples[i] for i in mb]
                         logps = sequence_logps(model, [e.prompt_ids for e in batch], [e.real_ids for e in batch],
                                                pad_id, device)
                         loss_sum = -logps.sum()
                         ntok = sum(len(e.real_ids) + len(e.prompt_ids) for e in batch)
-                        step_sums[0] += loss_sum.detach()
-                        step_sums[6] += float(sum(len(e.real_ids) for e in batch))
+                        micro_sums = {"loss": loss_sum.detach(), "tokens": torch.tensor(
+                            float(sum(len(e.real_ids) for e in batch)), device=device)}
+                    step_sums = {name: step_sums[name] + value if name in step_sums else value
+                                 for name, value in micro_sums.items()}
                 # FSDP averages gradients over ranks; scale so the update is the global mean
                 (loss_sum * world / units).backward()
                 tokens_seen += ntok
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0
                                                         else float("inf")))
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            step_sums = all_reduce_sum(step_sums, world)
-            if not torch.isfinite(step_sums[0]) or not torch.isfinite(grad_norm):
+            if world > 1:
+                step_sums = dict(zip(step_sums, all_reduce_sum(torch.stack(list(step_sums.values())), world)))
+            if not torch.isfinite(step_sums["loss"]) or not torch.isfinite(grad_norm):
                 last = ckpt.list_checkpoints(cfg.out_dir)
                 bar.close()  # the error then gets a line of its own, not the tail of the progress bar's
                 # steps are named 1-based, as metrics.jsonl and the checkpoints count them
                 raise UserError(f"{name}, step {step + 1} of {total_steps} (global step {state['global_step'] + 1}): "
                                 f"loss or gradient is "
-                                f"NaN/Inf (loss sum {step_sums[0].item()}, grad norm {grad_norm.item()}); the last "
+                                f"NaN/Inf (loss sum {step_sums['loss'].item()}, grad norm {grad_norm.item()}); the last "
                                 f"good checkpoint is {last[-1] if last else 'none'}; lower the learning rate")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["global_step"] += 1
             bar.update(1)
-            sums = step_sums if sums is None else sums + step_sums
+            sums = step_sums if sums is None else {name: sums[name] + value for name, value in step_sums.items()}
             last_step = state["step"] == total_steps
             if state["step"] % cfg.log_interval == 0 or last_step:
                 dt = time.time() - t_log
@@ -642,14 +647,9 @@ def main(argv: list[str]) -> None:
                 record = {"iteration": iteration, "phase": kind, "epoch": order.epoch, "step": state["global_step"],
                           "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tps}
                 if kind == "spin":
-                    n = sums[6].item()
-                    record.update({"loss": sums[0].item() / n, "rewards/real": sums[1].item() / n,
-                                   "rewards/generated": sums[2].item() / n,
-                                   "rewards/margins": (sums[1] - sums[2]).item() / n,
-                                   "rewards/accuracies": sums[3].item() / n, "logps/real": sums[4].item() / n,
-                                   "logps/generated": sums[5].item() / n, **rollout_stats})
+                    record.update({**spin_metrics(sums), **rollout_stats})
                 else:
-                    record["loss"] = sums[0].item() / sums[6].item()
+                    record["loss"] = sums["loss"].item() / sums["tokens"].item()
                 flops = peak_flops(device)
                 if flops:
                     record["mfu"] = tps * model.flops_per_token(cfg.max_len) / (flops * world)

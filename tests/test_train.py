@@ -22,7 +22,7 @@ SPIN_KEYS = {"iteration", "epoch", "step", "loss", "rewards/real", "rewards/gene
              "rewards/accuracies", "logps/real", "logps/generated", "lr", "grad_norm", "tokens_per_sec",
              "gen_len_mean", "eos_rate"}
 ROLLOUT_KEYS = {"prompt", "real", "generated", "prompt_tokens", "real_tokens", "generated_tokens", "eos",
-                "ref_real_logp", "ref_generated_logp"}
+                "opponent_real_logp", "opponent_generated_logp"}
 
 
 
@@ -168,7 +168,7 @@ def test_generate_cli_chats_with_the_final_model(run):
 
 
 def test_opponent_logps_are_the_weights_at_the_end_of_the_previous_iteration(run):
-    """iter_1's reference log-probs are the model after SPIN iteration 0 (checkpoint 10), not its start
+    """iter_1's opponent log-probs are the model after SPIN iteration 0 (checkpoint 10), not its start
     (checkpoint 6): the opponent is renewed every iteration."""
     from model import GPT
     from spin import pair_logps
@@ -180,10 +180,10 @@ def test_opponent_logps_are_the_weights_at_the_end_of_the_previous_iteration(run
         with torch.no_grad():
             scored[step] = pair_logps(model, [p["prompt_ids"] for p in pairs], [p["real_ids"] for p in pairs],
                                       [p["generated_ids"] for p in pairs], 256, torch.device("cpu"))
-    ref_real = torch.tensor([p["ref_real_logp"] for p in pairs])
-    ref_gen = torch.tensor([p["ref_generated_logp"] for p in pairs])
-    assert (scored[10][0] - ref_real).abs().max() < 1e-3 and (scored[10][1] - ref_gen).abs().max() < 1e-3
-    assert (scored[6][0] - ref_real).abs().max() > 0.05  # the previous opponent would score them differently
+    opponent_real = torch.tensor([p["opponent_real_logp"] for p in pairs])
+    opponent_gen = torch.tensor([p["opponent_generated_logp"] for p in pairs])
+    assert (scored[10][0] - opponent_real).abs().max() < 1e-3 and (scored[10][1] - opponent_gen).abs().max() < 1e-3
+    assert (scored[6][0] - opponent_real).abs().max() > 0.05  # the previous opponent would score them differently
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_mix_previous_rollouts_and_lr_per_iteration(tmp_path):
     assert [p["generated_ids"] for p in it2[32:]] == [p["generated_ids"] for p in it1[:32]]
     assert [p["generated_ids"] for p in it1[32:]] == [p["generated_ids"] for p in it0]
     # rescored under the new opponent, not copied
-    assert max(abs(a["ref_real_logp"] - b["ref_real_logp"]) for a, b in zip(it1[32:], it0)) > 1e-3
+    assert max(abs(a["opponent_real_logp"] - b["opponent_real_logp"]) for a, b in zip(it1[32:], it0)) > 1e-3
     peak = {}
     for r in metrics(out):
         if r.get("phase") == "spin" and "lr" in r:
