@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from train_runs import (REPO, SPIN_STEPS, TINY, assert_same_weights, baseline, checkpoint_steps, checkpoint_weights,
-                        child_env, describe, final_weights, metrics, rollouts, run_in_process, run_train,
-                        step_losses)
+from train_runs import (CHECKPOINT_STEPS, REPO, SPIN_STEPS, TINY, assert_same_weights, baseline, checkpoint_steps,
+                        checkpoint_weights, child_env, describe, final_weights, metrics, rollouts, run_in_process,
+                        run_train, step_losses)
 
 SPIN_KEYS = {"iteration", "epoch", "step", "loss", "rewards/real", "rewards/generated", "rewards/margins",
              "rewards/accuracies", "logps/real", "logps/generated", "lr", "grad_norm", "tokens_per_sec",
@@ -63,9 +63,9 @@ def test_save_load_gives_identical_next_step(tmp_path):
     tok = load_tokenizer("bytes")
     cfg = GPTConfig(model_type="llama", vocab_size=tok.n_vocab, block_size=96, n_layer=2, n_head=2, n_kv_head=1,
                     n_embd=32)
-    prompts = [render_prompt(tok, [{"role": "user", "content": f"{k} distinct odd numbers from 11 to 40"}], "chatml")
+    prompts = [render_prompt(tok, [{"role": "user", "content": f"{k} distinct 2-digit numbers, digits 147"}], "chatml")
                for k in (3, 4)]
-    real = [render_response(tok, answer, "chatml") for answer in ("13 37 21", "11 15 39 25")]
+    real = [render_response(tok, answer, "chatml") for answer in ("47 14 71", "11 74 17 41")]
     cpu = torch.device("cpu")
 
     def train_step(model, optimizer) -> float:
@@ -98,15 +98,18 @@ def test_save_load_gives_identical_next_step(tmp_path):
 # the uninterrupted run: outputs, exports, the opponent
 
 
-def test_smoke_run_writes_metrics_rollouts_and_table(run):
-    out_dir, proc = run
-    records = metrics(out_dir)
-    spin_steps = [r for r in records if r.get("phase") == "spin" and "loss" in r and "event" not in r]
+def test_spin_steps_log_every_metric(run):
+    out_dir, _ = run
+    spin_steps = [r for r in metrics(out_dir) if r.get("phase") == "spin" and "loss" in r and "event" not in r]
     assert [r["step"] for r in spin_steps] == list(range(7, 15))
     for r in spin_steps:
         assert SPIN_KEYS <= r.keys(), SPIN_KEYS - r.keys()
         assert all(math.isfinite(r[k]) for k in SPIN_KEYS)
-    evals = [r for r in records if r.get("event") == "phase_end"]
+
+
+def test_every_phase_ends_with_an_evaluation(run):
+    out_dir, _ = run
+    evals = [r for r in metrics(out_dir) if r.get("event") == "phase_end"]
     assert [(r["phase"], r["iteration"]) for r in evals] == [("sft", 0), ("spin", 0), ("spin", 1), ("baseline", 0),
                                                             ("baseline", 1)]
     for r in evals:
@@ -114,6 +117,9 @@ def test_smoke_run_writes_metrics_rollouts_and_table(run):
         assert "eval/nll" in r
     assert all("eval/reward_accuracy" in r for r in evals if r["phase"] == "spin")
 
+
+def test_each_iteration_writes_its_rollouts(run):
+    out_dir, _ = run
     for t in (0, 1):
         pairs = rollouts(out_dir, t)
         assert len(pairs) == 32
@@ -123,12 +129,19 @@ def test_smoke_run_writes_metrics_rollouts_and_table(run):
             assert p["real"].endswith("<|im_end|>") and p["prompt"].startswith("<|im_start|>user")
         assert len(rollouts(out_dir, t, "eval_rollouts.jsonl")) == 8
 
+
+def test_the_run_prints_a_summary_table(run):
+    _, proc = run
+    assert "rollout 0" in proc.stderr  # the tqdm bars
     for line in ("| after | step |", "| SFT | 6 |", "| SPIN iter 0 | 10 |", "| SPIN iter 1 | 14 |",
                  "| cont. SFT iter 0 | 18 |", "| cont. SFT iter 1 | 22 |"):
         assert line in proc.stdout, line
     assert "spin 0 done at step 10" in proc.stdout and "spin 1 done at step 14" in proc.stdout
-    assert "rollout 0" in proc.stderr  # the tqdm bars
-    assert checkpoint_steps(out_dir) == [3, 6, 9, 10, 12, 14, 15, 18, 21, 22]
+
+
+def test_checkpoints_at_save_interval_and_phase_ends(run):
+    out_dir, _ = run
+    assert checkpoint_steps(out_dir) == CHECKPOINT_STEPS
 
 
 def test_each_iteration_starts_at_log2(run):
@@ -161,7 +174,7 @@ def test_final_export_loads_in_nanospin_and_transformers(run):
 def test_generate_cli_chats_with_the_final_model(run):
     out_dir, _ = run
     proc = subprocess.run([sys.executable, "generate.py", f"--model={out_dir}/final",
-                           "--prompt=3 distinct even numbers from 10 to 29", "--max_new_tokens=8", "--seed=0",
+                           "--prompt=3 distinct 2-digit numbers, digits 147", "--max_new_tokens=8", "--seed=0",
                            "--device=cpu"], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, describe(proc)
     assert "error" not in proc.stderr and proc.stdout.endswith("\n"), describe(proc)  # the answer's text is the model's

@@ -66,7 +66,7 @@ def install(kind: str, args: list[int]) -> None:
         spin.spin_terms = nan_terms
 
     if kind == "kill_in_rollout":
-        real_rollout = spin.rollout
+        real_rollout = train.rollout  # the name train.py calls
         target_iteration, n_batches = args
 
         def rollout(model, examples, settings, iteration, progress=None, should_stop=None):
@@ -82,7 +82,7 @@ def install(kind: str, args: list[int]) -> None:
 
             return real_rollout(model, examples, settings, iteration, counting, should_stop)
 
-        spin.rollout = rollout
+        train.rollout = rollout
 
     if kind == "kill_in_save":
         real_save_model_dir = checkpoint.save_model_dir
