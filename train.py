@@ -17,7 +17,7 @@ Design choices:
 - Under torchrun every block and the root are wrapped with FSDP2's fully_shard; the rollout uses a
   plain model built from the gathered weights once per rollout, never a per-token all-gather.
 - `main` is the run, top to bottom; every step it takes is a function above it, with what it needs as
-  arguments.
+  arguments. Progress bars are drawn on a terminal only; a log file gets a line per logged step.
 """
 
 from __future__ import annotations
@@ -384,13 +384,18 @@ def write_metrics(metrics_file, record: dict) -> None:
 
 
 def progress_bar(total: int, desc: str, rank: int, initial: int = 0) -> tqdm:
-    """Rank 0's tqdm bar."""
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=rank != 0)
+    """Rank 0's tqdm bar, drawn only on a terminal (disable=None): in a log file its carriage-return
+    redraws would bury everything else, so there `show_progress` prints a line per logged step."""
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=None if rank == 0 else True)
 
 
 def show_progress(bar: tqdm, name: str, step: int, total_steps: int, record: dict) -> None:
-    """A logged step's loss, on the bar."""
-    bar.set_postfix(loss=f"{record['loss']:.4f}")
+    """A logged step's loss: on the bar where it is drawn, else as a line of its own."""
+    if not bar.disable:
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+    else:
+        print0(f"{name} step {step}/{total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+               f"{record['tokens_per_sec']:.0f} tokens/s")
 
 
 # ------------------------------------------------------------------------------------------------
