@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 import torch
@@ -130,7 +131,7 @@ class RolloutSettings:
     top_k: int | None = None
     top_p: float | None = None
     compile: bool = False  # torch.compile the decode step
-    autocast: object = None  # a context manager for the forwards; None = no autocast
+    autocast: AbstractContextManager | None = None  # the context the forwards run under; None = no autocast
     rank: int = 0
     world_size: int = 1
 

@@ -31,7 +31,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -217,7 +217,7 @@ class Runtime:
     device: torch.device
     compute_dtype: torch.dtype
     fsdp: bool  # under torchrun the model is sharded with FSDP2
-    autocast: object  # the context every forward runs under
+    autocast: AbstractContextManager  # the context every forward runs under
 
 
 def init_runtime(cfg: TrainConfig) -> Runtime:
