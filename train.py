@@ -834,6 +834,7 @@ def summary_table(history: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> None:
+    """The run: config, distributed init, out_dir and resume, data, model, the phases, the summary."""
     # ---- config ----------------------------------------------------------------------------------
     cfg = load_config(TrainConfig, argv)
     check_config(cfg)
