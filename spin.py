@@ -4,11 +4,13 @@ Design choices:
 - At iteration t the opponent is the model as it stands when the iteration starts. The rollout
   samples y' ~ p_θt(·|x) for every prompt and, in the same pass, computes the opponent's summed
   log-probs of the real and the generated responses; they are stored with the rollout, so training
-  holds ONE model and never a second reference copy.
+  holds ONE model and never a second copy for the opponent.
 - Log-probs are summed over response tokens, end-of-turn included, through the model's fused
   log-prob path (the [tokens, vocab] logits never exist).
+- `spin_terms` names every training metric where it is computed, as per-pair values; train.py sums
+  them over micro-batches, steps and ranks and `spin_metrics` turns the sums into the logged means.
 - Rollouts are reproducible whatever the world size: prompts are sorted by length, cut into global
-  batches of `rollout_batch_size`, batch j runs on rank j % world with a seed derived from
+  batches of `batch_size`, batch j runs on rank j % world with a seed derived from
   (seed, iteration, j), and every rank ends up with the same list.
 """
 
@@ -16,51 +18,51 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import collate
+from generate import generate
 
 # ----------------------------------------------------------------------------------------------
 # the loss
 
 
-def spin_terms(policy_real_logps: torch.Tensor, policy_gen_logps: torch.Tensor, ref_real_logps: torch.Tensor,
-               ref_gen_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid"):
-    """Per-pair (B,) losses, real rewards and generated rewards.
+def spin_terms(policy_real_logps: torch.Tensor, policy_generated_logps: torch.Tensor,
+               opponent_real_logps: torch.Tensor, opponent_generated_logps: torch.Tensor, beta: float,
+               loss_type: str = "sigmoid") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair (B,) losses, and the metrics of each pair by name, (B,) each, without grad.
 
     h = β[(log p_θ(y|x) − log p_θt(y|x)) − (log p_θ(y'|x) − log p_θt(y'|x))];
     'sigmoid': ℓ(h) = log(1 + e^{−h}) = −log σ(h);  'hinge': max(0, 1 − h).
     """
-    real_rewards = beta * (policy_real_logps - ref_real_logps)
-    gen_rewards = beta * (policy_gen_logps - ref_gen_logps)
-    h = real_rewards - gen_rewards
+    real_rewards = beta * (policy_real_logps - opponent_real_logps)  # (B,)
+    generated_rewards = beta * (policy_generated_logps - opponent_generated_logps)  # (B,)
+    h = real_rewards - generated_rewards
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(h)
     elif loss_type == "hinge":
         losses = torch.relu(1 - h)
     else:
         raise ValueError(f"loss_type '{loss_type}' is unknown; use 'sigmoid' or 'hinge'")
-    return losses, real_rewards, gen_rewards
+    metrics = {"loss": losses, "rewards/real": real_rewards, "rewards/generated": generated_rewards,
+               "rewards/accuracies": (real_rewards > generated_rewards).float(),
+               "logps/real": policy_real_logps, "logps/generated": policy_generated_logps}
+    return losses, {name: values.detach() for name, values in metrics.items()}
 
 
-def spin_loss(policy_real_logps: torch.Tensor, policy_gen_logps: torch.Tensor, ref_real_logps: torch.Tensor,
-              ref_gen_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid") -> tuple[torch.Tensor, dict]:
-    """The batch-mean SPIN loss and its metrics (floats)."""
-    losses, real_rewards, gen_rewards = spin_terms(policy_real_logps, policy_gen_logps, ref_real_logps,
-                                                   ref_gen_logps, beta, loss_type)
-    metrics = {
-        "rewards/real": real_rewards.mean().item(),
-        "rewards/generated": gen_rewards.mean().item(),
-        "rewards/margins": (real_rewards - gen_rewards).mean().item(),
-        "rewards/accuracies": (real_rewards > gen_rewards).float().mean().item(),
-        "logps/real": policy_real_logps.detach().mean().item(),
-        "logps/generated": policy_gen_logps.detach().mean().item(),
-    }
-    return losses.mean(), metrics
+def spin_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The logged means: `spin_terms`' metrics summed over pairs, divided by sums['pairs'] (their count),
+    and the mean margin rewards/real − rewards/generated."""
+    pairs = sums["pairs"].item()
+    metrics = {name: total.item() / pairs for name, total in sums.items() if name != "pairs"}
+    metrics["rewards/margins"] = (sums["rewards/real"] - sums["rewards/generated"]).item() / pairs
+    return metrics
 
 
 def per_iteration(value: float | list[float], iteration: int) -> float:
@@ -88,15 +90,15 @@ def pair_logps(model, prompts, real, generated, pad_id, device) -> tuple[torch.T
     return logps[: len(prompts)], logps[len(prompts):]
 
 
-def pair_terms(model, pairs: list["Pair"], beta: float, loss_type: str, pad_id: int, device):
-    """The policy's log-probs of a batch of rollout pairs and their SPIN terms against the opponent's
-    stored log-probs: (losses, real_rewards, gen_rewards, policy_real_logps, policy_gen_logps), each (B,)."""
-    real, gen = pair_logps(model, [p.prompt_ids for p in pairs], [p.real_ids for p in pairs],
-                           [p.generated_ids for p in pairs], pad_id, device)
-    ref_real = torch.tensor([p.ref_real_logp for p in pairs], device=device)
-    ref_gen = torch.tensor([p.ref_generated_logp for p in pairs], device=device)
-    losses, real_rewards, gen_rewards = spin_terms(real, gen, ref_real, ref_gen, beta, loss_type)
-    return losses, real_rewards, gen_rewards, real, gen
+def pair_terms(model, pairs: list[Pair], beta: float, loss_type: str, pad_id: int,
+               device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`spin_terms` of a batch of rollout pairs: the policy's log-probs now against the opponent's
+    stored at rollout."""
+    real, generated = pair_logps(model, [p.prompt_ids for p in pairs], [p.real_ids for p in pairs],
+                                 [p.generated_ids for p in pairs], pad_id, device)
+    opponent_real = torch.tensor([p.opponent_real_logp for p in pairs], device=device)
+    opponent_generated = torch.tensor([p.opponent_generated_logp for p in pairs], device=device)
+    return spin_terms(real, generated, opponent_real, opponent_generated, beta, loss_type)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,9 +112,28 @@ class Pair:
     prompt_ids: list[int]
     real_ids: list[int]
     generated_ids: list[int]
-    ref_real_logp: float
-    ref_generated_logp: float
+    opponent_real_logp: float
+    opponent_generated_logp: float
     eos: bool  # whether the generation ended with a stop token (False: cut at max_new_tokens)
+
+
+@dataclass
+class RolloutSettings:
+    """How the opponent samples and scores, and where: this process's rank of world_size, its device."""
+    max_new_tokens: int
+    max_len: int  # prompt + response; a batch's budget is max_len minus its longest prompt
+    stop: list[int]  # token ids that end a generation
+    pad_id: int
+    batch_size: int  # prompts per generate call, across all ranks' batches
+    seed: int
+    device: torch.device
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    compile: bool = False  # torch.compile the decode step
+    autocast: AbstractContextManager | None = None  # the context the forwards run under; None = no autocast
+    rank: int = 0
+    world_size: int = 1
 
 
 def _all_gather_lists(local: list, world_size: int) -> list:
@@ -123,20 +144,11 @@ def _all_gather_lists(local: list, world_size: int) -> list:
     return [item for part in gathered for item in part]
 
 
-def rollout(model, examples: list, max_new_tokens: int, max_len: int, stop: list[int], pad_id: int,
-            batch_size: int, seed: int, iteration: int, device: torch.device, rank: int = 0, world_size: int = 1,
-            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-            compile: bool = False, logp_model=None, autocast=None, progress=None,
-            should_stop=None) -> list[Pair] | None:
-    """Generate y' for every example's prompt with `model` (the opponent) and score real and
-    generated responses under `logp_model` (default: the same weights). Returns the pairs in the
-    examples' order on every rank, or None if `should_stop()` said to abort."""
-    from generate import generate
-
-    logp_model = logp_model or model
-    autocast = autocast or torch.autocast(device.type, enabled=False)
-    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].prompt_ids), i))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+def run_sharded(batches: list[list[int]], run_batch: Callable[[int, list[int]], list], rank: int, world_size: int,
+                should_stop: Callable[[], bool] | None = None,
+                progress: Callable[[int], None] | None = None) -> list | None:
+    """Run run_batch(j, batch_j) on rank j % world_size; batch_j lists item indices and run_batch returns
+    one result per index. Every rank gets all results, in item order 0..n-1; None if should_stop()."""
     local = []
     for first in range(0, len(batches), world_size):
         # every rank runs the same number of rounds: should_stop() is a collective
@@ -145,43 +157,58 @@ def rollout(model, examples: list, max_new_tokens: int, max_len: int, stop: list
         j = first + rank
         if j >= len(batches):
             continue
-        idx = batches[j]
-        prompts = [examples[i].prompt_ids for i in idx]
-        budget = min(max_new_tokens, max_len - max(len(p) for p in prompts))
-        with autocast:
-            generated = generate(model, prompts, max(budget, 1), temperature=temperature, top_k=top_k, top_p=top_p,
-                                 eos_id=stop, seed=(seed * 1_000_003 + iteration * 7919 + j) % (2**63),
-                                 compile=compile)
-            real = [examples[i].real_ids for i in idx]
-            with torch.no_grad():
-                real_logps, gen_logps = pair_logps(logp_model, prompts, real, generated, pad_id, device)
-        for k, i in enumerate(idx):
-            local.append((i, Pair(examples[i].source, prompts[k], real[k], generated[k], real_logps[k].item(),
-                                  gen_logps[k].item(), bool(generated[k]) and generated[k][-1] in stop)))
+        local += zip(batches[j], run_batch(j, batches[j]))
         if progress is not None:
-            progress(len(idx) * world_size)
-    pairs = dict(_all_gather_lists(local, world_size))
-    return [pairs[i] for i in range(len(examples))]
+            progress(len(batches[j]) * world_size)
+    by_index = dict(_all_gather_lists(local, world_size))
+    return [by_index[i] for i in range(len(by_index))]
 
 
-def rescore(logp_model, pairs: list[Pair], pad_id: int, batch_size: int, device, rank=0, world_size=1,
-            autocast=None) -> list[Pair]:
-    """The same pairs with reference log-probs recomputed under `logp_model` (for earlier
-    iterations' generations mixed into this iteration: their reference is the current opponent)."""
-    autocast = autocast or torch.autocast(device.type, enabled=False)
-    batches = [list(range(i, min(i + batch_size, len(pairs)))) for i in range(0, len(pairs), batch_size)]
-    local = []
-    for j in range(rank, len(batches), world_size):
-        idx = batches[j]
-        with autocast, torch.no_grad():
-            real_logps, gen_logps = pair_logps(logp_model, [pairs[i].prompt_ids for i in idx],
-                                               [pairs[i].real_ids for i in idx],
-                                               [pairs[i].generated_ids for i in idx], pad_id, device)
-        for k, i in enumerate(idx):
-            local.append((i, Pair(**{**asdict(pairs[i]), "ref_real_logp": real_logps[k].item(),
-                                     "ref_generated_logp": gen_logps[k].item()})))
-    rescored = dict(_all_gather_lists(local, world_size))
-    return [rescored[i] for i in range(len(pairs))]
+def _sample_and_score(model, examples: list, s: RolloutSettings, seed: int) -> list[Pair]:
+    prompts = [e.prompt_ids for e in examples]
+    real = [e.real_ids for e in examples]
+    budget = min(s.max_new_tokens, s.max_len - max(len(p) for p in prompts))
+    with s.autocast or torch.autocast(s.device.type, enabled=False):
+        generated = generate(model, prompts, max(budget, 1), temperature=s.temperature, top_k=s.top_k,
+                             top_p=s.top_p, eos_id=s.stop, seed=seed, compile=s.compile)
+        with torch.no_grad():
+            real_logps, generated_logps = pair_logps(model, prompts, real, generated, s.pad_id, s.device)
+    return [Pair(e.source, p, r, g, rl.item(), gl.item(), bool(g) and g[-1] in s.stop)
+            for e, p, r, g, rl, gl in zip(examples, prompts, real, generated, real_logps, generated_logps)]
+
+
+def rollout(model, examples: list, settings: RolloutSettings, iteration: int,
+            progress: Callable[[int], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> list[Pair] | None:
+    """Generate y' for every example's prompt with `model` (the opponent) and score the real and
+    generated responses under it. Returns the pairs in the examples' order on every rank, or None if
+    `should_stop()` said to abort; progress(n) is called as n more prompts are done."""
+    s = settings
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].prompt_ids), i))
+    batches = [order[i:i + s.batch_size] for i in range(0, len(order), s.batch_size)]
+
+    def sample_batch(j: int, indices: list[int]) -> list[Pair]:
+        seed = (s.seed * 1_000_003 + iteration * 7919 + j) % (2**63)
+        return _sample_and_score(model, [examples[i] for i in indices], s, seed)
+
+    return run_sharded(batches, sample_batch, s.rank, s.world_size, should_stop, progress)
+
+
+def rescore(model, pairs: list[Pair], settings: RolloutSettings) -> list[Pair]:
+    """The same pairs with the opponent's log-probs recomputed under `model` (for earlier iterations'
+    generations mixed into this iteration: their opponent is now the current one)."""
+    s = settings
+    batches = [list(range(i, min(i + s.batch_size, len(pairs)))) for i in range(0, len(pairs), s.batch_size)]
+
+    def score_batch(j: int, indices: list[int]) -> list[Pair]:
+        batch = [pairs[i] for i in indices]
+        with s.autocast or torch.autocast(s.device.type, enabled=False), torch.no_grad():
+            real_logps, generated_logps = pair_logps(model, [p.prompt_ids for p in batch], [p.real_ids for p in batch],
+                                                     [p.generated_ids for p in batch], s.pad_id, s.device)
+        return [replace(p, opponent_real_logp=r.item(), opponent_generated_logp=g.item())
+                for p, r, g in zip(batch, real_logps, generated_logps)]
+
+    return run_sharded(batches, score_batch, s.rank, s.world_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +225,8 @@ def write_rollouts(path: str, pairs: list[Pair], decode) -> None:
             record = {"source": p.source, "prompt": decode(p.prompt_ids), "real": decode(p.real_ids),
                       "generated": decode(p.generated_ids), "prompt_tokens": len(p.prompt_ids),
                       "real_tokens": len(p.real_ids), "generated_tokens": len(p.generated_ids), "eos": p.eos,
-                      "ref_real_logp": p.ref_real_logp, "ref_generated_logp": p.ref_generated_logp,
+                      "opponent_real_logp": p.opponent_real_logp,
+                      "opponent_generated_logp": p.opponent_generated_logp,
                       "prompt_ids": p.prompt_ids, "real_ids": p.real_ids, "generated_ids": p.generated_ids}
             f.write(json.dumps(record) + "\n")
     os.replace(tmp, path)
@@ -209,6 +237,6 @@ def read_rollouts(path: str) -> list[Pair]:
     with open(path) as f:
         for line in f:
             r = json.loads(line)
-            pairs.append(Pair(r["source"], r["prompt_ids"], r["real_ids"], r["generated_ids"], r["ref_real_logp"],
-                              r["ref_generated_logp"], r["eos"]))
+            pairs.append(Pair(r["source"], r["prompt_ids"], r["real_ids"], r["generated_ids"],
+                              r["opponent_real_logp"], r["opponent_generated_logp"], r["eos"]))
     return pairs

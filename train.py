@@ -16,6 +16,8 @@ Design choices:
   step, so any micro-batch size, grad_accum and world size give the same update.
 - Under torchrun every block and the root are wrapped with FSDP2's fully_shard; the rollout uses a
   plain model built from the gathered weights once per rollout, never a per-token all-gather.
+- `main` is the run, top to bottom; every step it takes is a function above it, with what it needs as
+  arguments. Progress bars are drawn on a terminal only; a log file gets a line per logged step.
 """
 
 from __future__ import annotations
@@ -29,25 +31,40 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
+import checkpoint as ckpt
 from configurator import UserError, config_to_json, load_config, run_main
+from data import (BatchOrder, Example, check_answer, examples_from_messages, load_examples, stop_ids, strip_stop,
+                  synthetic_split)
+from generate import generate, resolve_model_dir
+from model import GPT, GPTConfig, hf_state_to_nanospin, read_safetensors_dir
+from spin import (Pair, RolloutSettings, pair_terms, per_iteration, read_rollouts, rescore, rollout, sequence_logps,
+                  spin_metrics, write_rollouts)
+from tokenizer import load_tokenizer
+
+# ------------------------------------------------------------------------------------------------
+# config
 
 
 @dataclass
 class TrainConfig:
+    """Every setting of a run, with its default; a config file and --key=value overrides change them."""
     # --- I/O -------------------------------------------------------------------------------------
     out_dir: str = "out"
     init_from: str = "scratch"  # 'scratch', a Hugging Face model directory, or a nanospin checkpoint/out_dir
     resume: bool | str = "auto"  # 'auto': continue from out_dir's latest checkpoint; False: refuse a non-empty out_dir
     allow_config_change: bool = False  # resume an out_dir whose saved config differs from this one
     tokenizer: str = "auto"  # 'auto' (the model directory's, or 'bytes' from scratch), 'bytes', 'gpt2', a path...
-    chat_template: str = "auto"  # 'auto' (from the model directory, else 'chatml'), 'chatml', 'llama3', 'zephyr', 'plain'
+    chat_template: str = "auto"  # 'auto' (the model directory's, else 'chatml'), 'chatml', 'llama3', 'zephyr', 'plain'
     train_data: str = "synthetic"  # a .jsonl/.json chat file, or 'synthetic' (the quick demo's task)
     val_data: str = ""  # held-out file; '' = none (the synthetic task has its own split)
     skip_invalid: bool = False  # skip malformed records (counted) instead of stopping at the first
@@ -109,35 +126,12 @@ class TrainConfig:
     activation_checkpointing: bool = False
 
 
-# ------------------------------------------------------------------------------------------------
-# small helpers
-
-
-def print0(*args, **kwargs) -> None:
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def get_lr(step: int, total_steps: int, max_lr: float, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_frac of the steps, then linear/cosine/constant down to min_lr."""
-    warmup = int(cfg.warmup_frac * total_steps)
-    min_lr = cfg.min_lr_frac * max_lr
-    if step < warmup:
-        return max_lr * (step + 1) / (warmup + 1)
-    if cfg.lr_schedule == "constant":
-        return max_lr
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    if cfg.lr_schedule == "linear":
-        return max_lr + (min_lr - max_lr) * progress
-    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
 def check_config(cfg: TrainConfig) -> None:
     """Values the type system cannot catch, as one-line errors naming the key."""
-    choices = {"stage": ("sft", "spin", "sft+spin"), "loss_type": ("sigmoid", "hinge"), "optimizer": ("adamw", "rmsprop"),
-               "lr_schedule": ("linear", "cosine", "constant"), "device": ("auto", "cpu", "cuda"),
-               "dtype": ("auto", "float32", "bfloat16", "float16"), "attention": ("sdpa", "triton"),
-               "model_type": ("gpt2", "llama")}
+    choices = {"stage": ("sft", "spin", "sft+spin"), "loss_type": ("sigmoid", "hinge"),
+               "optimizer": ("adamw", "rmsprop"), "lr_schedule": ("linear", "cosine", "constant"),
+               "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+               "attention": ("sdpa", "triton"), "model_type": ("gpt2", "llama")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"config key '{key}' is {getattr(cfg, key)!r}; use one of {allowed}")
@@ -172,104 +166,277 @@ def config_fingerprint(cfg: TrainConfig, world_size: int) -> dict:
 
 
 def phases_of(cfg: TrainConfig) -> list[tuple[str, int]]:
+    """The run's (kind, iteration) phases in order: 'sft', then 'spin' t, then 'baseline' t."""
     phases = [("sft", 0)] if cfg.stage in ("sft", "sft+spin") else []
     if cfg.stage in ("spin", "sft+spin"):
         phases += [("spin", t) for t in range(cfg.max_iterations)]
     if cfg.baseline_sft:
         phases += [("baseline", t) for t in range(cfg.max_iterations)]
+    if not phases:
+        raise UserError("nothing to run: stage='spin' with max_iterations=0")
     return phases
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of the GPU, for MFU; None where unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("L40S", 362e12),
-                       ("A10", 125e12), ("4090", 165e12)):
-        if key in name:
-            return flops
-    return None
+def phase_name(kind: str, iteration: int) -> str:
+    """How messages name a phase: 'sft', 'spin 0', 'baseline 2'."""
+    return "sft" if kind == "sft" else f"{kind} {iteration}"
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size); a process group only when launched by torchrun."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    return rank, local_rank, world
+def phase_lr(cfg: TrainConfig, kind: str, iteration: int) -> float:
+    """The phase's peak learning rate."""
+    if kind == "spin":
+        return per_iteration(cfg.lr, iteration)
+    if kind == "baseline" and cfg.baseline_lr:
+        return cfg.baseline_lr
+    return cfg.sft_lr
+
+
+def get_lr(step: int, total_steps: int, max_lr: float, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_frac of the steps, then linear/cosine/constant down to min_lr."""
+    warmup = int(cfg.warmup_frac * total_steps)
+    min_lr = cfg.min_lr_frac * max_lr
+    if step < warmup:
+        return max_lr * (step + 1) / (warmup + 1)
+    if cfg.lr_schedule == "constant":
+        return max_lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if cfg.lr_schedule == "linear":
+        return max_lr + (min_lr - max_lr) * progress
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------
+# distributed init and device
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: its rank of world_size, its device, and the dtype the forwards compute in."""
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    compute_dtype: torch.dtype
+    fsdp: bool  # under torchrun the model is sharded with FSDP2
+    autocast: AbstractContextManager  # the context every forward runs under
+
+
+def init_runtime(cfg: TrainConfig) -> Runtime:
+    """A process group only when launched by torchrun; the device and compute dtype from the config."""
+    rank, local_rank, world_size = 0, 0, 1
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+    use_cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    compute_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+                     "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    fsdp = world_size > 1
+    # single process: fp32 master weights under autocast; FSDP: its mixed-precision policy instead
+    autocast = (torch.autocast(device.type, dtype=compute_dtype)
+                if compute_dtype != torch.float32 and not fsdp else nullcontext())
+    return Runtime(rank, local_rank, world_size, device, compute_dtype, fsdp, autocast)
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
 
 
 def all_reduce_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    """`values` summed over the ranks, in place."""
     if world_size > 1:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 
-def apply_fsdp(model, param_dtype: torch.dtype, activation_checkpointing: bool, compile: bool) -> None:
-    """FSDP2: shard each transformer block, then the root (embeddings, final norm, head)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for i, block in enumerate(model.blocks):
-        if activation_checkpointing:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-            block = checkpoint_wrapper(block)
-        if compile:
-            block = torch.compile(block)
-        model.blocks[i] = block
-        # the last block's parameters are needed again at once by the backward: keep them gathered
-        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.blocks) - 1)
-    fully_shard(model, mp_policy=mp)
+def add_sums(total: dict[str, torch.Tensor], more: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Named sums added name by name ({} is the empty total)."""
+    return {name: total[name] + value if name in total else value for name, value in more.items()}
 
 
-def make_optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    # no decay on norms, biases and embeddings' single vectors: the usual nanoGPT split by dimension
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=lr)
-    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2))
-
-
-def file_sha(path: str) -> str:
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
+def all_reduce_sums(sums: dict[str, torch.Tensor], world_size: int) -> dict[str, torch.Tensor]:
+    """Each named sum summed over the ranks, in one collective."""
+    if world_size == 1:
+        return sums
+    return dict(zip(sums, all_reduce_sum(torch.stack(list(sums.values())), world_size)))
 
 
 # ------------------------------------------------------------------------------------------------
-# model and data setup
+# out_dir, resume, signals, the metrics log
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
-    """A GPT on the CPU in fp32 (master weights), from scratch or a Hugging Face/nanospin directory."""
-    from generate import resolve_model_dir
-    from model import GPT, GPTConfig
-    if cfg.init_from == "scratch":
-        if cfg.block_size < cfg.max_len:
-            raise UserError(f"block_size={cfg.block_size} is smaller than max_len={cfg.max_len}; raise block_size")
-        torch.manual_seed(cfg.seed)
-        gpt_cfg = GPTConfig(model_type=cfg.model_type, vocab_size=vocab_size,
-                            block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head,
-                            n_embd=cfg.n_embd, attention=cfg.attention, eos_token_id=eos_id)
-        return GPT(gpt_cfg)
-    model = GPT.from_pretrained(resolve_model_dir(cfg.init_from), attention=cfg.attention,
-                                block_size=cfg.block_size or None)
-    if model.config.vocab_size < vocab_size:
-        raise UserError(f"the tokenizer has {vocab_size} tokens but the model in '{cfg.init_from}' only "
-                        f"{model.config.vocab_size}; use the model's own tokenizer (tokenizer='auto')")
-    if model.config.block_size < cfg.max_len:
-        raise UserError(f"max_len={cfg.max_len} exceeds the model's context ({model.config.block_size}); lower max_len")
-    return model
+@dataclass
+class LoopState:
+    """Where the run stands; saved in every checkpoint's state.json, so the same command continues it."""
+    phase: int = 0  # index into phases_of(cfg)
+    step: int = 0  # optimizer steps done in this phase
+    global_step: int = 0  # optimizer steps done in the run; names the checkpoints
+    order: dict | None = None  # the phase's data order (BatchOrder.state_dict()) at a mid-phase checkpoint
+    rollouts_sha: str | None = None  # the SPIN iteration's rollouts.jsonl, checked on a mid-iteration resume
+    history: list[dict] = field(default_factory=list)  # one summary per finished phase
 
 
-def load_data(cfg: TrainConfig, tok, template: str):
+def prepare_out_dir(cfg: TrainConfig, world_size: int) -> str | None:
+    """The checkpoint to resume from (None: start afresh), once out_dir is known to be usable: resume=False
+    refuses a non-empty one, and a run there with another config needs allow_config_change."""
+    checkpoints = ckpt.list_checkpoints(cfg.out_dir)
+    saved_config = os.path.join(cfg.out_dir, "config.json")
+    if os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir):
+        if cfg.resume is False:
+            raise UserError(f"out_dir '{cfg.out_dir}' is not empty and resume=False; pick a new --out_dir or "
+                            f"pass --resume=auto to continue it")
+        if os.path.isfile(saved_config) and not cfg.allow_config_change:
+            old = json.load(open(saved_config))
+            new = json.loads(json.dumps(config_fingerprint(cfg, world_size)))
+            diff = sorted(k for k in new if old.get(k) != new[k])
+            if diff:
+                raise UserError(f"out_dir '{cfg.out_dir}' holds a run with a different config (keys: "
+                                f"{', '.join(diff[:5])}); use another --out_dir or pass --allow_config_change=True")
+    if cfg.resume is True and not checkpoints:
+        raise UserError(f"resume=True but out_dir '{cfg.out_dir}' has no checkpoint; use resume='auto' to start fresh")
+    return checkpoints[-1] if checkpoints and cfg.resume else None
+
+
+def start_or_resume(cfg: TrainConfig, rt: Runtime, resume_from: str | None, model, optimizer) -> LoopState:
+    """Weights, optimizer, RNG and loop state from the checkpoint; or a fresh state, and out_dir/config.json."""
+    state = LoopState()
+    if resume_from:
+        saved = ckpt.load_checkpoint(resume_from, model, optimizer, model.config)
+        state = LoopState(**{f.name: saved[f.name] for f in dataclasses.fields(LoopState)})
+        print0(f"resumed from {resume_from}: phase {state.phase}, step {state.step}")
+    elif rt.rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(config_fingerprint(cfg, rt.world_size), f, indent=2)
+    if rt.world_size > 1:
+        dist.barrier()
+    return state
+
+
+def save(cfg: TrainConfig, rank: int, model, optimizer, state: LoopState, data: RunData,
+         rollouts_path: str | None) -> str:
+    """A checkpoint of the run as it stands (every rank calls this), with the resolved config."""
+    saved = {**dataclasses.asdict(state), "config": dataclasses.asdict(cfg)}
+    path = ckpt.save_checkpoint(cfg.out_dir, state.global_step, model, optimizer, saved, model.config, data.tok,
+                                data.template, rollouts_path, rank, cfg.keep_checkpoints)
+    print0(f"saved checkpoint {path}")
+    return path
+
+
+def file_sha(path: str) -> str:
+    """A short content hash: a checkpoint records its rollouts' so a resume can tell they are unchanged."""
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
+
+
+@dataclass
+class StopRequest:
+    """SIGTERM or SIGINT asks the run to save and stop at the next step boundary."""
+    world_size: int
+    signal: str | None = None  # the signal this process caught
+
+    def requested(self) -> bool:
+        """Whether any rank caught one (a collective: every rank asks at the same points)."""
+        flag = torch.tensor([1.0 if self.signal else 0.0])
+        return bool(all_reduce_sum(flag, self.world_size).item() > 0)
+
+
+def catch_stop_signals(world_size: int) -> StopRequest:
+    """Install the SIGTERM and SIGINT handlers that record a stop request."""
+    stop = StopRequest(world_size)
+
+    def on_signal(signum, frame):
+        stop.signal = signal.Signals(signum).name
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+def open_metrics(out_dir: str, rank: int, resumed_at: int | None):
+    """Rank 0's out_dir/metrics.jsonl for appending (None on other ranks). A resumed run replays the steps
+    after its checkpoint (global step resumed_at): their first records go, so each step logs once."""
+    if rank != 0:
+        return None
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if resumed_at is not None and os.path.isfile(path):
+        kept = []
+        for line in open(path):
+            try:
+                if json.loads(line).get("step", 0) <= resumed_at:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                pass
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def write_metrics(metrics_file, record: dict) -> None:
+    """One JSON line in metrics.jsonl, flushed (rank 0; a no-op elsewhere)."""
+    if metrics_file is not None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+
+def progress_bar(total: int, desc: str, rank: int, initial: int = 0) -> tqdm:
+    """Rank 0's tqdm bar, drawn only on a terminal (disable=None): in a log file its carriage-return
+    redraws would bury everything else, so there `show_progress` prints a line per logged step."""
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=None if rank == 0 else True)
+
+
+def show_progress(bar: tqdm, name: str, step: int, total_steps: int, record: dict) -> None:
+    """A logged step's loss: on the bar where it is drawn, else as a line of its own."""
+    if not bar.disable:
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+    else:
+        print0(f"{name} step {step}/{total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+               f"{record['tokens_per_sec']:.0f} tokens/s")
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenizer and data
+
+
+@dataclass
+class RunData:
+    """The tokenizer, chat template and examples every phase reads."""
+    tok: object
+    template: str
+    stop: list[int]  # token ids that end a generation
+    pad_id: int
+    train_examples: list[Example]
+    eval_examples: list[Example]  # the first eval_samples held-out examples
+    has_checker: bool  # the synthetic task's checker can score sampled answers
+
+
+def prepare_data(cfg: TrainConfig) -> RunData:
+    """The tokenizer ('auto': the model directory's, or bytes from scratch), the chat template, the examples."""
+    model_dir = None if cfg.init_from == "scratch" else resolve_model_dir(cfg.init_from)
+    tok = load_tokenizer(cfg.tokenizer if cfg.tokenizer != "auto" else (model_dir or "bytes"))
+    template = chat_template_for(cfg, model_dir, tok)
+    train, val, has_checker = load_data(cfg, tok, template)
+    return RunData(tok, template, stop_ids(tok, template), tok.eos_id, train, val[: cfg.eval_samples], has_checker)
+
+
+def chat_template_for(cfg: TrainConfig, model_dir: str | None, tok) -> str:
+    """The configured template; for 'auto', the one a nanospin model directory was trained with (its
+    nanospin.json), else the tokenizer's, else chatml."""
+    if cfg.chat_template != "auto":
+        return cfg.chat_template
+    nanospin_json = os.path.join(model_dir or "", "nanospin.json")
+    if model_dir and os.path.isfile(nanospin_json):
+        return json.load(open(nanospin_json))["chat_template"]
+    return tok.chat_template or "chatml"
+
+
+def load_data(cfg: TrainConfig, tok, template: str) -> tuple[list[Example], list[Example], bool]:
     """(train examples, val examples, whether the synthetic checker applies)."""
-    from data import examples_from_messages, load_examples, synthetic_split
     if cfg.train_data == "synthetic":
         train_convs, val_convs = synthetic_split(cfg.seed, cfg.synthetic_train, cfg.synthetic_val)
         train, stats = examples_from_messages(train_convs, tok, template, cfg.max_len, cfg.max_prompt_len, "synthetic")
@@ -288,420 +455,365 @@ def load_data(cfg: TrainConfig, tok, template: str):
 
 
 # ------------------------------------------------------------------------------------------------
-# the run
+# model and optimizer
 
 
-def main(argv: list[str]) -> None:
-    # ---- config ---------------------------------------------------------------------------------
-    cfg = load_config(TrainConfig, argv)
-    check_config(cfg)
+def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> GPT:
+    """A GPT on the CPU in fp32 (master weights), from scratch or a Hugging Face/nanospin directory."""
+    if cfg.init_from == "scratch":
+        if cfg.block_size < cfg.max_len:
+            raise UserError(f"block_size={cfg.block_size} is smaller than max_len={cfg.max_len}; raise block_size")
+        torch.manual_seed(cfg.seed)
+        return GPT(GPTConfig(model_type=cfg.model_type, vocab_size=vocab_size, block_size=cfg.block_size,
+                             n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd,
+                             attention=cfg.attention, eos_token_id=eos_id))
+    model = GPT.from_pretrained(resolve_model_dir(cfg.init_from), attention=cfg.attention,
+                                block_size=cfg.block_size or None)
+    if model.config.vocab_size < vocab_size:
+        raise UserError(f"the tokenizer has {vocab_size} tokens but the model in '{cfg.init_from}' only "
+                        f"{model.config.vocab_size}; use the model's own tokenizer (tokenizer='auto')")
+    if model.config.block_size < cfg.max_len:
+        raise UserError(f"max_len={cfg.max_len} exceeds the model's context ({model.config.block_size}); lower max_len")
+    return model
 
-    # ---- distributed init and device --------------------------------------------------------------
-    rank, local_rank, world = init_distributed()
-    device = torch.device(f"cuda:{local_rank}" if cfg.device in ("auto", "cuda") and torch.cuda.is_available()
-                          else "cpu")
-    compute_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-                     "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    use_fsdp = world > 1
-    # single process: fp32 master weights under autocast; FSDP: its mixed-precision policy instead
-    autocast = (torch.autocast(device.type, dtype=compute_dtype)
-                if compute_dtype != torch.float32 and not use_fsdp else nullcontext())
-    print0(f"nanospin: world size {world}, device {device.type}, compute dtype {str(compute_dtype)[6:]}")
 
-    # ---- out_dir and resume -----------------------------------------------------------------------
-    import checkpoint as ckpt
-    checkpoints = ckpt.list_checkpoints(cfg.out_dir)
-    saved_config = os.path.join(cfg.out_dir, "config.json")
-    if os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir):
-        if cfg.resume is False:
-            raise UserError(f"out_dir '{cfg.out_dir}' is not empty and resume=False; pick a new --out_dir or "
-                            f"pass --resume=auto to continue it")
-        if os.path.isfile(saved_config) and not cfg.allow_config_change:
-            old = json.load(open(saved_config))
-            new = json.loads(json.dumps(config_fingerprint(cfg, world)))
-            diff = sorted(k for k in new if old.get(k) != new[k])
-            if diff:
-                raise UserError(f"out_dir '{cfg.out_dir}' holds a run with a different config (keys: "
-                                f"{', '.join(diff[:5])}); use another --out_dir or pass --allow_config_change=True")
-    if cfg.resume is True and not checkpoints:
-        raise UserError(f"resume=True but out_dir '{cfg.out_dir}' has no checkpoint; use resume='auto' to start fresh")
-    resume_from = checkpoints[-1] if checkpoints and cfg.resume else None
-    print0(config_to_json(cfg))
-
-    # ---- tokenizer and data -----------------------------------------------------------------------
-    from data import BatchOrder, check_answer, stop_ids, strip_stop
-    from tokenizer import load_tokenizer
-    from generate import resolve_model_dir
-    model_dir = None if cfg.init_from == "scratch" else resolve_model_dir(cfg.init_from)
-    tok_name = cfg.tokenizer if cfg.tokenizer != "auto" else (model_dir or "bytes")
-    tok = load_tokenizer(tok_name)
-    template = cfg.chat_template
-    if template == "auto":
-        nanospin_json = os.path.join(model_dir or "", "nanospin.json")
-        template = (json.load(open(nanospin_json))["chat_template"] if model_dir and os.path.isfile(nanospin_json)
-                    else tok.chat_template or "chatml")
-    train_examples, val_examples, has_checker = load_data(cfg, tok, template)
-    stop = stop_ids(tok, template)
-    pad_id = tok.eos_id
-
-    # ---- model and optimizer ----------------------------------------------------------------------
-    model = build_model(cfg, tok.n_vocab, tok.eos_id)
-    gpt_cfg = model.config
-    print0(f"model: {gpt_cfg.model_type}, {model.num_params() / 1e6:.2f}M non-embedding parameters, "
-           f"{gpt_cfg.n_layer} layers, {gpt_cfg.n_embd} wide")
-    model.to(device)
-    if use_fsdp:
-        apply_fsdp(model, compute_dtype, cfg.activation_checkpointing, cfg.compile and device.type == "cuda")
-    elif cfg.compile and device.type == "cuda":
+def place_model(model: GPT, cfg: TrainConfig, rt: Runtime) -> None:
+    """On the device; sharded with FSDP2 under torchrun; the forward compiled on a GPU if asked."""
+    model.to(rt.device)
+    if rt.fsdp:
+        apply_fsdp(model, rt.compute_dtype, cfg.activation_checkpointing, cfg.compile and rt.device.type == "cuda")
+    elif cfg.compile and rt.device.type == "cuda":
         model.compile()
-    phases = phases_of(cfg)
-    if not phases:
-        raise UserError("nothing to run: stage='spin' with max_iterations=0")
 
-    state = {"phase": 0, "step": 0, "global_step": 0, "order": None, "rollouts_sha": None, "history": []}
-    optimizer = make_optimizer(model, cfg, cfg.sft_lr)  # every step sets its own lr (cfg.lr may be a list)
-    if resume_from:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, gpt_cfg)
-        print0(f"resumed from {resume_from}: phase {state['phase']}, step {state['step']}")
-    elif rank == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(saved_config, "w") as f:
-            json.dump(config_fingerprint(cfg, world), f, indent=2)
-    if world > 1:
-        dist.barrier()
 
-    # ---- signals: save and stop at the next step boundary -------------------------------------
-    stop_requested = {"signal": None}
+def apply_fsdp(model: GPT, param_dtype: torch.dtype, activation_checkpointing: bool, compile: bool) -> None:
+    """FSDP2: shard each transformer block, then the root (embeddings, final norm, head)."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for i, block in enumerate(model.blocks):
+        if activation_checkpointing:
+            block = checkpoint_wrapper(block)
+        if compile:
+            block = torch.compile(block)
+        model.blocks[i] = block
+        # the last block's parameters are needed again at once by the backward: keep them gathered
+        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.blocks) - 1)
+    fully_shard(model, mp_policy=mp)
 
-    def on_signal(signum, frame):
-        stop_requested["signal"] = signal.Signals(signum).name
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+def make_optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW (or the paper's RMSprop) over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    # no decay on norms, biases and embeddings' single vectors: the usual nanoGPT split by dimension
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2))
 
-    def should_stop() -> bool:
-        flag = torch.tensor([1.0 if stop_requested["signal"] else 0.0])
-        return bool(all_reduce_sum(flag, world).item() > 0)
 
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if resume_from and rank == 0 and os.path.isfile(metrics_path):
-        # the steps after the checkpoint are run again: drop their first records so each step logs once
-        # (and a line cut short by a kill)
-        kept = []
-        for line in open(metrics_path):
-            try:
-                if json.loads(line).get("step", 0) <= state["global_step"]:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                pass
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
-    metrics_file = open(metrics_path, "a") if rank == 0 else None
+def model_for_sampling(model: GPT, rt: Runtime) -> GPT:
+    """The model to sample from (the opponent at a rollout): on the CPU the model itself; on a GPU or
+    under FSDP a plain copy in the compute dtype, built from the gathered weights once and dropped after."""
+    if not rt.fsdp and rt.device.type == "cpu":
+        return model
+    weights = ckpt.full_model_state(model, every_rank=True)
+    with torch.device("meta"):
+        plain = GPT(model.config)
+    plain.load_state_dict({k: v.to(rt.device, rt.compute_dtype) for k, v in weights.items()}, assign=True)
+    if model.config.tie_embeddings:
+        plain.lm_head.weight = plain.wte.weight
+    return plain.eval()
 
-    def log(record: dict) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
 
-    def rollout_model():
-        """The opponent for sampling: on the CPU the model itself; on a GPU or under FSDP a plain copy
-        in the compute dtype, built from the gathered weights once per rollout and dropped after it."""
-        if not use_fsdp and device.type == "cpu":
-            return model
-        from model import GPT
-        weights = ckpt.full_model_state(model, every_rank=True)
-        with torch.device("meta"):
-            plain = GPT(gpt_cfg)
-        plain.load_state_dict({k: v.to(device, compute_dtype) for k, v in weights.items()}, assign=True)
-        if gpt_cfg.tie_embeddings:
-            plain.lm_head.weight = plain.wte.weight
-        return plain.eval()
+def load_sft_weights(model: GPT, sft_dir: str) -> None:
+    """The SFT model exported at the end of SFT, into the (possibly sharded) model."""
+    weights = hf_state_to_nanospin(read_safetensors_dir(sft_dir), model.config, sft_dir)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
-    def save(phase_state: dict, rollouts_path: str | None) -> str:
-        phase_state = {**phase_state, "config": dataclasses.asdict(cfg)}  # the resolved config travels with it
-        path = ckpt.save_checkpoint(cfg.out_dir, state["global_step"], model, optimizer, phase_state, gpt_cfg, tok,
-                                    template, rollouts_path, rank, cfg.keep_checkpoints)
-        print0(f"saved checkpoint {path}")
-        return path
 
-    # ---- evaluation ---------------------------------------------------------------------------
-    from spin import pair_terms, per_iteration, read_rollouts, rescore, rollout, sequence_logps, write_rollouts
-    eval_examples = val_examples[: cfg.eval_samples]
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the GPU, for MFU; None where unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("L40S", 362e12),
+                       ("A10", 125e12), ("4090", 165e12)):
+        if key in name:
+            return flops
+    return None
 
-    def evaluate(eval_pairs, beta) -> dict:
-        """Held-out NLL of real responses; SPIN loss and reward accuracy on held-out pairs; the checker."""
-        from generate import generate
-        model.eval()
-        out = {}
-        if eval_examples:
-            nll, ntok = torch.zeros(2)
-            with torch.no_grad(), autocast:
-                for i in range(0, len(eval_examples), cfg.rollout_batch_size):
-                    batch = eval_examples[i:i + cfg.rollout_batch_size]
-                    logps = sequence_logps(model, [e.prompt_ids for e in batch], [e.real_ids for e in batch], pad_id,
-                                           device)
-                    nll -= logps.sum().cpu()
-                    ntok += sum(len(e.real_ids) for e in batch)
-            out["eval/nll"] = (nll / ntok).item()
+
+def mfu(tokens_per_sec: float, model: GPT, seq_len: int, rt: Runtime) -> dict[str, float]:
+    """{'mfu': model FLOPs utilisation} against the GPU's peak; {} where that is unknown."""
+    flops = peak_flops(rt.device)
+    return {"mfu": tokens_per_sec * model.flops_per_token(seq_len) / (flops * rt.world_size)} if flops else {}
+
+
+# ------------------------------------------------------------------------------------------------
+# a SPIN iteration's pairs
+
+
+def rollout_settings(cfg: TrainConfig, rt: Runtime, data: RunData) -> RolloutSettings:
+    """How and where the opponent samples the iteration's responses (see spin.rollout)."""
+    return RolloutSettings(max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, stop=data.stop, pad_id=data.pad_id,
+                           batch_size=cfg.rollout_batch_size, seed=cfg.seed, device=rt.device,
+                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                           compile=cfg.compile and rt.device.type == "cuda", autocast=rt.autocast, rank=rt.rank,
+                           world_size=rt.world_size)
+
+
+def prompts_for_iteration(examples: list[Example], cfg: TrainConfig, iteration: int) -> list[Example]:
+    """Every training prompt, or a seeded subset of prompts_per_iteration of them."""
+    if not cfg.prompts_per_iteration:
+        return examples
+    g = torch.Generator().manual_seed(cfg.seed + 101 * iteration)
+    perm = torch.randperm(len(examples), generator=g)[: cfg.prompts_per_iteration]
+    return [examples[i] for i in perm.tolist()]
+
+
+def run_rollout(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, iteration: int, stop: StopRequest,
+                metrics_file, global_step: int) -> tuple[list[Pair], list[Pair]] | None:
+    """Iteration t's training and held-out pairs, made by the opponent (the model as it stands now); with
+    mix_previous_rollouts also iteration t-1's generations, rescored by it. Rank 0 writes them to
+    out_dir/iter_t/. None if a stop signal came first."""
+    settings = rollout_settings(cfg, rt, data)
+    prompts = prompts_for_iteration(data.train_examples, cfg, iteration)
+    opponent = model_for_sampling(model, rt)
+    opponent.eval()
+    t0 = time.time()
+    bar = progress_bar(len(prompts), f"rollout {iteration}", rt.rank)
+    pairs = rollout(opponent, prompts, settings, iteration, progress=lambda n: bar.update(min(n, bar.total - bar.n)),
+                    should_stop=stop.requested)
+    bar.close()
+    if pairs is None:
+        return None
+    eval_pairs = []
+    if data.eval_examples:  # another seed, and never compiled
+        eval_pairs = rollout(opponent, data.eval_examples, replace(settings, seed=cfg.seed + 1, compile=False),
+                             iteration)
+    if cfg.mix_previous_rollouts and iteration > 0:
+        previous = read_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration - 1}", "rollouts.jsonl"))
+        # that file starts with iteration t-1's own generations (as many as here); what follows them is
+        # t-2's, which iteration t does not train on
+        pairs = pairs + rescore(opponent, previous[:len(pairs)], settings)
+    del opponent
+    if rt.rank == 0:
+        write_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration}", "rollouts.jsonl"), pairs, data.tok.decode)
         if eval_pairs:
-            sums = torch.zeros(3)
-            with torch.no_grad(), autocast:
-                for i in range(0, len(eval_pairs), cfg.rollout_batch_size):
-                    batch = eval_pairs[i:i + cfg.rollout_batch_size]
-                    losses, rr, rg, _, _ = pair_terms(model, batch, beta, cfg.loss_type, pad_id, device)
-                    sums += torch.stack([losses.sum(), (rr > rg).float().sum(), (rr - rg).sum()]).cpu()
-            out.update({"eval/spin_loss": sums[0].item() / len(eval_pairs),
-                        "eval/reward_accuracy": sums[1].item() / len(eval_pairs),
-                        "eval/reward_margin": sums[2].item() / len(eval_pairs)})
-        if has_checker and eval_examples:
-            gen_model = rollout_model()
-            prompts = [e.prompt_ids for e in eval_examples]
-            for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
-                answers = []
-                with autocast:
-                    for i in range(0, len(prompts), cfg.rollout_batch_size):
-                        answers += generate(gen_model, prompts[i:i + cfg.rollout_batch_size], cfg.max_new_tokens,
-                                            temperature=temperature, eos_id=stop, seed=cfg.seed + 17 + i)
-                scores: dict[str, float] = {}
-                for e, ids in zip(eval_examples, answers):
-                    prompt_text = e.prompt_messages[-1]["content"]
-                    for key, value in check_answer(prompt_text, tok.decode(strip_stop(tok, ids, template))).items():
-                        scores[key] = scores.get(key, 0.0) + value
-                out.update({f"eval/{key}_{name}": v / len(answers) for key, v in scores.items()})
-                out[f"eval/exact_{name}"] = sum(strip_stop(tok, ids, template) == strip_stop(tok, e.real_ids, template)
-                                                for e, ids in zip(eval_examples, answers)) / len(answers)
-            del gen_model
-        model.train()
-        return out
-
-    # ---- the phases ---------------------------------------------------------------------------
-    t_run = time.time()
-    while state["phase"] < len(phases):
-        kind, iteration = phases[state["phase"]]
-        name = f"{kind} {iteration}" if kind != "sft" else "sft"
-        starting = state["step"] == 0
-        beta = per_iteration(cfg.beta, iteration)
-        max_lr = per_iteration(cfg.lr, iteration) if kind == "spin" else cfg.sft_lr
-        if kind == "baseline" and cfg.baseline_lr:
-            max_lr = cfg.baseline_lr
-        rollouts_path = None
-        eval_pairs = []
-        rollout_stats = {}
-
-        if kind == "baseline" and iteration == 0 and starting:
-            # continued SFT starts from the SFT model, not from the SPIN result
-            from model import hf_state_to_nanospin, read_safetensors_dir
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-            sft_dir = os.path.join(cfg.out_dir, "sft")
-            weights = hf_state_to_nanospin(read_safetensors_dir(sft_dir), gpt_cfg, sft_dir)
-            set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-
-        # -- the iteration's data: real responses (SFT) or rollout pairs (SPIN) --
-        if kind == "spin":
-            iter_dir = os.path.join(cfg.out_dir, f"iter_{iteration}")
-            rollouts_path = os.path.join(iter_dir, "rollouts.jsonl")
-            if not starting:
-                saved = os.path.join(resume_from, "rollouts.jsonl")
-                if not os.path.isfile(saved) or file_sha(saved) != state.get("rollouts_sha"):
-                    raise UserError(f"the rollouts in checkpoint '{resume_from}' are missing or do not match its "
-                                    f"state.json; delete that checkpoint to resume from the one before it")
-                if rank == 0:  # the iteration's canonical file, as the checkpoint saw it
-                    shutil.copyfile(saved, rollouts_path + ".tmp")
-                    os.replace(rollouts_path + ".tmp", rollouts_path)
-                pairs = read_rollouts(saved)
-                eval_file = os.path.join(iter_dir, "eval_rollouts.jsonl")
-                eval_pairs = read_rollouts(eval_file) if eval_examples and os.path.isfile(eval_file) else []
-                rollout_stats = rollout_stats_of(pairs)
-                print0(f"{name}: reusing the iteration's {len(pairs)} rollouts from {saved}")
-            else:
-                subset = train_examples
-                if cfg.prompts_per_iteration:
-                    g = torch.Generator().manual_seed(cfg.seed + 101 * iteration)
-                    perm = torch.randperm(len(train_examples), generator=g)[: cfg.prompts_per_iteration]
-                    subset = [train_examples[i] for i in perm.tolist()]
-                opponent = rollout_model()
-                opponent.eval()
-                t0 = time.time()
-                bar = tqdm(total=len(subset), desc=f"rollout {iteration}", disable=rank != 0, leave=False)
-                pairs = rollout(opponent, subset, cfg.max_new_tokens, cfg.max_len, stop, pad_id,
-                                cfg.rollout_batch_size, cfg.seed, iteration, device, rank, world, cfg.temperature,
-                                cfg.top_k, cfg.top_p, cfg.compile and device.type == "cuda", autocast=autocast,
-                                progress=lambda n: bar.update(min(n, bar.total - bar.n)), should_stop=should_stop)
-                bar.close()
-                if pairs is None:
-                    print0(f"stopped by {stop_requested['signal']} during rollout {iteration}; the last checkpoint "
-                           f"stays valid: run the same command to resume (this rollout is regenerated)")
-                    return
-                if eval_examples:
-                    eval_pairs = rollout(opponent, eval_examples, cfg.max_new_tokens, cfg.max_len, stop, pad_id,
-                                         cfg.rollout_batch_size, cfg.seed + 1, iteration, device, rank, world,
-                                         cfg.temperature, cfg.top_k, cfg.top_p, autocast=autocast)
-                if cfg.mix_previous_rollouts and iteration > 0:
-                    previous = read_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration - 1}", "rollouts.jsonl"))
-                    # that file starts with iteration t-1's own generations (as many as here); what follows
-                    # them is t-2's, which iteration t does not train on
-                    previous = previous[:len(pairs)]
-                    pairs = pairs + rescore(opponent, previous, pad_id, cfg.rollout_batch_size, device,
-                                            rank, world, autocast)
-                del opponent
-                rollout_stats = rollout_stats_of(pairs)
-                if rank == 0:
-                    write_rollouts(rollouts_path, pairs, tok.decode)
-                    if eval_pairs:
-                        write_rollouts(os.path.join(iter_dir, "eval_rollouts.jsonl"), eval_pairs, tok.decode)
-                if world > 1:
-                    dist.barrier()
-                dt = time.time() - t0
-                gen_tokens = rollout_stats["gen_len_mean"] * len(pairs)
-                print0(f"{name}: rollout of {len(pairs)} prompts in {dt:.1f}s ({gen_tokens / dt:.0f} tokens/s), "
-                       f"mean length {rollout_stats['gen_len_mean']:.1f}, EOS reached {rollout_stats['eos_rate']:.0%}")
-                log({"iteration": iteration, "phase": kind, "step": state["global_step"], "rollout_seconds": dt,
-                     **rollout_stats})
-        data_size = len(pairs) if kind == "spin" else len(train_examples)
-
-        # -- the steps --
-        order = BatchOrder(n=data_size, batch_size=cfg.batch_size * cfg.grad_accum, rank=rank, world_size=world,
-                           seed=cfg.seed + 1000 * state["phase"])
-        if kind == "spin":
-            total_steps = cfg.max_epochs * order.batches_per_epoch()
-        elif kind == "sft":
-            total_steps = cfg.sft_steps
-        else:  # continued SFT runs exactly as many steps as the SPIN iteration it is compared with
-            total_steps = next(h["steps"] for h in state["history"] if h["phase"] == "spin" and h["iteration"] == iteration)
-        if total_steps <= 0:
-            raise UserError(f"{name} has no steps: {data_size} examples do not fill one global batch of "
-                            f"{cfg.batch_size * cfg.grad_accum * world}; lower batch_size or grad_accum")
-        if starting:
-            optimizer = make_optimizer(model, cfg, max_lr)  # a fresh optimizer and schedule per phase
-        elif state["order"] is not None:
-            order.load_state_dict(state["order"])
-        if starting:
-            state["rollouts_sha"] = file_sha(rollouts_path) if rollouts_path else None
-        model.train()
-        sums, t_log, tokens_seen = None, time.time(), 0
-        bar = tqdm(total=total_steps, initial=state["step"], desc=name, disable=rank != 0, leave=False)
-        while state["step"] < total_steps:
-            step = state["step"]
-            lr = get_lr(step, total_steps, max_lr, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            indices = order.next_batch()  # this rank's share of the global batch: batch_size * grad_accum
-            micro = [indices[i:i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
-            # the global count of loss units (tokens for SFT, pairs for SPIN) in this optimizer step
-            if kind == "spin":
-                units = torch.tensor([float(len(indices))])
-            else:
-                units = torch.tensor([float(sum(len(train_examples[i].real_ids) for i in indices))])
-            units = all_reduce_sum(units, world).item()
-            step_sums = torch.zeros(7, device=device)
-            for k, mb in enumerate(micro):
-                if use_fsdp:
-                    model.set_requires_gradient_sync(k == len(micro) - 1)
-                with autocast:
-                    if kind == "spin":
-                        batch = [pairs[i] for i in mb]
-                        losses, rr, rg, real, gen = pair_terms(model, batch, beta, cfg.loss_type, pad_id, device)
-                        loss_sum = losses.sum()
-                        ntok = sum(len(p.real_ids) + len(p.generated_ids) + 2 * len(p.prompt_ids) for p in batch)
-                        step_sums += torch.stack([loss_sum.detach(), rr.sum().detach(), rg.sum().detach(),
-                                                  (rr > rg).float().sum(), real.detach().sum(), gen.detach().sum(),
-                                                  torch.tensor(float(len(batch)), device=device)])
-                    else:
-                        batch = [train_examples[i] for i in mb]
-                        logps = sequence_logps(model, [e.prompt_ids for e in batch], [e.real_ids for e in batch],
-                                               pad_id, device)
-                        loss_sum = -logps.sum()
-                        ntok = sum(len(e.real_ids) + len(e.prompt_ids) for e in batch)
-                        step_sums[0] += loss_sum.detach()
-                        step_sums[6] += float(sum(len(e.real_ids) for e in batch))
-                # FSDP averages gradients over ranks; scale so the update is the global mean
-                (loss_sum * world / units).backward()
-                tokens_seen += ntok
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0
-                                                        else float("inf")))
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            step_sums = all_reduce_sum(step_sums, world)
-            if not torch.isfinite(step_sums[0]) or not torch.isfinite(grad_norm):
-                last = ckpt.list_checkpoints(cfg.out_dir)
-                bar.close()  # the error then gets a line of its own, not the tail of the progress bar's
-                # steps are named 1-based, as metrics.jsonl and the checkpoints count them
-                raise UserError(f"{name}, step {step + 1} of {total_steps} (global step {state['global_step'] + 1}): "
-                                f"loss or gradient is "
-                                f"NaN/Inf (loss sum {step_sums[0].item()}, grad norm {grad_norm.item()}); the last "
-                                f"good checkpoint is {last[-1] if last else 'none'}; lower the learning rate")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["global_step"] += 1
-            bar.update(1)
-            sums = step_sums if sums is None else sums + step_sums
-            last_step = state["step"] == total_steps
-            if state["step"] % cfg.log_interval == 0 or last_step:
-                dt = time.time() - t_log
-                tps = all_reduce_sum(torch.tensor([float(tokens_seen)]), world).item() / dt
-                record = {"iteration": iteration, "phase": kind, "epoch": order.epoch, "step": state["global_step"],
-                          "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tps}
-                if kind == "spin":
-                    n = sums[6].item()
-                    record.update({"loss": sums[0].item() / n, "rewards/real": sums[1].item() / n,
-                                   "rewards/generated": sums[2].item() / n,
-                                   "rewards/margins": (sums[1] - sums[2]).item() / n,
-                                   "rewards/accuracies": sums[3].item() / n, "logps/real": sums[4].item() / n,
-                                   "logps/generated": sums[5].item() / n, **rollout_stats})
-                else:
-                    record["loss"] = sums[0].item() / sums[6].item()
-                flops = peak_flops(device)
-                if flops:
-                    record["mfu"] = tps * model.flops_per_token(cfg.max_len) / (flops * world)
-                log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                sums, t_log, tokens_seen = None, time.time(), 0
-            if cfg.eval_interval and state["step"] % cfg.eval_interval == 0 and not last_step:
-                log({"iteration": iteration, "phase": kind, "step": state["global_step"], **evaluate(eval_pairs, beta)})
-            stopping = should_stop()
-            if (cfg.save_interval and state["global_step"] % cfg.save_interval == 0 and not last_step) or \
-                    (stopping and not last_step):
-                save({**state, "order": order.state_dict()}, rollouts_path)
-            if stopping and not last_step:
-                print0(f"stopped by {stop_requested['signal']} at {name}, step {state['step']}; checkpoint saved: "
-                       f"run the same command to resume")
-                return
-        bar.close()
-
-        # -- end of phase: evaluate, export the SFT model, checkpoint at the boundary --
-        results = evaluate(eval_pairs, beta)
-        summary = {"phase": kind, "iteration": iteration, "step": state["global_step"], "steps": total_steps,
-                   **results}
-        log({"iteration": iteration, "phase": kind, "step": state["global_step"], "event": "phase_end", **results})
-        state["history"].append(summary)
-        headline = {k: v for k, v in results.items() if any(w in k for w in ("nll", "spin", "reward", "valid", "exact"))}
-        print0(f"{name} done at step {state['global_step']}: " +
-               ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in headline.items()))
-        if kind == "sft" and cfg.baseline_sft:
-            ckpt.export_model(os.path.join(cfg.out_dir, "sft"), model, gpt_cfg, tok, template, rank)
-        if kind != "baseline" and all(k == "baseline" for k, _ in phases[state["phase"] + 1:]):
-            # the product is the model after the last SFT/SPIN phase; a baseline only compares against it
-            ckpt.export_model(os.path.join(cfg.out_dir, "final"), model, gpt_cfg, tok, template, rank)
-            print0(f"exported the final model to {cfg.out_dir}/final (python generate.py --model={cfg.out_dir}/final)")
-        state.update(phase=state["phase"] + 1, step=0, order=None, rollouts_sha=None)
-        save(dict(state), None)
-        if should_stop():
-            print0(f"stopped by {stop_requested['signal']} after {name}; run the same command to resume")
-            return
-
-    # ---- summary ---------------------------------------------------------------------------------
-    print0(summary_table(state["history"]))
-    print0(f"total time {time.time() - t_run:.0f}s")
-    if metrics_file is not None:
-        metrics_file.close()
-    if world > 1:
-        dist.destroy_process_group()
+            write_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration}", "eval_rollouts.jsonl"), eval_pairs,
+                           data.tok.decode)
+    if rt.world_size > 1:
+        dist.barrier()
+    dt = time.time() - t0
+    stats = rollout_stats_of(pairs)
+    print0(f"spin {iteration}: rollout of {len(pairs)} prompts in {dt:.1f}s "
+           f"({stats['gen_len_mean'] * len(pairs) / dt:.0f} tokens/s), mean length {stats['gen_len_mean']:.1f}, "
+           f"EOS reached {stats['eos_rate']:.0%}")
+    write_metrics(metrics_file, {"iteration": iteration, "phase": "spin", "step": global_step, "rollout_seconds": dt,
+                                 **stats})
+    return pairs, eval_pairs
 
 
-def rollout_stats_of(pairs) -> dict:
+def reuse_rollouts(checkpoint: str, iter_dir: str, iteration: int, rollouts_sha: str | None, data: RunData,
+                   rank: int) -> tuple[list[Pair], list[Pair]]:
+    """A mid-iteration resume trains on the iteration's pairs as its checkpoint saved them."""
+    saved = os.path.join(checkpoint, "rollouts.jsonl")
+    rollouts_path = os.path.join(iter_dir, "rollouts.jsonl")
+    if not os.path.isfile(saved) or file_sha(saved) != rollouts_sha:
+        raise UserError(f"the rollouts in checkpoint '{checkpoint}' are missing or do not match its "
+                        f"state.json; delete that checkpoint to resume from the one before it")
+    if rank == 0:  # the iteration's canonical file, as the checkpoint saw it
+        shutil.copyfile(saved, rollouts_path + ".tmp")
+        os.replace(rollouts_path + ".tmp", rollouts_path)
+    pairs = read_rollouts(saved)
+    eval_file = os.path.join(iter_dir, "eval_rollouts.jsonl")
+    eval_pairs = read_rollouts(eval_file) if data.eval_examples and os.path.isfile(eval_file) else []
+    print0(f"spin {iteration}: reusing the iteration's {len(pairs)} rollouts from {saved}")
+    return pairs, eval_pairs
+
+
+def rollout_stats_of(pairs: list[Pair]) -> dict[str, float]:
+    """Mean generated length and the share of generations that reached a stop token."""
     return {"gen_len_mean": sum(len(p.generated_ids) for p in pairs) / len(pairs),
             "eos_rate": sum(p.eos for p in pairs) / len(pairs)}
+
+
+# ------------------------------------------------------------------------------------------------
+# a training step
+
+
+def phase_steps(cfg: TrainConfig, kind: str, iteration: int, order: BatchOrder, history: list[dict]) -> int:
+    """Optimizer steps in the phase: sft_steps; max_epochs over a SPIN iteration's pairs; and for
+    continued SFT exactly as many as the SPIN iteration it is compared with."""
+    if kind == "spin":
+        total = cfg.max_epochs * order.batches_per_epoch()
+    elif kind == "sft":
+        total = cfg.sft_steps
+    else:
+        total = next(h["steps"] for h in history if h["phase"] == "spin" and h["iteration"] == iteration)
+    if total <= 0:
+        raise UserError(f"{phase_name(kind, iteration)} has no steps: {order.n} examples do not fill one global "
+                        f"batch of {order.global_batch_size}; lower batch_size or grad_accum")
+    return total
+
+
+def spin_micro_batch(model: GPT, batch: list[Pair], beta: float, loss_type: str, pad_id: int,
+                     device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """(summed loss, summed metrics with the pair count, tokens) of a micro-batch of SPIN pairs."""
+    losses, metrics = pair_terms(model, batch, beta, loss_type, pad_id, device)
+    sums = {name: values.sum() for name, values in metrics.items()}
+    sums["pairs"] = torch.tensor(float(len(batch)), device=device)
+    tokens = sum(len(p.real_ids) + len(p.generated_ids) + 2 * len(p.prompt_ids) for p in batch)
+    return losses.sum(), sums, tokens
+
+
+def sft_micro_batch(model: GPT, batch: list[Example], pad_id: int,
+                    device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """(summed negative log-likelihood of the real responses, the sums to log, tokens) of a micro-batch."""
+    logps = sequence_logps(model, [e.prompt_ids for e in batch], [e.real_ids for e in batch], pad_id, device)
+    loss_sum = -logps.sum()
+    sums = {"loss": loss_sum.detach(),
+            "tokens": torch.tensor(float(sum(len(e.real_ids) for e in batch)), device=device)}
+    return loss_sum, sums, sum(len(e.real_ids) + len(e.prompt_ids) for e in batch)
+
+
+def forward_backward(model: GPT, kind: str, indices: list[int], pairs: list[Pair], data: RunData, beta: float,
+                     cfg: TrainConfig, rt: Runtime) -> tuple[dict[str, torch.Tensor], int]:
+    """The gradients of one optimizer step from this rank's share of its global batch, in micro-batches
+    of batch_size. Returns this rank's sums to log and the tokens it processed."""
+    micro_batches = [indices[i:i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
+    # the loss is normalised by the global count of its units in the step: pairs for SPIN, tokens for SFT
+    local_units = len(indices) if kind == "spin" else sum(len(data.train_examples[i].real_ids) for i in indices)
+    units = all_reduce_sum(torch.tensor([float(local_units)]), rt.world_size).item()
+    sums, tokens = {}, 0
+    for k, micro in enumerate(micro_batches):
+        if rt.fsdp:  # reduce the gradients once, after the last micro-batch
+            model.set_requires_gradient_sync(k == len(micro_batches) - 1)
+        with rt.autocast:
+            if kind == "spin":
+                loss_sum, micro_sums, micro_tokens = spin_micro_batch(model, [pairs[i] for i in micro], beta,
+                                                                      cfg.loss_type, data.pad_id, rt.device)
+            else:
+                loss_sum, micro_sums, micro_tokens = sft_micro_batch(model, [data.train_examples[i] for i in micro],
+                                                                     data.pad_id, rt.device)
+        # FSDP averages gradients over ranks; scale so the update is the global mean
+        (loss_sum * rt.world_size / units).backward()
+        sums, tokens = add_sums(sums, micro_sums), tokens + micro_tokens
+    return sums, tokens
+
+
+def clip_gradients(model: GPT, grad_clip: float) -> torch.Tensor:
+    """Clip the gradients' global norm to grad_clip (0: no clipping); the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+
+
+def check_finite(loss_sum: torch.Tensor, grad_norm: torch.Tensor, name: str, state: LoopState, total_steps: int,
+                 out_dir: str, bar: tqdm) -> None:
+    """A NaN/Inf loss or gradient stops the run before the optimizer step, naming the last good checkpoint."""
+    if torch.isfinite(loss_sum) and torch.isfinite(grad_norm):
+        return
+    last = ckpt.list_checkpoints(out_dir)
+    bar.close()  # the error then gets a line of its own, not the tail of the progress bar's
+    # steps are named 1-based, as metrics.jsonl and the checkpoints count them
+    raise UserError(f"{name}, step {state.step + 1} of {total_steps} (global step {state.global_step + 1}): "
+                    f"loss or gradient is NaN/Inf (loss sum {loss_sum.item()}, grad norm {grad_norm.item()}); the "
+                    f"last good checkpoint is {last[-1] if last else 'none'}; lower the learning rate")
+
+
+def step_metrics(kind: str, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The logged means of the summed step metrics: per pair for SPIN, per response token for SFT."""
+    if kind == "spin":
+        return spin_metrics(sums)
+    return {"loss": sums["loss"].item() / sums["tokens"].item()}
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation and the end of a phase
+
+
+def held_out_nll(model: GPT, examples: list[Example], batch_size: int, pad_id: int, rt: Runtime) -> float:
+    """The mean negative log-likelihood per response token of the held-out real responses."""
+    nll, tokens = torch.zeros(2)
+    with torch.no_grad(), rt.autocast:
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i:i + batch_size]
+            logps = sequence_logps(model, [e.prompt_ids for e in batch], [e.real_ids for e in batch], pad_id, rt.device)
+            nll -= logps.sum().cpu()
+            tokens += sum(len(e.real_ids) for e in batch)
+    return (nll / tokens).item()
+
+
+def held_out_pair_metrics(model: GPT, pairs: list[Pair], beta: float, cfg: TrainConfig, pad_id: int,
+                          rt: Runtime) -> dict[str, float]:
+    """The SPIN loss, reward accuracy and mean reward margin on the iteration's held-out pairs."""
+    loss, accuracy, margin = torch.zeros(3)
+    with torch.no_grad(), rt.autocast:
+        for i in range(0, len(pairs), cfg.rollout_batch_size):
+            batch = pairs[i:i + cfg.rollout_batch_size]
+            losses, metrics = pair_terms(model, batch, beta, cfg.loss_type, pad_id, rt.device)
+            loss += losses.sum().cpu()
+            accuracy += metrics["rewards/accuracies"].sum().cpu()
+            margin += (metrics["rewards/real"] - metrics["rewards/generated"]).sum().cpu()
+    return {"eval/spin_loss": loss.item() / len(pairs), "eval/reward_accuracy": accuracy.item() / len(pairs),
+            "eval/reward_margin": margin.item() / len(pairs)}
+
+
+def checker_scores(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData) -> dict[str, float]:
+    """The synthetic task's checker on greedy and on sampled (T=1) answers to the held-out prompts, and
+    how often an answer equals the real one."""
+    sampler = model_for_sampling(model, rt)
+    examples, tok, template = data.eval_examples, data.tok, data.template
+    out = {}
+    for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+        answers = []
+        with rt.autocast:
+            for i in range(0, len(examples), cfg.rollout_batch_size):
+                prompts = [e.prompt_ids for e in examples[i:i + cfg.rollout_batch_size]]
+                answers += generate(sampler, prompts, cfg.max_new_tokens, temperature=temperature, eos_id=data.stop,
+                                    seed=cfg.seed + 17 + i)
+        scores: dict[str, float] = {}
+        for e, ids in zip(examples, answers):
+            answer = tok.decode(strip_stop(tok, ids, template))
+            for key, value in check_answer(e.prompt_messages[-1]["content"], answer).items():
+                scores[key] = scores.get(key, 0.0) + value
+        out.update({f"eval/{key}_{name}": v / len(answers) for key, v in scores.items()})
+        out[f"eval/exact_{name}"] = sum(strip_stop(tok, ids, template) == strip_stop(tok, e.real_ids, template)
+                                        for e, ids in zip(examples, answers)) / len(answers)
+    return out
+
+
+def evaluate(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, eval_pairs: list[Pair],
+             beta: float) -> dict[str, float]:
+    """Held-out NLL of the real responses; SPIN loss and rewards on the held-out pairs; the checker."""
+    model.eval()
+    results = {}
+    if data.eval_examples:
+        results["eval/nll"] = held_out_nll(model, data.eval_examples, cfg.rollout_batch_size, data.pad_id, rt)
+    if eval_pairs:
+        results.update(held_out_pair_metrics(model, eval_pairs, beta, cfg, data.pad_id, rt))
+    if data.has_checker and data.eval_examples:
+        results.update(checker_scores(model, cfg, rt, data))
+    model.train()
+    return results
+
+
+def headline(name: str, global_step: int, results: dict[str, float]) -> str:
+    """The line printed at a phase's end: its main evaluation results."""
+    shown = {k: v for k, v in results.items() if any(w in k for w in ("nll", "spin", "reward", "valid", "exact"))}
+    return f"{name} done at step {global_step}: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4f}"
+                                                             for k, v in shown.items())
+
+
+def export_models(cfg: TrainConfig, rank: int, model: GPT, data: RunData, kind: str,
+                  later_phases: list[tuple[str, int]]) -> None:
+    """After SFT, the SFT model for the continued-SFT baseline (out_dir/sft); after the last SFT or SPIN
+    phase, the run's product (out_dir/final): a baseline only compares against it."""
+    if kind == "sft" and cfg.baseline_sft:
+        ckpt.export_model(os.path.join(cfg.out_dir, "sft"), model, model.config, data.tok, data.template, rank)
+    if kind != "baseline" and all(k == "baseline" for k, _ in later_phases):
+        ckpt.export_model(os.path.join(cfg.out_dir, "final"), model, model.config, data.tok, data.template, rank)
+        print0(f"exported the final model to {cfg.out_dir}/final (python generate.py --model={cfg.out_dir}/final)")
 
 
 def summary_table(history: list[dict]) -> str:
@@ -711,11 +823,144 @@ def summary_table(history: list[dict]) -> str:
     cols = [(k, label) for k, label in cols if any(k in h for h in history)]
     lines = ["| after | step | " + " | ".join(label for _, label in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
+    labels = {"sft": "SFT", "spin": "SPIN iter {}", "baseline": "cont. SFT iter {}"}
     for h in history:
-        label = "SFT" if h["phase"] == "sft" else f"{'SPIN' if h['phase'] == 'spin' else 'cont. SFT'} iter {h['iteration']}"
         cells = [f"{h[k]:.3f}" if k in h else "" for k, _ in cols]
-        lines.append(f"| {label} | {h['step']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {labels[h['phase']].format(h['iteration'])} | {h['step']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+
+
+def main(argv: list[str]) -> None:
+    """The run: config, distributed init, out_dir and resume, data, model, the phases, the summary."""
+    # ---- config ----------------------------------------------------------------------------------
+    cfg = load_config(TrainConfig, argv)
+    check_config(cfg)
+    phases = phases_of(cfg)
+
+    # ---- distributed init and device -------------------------------------------------------------
+    rt = init_runtime(cfg)
+    print0(f"nanospin: world size {rt.world_size}, device {rt.device.type}, "
+           f"compute dtype {str(rt.compute_dtype).removeprefix('torch.')}")
+
+    # ---- out_dir and resume ----------------------------------------------------------------------
+    resume_from = prepare_out_dir(cfg, rt.world_size)
+    print0(config_to_json(cfg))
+
+    # ---- tokenizer and data ----------------------------------------------------------------------
+    data = prepare_data(cfg)
+
+    # ---- model and optimizer ---------------------------------------------------------------------
+    model = build_model(cfg, data.tok.n_vocab, data.tok.eos_id)
+    print0(f"model: {model.config.model_type}, {model.num_params() / 1e6:.2f}M non-embedding parameters, "
+           f"{model.config.n_layer} layers, {model.config.n_embd} wide")
+    place_model(model, cfg, rt)
+    optimizer = make_optimizer(model, cfg, cfg.sft_lr)  # every step sets its own lr; each phase makes a new one
+    state = start_or_resume(cfg, rt, resume_from, model, optimizer)
+    metrics_file = open_metrics(cfg.out_dir, rt.rank, state.global_step if resume_from else None)
+    stop = catch_stop_signals(rt.world_size)  # SIGTERM/SIGINT: save and stop at the next step boundary
+
+    # ---- the phases ------------------------------------------------------------------------------
+    t_run = time.time()
+    while state.phase < len(phases):
+        kind, iteration = phases[state.phase]
+        name = phase_name(kind, iteration)
+        starting = state.step == 0
+        beta, max_lr = per_iteration(cfg.beta, iteration), phase_lr(cfg, kind, iteration)
+        if kind == "baseline" and iteration == 0 and starting:
+            load_sft_weights(model, os.path.join(cfg.out_dir, "sft"))  # continued SFT starts from the SFT model
+
+        # -- the phase's data: real responses (SFT) or the iteration's rollout pairs (SPIN) --
+        pairs, eval_pairs, rollouts_path, rollout_stats = [], [], None, {}
+        if kind == "spin":
+            iter_dir = os.path.join(cfg.out_dir, f"iter_{iteration}")
+            rollouts_path = os.path.join(iter_dir, "rollouts.jsonl")
+            if starting:
+                made = run_rollout(model, cfg, rt, data, iteration, stop, metrics_file, state.global_step)
+                if made is None:
+                    print0(f"stopped by {stop.signal} during rollout {iteration}; the last checkpoint stays valid: "
+                           f"run the same command to resume (this rollout is regenerated)")
+                    return
+                pairs, eval_pairs = made
+            else:
+                pairs, eval_pairs = reuse_rollouts(resume_from, iter_dir, iteration, state.rollouts_sha, data, rt.rank)
+            rollout_stats = rollout_stats_of(pairs)
+        order = BatchOrder(n=len(pairs) if kind == "spin" else len(data.train_examples),
+                           batch_size=cfg.batch_size * cfg.grad_accum, rank=rt.rank, world_size=rt.world_size,
+                           seed=cfg.seed + 1000 * state.phase)
+        total_steps = phase_steps(cfg, kind, iteration, order, state.history)
+        if starting:
+            optimizer = make_optimizer(model, cfg, max_lr)  # a fresh optimizer and schedule per phase
+            state.rollouts_sha = file_sha(rollouts_path) if rollouts_path else None
+        elif state.order is not None:
+            order.load_state_dict(state.order)
+
+        # -- the steps --
+        model.train()
+        bar = progress_bar(total_steps, name, rt.rank, initial=state.step)
+        sums, tokens, t_log = {}, 0, time.time()
+        while state.step < total_steps:
+            lr = get_lr(state.step, total_steps, max_lr, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            indices = order.next_batch()  # this rank's share of the global batch: batch_size * grad_accum
+            step_sums, step_tokens = forward_backward(model, kind, indices, pairs, data, beta, cfg, rt)
+            grad_norm = clip_gradients(model, cfg.grad_clip)
+            step_sums = all_reduce_sums(step_sums, rt.world_size)
+            check_finite(step_sums["loss"], grad_norm, name, state, total_steps, cfg.out_dir, bar)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.global_step += 1
+            bar.update(1)
+            sums, tokens = add_sums(sums, step_sums), tokens + step_tokens
+            last_step = state.step == total_steps
+            if state.step % cfg.log_interval == 0 or last_step:
+                dt = time.time() - t_log
+                tokens_per_sec = all_reduce_sum(torch.tensor([float(tokens)]), rt.world_size).item() / dt
+                record = {"iteration": iteration, "phase": kind, "epoch": order.epoch, "step": state.global_step,
+                          "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec,
+                          **step_metrics(kind, sums), **rollout_stats, **mfu(tokens_per_sec, model, cfg.max_len, rt)}
+                write_metrics(metrics_file, record)
+                show_progress(bar, name, state.step, total_steps, record)
+                sums, tokens, t_log = {}, 0, time.time()
+            if cfg.eval_interval and state.step % cfg.eval_interval == 0 and not last_step:
+                results = evaluate(model, cfg, rt, data, eval_pairs, beta)
+                write_metrics(metrics_file, {"iteration": iteration, "phase": kind, "step": state.global_step,
+                                             **results})
+            stopping = stop.requested()
+            if not last_step and (stopping or cfg.save_interval and state.global_step % cfg.save_interval == 0):
+                save(cfg, rt.rank, model, optimizer, replace(state, order=order.state_dict()), data, rollouts_path)
+            if stopping and not last_step:
+                print0(f"stopped by {stop.signal} at {name}, step {state.step}; checkpoint saved: "
+                       f"run the same command to resume")
+                return
+        bar.close()
+
+        # -- end of phase: evaluate, export, checkpoint at the boundary --
+        results = evaluate(model, cfg, rt, data, eval_pairs, beta)
+        write_metrics(metrics_file, {"iteration": iteration, "phase": kind, "step": state.global_step,
+                                     "event": "phase_end", **results})
+        state.history.append({"phase": kind, "iteration": iteration, "step": state.global_step, "steps": total_steps,
+                              **results})
+        print0(headline(name, state.global_step, results))
+        export_models(cfg, rt.rank, model, data, kind, phases[state.phase + 1:])
+        state = replace(state, phase=state.phase + 1, step=0, order=None, rollouts_sha=None)
+        save(cfg, rt.rank, model, optimizer, state, data, None)
+        if stop.requested():
+            print0(f"stopped by {stop.signal} after {name}; run the same command to resume")
+            return
+
+    # ---- summary ---------------------------------------------------------------------------------
+    print0(summary_table(state.history))
+    print0(f"total time {time.time() - t_run:.0f}s")
+    if metrics_file is not None:
+        metrics_file.close()
+    if rt.world_size > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

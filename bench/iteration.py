@@ -4,7 +4,7 @@
   BPE tokenizer rebuilt with `tokenizers` (same ids), 256 "What is A + B?" chat prompts, rollout batch 64 x 16
   new tokens at temperature 1 with EOS stopping, then 32 steps of 8 pairs (AdamW, lr 1e-4, beta 0.1), fp32.
 - Ours runs through the functions train.py calls: spin.rollout (sampling + the opponent's log-probs), then
-  train.py's SPIN step (pair_logps, spin_terms, make_optimizer, get_lr, BatchOrder, clipping, NaN guard).
+  train.py's SPIN step (pair_terms, make_optimizer, get_lr, BatchOrder, clipping, NaN guard).
 - Every run is a fresh process, ours and the peer's alternate, figures are medians; own CPU-seconds are printed
   beside wall time because on a busy shared machine 2 threads stall at barriers (--threads=1 is steadier).
 - The peer is CPU-only: with --device=cuda only ours runs (bf16 autocast, compiled, first iteration compiles).
@@ -158,8 +158,10 @@ def one_iteration(model, examples, stop: list[int], pad_id: int, cfg: BenchConfi
     opponent.eval()
     spin.pair_logps = timed_pair_logps
     try:
-        pairs = spin.rollout(opponent, examples, cfg.max_new_tokens, cfg.max_len, stop, pad_id, cfg.rollout_batch_size,
-                             cfg.seed, iteration, device, temperature=1.0, compile=compile, autocast=autocast)
+        settings = spin.RolloutSettings(max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, stop=stop,
+                                        pad_id=pad_id, batch_size=cfg.rollout_batch_size, seed=cfg.seed, device=device,
+                                        temperature=1.0, compile=compile, autocast=autocast)
+        pairs = spin.rollout(opponent, examples, settings, iteration)
     finally:
         spin.pair_logps = score_pairs
     del opponent
@@ -175,25 +177,21 @@ def one_iteration(model, examples, stop: list[int], pad_id: int, cfg: BenchConfi
     optimizer = make_optimizer(model, tcfg, cfg.lr)
     order = BatchOrder(n=len(pairs), batch_size=cfg.batch_size, seed=cfg.seed + 1000 * iteration)
     total_steps = cfg.epochs * order.batches_per_epoch()
-    sums = torch.zeros(7, device=device)
+    loss_sum, accuracy_sum, pair_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
     for step in range(total_steps):
         for group in optimizer.param_groups:
             group["lr"] = get_lr(step, total_steps, cfg.lr, tcfg)
         batch = [pairs[i] for i in order.next_batch()]
         with autocast:
-            real, gen = spin.pair_logps(model, [p.prompt_ids for p in batch], [p.real_ids for p in batch],
-                                        [p.generated_ids for p in batch], pad_id, device)
-            ref_real = torch.tensor([p.ref_real_logp for p in batch], device=device)
-            ref_gen = torch.tensor([p.ref_generated_logp for p in batch], device=device)
-            losses, real_rewards, gen_rewards = spin.spin_terms(real, gen, ref_real, ref_gen, cfg.beta)
+            losses, metrics = spin.pair_terms(model, batch, cfg.beta, "sigmoid", pad_id, device)
         (losses.sum() / len(batch)).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        step_sums = torch.stack([losses.sum().detach(), real_rewards.sum().detach(), gen_rewards.sum().detach(),
-                                 (real_rewards > gen_rewards).float().sum(), real.detach().sum(), gen.detach().sum(),
-                                 torch.tensor(float(len(batch)), device=device)])
-        sums += step_sums
-        if not torch.isfinite(step_sums[0]) or not torch.isfinite(grad_norm):  # train.py's NaN guard (a sync)
+        step_loss = metrics["loss"].sum()
+        if not torch.isfinite(step_loss) or not torch.isfinite(grad_norm):  # train.py's NaN guard (a sync)
             raise RuntimeError(f"non-finite loss or gradient at step {step}")
+        loss_sum += step_loss
+        accuracy_sum += metrics["rewards/accuracies"].sum()
+        pair_count += len(batch)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     sync(device)
@@ -205,14 +203,13 @@ def one_iteration(model, examples, stop: list[int], pad_id: int, cfg: BenchConfi
     positions = sum(len(group) * max(len(pairs[i].generated_ids) for i in group)
                     for group in (by_length[k:k + cfg.rollout_batch_size]
                                   for k in range(0, len(by_length), cfg.rollout_batch_size)))
-    n = sums[6].item()
-    return {"sampling_s": rollout_s - scoring["seconds"], "ref_logps_s": scoring["seconds"], "train_s": train_s,
+    return {"sampling_s": rollout_s - scoring["seconds"], "opponent_logps_s": scoring["seconds"], "train_s": train_s,
             "total_s": rollout_s + train_s, "cpu_s": cpu_s, "steps": total_steps,
             "gen_tokens": sum(len(p.generated_ids) for p in pairs), "gen_positions": positions,
             "eos_rows": sum(p.eos for p in pairs),
             "train_tokens": cfg.epochs * sum(2 * len(p.prompt_ids) + len(p.real_ids) + len(p.generated_ids)
                                              for p in pairs),
-            "loss": sums[0].item() / n, "reward_accuracy": sums[3].item() / n}
+            "loss": loss_sum.item() / pair_count, "reward_accuracy": accuracy_sum.item() / pair_count}
 
 
 def run_ours(cfg: BenchConfig) -> dict:
@@ -315,7 +312,7 @@ def peer_summary(record: dict) -> dict:
     """The peer's record in ours' terms."""
     ro, pre = record["rollout"], record["train_precompute"]
     logs = [entry for entry in pre.get("logs", []) if "num_tokens" in entry]
-    return {"sampling_s": ro["rollout_s"], "ref_logps_s": pre["precompute_ref_s"],
+    return {"sampling_s": ro["rollout_s"], "opponent_logps_s": pre["precompute_ref_s"],
             "train_s": pre["train_total_s"] - pre["precompute_ref_s"], "total_s": record["spin_iteration_total_s"],
             "cpu_s": record.get("cpu_s"), "steps": pre["steps"], "gen_tokens": ro["gen_tokens"],
             "gen_positions": ro["gen_positions"],
@@ -385,7 +382,7 @@ def check_config(cfg: BenchConfig, with_peer: bool) -> None:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    keys = [("sampling_s", "sampling (generate) s"), ("ref_logps_s", "reference log-probs s"),
+    keys = [("sampling_s", "sampling (generate) s"), ("opponent_logps_s", "opponent log-probs s (TRL: reference)"),
             ("train_s", "training (policy steps) s"), ("total_s", "TOTAL one SPIN iteration s"),
             ("cpu_s", "own CPU-seconds (all threads)")]
     sides = [s for s in ("ours", "peer") if results.get(s)]
@@ -429,9 +426,9 @@ def main(argv: list[str]) -> None:
             results[s].append(record)
             other = f"{record['other_cpu_s']:.0f}" if record.get("other_cpu_s") is not None else "?"
             cpu = f"{record['cpu_s']:.1f}" if record.get("cpu_s") is not None else "?"
-            print(f"rep {rep} {s:4s}: total {record['total_s']:6.2f}s = sampling {record['sampling_s']:5.2f} + ref "
-                  f"log-probs {record['ref_logps_s']:5.2f} + training {record['train_s']:6.2f}; own CPU {cpu} s; "
-                  f"load {load:.1f}, other processes {other} CPU-s during the run", flush=True)
+            print(f"rep {rep} {s:4s}: total {record['total_s']:6.2f}s = sampling {record['sampling_s']:5.2f} + "
+                  f"opponent log-probs {record['opponent_logps_s']:5.2f} + training {record['train_s']:6.2f}; own CPU "
+                  f"{cpu} s; load {load:.1f}, other processes {other} CPU-s during the run", flush=True)
     ours = results["ours"][-1]
     print(f"model: GPT-2 shaped {cfg.n_layer}x{cfg.n_embd}, {cfg.n_head} heads, vocab {ours['vocab']}, "
           f"{ours['params'] / 1e6:.2f}M params, prompt {ours['prompt_tokens']} tokens"

@@ -1,5 +1,6 @@
-"""spin.py: the SPIN loss against hand-worked numbers, log 2 at equal policies, the direction of a
-gradient step, which tokens the sequence log-probs sum over, and the rollout's opponent log-probs."""
+"""spin.py: the SPIN loss and its metrics against hand-worked numbers, log 2 at equal policies, the
+direction of a gradient step, which tokens the sequence log-probs sum over, and the rollout: the
+opponent's log-probs, its order, its seeding, stopping it, rescoring and the rollout file."""
 
 import math
 
@@ -8,12 +9,11 @@ import torch
 
 from data import Example, collate, render_prompt, render_response, synthetic_conversations
 from model import GPT, GPTConfig
-from spin import (pair_logps, per_iteration, read_rollouts, rollout, sequence_logps, spin_loss, spin_terms,
-                  write_rollouts)
 from tokenizer import load_tokenizer
+from spin import (RolloutSettings, pair_logps, per_iteration, read_rollouts, rescore, rollout, sequence_logps,
+                  spin_metrics, spin_terms, write_rollouts)
 
 CPU = torch.device("cpu")
-
 
 
 def tiny_gpt(seed: int = 0, model_type: str = "llama") -> GPT:
@@ -28,56 +28,81 @@ def chat_pair(tok, question: str, answer: str, generated: str):
     return prompt, render_response(tok, answer, "chatml"), render_response(tok, generated, "chatml")
 
 
+def summed(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """spin_terms' per-pair metrics summed, with the pair count, as train.py sums them."""
+    sums = {name: values.sum() for name, values in metrics.items()}
+    sums["pairs"] = torch.tensor(float(len(metrics["loss"])))
+    return sums
+
+
 # ----------------------------------------------------------------------------------------------
-# the loss
+# the loss and its metrics
 
 
 # Worked by hand, beta = 0.5:
 #   real rewards      0.5 * ([-10, -20] - [-11, -20]) = [0.5, 0.0]
 #   generated rewards 0.5 * ([-12, -15] - [-11, -16]) = [-0.5, 0.5]
 #   h = real - generated = [1.0, -0.5]
-#   sigmoid: log(1 + e^-1) = 0.3132617, log(1 + e^0.5) = 0.9740770  -> mean 0.6436693
-#   hinge:   max(0, 1 - 1) = 0,         max(0, 1 + 0.5) = 1.5       -> mean 0.75
+#   sigmoid: log(1 + e^-1) = 0.3132617, log(1 + e^0.5) = 0.9740770
+#   hinge:   max(0, 1 - 1) = 0,         max(0, 1 + 0.5) = 1.5
 POLICY_REAL, POLICY_GEN = [-10.0, -20.0], [-12.0, -15.0]
-REF_REAL, REF_GEN = [-11.0, -20.0], [-11.0, -16.0]
+OPPONENT_REAL, OPPONENT_GEN = [-11.0, -20.0], [-11.0, -16.0]
 
 
-@pytest.mark.parametrize("loss_type, expected", [("sigmoid", (0.3132617 + 0.9740770) / 2), ("hinge", 0.75)])
-def test_spin_loss_equals_hand_computed_values(loss_type, expected):
+def hand_terms(loss_type: str = "sigmoid"):
     t = torch.tensor
-    loss, metrics = spin_loss(t(POLICY_REAL), t(POLICY_GEN), t(REF_REAL), t(REF_GEN), beta=0.5, loss_type=loss_type)
-    assert loss.item() == pytest.approx(expected, abs=1e-6)
-    assert metrics == pytest.approx({"rewards/real": 0.25, "rewards/generated": 0.0, "rewards/margins": 0.25,
-                                     "rewards/accuracies": 0.5, "logps/real": -15.0, "logps/generated": -13.5})
-    assert all(isinstance(v, float) for v in metrics.values())
+    return spin_terms(t(POLICY_REAL), t(POLICY_GEN), t(OPPONENT_REAL), t(OPPONENT_GEN), beta=0.5, loss_type=loss_type)
 
 
-def test_spin_terms_per_pair_and_unknown_loss_type():
-    t = torch.tensor
-    losses, real_rewards, gen_rewards = spin_terms(t(POLICY_REAL), t(POLICY_GEN), t(REF_REAL), t(REF_GEN), 0.5)
-    assert losses.tolist() == pytest.approx([math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(0.5))], abs=1e-6)
-    assert real_rewards.tolist() == [0.5, 0.0] and gen_rewards.tolist() == [-0.5, 0.5]
+@pytest.mark.parametrize("loss_type, expected", [("sigmoid", [0.3132617, 0.9740770]), ("hinge", [0.0, 1.5])])
+def test_spin_losses_equal_hand_computed_values(loss_type, expected):
+    losses, metrics = hand_terms(loss_type)
+    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+    assert torch.equal(metrics["loss"], losses)
+
+
+def test_spin_metrics_per_pair_equal_hand_computed_values():
+    _, metrics = hand_terms()
+    assert {name: values.tolist() for name, values in metrics.items() if name != "loss"} == {
+        "rewards/real": [0.5, 0.0], "rewards/generated": [-0.5, 0.5], "rewards/accuracies": [1.0, 0.0],
+        "logps/real": POLICY_REAL, "logps/generated": POLICY_GEN}
+    assert not any(values.requires_grad for values in metrics.values())
+
+
+def test_logged_metrics_are_per_pair_means_with_the_margin():
+    _, metrics = hand_terms()
+    logged = spin_metrics(summed(metrics))
+    assert logged == pytest.approx({"loss": (0.3132617 + 0.9740770) / 2, "rewards/real": 0.25,
+                                    "rewards/generated": 0.0, "rewards/margins": 0.25, "rewards/accuracies": 0.5,
+                                    "logps/real": -15.0, "logps/generated": -13.5})
+    assert all(isinstance(v, float) for v in logged.values())
+
+
+def test_unknown_loss_type_is_an_error():
     with pytest.raises(ValueError, match="loss_type"):
-        spin_terms(t(POLICY_REAL), t(POLICY_GEN), t(REF_REAL), t(REF_GEN), 0.5, "ipo")
+        hand_terms("ipo")
 
 
-def test_loss_is_log2_when_policy_equals_opponent():
+@pytest.mark.parametrize("loss_type, expected", [("sigmoid", math.log(2)), ("hinge", 1.0)])
+def test_loss_is_log2_when_policy_equals_opponent(loss_type, expected):
     torch.manual_seed(0)
     real, gen = -50 * torch.rand(16), -50 * torch.rand(16)
     for beta in (0.01, 0.1, 5.0):
-        loss, metrics = spin_loss(real, gen, real.clone(), gen.clone(), beta)
-        assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
-        assert metrics["rewards/margins"] == 0.0 and metrics["rewards/accuracies"] == 0.0
-        hinge, _ = spin_loss(real, gen, real.clone(), gen.clone(), beta, "hinge")
-        assert hinge.item() == 1.0
+        losses, metrics = spin_terms(real, gen, real.clone(), gen.clone(), beta, loss_type)
+        assert losses.tolist() == pytest.approx([expected] * 16, abs=1e-7)
+        logged = spin_metrics(summed(metrics))
+        assert logged["rewards/margins"] == 0.0 and logged["rewards/accuracies"] == 0.0
 
 
-def test_batch_mean_is_the_mean_of_micro_batches_of_one():
+def test_summed_micro_batches_give_the_whole_batch_metrics():
+    """What train.py relies on to sum over micro-batches, steps and ranks: each pair's terms depend on
+    that pair alone."""
     torch.manual_seed(1)
     a, b, c, d = (-20 * torch.rand(6) for _ in range(4))
-    whole, _ = spin_loss(a, b, c, d, 0.1)
-    singles = [spin_loss(a[i:i + 1], b[i:i + 1], c[i:i + 1], d[i:i + 1], 0.1)[0] for i in range(6)]
-    assert whole.item() == pytest.approx(torch.stack(singles).mean().item(), abs=1e-7)
+    whole = spin_metrics(summed(spin_terms(a, b, c, d, 0.1)[1]))
+    parts = [summed(spin_terms(a[i:i + 2], b[i:i + 2], c[i:i + 2], d[i:i + 2], 0.1)[1]) for i in range(0, 6, 2)]
+    total = {name: sum(p[name] for p in parts) for name in parts[0]}
+    assert spin_metrics(total) == pytest.approx(whole, abs=1e-6)
 
 
 def test_beta_and_lr_per_iteration():
@@ -89,33 +114,46 @@ def test_beta_and_lr_per_iteration():
 # sequence log-probs
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_sequence_logps_sum_response_tokens_with_end_of_turn_only(model_type):
-    tok = load_tokenizer("bytes")
-    model = tiny_gpt(model_type=model_type)
-    eot = tok.specials["<|im_end|>"]
-    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
-    responses = [[20, 21, 22, eot], [30, eot]]
-
-    expected = []
-    for p, r in zip(prompts, responses):  # by hand: each sequence alone, no padding, full logits
+def by_hand_logps(model, prompts, responses) -> list[float]:
+    """Each sequence alone, no padding, full logits in float64."""
+    out = []
+    for p, r in zip(prompts, responses):
         with torch.no_grad():
             logits = model(torch.tensor([p + r]))[0]  # (len(p) + len(r), V)
         logp = torch.log_softmax(logits.double(), -1)
         # position len(p) - 1 + i predicts response token i; the prompt's own tokens are not scored
-        expected.append(sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(r)))
+        out.append(sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(r)))
+    return out
 
+
+EOT = load_tokenizer("bytes").specials["<|im_end|>"]
+PROMPTS, RESPONSES = [[5, 6, 7], [8, 9, 10, 11, 12, 13]], [[20, 21, 22, EOT], [30, EOT]]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_sequence_logps_sum_the_response_tokens(model_type):
+    model = tiny_gpt(model_type=model_type)
     with torch.no_grad():
-        got = sequence_logps(model, prompts, responses, pad_id=tok.eos_id, device=CPU)
-        other_pad = sequence_logps(model, prompts, responses, pad_id=3, device=CPU)
-        without_eot = sequence_logps(model, prompts, [r[:-1] for r in responses], pad_id=tok.eos_id, device=CPU)
+        got = sequence_logps(model, PROMPTS, RESPONSES, pad_id=256, device=CPU)
     assert got.dtype == torch.float32 and got.shape == (2,)
-    assert got.tolist() == pytest.approx(expected, abs=1e-4)
-    assert torch.equal(got, other_pad), "the padding token changed the result"
-    # the end-of-turn token's own log-prob is part of the sum
-    eot_logps = [torch.log_softmax(model(torch.tensor([p + r]))[0, len(p) + len(r) - 2].double(), -1)[eot].item()
-                 for p, r in zip(prompts, responses)]
-    assert (got - without_eot).tolist() == pytest.approx(eot_logps, abs=1e-4)
+    assert got.tolist() == pytest.approx(by_hand_logps(model, PROMPTS, RESPONSES), abs=1e-4)
+
+
+def test_sequence_logps_do_not_depend_on_the_padding_token():
+    model = tiny_gpt()
+    with torch.no_grad():
+        assert torch.equal(sequence_logps(model, PROMPTS, RESPONSES, 256, CPU),
+                           sequence_logps(model, PROMPTS, RESPONSES, 3, CPU))
+
+
+def test_sequence_logps_include_the_end_of_turn_token():
+    model = tiny_gpt()
+    with torch.no_grad():
+        with_eot = sequence_logps(model, PROMPTS, RESPONSES, 256, CPU)
+        without_eot = sequence_logps(model, PROMPTS, [r[:-1] for r in RESPONSES], 256, CPU)
+        eot_logps = [torch.log_softmax(model(torch.tensor([p + r]))[0, len(p) + len(r) - 2].double(), -1)[EOT].item()
+                     for p, r in zip(PROMPTS, RESPONSES)]
+    assert (with_eot - without_eot).tolist() == pytest.approx(eot_logps, abs=1e-4)
 
 
 def test_collate_masks_prompt_and_padding():
@@ -136,25 +174,25 @@ def test_pair_logps_equal_separate_calls():
 def test_gradient_step_raises_real_and_lowers_generated_logps():
     tok = load_tokenizer("bytes")
     model = tiny_gpt(seed=3).train()
-    triples = [chat_pair(tok, "3 distinct 2-digit numbers, digits 147", "14 71 44", "x1 y2 zz"),
-               chat_pair(tok, "4 distinct 2-digit numbers, digits 2589", "25 89 52 99", "abc 9"),
-               chat_pair(tok, "5 distinct 2-digit numbers, digits 1479", "47 91 14 79 44", "5 5 5")]
+    triples = [chat_pair(tok, "3 distinct 2-digit numbers, digits 147", "47 14 71", "x1 y2 zz"),
+               chat_pair(tok, "4 distinct 2-digit numbers, digits 2589", "25 98 52 89", "abc 9"),
+               chat_pair(tok, "5 distinct 2-digit numbers, digits 136", "13 61 36 33 16", "5 5 5")]
     prompts, real, gen = (list(x) for x in zip(*triples))
     with torch.no_grad():  # the opponent: the same weights, scored before the step
-        ref_real, ref_gen = pair_logps(model, prompts, real, gen, tok.eos_id, CPU)
+        opponent_real, opponent_gen = pair_logps(model, prompts, real, gen, tok.eos_id, CPU)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     policy_real, policy_gen = pair_logps(model, prompts, real, gen, tok.eos_id, CPU)
-    loss, _ = spin_loss(policy_real, policy_gen, ref_real, ref_gen, beta=0.1)
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
-    loss.backward()
+    losses, _ = spin_terms(policy_real, policy_gen, opponent_real, opponent_gen, beta=0.1)
+    assert losses.mean().item() == pytest.approx(math.log(2), abs=1e-5)
+    losses.mean().backward()
     optimizer.step()
     with torch.no_grad():
         after_real, after_gen = pair_logps(model, prompts, real, gen, tok.eos_id, CPU)
-        after_loss, metrics = spin_loss(after_real, after_gen, ref_real, ref_gen, beta=0.1)
-    assert (after_real > ref_real).all(), (after_real - ref_real)
-    assert (after_gen < ref_gen).all(), (after_gen - ref_gen)
-    assert after_loss.item() < math.log(2)
-    assert metrics["rewards/accuracies"] == 1.0 and metrics["rewards/margins"] > 0
+        after_losses, metrics = spin_terms(after_real, after_gen, opponent_real, opponent_gen, beta=0.1)
+    assert (after_real > opponent_real).all(), (after_real - opponent_real)
+    assert (after_gen < opponent_gen).all(), (after_gen - opponent_gen)
+    assert after_losses.mean().item() < math.log(2)
+    assert spin_metrics(summed(metrics))["rewards/accuracies"] == 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,31 +208,69 @@ def synthetic_examples(tok, n: int) -> list[Example]:
     return examples
 
 
-def test_rollout_scores_real_and_generated_under_the_opponent(tmp_path):
+@pytest.fixture
+def setup():
+    """A tiny GPT-2, 7 examples and rollout settings of 3 prompts a batch (so 3 batches, the last short)."""
     tok = load_tokenizer("bytes")
     model = tiny_gpt(seed=4, model_type="gpt2")
     model.config.eos_token_id = tok.eos_id
-    examples = synthetic_examples(tok, 7)
     stop = [tok.specials["<|im_end|>"], tok.eos_id]
-    kwargs = dict(max_new_tokens=10, max_len=96, stop=stop, pad_id=tok.eos_id, batch_size=3, seed=11, iteration=2,
-                  device=CPU)
-    pairs = rollout(model, examples, **kwargs)
-    assert [p.source for p in pairs] == [e.source for e in examples]  # the examples' order, whatever the batching
+    settings = RolloutSettings(max_new_tokens=10, max_len=96, stop=stop, pad_id=tok.eos_id, batch_size=3, seed=11,
+                               device=CPU)
+    return tok, model, synthetic_examples(tok, 7), settings
+
+
+@pytest.fixture
+def pairs(setup):
+    _, model, examples, settings = setup
+    return rollout(model, examples, settings, iteration=2)
+
+
+def test_rollout_pairs_follow_the_examples_order(setup, pairs):
+    _, _, examples, settings = setup
+    assert [p.source for p in pairs] == [e.source for e in examples]  # whatever the length-sorted batching
+    assert [p.prompt_ids for p in pairs] == [e.prompt_ids for e in examples]
     assert [p.real_ids for p in pairs] == [e.real_ids for e in examples]
     assert all(1 <= len(p.generated_ids) <= 10 for p in pairs)
-    assert all(p.eos == (p.generated_ids[-1] in stop) for p in pairs)
+    assert all(p.eos == (p.generated_ids[-1] in settings.stop) for p in pairs)
+
+
+def test_rollout_scores_real_and_generated_under_the_opponent(setup, pairs):
+    tok, model, _, _ = setup
     with torch.no_grad():
         real, gen = pair_logps(model, [p.prompt_ids for p in pairs], [p.real_ids for p in pairs],
                                [p.generated_ids for p in pairs], tok.eos_id, CPU)
-    assert [p.ref_real_logp for p in pairs] == pytest.approx(real.tolist(), abs=1e-4)
-    assert [p.ref_generated_logp for p in pairs] == pytest.approx(gen.tolist(), abs=1e-4)
-    # seeded: the same call samples the same responses; another iteration samples others
-    assert [p.generated_ids for p in rollout(model, examples, **kwargs)] == [p.generated_ids for p in pairs]
-    other = rollout(model, examples, **{**kwargs, "iteration": 3})
-    assert [p.generated_ids for p in other] != [p.generated_ids for p in pairs]
-    # a should_stop() that says stop aborts the rollout
-    assert rollout(model, examples, **kwargs, should_stop=lambda: True) is None
+    assert [p.opponent_real_logp for p in pairs] == pytest.approx(real.tolist(), abs=1e-4)
+    assert [p.opponent_generated_logp for p in pairs] == pytest.approx(gen.tolist(), abs=1e-4)
 
+
+def test_rollout_is_seeded_by_seed_and_iteration(setup, pairs):
+    _, model, examples, settings = setup
+    assert [p.generated_ids for p in rollout(model, examples, settings, 2)] == [p.generated_ids for p in pairs]
+    assert [p.generated_ids for p in rollout(model, examples, settings, 3)] != [p.generated_ids for p in pairs]
+
+
+def test_rollout_stops_when_asked(setup):
+    _, model, examples, settings = setup
+    done = []
+    assert rollout(model, examples, settings, 2, progress=done.append, should_stop=lambda: len(done) == 2) is None
+    assert done == [3, 3]  # two of the three batches ran
+
+
+def test_rescore_recomputes_the_opponent_logps_under_another_model(setup, pairs):
+    tok, _, _, settings = setup
+    other = tiny_gpt(seed=5, model_type="gpt2")
+    rescored = rescore(other, pairs, settings)
+    with torch.no_grad():
+        real, gen = pair_logps(other, [p.prompt_ids for p in pairs], [p.real_ids for p in pairs],
+                               [p.generated_ids for p in pairs], tok.eos_id, CPU)
+    assert [p.opponent_real_logp for p in rescored] == pytest.approx(real.tolist(), abs=1e-4)
+    assert [p.opponent_generated_logp for p in rescored] == pytest.approx(gen.tolist(), abs=1e-4)
+    assert [p.generated_ids for p in rescored] == [p.generated_ids for p in pairs]
+
+
+def test_rollout_file_round_trip(setup, pairs, tmp_path):
+    tok = setup[0]
     path = str(tmp_path / "iter_2" / "rollouts.jsonl")
     write_rollouts(path, pairs, tok.decode)
     assert read_rollouts(path) == pairs

@@ -5,6 +5,7 @@ errors a user meets (resume=False, a changed config, a bad data file).
 The uninterrupted run is shared with test_distributed.py (train_runs.baseline); runs that must be
 bit-identical to it are subprocesses on one thread, the rest call main() in this process."""
 
+import io
 import json
 import math
 import shutil
@@ -14,15 +15,15 @@ import sys
 import pytest
 import torch
 
-from train_runs import (REPO, SPIN_STEPS, TINY, assert_same_weights, baseline, checkpoint_steps, checkpoint_weights,
-                        child_env, describe, final_weights, metrics, rollouts, run_in_process, run_train,
-                        step_losses)
+from train_runs import (CHECKPOINT_STEPS, REPO, SPIN_STEPS, TINY, assert_same_weights, baseline, checkpoint_steps,
+                        checkpoint_weights, child_env, describe, final_weights, metrics, rollouts, run_in_process,
+                        run_train, step_losses)
 
 SPIN_KEYS = {"iteration", "epoch", "step", "loss", "rewards/real", "rewards/generated", "rewards/margins",
              "rewards/accuracies", "logps/real", "logps/generated", "lr", "grad_norm", "tokens_per_sec",
              "gen_len_mean", "eos_rate"}
 ROLLOUT_KEYS = {"prompt", "real", "generated", "prompt_tokens", "real_tokens", "generated_tokens", "eos",
-                "ref_real_logp", "ref_generated_logp"}
+                "opponent_real_logp", "opponent_generated_logp"}
 
 
 
@@ -64,9 +65,9 @@ def test_save_load_gives_identical_next_step(tmp_path):
     tok = load_tokenizer("bytes")
     cfg = GPTConfig(model_type="llama", vocab_size=tok.n_vocab, block_size=96, n_layer=2, n_head=2, n_kv_head=1,
                     n_embd=32)
-    prompts = [render_prompt(tok, [{"role": "user", "content": f"{k} distinct 2-digit numbers, digits 1479"}], "chatml")
+    prompts = [render_prompt(tok, [{"role": "user", "content": f"{k} distinct 2-digit numbers, digits 147"}], "chatml")
                for k in (3, 4)]
-    real = [render_response(tok, answer, "chatml") for answer in ("14 71 49", "47 91 14 79")]
+    real = [render_response(tok, answer, "chatml") for answer in ("47 14 71", "11 74 17 41")]
     cpu = torch.device("cpu")
 
     def train_step(model, optimizer) -> float:
@@ -99,15 +100,18 @@ def test_save_load_gives_identical_next_step(tmp_path):
 # the uninterrupted run: outputs, exports, the opponent
 
 
-def test_smoke_run_writes_metrics_rollouts_and_table(run):
-    out_dir, proc = run
-    records = metrics(out_dir)
-    spin_steps = [r for r in records if r.get("phase") == "spin" and "loss" in r and "event" not in r]
+def test_spin_steps_log_every_metric(run):
+    out_dir, _ = run
+    spin_steps = [r for r in metrics(out_dir) if r.get("phase") == "spin" and "loss" in r and "event" not in r]
     assert [r["step"] for r in spin_steps] == list(range(7, 15))
     for r in spin_steps:
         assert SPIN_KEYS <= r.keys(), SPIN_KEYS - r.keys()
         assert all(math.isfinite(r[k]) for k in SPIN_KEYS)
-    evals = [r for r in records if r.get("event") == "phase_end"]
+
+
+def test_every_phase_ends_with_an_evaluation(run):
+    out_dir, _ = run
+    evals = [r for r in metrics(out_dir) if r.get("event") == "phase_end"]
     assert [(r["phase"], r["iteration"]) for r in evals] == [("sft", 0), ("spin", 0), ("spin", 1), ("baseline", 0),
                                                             ("baseline", 1)]
     for r in evals:
@@ -115,6 +119,9 @@ def test_smoke_run_writes_metrics_rollouts_and_table(run):
         assert "eval/nll" in r
     assert all("eval/reward_accuracy" in r for r in evals if r["phase"] == "spin")
 
+
+def test_each_iteration_writes_its_rollouts(run):
+    out_dir, _ = run
     for t in (0, 1):
         pairs = rollouts(out_dir, t)
         assert len(pairs) == 32
@@ -124,12 +131,40 @@ def test_smoke_run_writes_metrics_rollouts_and_table(run):
             assert p["real"].endswith("<|im_end|>") and p["prompt"].startswith("<|im_start|>user")
         assert len(rollouts(out_dir, t, "eval_rollouts.jsonl")) == 8
 
+
+def test_the_run_prints_a_summary_table(run):
+    _, proc = run
     for line in ("| after | step |", "| SFT | 6 |", "| SPIN iter 0 | 10 |", "| SPIN iter 1 | 14 |",
                  "| cont. SFT iter 0 | 18 |", "| cont. SFT iter 1 | 22 |"):
         assert line in proc.stdout, line
     assert "spin 0 done at step 10" in proc.stdout and "spin 1 done at step 14" in proc.stdout
-    assert "rollout 0" in proc.stderr  # the tqdm bars
-    assert checkpoint_steps(out_dir) == [3, 6, 9, 10, 12, 14, 15, 18, 21, 22]
+
+
+def test_checkpoints_at_save_interval_and_phase_ends(run):
+    out_dir, _ = run
+    assert checkpoint_steps(out_dir) == CHECKPOINT_STEPS
+
+
+def test_a_redirected_log_has_lines_not_progress_bars(run):
+    """Output to a file (as a cluster job's): no carriage-return redraws, a line per logged step."""
+    _, proc = run
+    assert "\r" not in proc.stdout and "\r" not in proc.stderr
+    assert "sft step 6/6: loss" in proc.stdout and "spin 1 step 4/4: loss" in proc.stdout
+    assert len(proc.stdout.splitlines()) + len(proc.stderr.splitlines()) < 200
+
+
+def test_progress_bars_are_drawn_on_a_terminal_by_rank_0(monkeypatch):
+    from train import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stderr, rank, drawn in ((Terminal(), 0, True), (Terminal(), 1, False), (io.StringIO(), 0, False)):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        bar = progress_bar(10, "sft", rank)
+        assert bar.disable != drawn
+        bar.close()
 
 
 def test_each_iteration_starts_at_log2(run):
@@ -162,14 +197,14 @@ def test_final_export_loads_in_nanospin_and_transformers(run):
 def test_generate_cli_chats_with_the_final_model(run):
     out_dir, _ = run
     proc = subprocess.run([sys.executable, "generate.py", f"--model={out_dir}/final",
-                           "--prompt=5 distinct 2-digit numbers, digits 1479", "--max_new_tokens=8", "--seed=0",
+                           "--prompt=3 distinct 2-digit numbers, digits 147", "--max_new_tokens=8", "--seed=0",
                            "--device=cpu"], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, describe(proc)
     assert "error" not in proc.stderr and proc.stdout.endswith("\n"), describe(proc)  # the answer's text is the model's
 
 
 def test_opponent_logps_are_the_weights_at_the_end_of_the_previous_iteration(run):
-    """iter_1's reference log-probs are the model after SPIN iteration 0 (checkpoint 10), not its start
+    """iter_1's opponent log-probs are the model after SPIN iteration 0 (checkpoint 10), not its start
     (checkpoint 6): the opponent is renewed every iteration."""
     from model import GPT
     from spin import pair_logps
@@ -181,10 +216,10 @@ def test_opponent_logps_are_the_weights_at_the_end_of_the_previous_iteration(run
         with torch.no_grad():
             scored[step] = pair_logps(model, [p["prompt_ids"] for p in pairs], [p["real_ids"] for p in pairs],
                                       [p["generated_ids"] for p in pairs], 256, torch.device("cpu"))
-    ref_real = torch.tensor([p["ref_real_logp"] for p in pairs])
-    ref_gen = torch.tensor([p["ref_generated_logp"] for p in pairs])
-    assert (scored[10][0] - ref_real).abs().max() < 1e-3 and (scored[10][1] - ref_gen).abs().max() < 1e-3
-    assert (scored[6][0] - ref_real).abs().max() > 0.05  # the previous opponent would score them differently
+    opponent_real = torch.tensor([p["opponent_real_logp"] for p in pairs])
+    opponent_gen = torch.tensor([p["opponent_generated_logp"] for p in pairs])
+    assert (scored[10][0] - opponent_real).abs().max() < 1e-3 and (scored[10][1] - opponent_gen).abs().max() < 1e-3
+    assert (scored[6][0] - opponent_real).abs().max() > 0.05  # the previous opponent would score them differently
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +252,7 @@ def test_mix_previous_rollouts_and_lr_per_iteration(tmp_path):
     assert [p["generated_ids"] for p in it2[32:]] == [p["generated_ids"] for p in it1[:32]]
     assert [p["generated_ids"] for p in it1[32:]] == [p["generated_ids"] for p in it0]
     # rescored under the new opponent, not copied
-    assert max(abs(a["ref_real_logp"] - b["ref_real_logp"]) for a, b in zip(it1[32:], it0)) > 1e-3
+    assert max(abs(a["opponent_real_logp"] - b["opponent_real_logp"]) for a, b in zip(it1[32:], it0)) > 1e-3
     peak = {}
     for r in metrics(out):
         if r.get("phase") == "spin" and "lr" in r:

@@ -57,33 +57,32 @@ def install(kind: str, args: list[int]) -> None:
         real_terms = spin.spin_terms
 
         def nan_terms(*a, **kw):
-            losses, real_rewards, gen_rewards = real_terms(*a, **kw)
+            losses, metrics = real_terms(*a, **kw)
             if steps["done"] >= args[0]:
                 losses = losses * float("nan")
-            return losses, real_rewards, gen_rewards
+                metrics = {**metrics, "loss": metrics["loss"] * float("nan")}
+            return losses, metrics
 
         spin.spin_terms = nan_terms
 
     if kind == "kill_in_rollout":
-        real_rollout = spin.rollout
+        real_rollout = train.rollout  # the name train.py calls
         target_iteration, n_batches = args
 
-        def rollout(*a, **kw):
-            iteration = a[8] if len(a) > 8 else kw["iteration"]
-            progress = kw.get("progress")
-            if iteration == target_iteration and progress is not None:  # the training rollout, not eval's
-                seen = {"batches": 0}
+        def rollout(model, examples, settings, iteration, progress=None, should_stop=None):
+            if iteration != target_iteration or progress is None:  # only the training rollout reports progress
+                return real_rollout(model, examples, settings, iteration, progress, should_stop)
+            seen = {"batches": 0}
 
-                def counting(n):
-                    progress(n)
-                    seen["batches"] += 1
-                    if seen["batches"] == n_batches:
-                        die()
+            def counting(n):
+                progress(n)
+                seen["batches"] += 1
+                if seen["batches"] == n_batches:
+                    die()
 
-                kw["progress"] = counting
-            return real_rollout(*a, **kw)
+            return real_rollout(model, examples, settings, iteration, counting, should_stop)
 
-        spin.rollout = rollout
+        train.rollout = rollout
 
     if kind == "kill_in_save":
         real_save_model_dir = checkpoint.save_model_dir
