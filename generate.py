@@ -16,14 +16,13 @@ CLI: python generate.py --model=<HF dir | nanospin checkpoint or out_dir> [--pro
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from checkpoint import load_for_chat
 from configurator import UserError
 from model import GPT
 
@@ -281,64 +280,6 @@ def generate_ref(model: GPT, prompts: list[list[int]], max_new_tokens: int,
             break
     model.train(was_training)
     return _cut_rows(idx[:, len(prompts[0]):].tolist(), budgets, stop)
-
-
-# ----------------------------------------------------------------------------------------------
-# loading a model for chat
-
-
-def _is_model_dir(path: str) -> bool:
-    """config.json beside weights (a run's out_dir has a config.json of its own, without weights)."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        return False
-    return any(f.endswith((".safetensors", ".safetensors.index.json", ".bin")) for f in os.listdir(path))
-
-
-def resolve_model_dir(path: str) -> str:
-    """A Hugging Face dir (config.json + weights) as is; a nanospin checkpoint -> its model/; a run's
-    out_dir -> final/ (the exported model), else its latest checkpoint's model/."""
-    candidates = [path, os.path.join(path, "model"), os.path.join(path, "final")]
-    checkpoints = os.path.join(path, "checkpoints")
-    if os.path.isdir(checkpoints):  # step_XXXXXXXX names sort in step order
-        candidates += [os.path.join(checkpoints, d, "model") for d in sorted(os.listdir(checkpoints), reverse=True)]
-    for candidate in candidates:
-        if os.path.isdir(candidate) and _is_model_dir(candidate):
-            return candidate
-    what = "does not exist" if not os.path.exists(path) else "holds no model (config.json with weights)"
-    raise UserError(f"model path '{path}' {what}; pass --model=<a Hugging Face model directory, a nanospin "
-                    f"checkpoint directory or a run's out_dir>")
-
-
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device='{device}' was asked for but CUDA is not available; use --device=cpu")
-    return device
-
-
-def load_for_chat(path: str, device: str = "auto", dtype: torch.dtype | None = None):
-    """-> (model, tokenizer, chat template name). The template comes from <dir>/nanospin.json's
-    'chat_template' if present, else the tokenizer's own, else 'chatml' if the tokenizer has its
-    special tokens, else 'plain'. dtype None: bf16 on a GPU
-    that supports it, fp32 otherwise."""
-    from data import load_tokenizer, resolve_template
-
-    model_dir = resolve_model_dir(path)
-    device = pick_device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    model = GPT.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    tok = load_tokenizer(model_dir)
-    template = None
-    for d in (model_dir, path):
-        meta = os.path.join(d, "nanospin.json")
-        if template is None and os.path.isfile(meta):
-            try:
-                template = json.load(open(meta)).get("chat_template")
-            except json.JSONDecodeError as e:
-                raise UserError(f"{meta}:{e.lineno}: invalid JSON: {e.msg}") from None
-    return model, tok, template or resolve_template(tok, "auto")
 
 
 # ----------------------------------------------------------------------------------------------

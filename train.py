@@ -247,7 +247,7 @@ def file_sha(path: str) -> str:
 
 def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
     """A GPT on the CPU in fp32 (master weights), from scratch or a Hugging Face/nanospin directory."""
-    from generate import resolve_model_dir
+    from checkpoint import load_pretrained, resolve_model_dir
     from model import GPT, GPTConfig
     if cfg.init_from == "scratch":
         if cfg.block_size < cfg.max_len:
@@ -257,8 +257,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
                             block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head,
                             n_embd=cfg.n_embd, attention=cfg.attention, eos_token_id=eos_id)
         return GPT(gpt_cfg)
-    model = GPT.from_pretrained(resolve_model_dir(cfg.init_from), attention=cfg.attention,
-                                block_size=cfg.block_size or None)
+    model = load_pretrained(resolve_model_dir(cfg.init_from), attention=cfg.attention,
+                            block_size=cfg.block_size or None)
     if model.config.vocab_size < vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but the model in '{cfg.init_from}' only "
                         f"{model.config.vocab_size}; use the model's own tokenizer (tokenizer='auto')")
@@ -330,15 +330,12 @@ def main(argv: list[str]) -> None:
 
     # ---- tokenizer and data -----------------------------------------------------------------------
     from data import BatchOrder, check_answer, load_tokenizer, stop_ids, strip_stop
-    from generate import resolve_model_dir
-    model_dir = None if cfg.init_from == "scratch" else resolve_model_dir(cfg.init_from)
+    model_dir = None if cfg.init_from == "scratch" else ckpt.resolve_model_dir(cfg.init_from)
     tok_name = cfg.tokenizer if cfg.tokenizer != "auto" else (model_dir or "bytes")
     tok = load_tokenizer(tok_name)
     template = cfg.chat_template
     if template == "auto":
-        nanospin_json = os.path.join(model_dir or "", "nanospin.json")
-        template = (json.load(open(nanospin_json))["chat_template"] if model_dir and os.path.isfile(nanospin_json)
-                    else tok.chat_template or "chatml")
+        template = (model_dir and ckpt.read_chat_template(model_dir)) or tok.chat_template or "chatml"
     train_examples, val_examples, has_checker = load_data(cfg, tok, template)
     stop = stop_ids(tok, template)
     pad_id = tok.eos_id
@@ -408,14 +405,8 @@ def main(argv: list[str]) -> None:
         in the compute dtype, built from the gathered weights once per rollout and dropped after it."""
         if not use_fsdp and device.type == "cpu":
             return model
-        from model import GPT
         weights = ckpt.full_model_state(model, every_rank=True)
-        with torch.device("meta"):
-            plain = GPT(gpt_cfg)
-        plain.load_state_dict({k: v.to(device, compute_dtype) for k, v in weights.items()}, assign=True)
-        if gpt_cfg.tie_embeddings:
-            plain.lm_head.weight = plain.wte.weight
-        return plain.eval()
+        return ckpt.model_from_state(gpt_cfg, weights, device, compute_dtype).eval()
 
     def save(phase_state: dict, rollouts_path: str | None) -> str:
         phase_state = {**phase_state, "config": dataclasses.asdict(cfg)}  # the resolved config travels with it
@@ -490,11 +481,7 @@ def main(argv: list[str]) -> None:
 
         if kind == "baseline" and iteration == 0 and starting:
             # continued SFT starts from the SFT model, not from the SPIN result
-            from model import hf_state_to_nanospin, read_safetensors_dir
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-            sft_dir = os.path.join(cfg.out_dir, "sft")
-            weights = hf_state_to_nanospin(read_safetensors_dir(sft_dir), gpt_cfg, sft_dir)
-            set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+            ckpt.load_weights(model, os.path.join(cfg.out_dir, "sft"))
 
         # -- the iteration's data: real responses (SFT) or rollout pairs (SPIN) --
         if kind == "spin":

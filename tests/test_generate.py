@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import generate as gen
 from configurator import UserError
 from generate import generate, generate_ref, sample_next, top_k_filter, top_p_filter
@@ -218,14 +219,14 @@ def test_resolve_model_dir(tmp_path):
         model_dir(sub)
     (tmp_path / "out" / "config.json").write_text("{}")  # a run's own config, not a model
     (tmp_path / "run" / "config.json").write_text("{}")
-    assert gen.resolve_model_dir(str(tmp_path / "hf")) == str(tmp_path / "hf")
-    assert gen.resolve_model_dir(str(tmp_path / "ckpt")) == str(tmp_path / "ckpt" / "model")
-    assert gen.resolve_model_dir(str(tmp_path / "out")) == str(tmp_path / "out" / "final")
-    assert gen.resolve_model_dir(str(tmp_path / "run")) == str(tmp_path / "run/checkpoints/step_00000010/model")
+    assert checkpoint.resolve_model_dir(str(tmp_path / "hf")) == str(tmp_path / "hf")
+    assert checkpoint.resolve_model_dir(str(tmp_path / "ckpt")) == str(tmp_path / "ckpt" / "model")
+    assert checkpoint.resolve_model_dir(str(tmp_path / "out")) == str(tmp_path / "out" / "final")
+    assert checkpoint.resolve_model_dir(str(tmp_path / "run")) == str(tmp_path / "run/checkpoints/step_00000010/model")
     with pytest.raises(UserError, match="does not exist"):
-        gen.resolve_model_dir(str(tmp_path / "missing"))
+        checkpoint.resolve_model_dir(str(tmp_path / "missing"))
     with pytest.raises(UserError, match="holds no model"):
-        gen.resolve_model_dir(str(tmp_path))
+        checkpoint.resolve_model_dir(str(tmp_path))
 
 
 def saved_chat_model(path) -> None:
