@@ -5,9 +5,9 @@ Design choices:
   or SwiGLU MLP, learned positions or RoPE, biases), so the forward pass reads the same for all.
 - q, k and v come from one fused projection; grouped-query attention never repeats k/v in memory.
 - Attention goes through `attend`, which picks 'sdpa' (PyTorch) or 'triton' (kernels/attention.py).
-- `forward(idx, targets)` computes the loss and per-token log-probs with the fused log-prob kernel
-  (kernels/logprob.py) from the final hidden states, so the [B, T, vocab] logits never exist in
-  training; `forward(idx)` alone returns logits for sampling and tests.
+- `forward(idx)` returns logits; `token_logprobs(idx, targets)` returns per-token log-probs through
+  the fused log-prob kernel (kernels/logprob.py) from the final hidden states, so the (B, T, vocab)
+  logits never exist in training.
 - An optional static KV cache (KVCache) plus per-row positions and an attention mask make the same
   forward serve generate.py's prefill and decode steps.
 - The architecture only: Hugging Face directories are read and written by checkpoint.py
@@ -271,23 +271,19 @@ class GPT(nn.Module):
             x = block(x, rope, caches[i] if caches else None, slots, mask)
         return self.norm_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, return_logprobs: bool = False,
-                pos=None, slots=None, mask=None) -> torch.Tensor:
-        """Without targets: logits (B, T, V) in fp32.
-        With targets (B, T) (-100 = ignore): the mean cross-entropy over the kept tokens, or, with
-        return_logprobs=True, per-token log-probs (B, T) fp32 (0 where ignored) — both from the fused
-        log-prob kernel, so the full logits are never materialised.
-        """
-        h = self.hidden_states(idx, pos, slots, mask)  # (B, T, C)
-        if targets is None:
-            return self.lm_head(h).float()
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, V) in fp32 (sampling and tests; training uses token_logprobs)."""
+        return self.lm_head(self.hidden_states(idx, pos, slots, mask)).float()
+
+    def token_logprobs(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """idx, targets (B, T) -> log p(targets) (B, T) fp32, 0 where targets == -100. Through the fused
+        log-prob kernel from the final hidden states, so the (B, T, V) logits never exist."""
         from kernels.logprob import token_logprobs
+        h = self.hidden_states(idx)  # (B, T, C)
         B, T, C = h.shape
         logps = token_logprobs(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T))
-        logps = logps.view(B, T).clone()  # a fresh tensor, not a view: FSDP's forward hooks warn about views
-        if return_logprobs:
-            return logps
-        return -logps.sum() / (targets != -100).sum().clamp(min=1)
+        return logps.view(B, T).clone()  # a fresh tensor, not a view: FSDP's forward hooks warn about views
 
     # --- KV cache for generate.py ------------------------------------------------------------
 

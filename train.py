@@ -213,7 +213,7 @@ def all_reduce_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
 
 def apply_fsdp(model, param_dtype: torch.dtype, activation_checkpointing: bool, compile: bool) -> None:
     """FSDP2: shard each transformer block, then the root (embeddings, final norm, head)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for i, block in enumerate(model.blocks):
         if activation_checkpointing:
@@ -225,6 +225,7 @@ def apply_fsdp(model, param_dtype: torch.dtype, activation_checkpointing: bool, 
         # the last block's parameters are needed again at once by the backward: keep them gathered
         fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.blocks) - 1)
     fully_shard(model, mp_policy=mp)
+    register_fsdp_forward_method(model, "token_logprobs")  # the training forward, besides forward()
 
 
 def make_optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -349,7 +350,8 @@ def main(argv: list[str]) -> None:
     if use_fsdp:
         apply_fsdp(model, compute_dtype, cfg.activation_checkpointing, cfg.compile and device.type == "cuda")
     elif cfg.compile and device.type == "cuda":
-        model.compile()
+        for block in model.blocks:  # per block, as under FSDP: model.compile() would cover forward() only
+            block.compile()
     phases = phases_of(cfg)
     if not phases:
         raise UserError("nothing to run: stage='spin' with max_iterations=0")

@@ -79,18 +79,15 @@ def test_causality():
         assert not torch.allclose(a[:, 11:], b[:, 11:])
 
 
-def test_loss_and_logprobs_match_logits():
+def test_token_logprobs_match_the_logits():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
     idx = torch.randint(0, 61, (3, 17))
     targets = torch.randint(0, 61, (3, 17))
     targets[0, :5] = -100
-    logits = model(idx)
-    expected = torch.nn.functional.cross_entropy(logits.view(-1, 61), targets.view(-1), ignore_index=-100)
-    assert torch.allclose(model(idx, targets), expected, atol=1e-5)
-    logps = model(idx, targets, return_logprobs=True)
-    assert logps.shape == (3, 17) and torch.all(logps[0, :5] == 0)
-    gathered = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    logps = model.token_logprobs(idx, targets)
+    assert logps.shape == (3, 17) and logps.dtype == torch.float32 and torch.all(logps[0, :5] == 0)
+    gathered = torch.log_softmax(model(idx), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     assert torch.allclose(logps[targets != -100], gathered[targets != -100], atol=1e-5)
 
 
