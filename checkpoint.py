@@ -202,9 +202,11 @@ def _hf_layer_names(cfg: GPTConfig, i: int) -> dict[str, str]:
         p = f"h.{i}."
         return {f"blocks.{i}.norm1.weight": p + "ln_1.weight", f"blocks.{i}.norm1.bias": p + "ln_1.bias",
                 f"blocks.{i}.norm2.weight": p + "ln_2.weight", f"blocks.{i}.norm2.bias": p + "ln_2.bias",
-                f"blocks.{i}.attn.proj.weight": p + "attn.c_proj.weight", f"blocks.{i}.attn.proj.bias": p + "attn.c_proj.bias",
+                f"blocks.{i}.attn.proj.weight": p + "attn.c_proj.weight",
+                f"blocks.{i}.attn.proj.bias": p + "attn.c_proj.bias",
                 f"blocks.{i}.mlp.up.weight": p + "mlp.c_fc.weight", f"blocks.{i}.mlp.up.bias": p + "mlp.c_fc.bias",
-                f"blocks.{i}.mlp.down.weight": p + "mlp.c_proj.weight", f"blocks.{i}.mlp.down.bias": p + "mlp.c_proj.bias"}
+                f"blocks.{i}.mlp.down.weight": p + "mlp.c_proj.weight",
+                f"blocks.{i}.mlp.down.bias": p + "mlp.c_proj.bias"}
     p = f"model.layers.{i}."
     names = {f"blocks.{i}.norm1.weight": p + "input_layernorm.weight",
              f"blocks.{i}.norm2.weight": p + "post_attention_layernorm.weight",

@@ -16,12 +16,14 @@ CLI: python generate.py --model=<HF dir | nanospin checkpoint or out_dir> [--pro
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+import configurator
 from checkpoint import load_for_chat
 from configurator import UserError
 from model import GPT
@@ -96,42 +98,23 @@ def decode_logits(model: GPT, token: torch.Tensor, pos: torch.Tensor, slot: torc
     return model.lm_head(h[:, -1]).float()
 
 
-_compiled_decode: dict[str, Callable] = {}
-_static_cache: dict[tuple, list] = {}  # at most one entry: cache shape -> the model's KVCache list
-CPU_COMPILE_BACKEND = "inductor"  # tests set 'eager' to check the step traces as one graph, quickly
-
-
-def compiled_decode(device_type: str) -> Callable:
-    """decode_logits under torch.compile, one per device type (dynamo caches the graphs)."""
-    if device_type not in _compiled_decode:
-        if device_type == "cuda":
-            fn = torch.compile(decode_logits, mode="reduce-overhead", fullgraph=True)
-        else:
-            fn = torch.compile(decode_logits, backend=CPU_COMPILE_BACKEND, fullgraph=True)
-        _compiled_decode[device_type] = fn
-    return _compiled_decode[device_type]
-
-
-def reuse_kv_cache(model: GPT, batch_size: int, max_len: int) -> None:
-    """Give the model the KV cache kept from the last compiled call of the same shape (else a new one).
-    A CUDA graph replays on fixed addresses: a fresh cache per call would make it re-record every time."""
-    cfg, weight = model.config, model.lm_head.weight
-    key = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim, weight.dtype, weight.device)
-    if key not in _static_cache:
-        _static_cache.clear()  # one batch's cache at a time
-        model.setup_kv_cache(batch_size, max_len)
-        _static_cache[key] = model.kv_caches
-    model.kv_caches = _static_cache[key]
-    for cache in model.kv_caches:  # masked slots weigh 0, but 0 * a stale inf would still be NaN
-        cache.k.zero_()
-        cache.v.zero_()
+@functools.cache
+def compiled_decode(device_type: str, backend: str = "inductor") -> Callable:
+    """decode_logits under torch.compile, made once per (device type, backend); dynamo keeps its graphs.
+    On the GPU inductor also records CUDA graphs ('reduce-overhead')."""
+    if device_type == "cuda" and backend == "inductor":
+        return torch.compile(decode_logits, mode="reduce-overhead", fullgraph=True)
+    return torch.compile(decode_logits, backend=backend, fullgraph=True)
 
 
 def decode_one_token(model: GPT, token: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, key_ok: torch.Tensor,
                      key_slots: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                     generator: torch.Generator | None, compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     generator: torch.Generator | None,
+                     compile: bool | str = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step: returns the next tokens (B,) and the step's raw logits (B, V)."""
-    step = compiled_decode(token.device.type) if compile else decode_logits
+    step = decode_logits
+    if compile:
+        step = compiled_decode(token.device.type, "inductor" if compile is True else compile)
     logits = step(model, token, pos, slot, key_ok, key_slots)
     return sample_next(logits, temperature, top_k, top_p, generator), logits
 
@@ -175,7 +158,7 @@ def _cut_rows(new_tokens: list[list[int]], budgets: list[int], stop: list[int]) 
 @torch.inference_mode()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | list[int] | None = None,
-             seed: int | None = None, return_logprobs: bool = False, compile: bool = False,
+             seed: int | None = None, return_logprobs: bool = False, compile: bool | str = False,
              on_step: Callable[[torch.Tensor], None] | None = None
              ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """Sample up to max_new_tokens new tokens for each prompt (token-id lists of any lengths).
@@ -186,8 +169,9 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
     UserError. Rows that are done stop producing tokens and the loop ends when all are done.
     return_logprobs=True also returns, per new token, its log-prob under the model's UNMODIFIED
     distribution (log_softmax of the raw logits, before temperature, top-k and top-p).
-    compile=True runs the decode step under torch.compile (CUDA graphs on the GPU) and keeps the last
-    call's KV cache allocated for the next call of the same shape (see reuse_kv_cache).
+    compile=True runs the decode step under torch.compile (CUDA graphs on the GPU) and keeps the KV
+    cache on the model for the next call of the same shape; a string names another torch.compile
+    backend (the tests' 'eager' checks the step is one graph without a C++ compile).
     on_step(tokens (B,)) is called after every step (it costs a device sync; the CLI streams with it).
     The model is left without a KV cache and in its train/eval mode.
     """
@@ -214,10 +198,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
 
     was_training = model.training
     model.eval()
-    if compile:
-        reuse_kv_cache(model, B, cache_len)
-    else:
-        model.setup_kv_cache(B, cache_len)
+    model.setup_kv_cache(B, cache_len, reuse=bool(compile))
     try:
         tokens = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # (B, P) left-padded
         pad_lens = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
@@ -334,7 +315,7 @@ def stream_answer(model: GPT, tok, prompt_ids: list[int], cfg: GenerateConfig, s
 def main(argv: list[str]) -> None:
     from data import render_prompt, stop_ids, strip_stop
 
-    cfg = load_config(argv)
+    cfg = parse_args(argv)
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype, None)
     if cfg.dtype != "auto" and not isinstance(dtype, torch.dtype):
         raise UserError(f"dtype='{cfg.dtype}' is unknown; use auto, float32, bfloat16 or float16")
@@ -372,9 +353,7 @@ def main(argv: list[str]) -> None:
         turn += 1
 
 
-def load_config(argv: list[str]) -> GenerateConfig:
-    import configurator
-
+def parse_args(argv: list[str]) -> GenerateConfig:
     cfg = configurator.load_config(GenerateConfig, argv)
     if not cfg.model:
         raise UserError("no model given; pass --model=<a Hugging Face model dir, nanospin checkpoint or out_dir>")
@@ -382,6 +361,4 @@ def load_config(argv: list[str]) -> GenerateConfig:
 
 
 if __name__ == "__main__":
-    import configurator
-
     configurator.run_main(main, sys.argv[1:])

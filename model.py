@@ -228,7 +228,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.kv_caches: list[KVCache] | None = None
+        self.kv_caches: list[KVCache] | None = None  # the cache in use while generate.py samples
+        self.kept_kv_caches: list[KVCache] | None = None  # the last setup_kv_cache(reuse=True) cache
         if not any(p.is_meta for p in self.parameters()):
             self.apply(self._init_weights)
             # residual projections scaled down so the residual stream's variance stays put with depth
@@ -287,10 +288,24 @@ class GPT(nn.Module):
 
     # --- KV cache for generate.py ------------------------------------------------------------
 
-    def setup_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        param = self.lm_head.weight
-        self.kv_caches = [KVCache(batch_size, max_len, self.config, param.device, dtype or param.dtype)
-                          for _ in range(self.config.n_layer)]
+    def setup_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                       reuse: bool = False) -> None:
+        """Give every layer a zeroed static cache. reuse=True takes the kept cache of the last reuse=True
+        call when shape, dtype and device match (else keeps a new one): a CUDA graph replays on fixed
+        addresses, so a fresh cache per call would make it re-record every time."""
+        param, cfg = self.lm_head.weight, self.config
+        dtype = dtype or param.dtype
+        kept = self.kept_kv_caches
+        if reuse and kept and kept[0].k.shape == (batch_size, cfg.n_kv_head, max_len, cfg.head_dim) and (
+                kept[0].k.dtype == dtype and kept[0].k.device == param.device):
+            for cache in kept:  # masked slots weigh 0, but 0 * a stale inf would still be NaN
+                cache.k.zero_()
+                cache.v.zero_()
+            self.kv_caches = kept
+            return
+        self.kv_caches = [KVCache(batch_size, max_len, cfg, param.device, dtype) for _ in range(cfg.n_layer)]
+        if reuse:
+            self.kept_kv_caches = self.kv_caches
 
     def clear_kv_cache(self) -> None:
         self.kv_caches = None

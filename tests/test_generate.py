@@ -183,23 +183,27 @@ def test_logprobs_are_the_unmodified_model_logprobs():
         assert torch.allclose(torch.tensor(lp), expected, atol=1e-4)
 
 
-def test_compiled_decode_step_matches(monkeypatch):
+def test_compiled_decode_step_matches():
     # the eager backend checks that the step is captured as one graph (fullgraph=True raises on a
     # break) without a C++ compile; on the GPU the same function runs with CUDA graphs
-    monkeypatch.setattr(gen, "CPU_COMPILE_BACKEND", "eager")
-    monkeypatch.setattr(gen, "_compiled_decode", {})
+    gen.compiled_decode.cache_clear()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # reset() keeps them; count only this test's graphs
-    monkeypatch.setattr(gen, "_static_cache", {})
     model = tiny_model("llama")
     expected = generate(model, PROMPTS, 10, temperature=0)
-    assert generate(model, PROMPTS, 10, temperature=0, compile=True) == expected
-    assert "cpu" in gen._compiled_decode and model.kv_caches is None
+    caches_in_use = []  # held, so a freed cache's memory cannot come back as a "reused" one
+
+    def record_cache(token):
+        caches_in_use.append(model.kv_caches[0])
+
+    assert generate(model, PROMPTS, 10, temperature=0, compile="eager", on_step=record_cache) == expected
+    assert model.kv_caches is None
     # a second call of the same shape runs on the same cache buffers (CUDA graphs need fixed addresses)
-    (cache,) = gen._static_cache.values()
     others = [p[::-1] for p in PROMPTS]
-    assert generate(model, others, 10, temperature=0, compile=True) == generate(model, others, 10, temperature=0)
-    assert list(gen._static_cache.values()) == [cache]
+    compiled = generate(model, others, 10, temperature=0, compile="eager", on_step=record_cache)
+    assert compiled == generate(model, others, 10, temperature=0)
+    assert all(cache is caches_in_use[0] for cache in caches_in_use)
+    assert gen.compiled_decode.cache_info().currsize == 1
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for every step and call
     torch._dynamo.reset()
 
