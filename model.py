@@ -25,7 +25,11 @@ import torch.nn.functional as F
 
 from configurator import UserError
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")  # the Hugging Face families loaded and saved
+# the block styles a model built from scratch takes: Qwen2 and Mistral are Llama blocks plus what only a
+# checkpoint brings (q/k/v biases, a sliding window)
+SCRATCH_MODEL_TYPES = ("gpt2", "llama")
+ATTENTION_IMPLS = ("sdpa", "triton")
 
 
 @dataclass
@@ -64,8 +68,8 @@ class GPTConfig:
                 self.intermediate_size = 4 * self.n_embd
             else:
                 self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
-        if self.attention not in ("sdpa", "triton"):
-            raise UserError(f"attention='{self.attention}' is unknown; use 'sdpa' or 'triton'")
+        if self.attention not in ATTENTION_IMPLS:
+            raise UserError(f"attention='{self.attention}' is unknown; use one of {ATTENTION_IMPLS}")
 
     @property
     def is_gpt2(self) -> bool:

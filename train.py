@@ -37,6 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from configurator import UserError, config_to_json, load_config, run_main
+from model import ATTENTION_IMPLS, SCRATCH_MODEL_TYPES
 
 
 @dataclass
@@ -136,8 +137,8 @@ def check_config(cfg: TrainConfig) -> None:
     """Values the type system cannot catch, as one-line errors naming the key."""
     choices = {"stage": ("sft", "spin", "sft+spin"), "loss_type": ("sigmoid", "hinge"), "optimizer": ("adamw", "rmsprop"),
                "lr_schedule": ("linear", "cosine", "constant"), "device": ("auto", "cpu", "cuda"),
-               "dtype": ("auto", "float32", "bfloat16", "float16"), "attention": ("sdpa", "triton"),
-               "model_type": ("gpt2", "llama")}
+               "dtype": ("auto", "float32", "bfloat16", "float16"), "attention": ATTENTION_IMPLS,
+               "model_type": SCRATCH_MODEL_TYPES}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"config key '{key}' is {getattr(cfg, key)!r}; use one of {allowed}")
