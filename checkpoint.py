@@ -26,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 
 import numpy as np
 import torch
@@ -42,11 +43,23 @@ from data import load_tokenizer, resolve_template
 from model import GPT, SUPPORTED_MODEL_TYPES, GPTConfig
 
 CHECKPOINTS = "checkpoints"
+# what torch.distributed.checkpoint warns on every save and load without a process group; one process is our intent
+_DCP_ONE_PROCESS_WARNING = (r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent "
+                            r"is to (save|load) in a single process")
 
 
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _read_json(file: str):
+    """The JSON value in `file`; invalid JSON is a UserError naming file:line."""
+    with open(file) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,10 +73,7 @@ def read_hf_config(path: str) -> dict:
                         f"(config.json + *.safetensors) or a nanospin checkpoint directory")
     if not os.path.isfile(config_path):
         raise UserError(f"'{path}' has no config.json; it is not a Hugging Face model directory")
-    try:
-        return json.load(open(config_path))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{config_path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    return _read_json(config_path)
 
 
 def _rope_settings(hf: dict, where: str) -> tuple[float, dict | None]:
@@ -151,7 +161,7 @@ def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
-        files = sorted(set(json.load(open(index))["weight_map"].values()))
+        files = sorted(set(_read_json(index)["weight_map"].values()))
     elif os.path.isfile(single):
         files = ["model.safetensors"]
     else:
@@ -329,12 +339,9 @@ def read_chat_template(model_dir: str) -> str | None:
     file = os.path.join(model_dir, "nanospin.json")
     if not os.path.isfile(file):
         return None
-    try:
-        meta = json.load(open(file))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{file}:{e.lineno}: invalid JSON: {e.msg}; fix it or delete the file") from None
+    meta = _read_json(file)
     if not isinstance(meta, dict):
-        raise UserError(f"{file}:1: expected a JSON object with a 'chat_template' key; fix it or delete the file")
+        raise UserError(f"{file}:1: expected a JSON object with a 'chat_template' key")
     return meta.get("chat_template")
 
 
@@ -467,7 +474,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, cfg:
         os.makedirs(tmp)
     _barrier()
     weights = full_model_state(model)
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=os.path.join(tmp, "optimizer"))
+    _dcp(dcp.save, {"optimizer": get_optimizer_state_dict(model, optimizer)}, os.path.join(tmp, "optimizer"))
     if rank == 0:
         save_model_dir(os.path.join(tmp, "model"), weights, cfg, tokenizer, chat_template)
         if rollouts_path is not None:
@@ -495,7 +502,8 @@ def list_checkpoints(out_dir: str) -> list[str]:
 def read_state(path: str) -> dict:
     file = os.path.join(path, "state.json")
     try:
-        return json.load(open(file))
+        with open(file) as f:
+            return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"checkpoint state '{file}' is unreadable ({e}); delete that checkpoint directory to "
                         f"resume from the one before it") from None
@@ -530,10 +538,21 @@ def load_optimizer(path: str, model, optimizer) -> None:
                         f"from the one before it")
     optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     try:
-        dcp.load(optim_state, checkpoint_id=optim_dir)
+        _dcp(dcp.load, optim_state, optim_dir)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         # its first line only names the failing ranks; the cause is on the last
         cause = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
         raise UserError(f"cannot read the optimizer state in '{optim_dir}' ({cause[0][:200]}); delete that "
                         f"checkpoint directory to resume from the one before it") from None
     set_optimizer_state_dict(model, optimizer, optim_state["optimizer"])
+
+
+def _dcp(save_or_load, state: dict, path: str) -> None:
+    """dcp.save or dcp.load of `state` at `path`. Without a process group it is DCP's one-process path,
+    minus the warning that says so on every call."""
+    if dist.is_initialized():
+        save_or_load(state, checkpoint_id=path)
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DCP_ONE_PROCESS_WARNING, category=UserWarning)
+        save_or_load(state, checkpoint_id=path, no_dist=True)

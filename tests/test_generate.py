@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-import checkpoint
 import generate as gen
 from configurator import UserError
 from generate import generate, generate_ref, sample_next, top_k_filter, top_p_filter
@@ -210,27 +209,6 @@ def test_compiled_decode_step_matches():
 
 # ----------------------------------------------------------------------------------------------
 # loading and the command line
-
-
-def test_resolve_model_dir(tmp_path):
-    def model_dir(sub):
-        os.makedirs(tmp_path / sub)
-        (tmp_path / sub / "config.json").write_text("{}")
-        (tmp_path / sub / "model.safetensors").write_text("")
-
-    for sub in ("hf", "ckpt/model", "out/final", "run/checkpoints/step_00000002/model",
-                "run/checkpoints/step_00000010/model"):
-        model_dir(sub)
-    (tmp_path / "out" / "config.json").write_text("{}")  # a run's own config, not a model
-    (tmp_path / "run" / "config.json").write_text("{}")
-    assert checkpoint.resolve_model_dir(str(tmp_path / "hf")) == str(tmp_path / "hf")
-    assert checkpoint.resolve_model_dir(str(tmp_path / "ckpt")) == str(tmp_path / "ckpt" / "model")
-    assert checkpoint.resolve_model_dir(str(tmp_path / "out")) == str(tmp_path / "out" / "final")
-    assert checkpoint.resolve_model_dir(str(tmp_path / "run")) == str(tmp_path / "run/checkpoints/step_00000010/model")
-    with pytest.raises(UserError, match="does not exist"):
-        checkpoint.resolve_model_dir(str(tmp_path / "missing"))
-    with pytest.raises(UserError, match="holds no model"):
-        checkpoint.resolve_model_dir(str(tmp_path))
 
 
 def saved_chat_model(path) -> None:
