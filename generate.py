@@ -129,6 +129,15 @@ def _as_id_list(eos_id: int | list[int] | None) -> list[int]:
     return [eos_id] if isinstance(eos_id, int) else list(eos_id)
 
 
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise UserError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k={top_k} must be >= 1 (or None for no top-k filter)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p={top_p} must be in (0, 1] (or None for no top-p filter)")
+
+
 def _row_budgets(prompts: list[list[int]], max_new_tokens: int, block_size: int) -> list[int]:
     """How many tokens each row may add: prompt + new <= block_size."""
     budgets = []
@@ -175,12 +184,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
     on_step(tokens (B,)) is called after every step (it costs a device sync; the CLI streams with it).
     The model is left without a KV cache and in its train/eval mode.
     """
-    if temperature < 0:
-        raise UserError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k={top_k} must be >= 1 (or None for no top-k filter)")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"top_p={top_p} must be in (0, 1] (or None for no top-p filter)")
+    _check_sampling(temperature, top_k, top_p)
     budgets = _row_budgets(prompts, max_new_tokens, model.config.block_size)
     steps = max(budgets)
     stop = _as_id_list(eos_id)
