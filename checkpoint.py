@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from configurator import UserError
-from data import load_tokenizer, resolve_template
+from data import Tokenizer, load_tokenizer, resolve_template
 from model import GPT, SUPPORTED_MODEL_TYPES, GPTConfig
 
 CHECKPOINTS = "checkpoints"
@@ -372,7 +372,7 @@ def load_pretrained(path: str, attention: str = "sdpa", block_size: int | None =
     return model_from_state(cfg, state, dtype=dtype or torch.float32)
 
 
-def load_weights(model, path: str) -> None:
+def load_weights(model: torch.nn.Module, path: str) -> None:
     """A model directory's weights into an existing model of the same architecture, plain or FSDP-sharded
     (every rank reads the full tensors and keeps its shard)."""
     weights = hf_state_to_nanospin(read_safetensors_dir(path), model.config, path)
@@ -387,7 +387,8 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_for_chat(path: str, device: str = "auto", dtype: torch.dtype | None = None):
+def load_for_chat(path: str, device: str = "auto",
+                  dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer, str]:
     """-> (model, tokenizer, chat template name) for a model dir, checkpoint or out_dir. The template
     comes from nanospin.json's 'chat_template' if present, else the tokenizer's own, else 'chatml' if
     the tokenizer has its special tokens, else 'plain'. dtype None: bf16 on a GPU that supports it,
@@ -410,7 +411,7 @@ def full_model_state(model, every_rank: bool = False) -> dict[str, torch.Tensor]
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_model_dir(path: str, state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer=None,
+def save_model_dir(path: str, state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer: Tokenizer | None = None,
                    chat_template: str | None = None, dtype: torch.dtype | None = None,
                    max_shard_bytes: int = 4 << 30) -> None:
     """A Hugging Face model directory (config.json + safetensors, sharded above max_shard_bytes) that
