@@ -1,16 +1,23 @@
-"""Checkpoints: everything a run needs to resume exactly, written so a kill never corrupts one.
+"""Everything on disk: Hugging Face model directories in and out, and resumable run checkpoints.
 
 Design choices:
-- A checkpoint is a directory `out_dir/checkpoints/step_XXXXXXXX/` holding
-    model/          full weights as a Hugging Face directory (safetensors) + tokenizer + nanospin.json,
-                    so any checkpoint also works with generate.py and transformers;
+- A model directory is Hugging Face's format (config.json + safetensors, sharded above 4 GiB), so what
+  nanospin writes loads in transformers with identical logits, and back. Weights are never unpickled.
+- One load path: config.json becomes a GPTConfig (the architecture is read, never guessed from a name),
+  the tensors are renamed (q/k/v fused, GPT-2's Conv1D transposed), and `model_from_state` builds the
+  model on the meta device and assigns them (no random init, no second copy), re-tying tied embeddings.
+  `load_weights` puts a directory's weights into an existing model, plain or FSDP-sharded.
+- One save path, `save_model_dir`: the Hugging Face files plus nanospin's tokenizer and nanospin.json
+  (the chat template); `export_model` is rank 0 writing it atomically.
+- A run checkpoint is a directory `out_dir/checkpoints/step_XXXXXXXX/` holding
+    model/          full weights as a model directory (above), so any checkpoint also works with
+                    generate.py and transformers;
     optimizer/      the optimizer state through torch.distributed.checkpoint, sharded per rank and
                     loadable at another world size;
     state.json      loop position (phase, step, data order), RNG states, the resolved config;
     rollouts.jsonl  the current iteration's pairs, so a mid-iteration resume never regenerates.
-- It is written under a temporary name and renamed when complete; older ones are deleted only
-  after that, so the previous checkpoint stays valid until the new one is whole.
-- Never unpickles: weights are safetensors, RNG states are JSON, the optimizer is torch.distributed.checkpoint.
+  It is written under a temporary name and renamed when complete; older ones are deleted only after
+  that, so the previous checkpoint stays valid until the new one is whole.
 """
 
 from __future__ import annotations
@@ -19,26 +26,382 @@ import json
 import os
 import random
 import shutil
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
 from configurator import UserError
-from model import (GPTConfig, gpt_config_to_hf_config, hf_config_to_gpt_config, hf_state_to_nanospin,
-                   nanospin_state_to_hf, read_hf_config, read_safetensors_dir, save_hf_dir)
+from data import resolve_template
+from tokenizer import Tokenizer, load_tokenizer
+from model import GPT, SUPPORTED_MODEL_TYPES, GPTConfig
 
 CHECKPOINTS = "checkpoints"
+# what torch.distributed.checkpoint warns on every save and load without a process group; one process is our intent
+_DCP_ONE_PROCESS_WARNING = (r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent "
+                            r"is to (save|load) in a single process")
 
 
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _read_json(file: str):
+    """The JSON value in `file`; invalid JSON is a UserError naming file:line."""
+    with open(file) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face format: config.json, tensor names, safetensors files
+
+
+def read_hf_config(path: str) -> dict:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise UserError(f"model directory '{path}' does not exist; give a Hugging Face model directory "
+                        f"(config.json + *.safetensors) or a nanospin checkpoint directory")
+    if not os.path.isfile(config_path):
+        raise UserError(f"'{path}' has no config.json; it is not a Hugging Face model directory")
+    return _read_json(config_path)
+
+
+def _rope_settings(hf: dict, where: str) -> tuple[float, dict | None]:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or None
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type == "llama3":
+        source = params if params.get("rope_type") == "llama3" else scaling
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return float(theta), {"rope_type": "llama3", **{k: source[k] for k in keys}}
+    raise UserError(f"{where}: rope type '{rope_type}' is not supported (only 'default' and 'llama3')")
+
+
+def hf_config_to_gpt_config(hf: dict, attention: str = "sdpa", block_size: int | None = None,
+                            where: str = "config.json") -> GPTConfig:
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"{where}: model_type '{model_type}' is not supported; nanospin loads {SUPPORTED_MODEL_TYPES}")
+    required = ("vocab_size", "n_layer", "n_head", "n_embd") if model_type == "gpt2" else (
+        "vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
+    missing = [k for k in required if k not in hf]
+    if missing:
+        raise UserError(f"{where}: '{missing[0]}' is missing; is this a Hugging Face model's config.json?")
+    common = dict(model_type=model_type, vocab_size=hf["vocab_size"], attention=attention,
+                  bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
+    if model_type == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UserError(f"{where}: activation_function '{hf['activation_function']}' is not supported (gelu_new)")
+        n_positions = hf.get("n_positions", 1024)
+        if block_size and block_size > n_positions:
+            raise UserError(f"block_size={block_size} exceeds the model's n_positions={n_positions} ({where})")
+        return GPTConfig(**common, block_size=n_positions, n_layer=hf["n_layer"], n_head=hf["n_head"],
+                         n_kv_head=hf["n_head"], n_embd=hf["n_embd"], intermediate_size=hf.get("n_inner"),
+                         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                         tie_embeddings=hf.get("tie_word_embeddings", True))
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{where}: hidden_act '{hf['hidden_act']}' is not supported (silu)")
+    max_pos = hf.get("max_position_embeddings", 2048)
+    block = block_size or max_pos
+    window = hf.get("sliding_window")
+    uses_window = model_type == "mistral" or hf.get("use_sliding_window", False)
+    if uses_window and window is not None and window < block:
+        raise UserError(f"{where}: sliding_window={window} is smaller than the context in use ({block}); nanospin "
+                        f"has no sliding-window attention, so set block_size <= {window}")
+    theta, scaling = _rope_settings(hf, where)
+    n_head = hf["num_attention_heads"]
+    return GPTConfig(**common, block_size=block, n_layer=hf["num_hidden_layers"], n_head=n_head,
+                     n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=hf["hidden_size"],
+                     head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+                     intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                     rope_theta=theta, rope_scaling=scaling, tie_embeddings=hf.get("tie_word_embeddings", False),
+                     qkv_bias=model_type == "qwen2" or hf.get("attention_bias", False),
+                     attn_out_bias=model_type != "qwen2" and hf.get("attention_bias", False),
+                     mlp_bias=hf.get("mlp_bias", False))
+
+
+def gpt_config_to_hf_config(cfg: GPTConfig, dtype: torch.dtype) -> dict:
+    common = {"model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+              "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+              "dtype": str(dtype).removeprefix("torch."), "use_cache": True}
+    if cfg.is_gpt2:
+        return {**common, "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+                "n_head": cfg.n_head, "n_positions": cfg.block_size, "n_inner": cfg.intermediate_size,
+                "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
+                "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[cfg.model_type]
+    out = {**common, "architectures": [arch], "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
+           "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
+           "intermediate_size": cfg.intermediate_size, "max_position_embeddings": cfg.block_size,
+           "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "rope_theta": cfg.rope_theta,
+           "rope_scaling": cfg.rope_scaling, "attention_dropout": 0.0}
+    if cfg.model_type == "llama":
+        out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    if cfg.model_type == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None)
+    if cfg.model_type == "mistral":
+        out.update(sliding_window=None)
+    return out
+
+
+def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    elif os.path.isfile(single):
+        files = ["model.safetensors"]
+    else:
+        hint = " (pickled .bin weights are never loaded; convert them to safetensors)" if any(
+            f.endswith(".bin") for f in os.listdir(path)) else ""
+        raise UserError(f"'{path}' has no model.safetensors or model.safetensors.index.json{hint}")
+    state = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise UserError(f"shard '{file}' named in model.safetensors.index.json is missing")
+        try:
+            state.update(load_file(file))
+        except Exception as e:
+            raise UserError(f"cannot read '{file}': {e}") from None
+    return state
+
+
+def save_hf_dir(path: str, hf_config: dict, state: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    os.makedirs(path, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(state):
+        nbytes = state[name].numel() * state[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = state[name]
+        size += nbytes
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _hf_layer_names(cfg: GPTConfig, i: int) -> dict[str, str]:
+    """nanospin name -> Hugging Face name for layer i (fused qkv handled separately)."""
+    if cfg.is_gpt2:
+        p = f"h.{i}."
+        return {f"blocks.{i}.norm1.weight": p + "ln_1.weight", f"blocks.{i}.norm1.bias": p + "ln_1.bias",
+                f"blocks.{i}.norm2.weight": p + "ln_2.weight", f"blocks.{i}.norm2.bias": p + "ln_2.bias",
+                f"blocks.{i}.attn.proj.weight": p + "attn.c_proj.weight",
+                f"blocks.{i}.attn.proj.bias": p + "attn.c_proj.bias",
+                f"blocks.{i}.mlp.up.weight": p + "mlp.c_fc.weight", f"blocks.{i}.mlp.up.bias": p + "mlp.c_fc.bias",
+                f"blocks.{i}.mlp.down.weight": p + "mlp.c_proj.weight",
+                f"blocks.{i}.mlp.down.bias": p + "mlp.c_proj.bias"}
+    p = f"model.layers.{i}."
+    names = {f"blocks.{i}.norm1.weight": p + "input_layernorm.weight",
+             f"blocks.{i}.norm2.weight": p + "post_attention_layernorm.weight",
+             f"blocks.{i}.attn.proj.weight": p + "self_attn.o_proj.weight"}
+    for ours, theirs in (("up", "up_proj"), ("gate", "gate_proj"), ("down", "down_proj")):
+        names[f"blocks.{i}.mlp.{ours}.weight"] = p + f"mlp.{theirs}.weight"
+        if cfg.mlp_bias:
+            names[f"blocks.{i}.mlp.{ours}.bias"] = p + f"mlp.{theirs}.bias"
+    if cfg.attn_out_bias:
+        names[f"blocks.{i}.attn.proj.bias"] = p + "self_attn.o_proj.bias"
+    return names
+
+
+def _hf_global_names(cfg: GPTConfig) -> dict[str, str]:
+    if cfg.is_gpt2:
+        names = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "norm_f.weight": "ln_f.weight",
+                 "norm_f.bias": "ln_f.bias"}
+    else:
+        names = {"wte.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    return names
+
+
+# GPT-2's Conv1D layers store weights as (in, out): transpose to and from nn.Linear's (out, in)
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_state_to_nanospin(hf_state: dict[str, torch.Tensor], cfg: GPTConfig, where: str) -> dict[str, torch.Tensor]:
+    if cfg.is_gpt2:  # checkpoints come with or without the 'transformer.' prefix
+        hf_state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+    if cfg.tie_embeddings:
+        hf_state.pop("lm_head.weight", None)
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf_state:
+            raise UserError(f"tensor '{name}' is missing from the checkpoint in '{where}'")
+        t = hf_state.pop(name)
+        return t.t() if cfg.is_gpt2 and name.endswith(_CONV1D) else t
+
+    state = {ours: take(theirs) for ours, theirs in _hf_global_names(cfg).items()}
+    for i in range(cfg.n_layer):
+        state.update({ours: take(theirs) for ours, theirs in _hf_layer_names(cfg, i).items()})
+        if cfg.is_gpt2:
+            state[f"blocks.{i}.attn.qkv.weight"] = take(f"h.{i}.attn.c_attn.weight")
+            state[f"blocks.{i}.attn.qkv.bias"] = take(f"h.{i}.attn.c_attn.bias")
+        else:
+            p = f"model.layers.{i}.self_attn."
+            state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([take(p + f"{x}_proj.weight") for x in "qkv"])
+            if cfg.qkv_bias:
+                state[f"blocks.{i}.attn.qkv.bias"] = torch.cat([take(p + f"{x}_proj.bias") for x in "qkv"])
+    leftover = [k for k in hf_state if not k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))]
+    if leftover:
+        raise UserError(f"checkpoint in '{where}' has tensors nanospin does not use, e.g. '{leftover[0]}'; "
+                        f"is config.json's model_type right?")
+    with torch.device("meta"):
+        expected = GPT(cfg).state_dict()
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            hf_name = {**_hf_global_names(cfg), **{k: v for i in range(cfg.n_layer)
+                                                  for k, v in _hf_layer_names(cfg, i).items()}}.get(name, name)
+            raise UserError(f"tensor '{hf_name}' in '{where}' has shape {tuple(tensor.shape)}, but config.json "
+                            f"implies {tuple(expected[name].shape)}")
+    return state
+
+
+def nanospin_state_to_hf(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    state = dict(state)
+    out = {}
+    for ours, theirs in _hf_global_names(cfg).items():
+        out[theirs] = state[ours]
+    for i in range(cfg.n_layer):
+        for ours, theirs in _hf_layer_names(cfg, i).items():
+            out[theirs] = state[ours]
+        qkv_w = state[f"blocks.{i}.attn.qkv.weight"]
+        if cfg.is_gpt2:
+            out[f"h.{i}.attn.c_attn.weight"] = qkv_w
+            out[f"h.{i}.attn.c_attn.bias"] = state[f"blocks.{i}.attn.qkv.bias"]
+        else:
+            sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
+            p = f"model.layers.{i}.self_attn."
+            for x, w in zip("qkv", qkv_w.split(sizes)):
+                out[p + f"{x}_proj.weight"] = w
+            if cfg.qkv_bias:
+                for x, b in zip("qkv", state[f"blocks.{i}.attn.qkv.bias"].split(sizes)):
+                    out[p + f"{x}_proj.bias"] = b
+    if cfg.is_gpt2:
+        out = {"transformer." + k: (v.t() if k.endswith(_CONV1D) else v) for k, v in out.items()}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# model directories: find, load, save
+
+
+def _is_model_dir(path: str) -> bool:
+    """config.json beside weights (a run's out_dir has a config.json of its own, without weights)."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return False
+    return any(f.endswith((".safetensors", ".safetensors.index.json", ".bin")) for f in os.listdir(path))
+
+
+def resolve_model_dir(path: str) -> str:
+    """A Hugging Face dir (config.json + weights) as is; a nanospin checkpoint -> its model/; a run's
+    out_dir -> final/ (the exported model), else its latest checkpoint's model/."""
+    candidates = [path, os.path.join(path, "model"), os.path.join(path, "final")]
+    checkpoints = os.path.join(path, CHECKPOINTS)
+    if os.path.isdir(checkpoints):  # step_XXXXXXXX names sort in step order
+        candidates += [os.path.join(checkpoints, d, "model") for d in sorted(os.listdir(checkpoints), reverse=True)]
+    for candidate in candidates:
+        if os.path.isdir(candidate) and _is_model_dir(candidate):
+            return candidate
+    what = "does not exist" if not os.path.exists(path) else "holds no model (config.json with weights)"
+    raise UserError(f"model path '{path}' {what}; pass --model=<a Hugging Face model directory, a nanospin "
+                    f"checkpoint directory or a run's out_dir>")
+
+
+def read_chat_template(model_dir: str) -> str | None:
+    """The chat template named in <model_dir>/nanospin.json, or None when there is none."""
+    file = os.path.join(model_dir, "nanospin.json")
+    if not os.path.isfile(file):
+        return None
+    meta = _read_json(file)
+    if not isinstance(meta, dict):
+        raise UserError(f"{file}:1: expected a JSON object with a 'chat_template' key")
+    return meta.get("chat_template")
+
+
+def model_from_state(cfg: GPTConfig, state: dict[str, torch.Tensor], device=None,
+                     dtype: torch.dtype | None = None) -> GPT:
+    """A GPT holding `state` (nanospin names), moved to device/dtype (None: as given). Built on the meta
+    device, so no weight is initialised only to be overwritten; assign=True takes the tensors as they are."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    missing, unexpected = model.load_state_dict({k: v.to(device, dtype) for k, v in state.items()},
+                                                strict=False, assign=True)
+    if cfg.tie_embeddings:  # assignment replaced the shared parameter: share it again
+        model.lm_head.weight = model.wte.weight
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise UserError(f"the weights do not fit the model: {'missing' if missing else 'unexpected'} tensor "
+                        f"'{(missing or unexpected)[0]}'")
+    return model
+
+
+def load_pretrained(path: str, attention: str = "sdpa", block_size: int | None = None,
+                    dtype: torch.dtype | None = None) -> GPT:
+    """A local Hugging Face model directory (config.json + safetensors, sharded or not) as a GPT on the
+    CPU, in dtype (None: float32, whatever the files hold). block_size None: the model's own context."""
+    cfg = hf_config_to_gpt_config(read_hf_config(path), attention=attention, block_size=block_size,
+                                  where=os.path.join(path, "config.json"))
+    state = hf_state_to_nanospin(read_safetensors_dir(path), cfg, path)
+    return model_from_state(cfg, state, dtype=dtype or torch.float32)
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """A model directory's weights into an existing model of the same architecture, plain or FSDP-sharded
+    (every rank reads the full tensors and keeps its shard)."""
+    weights = hf_state_to_nanospin(read_safetensors_dir(path), model.config, path)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device='{device}' was asked for but CUDA is not available; use --device=cpu")
+    return device
+
+
+def load_for_chat(path: str, device: str = "auto",
+                  dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer, str]:
+    """-> (model, tokenizer, chat template name) for a model dir, checkpoint or out_dir. The template
+    comes from nanospin.json's 'chat_template' if present, else the tokenizer's own, else 'chatml' if
+    the tokenizer has its special tokens, else 'plain'. dtype None: bf16 on a GPU that supports it,
+    fp32 otherwise."""
+    model_dir = resolve_model_dir(path)
+    device = pick_device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    model = load_pretrained(model_dir, dtype=dtype).to(device).eval()
+    tok = load_tokenizer(model_dir)
+    template = read_chat_template(model_dir) or read_chat_template(path)
+    return model, tok, template or resolve_template(tok, "auto")
 
 
 def full_model_state(model, every_rank: bool = False) -> dict[str, torch.Tensor]:
@@ -49,16 +412,20 @@ def full_model_state(model, every_rank: bool = False) -> dict[str, torch.Tensor]
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_model_dir(path: str, state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer, chat_template: str,
-                   dtype: torch.dtype | None = None) -> None:
-    """A Hugging Face model directory with nanospin's tokenizer and chat template beside it."""
+def save_model_dir(path: str, state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer: Tokenizer | None = None,
+                   chat_template: str | None = None, dtype: torch.dtype | None = None,
+                   max_shard_bytes: int = 4 << 30) -> None:
+    """A Hugging Face model directory (config.json + safetensors, sharded above max_shard_bytes) that
+    transformers' AutoModelForCausalLM loads as it is; with a tokenizer, also the tokenizer's files and
+    nanospin.json (tokenizer name and chat template). dtype None: the weights' own."""
     hf_state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
                 for k, v in nanospin_state_to_hf(state, cfg).items()}
     save_hf_dir(path, gpt_config_to_hf_config(cfg, dtype or next(iter(hf_state.values())).dtype), hf_state,
-                max_shard_bytes=4 << 30)
-    tokenizer.save(path)
-    with open(os.path.join(path, "nanospin.json"), "w") as f:
-        json.dump({"chat_template": chat_template, "tokenizer": tokenizer.name}, f, indent=2)
+                max_shard_bytes)
+    if tokenizer is not None:
+        tokenizer.save(path)
+        with open(os.path.join(path, "nanospin.json"), "w") as f:
+            json.dump({"chat_template": chat_template, "tokenizer": tokenizer.name}, f, indent=2)
 
 
 def export_model(path: str, model, cfg: GPTConfig, tokenizer, chat_template: str, rank: int) -> None:
@@ -71,6 +438,10 @@ def export_model(path: str, model, cfg: GPTConfig, tokenizer, chat_template: str
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     _barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# run checkpoints
 
 
 def rng_state() -> dict:
@@ -105,7 +476,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, cfg:
         os.makedirs(tmp)
     _barrier()
     weights = full_model_state(model)
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=os.path.join(tmp, "optimizer"))
+    _dcp(dcp.save, {"optimizer": get_optimizer_state_dict(model, optimizer)}, os.path.join(tmp, "optimizer"))
     if rank == 0:
         save_model_dir(os.path.join(tmp, "model"), weights, cfg, tokenizer, chat_template)
         if rollouts_path is not None:
@@ -133,7 +504,8 @@ def list_checkpoints(out_dir: str) -> list[str]:
 def read_state(path: str) -> dict:
     file = os.path.join(path, "state.json")
     try:
-        return json.load(open(file))
+        with open(file) as f:
+            return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"checkpoint state '{file}' is unreadable ({e}); delete that checkpoint directory to "
                         f"resume from the one before it") from None
@@ -154,8 +526,7 @@ def load_checkpoint(path: str, model, optimizer, cfg: GPTConfig) -> dict:
                         f"{', '.join(f'{k}={getattr(saved, k)}' for k in differ)} but this run's config has "
                         f"{', '.join(f'{k}={getattr(cfg, k)}' for k in differ)}; resume with the checkpoint's "
                         f"model settings or use another out_dir")
-    weights = hf_state_to_nanospin(read_safetensors_dir(model_dir), cfg, model_dir)
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    load_weights(model, model_dir)
     load_optimizer(path, model, optimizer)
     if "rng" in state:
         set_rng_state(state["rng"])
@@ -169,10 +540,21 @@ def load_optimizer(path: str, model, optimizer) -> None:
                         f"from the one before it")
     optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     try:
-        dcp.load(optim_state, checkpoint_id=optim_dir)
+        _dcp(dcp.load, optim_state, optim_dir)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         # its first line only names the failing ranks; the cause is on the last
         cause = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
         raise UserError(f"cannot read the optimizer state in '{optim_dir}' ({cause[0][:200]}); delete that "
                         f"checkpoint directory to resume from the one before it") from None
     set_optimizer_state_dict(model, optimizer, optim_state["optimizer"])
+
+
+def _dcp(save_or_load, state: dict, path: str) -> None:
+    """dcp.save or dcp.load of `state` at `path`. Without a process group it is DCP's one-process path,
+    minus the warning that says so on every call."""
+    if dist.is_initialized():
+        save_or_load(state, checkpoint_id=path)
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DCP_ONE_PROCESS_WARNING, category=UserWarning)
+        save_or_load(state, checkpoint_id=path, no_dist=True)

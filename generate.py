@@ -16,14 +16,15 @@ CLI: python generate.py --model=<HF dir | nanospin checkpoint or out_dir> [--pro
 
 from __future__ import annotations
 
-import json
-import os
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+import configurator
+from checkpoint import load_for_chat
 from configurator import UserError
 from model import GPT
 
@@ -97,42 +98,23 @@ def decode_logits(model: GPT, token: torch.Tensor, pos: torch.Tensor, slot: torc
     return model.lm_head(h[:, -1]).float()
 
 
-_compiled_decode: dict[str, Callable] = {}
-_static_cache: dict[tuple, list] = {}  # at most one entry: cache shape -> the model's KVCache list
-CPU_COMPILE_BACKEND = "inductor"  # tests set 'eager' to check the step traces as one graph, quickly
-
-
-def compiled_decode(device_type: str) -> Callable:
-    """decode_logits under torch.compile, one per device type (dynamo caches the graphs)."""
-    if device_type not in _compiled_decode:
-        if device_type == "cuda":
-            fn = torch.compile(decode_logits, mode="reduce-overhead", fullgraph=True)
-        else:
-            fn = torch.compile(decode_logits, backend=CPU_COMPILE_BACKEND, fullgraph=True)
-        _compiled_decode[device_type] = fn
-    return _compiled_decode[device_type]
-
-
-def reuse_kv_cache(model: GPT, batch_size: int, max_len: int) -> None:
-    """Give the model the KV cache kept from the last compiled call of the same shape (else a new one).
-    A CUDA graph replays on fixed addresses: a fresh cache per call would make it re-record every time."""
-    cfg, weight = model.config, model.lm_head.weight
-    key = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim, weight.dtype, weight.device)
-    if key not in _static_cache:
-        _static_cache.clear()  # one batch's cache at a time
-        model.setup_kv_cache(batch_size, max_len)
-        _static_cache[key] = model.kv_caches
-    model.kv_caches = _static_cache[key]
-    for cache in model.kv_caches:  # masked slots weigh 0, but 0 * a stale inf would still be NaN
-        cache.k.zero_()
-        cache.v.zero_()
+@functools.cache
+def compiled_decode(device_type: str, backend: str = "inductor") -> Callable:
+    """decode_logits under torch.compile, made once per (device type, backend); dynamo keeps its graphs.
+    On the GPU inductor also records CUDA graphs ('reduce-overhead')."""
+    if device_type == "cuda" and backend == "inductor":
+        return torch.compile(decode_logits, mode="reduce-overhead", fullgraph=True)
+    return torch.compile(decode_logits, backend=backend, fullgraph=True)
 
 
 def decode_one_token(model: GPT, token: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, key_ok: torch.Tensor,
                      key_slots: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                     generator: torch.Generator | None, compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     generator: torch.Generator | None,
+                     compile: bool | str = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step: returns the next tokens (B,) and the step's raw logits (B, V)."""
-    step = compiled_decode(token.device.type) if compile else decode_logits
+    step = decode_logits
+    if compile:
+        step = compiled_decode(token.device.type, "inductor" if compile is True else compile)
     logits = step(model, token, pos, slot, key_ok, key_slots)
     return sample_next(logits, temperature, top_k, top_p, generator), logits
 
@@ -145,6 +127,15 @@ def _as_id_list(eos_id: int | list[int] | None) -> list[int]:
     if eos_id is None:
         return []
     return [eos_id] if isinstance(eos_id, int) else list(eos_id)
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise UserError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k={top_k} must be >= 1 (or None for no top-k filter)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p={top_p} must be in (0, 1] (or None for no top-p filter)")
 
 
 def _row_budgets(prompts: list[list[int]], max_new_tokens: int, block_size: int) -> list[int]:
@@ -176,7 +167,7 @@ def _cut_rows(new_tokens: list[list[int]], budgets: list[int], stop: list[int]) 
 @torch.inference_mode()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | list[int] | None = None,
-             seed: int | None = None, return_logprobs: bool = False, compile: bool = False,
+             seed: int | None = None, return_logprobs: bool = False, compile: bool | str = False,
              on_step: Callable[[torch.Tensor], None] | None = None
              ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """Sample up to max_new_tokens new tokens for each prompt (token-id lists of any lengths).
@@ -187,17 +178,13 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
     UserError. Rows that are done stop producing tokens and the loop ends when all are done.
     return_logprobs=True also returns, per new token, its log-prob under the model's UNMODIFIED
     distribution (log_softmax of the raw logits, before temperature, top-k and top-p).
-    compile=True runs the decode step under torch.compile (CUDA graphs on the GPU) and keeps the last
-    call's KV cache allocated for the next call of the same shape (see reuse_kv_cache).
+    compile=True runs the decode step under torch.compile (CUDA graphs on the GPU) and keeps the KV
+    cache on the model for the next call of the same shape; a string names another torch.compile
+    backend (the tests' 'eager' checks the step is one graph without a C++ compile).
     on_step(tokens (B,)) is called after every step (it costs a device sync; the CLI streams with it).
     The model is left without a KV cache and in its train/eval mode.
     """
-    if temperature < 0:
-        raise UserError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k={top_k} must be >= 1 (or None for no top-k filter)")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"top_p={top_p} must be in (0, 1] (or None for no top-p filter)")
+    _check_sampling(temperature, top_k, top_p)
     budgets = _row_budgets(prompts, max_new_tokens, model.config.block_size)
     steps = max(budgets)
     stop = _as_id_list(eos_id)
@@ -215,10 +202,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
 
     was_training = model.training
     model.eval()
-    if compile:
-        reuse_kv_cache(model, B, cache_len)
-    else:
-        model.setup_kv_cache(B, cache_len)
+    model.setup_kv_cache(B, cache_len, reuse=bool(compile))
     try:
         tokens = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # (B, P) left-padded
         pad_lens = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
@@ -284,65 +268,6 @@ def generate_ref(model: GPT, prompts: list[list[int]], max_new_tokens: int,
 
 
 # ----------------------------------------------------------------------------------------------
-# loading a model for chat
-
-
-def _is_model_dir(path: str) -> bool:
-    """config.json beside weights (a run's out_dir has a config.json of its own, without weights)."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        return False
-    return any(f.endswith((".safetensors", ".safetensors.index.json", ".bin")) for f in os.listdir(path))
-
-
-def resolve_model_dir(path: str) -> str:
-    """A Hugging Face dir (config.json + weights) as is; a nanospin checkpoint -> its model/; a run's
-    out_dir -> final/ (the exported model), else its latest checkpoint's model/."""
-    candidates = [path, os.path.join(path, "model"), os.path.join(path, "final")]
-    checkpoints = os.path.join(path, "checkpoints")
-    if os.path.isdir(checkpoints):  # step_XXXXXXXX names sort in step order
-        candidates += [os.path.join(checkpoints, d, "model") for d in sorted(os.listdir(checkpoints), reverse=True)]
-    for candidate in candidates:
-        if os.path.isdir(candidate) and _is_model_dir(candidate):
-            return candidate
-    what = "does not exist" if not os.path.exists(path) else "holds no model (config.json with weights)"
-    raise UserError(f"model path '{path}' {what}; pass --model=<a Hugging Face model directory, a nanospin "
-                    f"checkpoint directory or a run's out_dir>")
-
-
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device='{device}' was asked for but CUDA is not available; use --device=cpu")
-    return device
-
-
-def load_for_chat(path: str, device: str = "auto", dtype: torch.dtype | None = None):
-    """-> (model, tokenizer, chat template name). The template comes from <dir>/nanospin.json's
-    'chat_template' if present, else the tokenizer's own, else 'chatml' if the tokenizer has its
-    special tokens, else 'plain'. dtype None: bf16 on a GPU
-    that supports it, fp32 otherwise."""
-    from data import resolve_template
-    from tokenizer import load_tokenizer
-
-    model_dir = resolve_model_dir(path)
-    device = pick_device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    model = GPT.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    tok = load_tokenizer(model_dir)
-    template = None
-    for d in (model_dir, path):
-        meta = os.path.join(d, "nanospin.json")
-        if template is None and os.path.isfile(meta):
-            try:
-                template = json.load(open(meta)).get("chat_template")
-            except json.JSONDecodeError as e:
-                raise UserError(f"{meta}:{e.lineno}: invalid JSON: {e.msg}") from None
-    return model, tok, template or resolve_template(tok, "auto")
-
-
-# ----------------------------------------------------------------------------------------------
 # command line
 
 
@@ -394,7 +319,7 @@ def stream_answer(model: GPT, tok, prompt_ids: list[int], cfg: GenerateConfig, s
 def main(argv: list[str]) -> None:
     from data import render_prompt, stop_ids, strip_stop
 
-    cfg = load_config(argv)
+    cfg = parse_args(argv)
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype, None)
     if cfg.dtype != "auto" and not isinstance(dtype, torch.dtype):
         raise UserError(f"dtype='{cfg.dtype}' is unknown; use auto, float32, bfloat16 or float16")
@@ -432,9 +357,7 @@ def main(argv: list[str]) -> None:
         turn += 1
 
 
-def load_config(argv: list[str]) -> GenerateConfig:
-    import configurator
-
+def parse_args(argv: list[str]) -> GenerateConfig:
     cfg = configurator.load_config(GenerateConfig, argv)
     if not cfg.model:
         raise UserError("no model given; pass --model=<a Hugging Face model dir, nanospin checkpoint or out_dir>")
@@ -442,6 +365,4 @@ def load_config(argv: list[str]) -> GenerateConfig:
 
 
 if __name__ == "__main__":
-    import configurator
-
     configurator.run_main(main, sys.argv[1:])

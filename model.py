@@ -5,21 +5,19 @@ Design choices:
   or SwiGLU MLP, learned positions or RoPE, biases), so the forward pass reads the same for all.
 - q, k and v come from one fused projection; grouped-query attention never repeats k/v in memory.
 - Attention goes through `attend`, which picks 'sdpa' (PyTorch) or 'triton' (kernels/attention.py).
-- `forward(idx, targets)` computes the loss and per-token log-probs with the fused log-prob kernel
-  (kernels/logprob.py) from the final hidden states, so the [B, T, vocab] logits never exist in
-  training; `forward(idx)` alone returns logits for sampling and tests.
+- `forward(idx)` returns logits; `token_logprobs(idx, targets)` returns per-token log-probs through
+  the fused log-prob kernel (kernels/logprob.py) from the final hidden states, so the (B, T, vocab)
+  logits never exist in training.
 - An optional static KV cache (KVCache) plus per-row positions and an attention mask make the same
   forward serve generate.py's prefill and decode steps.
-- Hugging Face checkpoints (safetensors only, never pickle) load with `GPT.from_pretrained` and are
-  written back with `save_pretrained`, which transformers loads with identical logits.
+- The architecture only: Hugging Face directories are read and written by checkpoint.py
+  (`GPT.from_pretrained` and `save_pretrained` are its entry points, for the familiar calls).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -27,7 +25,11 @@ import torch.nn.functional as F
 
 from configurator import UserError
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")  # the Hugging Face families loaded and saved
+# the block styles a model built from scratch takes: Qwen2 and Mistral are Llama blocks plus what only a
+# checkpoint brings (q/k/v biases, a sliding window)
+SCRATCH_MODEL_TYPES = ("gpt2", "llama")
+ATTENTION_IMPLS = ("sdpa", "triton")
 
 
 @dataclass
@@ -66,8 +68,8 @@ class GPTConfig:
                 self.intermediate_size = 4 * self.n_embd
             else:
                 self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
-        if self.attention not in ("sdpa", "triton"):
-            raise UserError(f"attention='{self.attention}' is unknown; use 'sdpa' or 'triton'")
+        if self.attention not in ATTENTION_IMPLS:
+            raise UserError(f"attention='{self.attention}' is unknown; use one of {ATTENTION_IMPLS}")
 
     @property
     def is_gpt2(self) -> bool:
@@ -230,7 +232,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.kv_caches: list[KVCache] | None = None
+        self.kv_caches: list[KVCache] | None = None  # the cache in use while generate.py samples
+        self.kept_kv_caches: list[KVCache] | None = None  # the last setup_kv_cache(reuse=True) cache
         if not any(p.is_meta for p in self.parameters()):
             self.apply(self._init_weights)
             # residual projections scaled down so the residual stream's variance stays put with depth
@@ -273,30 +276,40 @@ class GPT(nn.Module):
             x = block(x, rope, caches[i] if caches else None, slots, mask)
         return self.norm_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, return_logprobs: bool = False,
-                pos=None, slots=None, mask=None) -> torch.Tensor:
-        """Without targets: logits (B, T, V) in fp32.
-        With targets (B, T) (-100 = ignore): the mean cross-entropy over the kept tokens, or, with
-        return_logprobs=True, per-token log-probs (B, T) fp32 (0 where ignored) — both from the fused
-        log-prob kernel, so the full logits are never materialised.
-        """
-        h = self.hidden_states(idx, pos, slots, mask)  # (B, T, C)
-        if targets is None:
-            return self.lm_head(h).float()
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, V) in fp32 (sampling and tests; training uses token_logprobs)."""
+        return self.lm_head(self.hidden_states(idx, pos, slots, mask)).float()
+
+    def token_logprobs(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """idx, targets (B, T) -> log p(targets) (B, T) fp32, 0 where targets == -100. Through the fused
+        log-prob kernel from the final hidden states, so the (B, T, V) logits never exist."""
         from kernels.logprob import token_logprobs
+        h = self.hidden_states(idx)  # (B, T, C)
         B, T, C = h.shape
         logps = token_logprobs(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T))
-        logps = logps.view(B, T).clone()  # a fresh tensor, not a view: FSDP's forward hooks warn about views
-        if return_logprobs:
-            return logps
-        return -logps.sum() / (targets != -100).sum().clamp(min=1)
+        return logps.view(B, T).clone()  # a fresh tensor, not a view: FSDP's forward hooks warn about views
 
     # --- KV cache for generate.py ------------------------------------------------------------
 
-    def setup_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        param = self.lm_head.weight
-        self.kv_caches = [KVCache(batch_size, max_len, self.config, param.device, dtype or param.dtype)
-                          for _ in range(self.config.n_layer)]
+    def setup_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                       reuse: bool = False) -> None:
+        """Give every layer a zeroed static cache. reuse=True takes the kept cache of the last reuse=True
+        call when shape, dtype and device match (else keeps a new one): a CUDA graph replays on fixed
+        addresses, so a fresh cache per call would make it re-record every time."""
+        param, cfg = self.lm_head.weight, self.config
+        dtype = dtype or param.dtype
+        kept = self.kept_kv_caches
+        if reuse and kept and kept[0].k.shape == (batch_size, cfg.n_kv_head, max_len, cfg.head_dim) and (
+                kept[0].k.dtype == dtype and kept[0].k.device == param.device):
+            for cache in kept:  # masked slots weigh 0, but 0 * a stale inf would still be NaN
+                cache.k.zero_()
+                cache.v.zero_()
+            self.kv_caches = kept
+            return
+        self.kv_caches = [KVCache(batch_size, max_len, cfg, param.device, dtype) for _ in range(cfg.n_layer)]
+        if reuse:
+            self.kept_kv_caches = self.kv_caches
 
     def clear_kv_cache(self) -> None:
         self.kv_caches = None
@@ -316,286 +329,16 @@ class GPT(nn.Module):
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
-    # --- Hugging Face import/export ----------------------------------------------------------
+    # --- Hugging Face directories (checkpoint.py does the file work) ---------------------------
 
     @classmethod
     def from_pretrained(cls, path: str, attention: str = "sdpa", block_size: int | None = None,
-                        dtype: torch.dtype = torch.float32) -> "GPT":
-        """Load a local Hugging Face model directory (config.json + safetensors, sharded or not)."""
-        cfg = hf_config_to_gpt_config(read_hf_config(path), attention=attention, block_size=block_size,
-                                      where=os.path.join(path, "config.json"))
-        hf_state = read_safetensors_dir(path)
-        state = hf_state_to_nanospin(hf_state, cfg, path)
-        with torch.device("meta"):
-            model = cls(cfg)
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-        if cfg.tie_embeddings:
-            model.lm_head.weight = model.wte.weight
-        return model
+                        dtype: torch.dtype | None = None) -> "GPT":
+        """checkpoint.load_pretrained: a local Hugging Face model directory as a GPT (None: float32)."""
+        from checkpoint import load_pretrained  # checkpoint.py imports this module
+        return load_pretrained(path, attention, block_size, dtype)
 
     def save_pretrained(self, path: str, max_shard_bytes: int = 4 << 30, dtype: torch.dtype | None = None) -> None:
-        """Write a Hugging Face directory (config.json + model.safetensors, sharded above
-        max_shard_bytes) that transformers' AutoModelForCausalLM loads as it is."""
-        state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
-                 for k, v in nanospin_state_to_hf(self.state_dict(), self.config).items()}
-        save_hf_dir(path, gpt_config_to_hf_config(self.config, dtype or self.lm_head.weight.dtype), state,
-                    max_shard_bytes)
-
-
-# ----------------------------------------------------------------------------------------------
-# Hugging Face checkpoint format
-
-
-def read_hf_config(path: str) -> dict:
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise UserError(f"model directory '{path}' does not exist; give a Hugging Face model directory "
-                        f"(config.json + *.safetensors) or a nanospin checkpoint directory")
-    if not os.path.isfile(config_path):
-        raise UserError(f"'{path}' has no config.json; it is not a Hugging Face model directory")
-    try:
-        return json.load(open(config_path))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{config_path}:{e.lineno}: invalid JSON: {e.msg}") from None
-
-
-def _rope_settings(hf: dict, where: str) -> tuple[float, dict | None]:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or None
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
-    if rope_type == "default":
-        return float(theta), None
-    if rope_type == "llama3":
-        source = params if params.get("rope_type") == "llama3" else scaling
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        return float(theta), {"rope_type": "llama3", **{k: source[k] for k in keys}}
-    raise UserError(f"{where}: rope type '{rope_type}' is not supported (only 'default' and 'llama3')")
-
-
-def hf_config_to_gpt_config(hf: dict, attention: str = "sdpa", block_size: int | None = None,
-                            where: str = "config.json") -> GPTConfig:
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"{where}: model_type '{model_type}' is not supported; nanospin loads {SUPPORTED_MODEL_TYPES}")
-    required = ("vocab_size", "n_layer", "n_head", "n_embd") if model_type == "gpt2" else (
-        "vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
-    missing = [k for k in required if k not in hf]
-    if missing:
-        raise UserError(f"{where}: '{missing[0]}' is missing; is this a Hugging Face model's config.json?")
-    common = dict(model_type=model_type, vocab_size=hf["vocab_size"], attention=attention,
-                  bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
-    if model_type == "gpt2":
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise UserError(f"{where}: activation_function '{hf['activation_function']}' is not supported (gelu_new)")
-        n_positions = hf.get("n_positions", 1024)
-        if block_size and block_size > n_positions:
-            raise UserError(f"block_size={block_size} exceeds the model's n_positions={n_positions} ({where})")
-        return GPTConfig(**common, block_size=n_positions, n_layer=hf["n_layer"], n_head=hf["n_head"],
-                         n_kv_head=hf["n_head"], n_embd=hf["n_embd"], intermediate_size=hf.get("n_inner"),
-                         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                         tie_embeddings=hf.get("tie_word_embeddings", True))
-    if hf.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{where}: hidden_act '{hf['hidden_act']}' is not supported (silu)")
-    max_pos = hf.get("max_position_embeddings", 2048)
-    block = block_size or max_pos
-    window = hf.get("sliding_window")
-    uses_window = model_type == "mistral" or hf.get("use_sliding_window", False)
-    if uses_window and window is not None and window < block:
-        raise UserError(f"{where}: sliding_window={window} is smaller than the context in use ({block}); nanospin "
-                        f"has no sliding-window attention, so set block_size <= {window}")
-    theta, scaling = _rope_settings(hf, where)
-    n_head = hf["num_attention_heads"]
-    return GPTConfig(**common, block_size=block, n_layer=hf["num_hidden_layers"], n_head=n_head,
-                     n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=hf["hidden_size"],
-                     head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
-                     intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-                     rope_theta=theta, rope_scaling=scaling, tie_embeddings=hf.get("tie_word_embeddings", False),
-                     qkv_bias=model_type == "qwen2" or hf.get("attention_bias", False),
-                     attn_out_bias=model_type != "qwen2" and hf.get("attention_bias", False),
-                     mlp_bias=hf.get("mlp_bias", False))
-
-
-def gpt_config_to_hf_config(cfg: GPTConfig, dtype: torch.dtype) -> dict:
-    common = {"model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-              "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-              "dtype": str(dtype).removeprefix("torch."), "use_cache": True}
-    if cfg.is_gpt2:
-        return {**common, "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
-                "n_head": cfg.n_head, "n_positions": cfg.block_size, "n_inner": cfg.intermediate_size,
-                "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
-                "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[cfg.model_type]
-    out = {**common, "architectures": [arch], "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
-           "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
-           "intermediate_size": cfg.intermediate_size, "max_position_embeddings": cfg.block_size,
-           "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "rope_theta": cfg.rope_theta,
-           "rope_scaling": cfg.rope_scaling, "attention_dropout": 0.0}
-    if cfg.model_type == "llama":
-        out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-    if cfg.model_type == "qwen2":
-        out.update(use_sliding_window=False, sliding_window=None)
-    if cfg.model_type == "mistral":
-        out.update(sliding_window=None)
-    return out
-
-
-def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    index = os.path.join(path, "model.safetensors.index.json")
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(index):
-        files = sorted(set(json.load(open(index))["weight_map"].values()))
-    elif os.path.isfile(single):
-        files = ["model.safetensors"]
-    else:
-        hint = " (pickled .bin weights are never loaded; convert them to safetensors)" if any(
-            f.endswith(".bin") for f in os.listdir(path)) else ""
-        raise UserError(f"'{path}' has no model.safetensors or model.safetensors.index.json{hint}")
-    state = {}
-    for name in files:
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise UserError(f"shard '{file}' named in model.safetensors.index.json is missing")
-        try:
-            state.update(load_file(file))
-        except Exception as e:
-            raise UserError(f"cannot read '{file}': {e}") from None
-    return state
-
-
-def save_hf_dir(path: str, hf_config: dict, state: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
-    from safetensors.torch import save_file
-    os.makedirs(path, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(state):
-        nbytes = state[name].numel() * state[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = state[name]
-        size += nbytes
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-
-
-def _hf_layer_names(cfg: GPTConfig, i: int) -> dict[str, str]:
-    """nanospin name -> Hugging Face name for layer i (fused qkv handled separately)."""
-    if cfg.is_gpt2:
-        p = f"h.{i}."
-        return {f"blocks.{i}.norm1.weight": p + "ln_1.weight", f"blocks.{i}.norm1.bias": p + "ln_1.bias",
-                f"blocks.{i}.norm2.weight": p + "ln_2.weight", f"blocks.{i}.norm2.bias": p + "ln_2.bias",
-                f"blocks.{i}.attn.proj.weight": p + "attn.c_proj.weight", f"blocks.{i}.attn.proj.bias": p + "attn.c_proj.bias",
-                f"blocks.{i}.mlp.up.weight": p + "mlp.c_fc.weight", f"blocks.{i}.mlp.up.bias": p + "mlp.c_fc.bias",
-                f"blocks.{i}.mlp.down.weight": p + "mlp.c_proj.weight", f"blocks.{i}.mlp.down.bias": p + "mlp.c_proj.bias"}
-    p = f"model.layers.{i}."
-    names = {f"blocks.{i}.norm1.weight": p + "input_layernorm.weight",
-             f"blocks.{i}.norm2.weight": p + "post_attention_layernorm.weight",
-             f"blocks.{i}.attn.proj.weight": p + "self_attn.o_proj.weight"}
-    for ours, theirs in (("up", "up_proj"), ("gate", "gate_proj"), ("down", "down_proj")):
-        names[f"blocks.{i}.mlp.{ours}.weight"] = p + f"mlp.{theirs}.weight"
-        if cfg.mlp_bias:
-            names[f"blocks.{i}.mlp.{ours}.bias"] = p + f"mlp.{theirs}.bias"
-    if cfg.attn_out_bias:
-        names[f"blocks.{i}.attn.proj.bias"] = p + "self_attn.o_proj.bias"
-    return names
-
-
-def _hf_global_names(cfg: GPTConfig) -> dict[str, str]:
-    if cfg.is_gpt2:
-        names = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "norm_f.weight": "ln_f.weight",
-                 "norm_f.bias": "ln_f.bias"}
-    else:
-        names = {"wte.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}
-    if not cfg.tie_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
-    return names
-
-
-# GPT-2's Conv1D layers store weights as (in, out): transpose to and from nn.Linear's (out, in)
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def hf_state_to_nanospin(hf_state: dict[str, torch.Tensor], cfg: GPTConfig, where: str) -> dict[str, torch.Tensor]:
-    if cfg.is_gpt2:  # checkpoints come with or without the 'transformer.' prefix
-        hf_state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
-    if cfg.tie_embeddings:
-        hf_state.pop("lm_head.weight", None)
-
-    def take(name: str) -> torch.Tensor:
-        if name not in hf_state:
-            raise UserError(f"tensor '{name}' is missing from the checkpoint in '{where}'")
-        t = hf_state.pop(name)
-        return t.t() if cfg.is_gpt2 and name.endswith(_CONV1D) else t
-
-    state = {ours: take(theirs) for ours, theirs in _hf_global_names(cfg).items()}
-    for i in range(cfg.n_layer):
-        state.update({ours: take(theirs) for ours, theirs in _hf_layer_names(cfg, i).items()})
-        if cfg.is_gpt2:
-            state[f"blocks.{i}.attn.qkv.weight"] = take(f"h.{i}.attn.c_attn.weight")
-            state[f"blocks.{i}.attn.qkv.bias"] = take(f"h.{i}.attn.c_attn.bias")
-        else:
-            p = f"model.layers.{i}.self_attn."
-            state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([take(p + f"{x}_proj.weight") for x in "qkv"])
-            if cfg.qkv_bias:
-                state[f"blocks.{i}.attn.qkv.bias"] = torch.cat([take(p + f"{x}_proj.bias") for x in "qkv"])
-    leftover = [k for k in hf_state if not k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))]
-    if leftover:
-        raise UserError(f"checkpoint in '{where}' has tensors nanospin does not use, e.g. '{leftover[0]}'; "
-                        f"is config.json's model_type right?")
-    with torch.device("meta"):
-        expected = GPT(cfg).state_dict()
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            hf_name = {**_hf_global_names(cfg), **{k: v for i in range(cfg.n_layer)
-                                                  for k, v in _hf_layer_names(cfg, i).items()}}.get(name, name)
-            raise UserError(f"tensor '{hf_name}' in '{where}' has shape {tuple(tensor.shape)}, but config.json "
-                            f"implies {tuple(expected[name].shape)}")
-    return state
-
-
-def nanospin_state_to_hf(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    state = dict(state)
-    out = {}
-    for ours, theirs in _hf_global_names(cfg).items():
-        out[theirs] = state[ours]
-    for i in range(cfg.n_layer):
-        for ours, theirs in _hf_layer_names(cfg, i).items():
-            out[theirs] = state[ours]
-        qkv_w = state[f"blocks.{i}.attn.qkv.weight"]
-        if cfg.is_gpt2:
-            out[f"h.{i}.attn.c_attn.weight"] = qkv_w
-            out[f"h.{i}.attn.c_attn.bias"] = state[f"blocks.{i}.attn.qkv.bias"]
-        else:
-            sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
-            p = f"model.layers.{i}.self_attn."
-            for x, w in zip("qkv", qkv_w.split(sizes)):
-                out[p + f"{x}_proj.weight"] = w
-            if cfg.qkv_bias:
-                for x, b in zip("qkv", state[f"blocks.{i}.attn.qkv.bias"].split(sizes)):
-                    out[p + f"{x}_proj.bias"] = b
-    if cfg.is_gpt2:
-        out = {"transformer." + k: (v.t() if k.endswith(_CONV1D) else v) for k, v in out.items()}
-    return out
-
-
-def gpt_config_from_dict(d: dict) -> GPTConfig:
-    """Rebuild a GPTConfig from asdict() output (nanospin checkpoints store it this way)."""
-    known = {f.name for f in fields(GPTConfig)}
-    return GPTConfig(**{k: v for k, v in d.items() if k in known})
-
-
-def gpt_config_to_dict(cfg: GPTConfig) -> dict:
-    return asdict(cfg)
+        """checkpoint.save_model_dir: a Hugging Face directory transformers' AutoModelForCausalLM loads."""
+        from checkpoint import save_model_dir  # checkpoint.py imports this module
+        save_model_dir(path, self.state_dict(), self.config, dtype=dtype, max_shard_bytes=max_shard_bytes)

@@ -81,7 +81,7 @@ def sequence_logps(model, prompts: list[list[int]], responses: list[list[int]], 
     """(B,) fp32 sum of log p(response | prompt) over response tokens (end-of-turn included)."""
     input_ids, targets = collate(prompts, responses, pad_id)  # (B, T), (B, T) with -100 outside responses
     input_ids, targets = input_ids.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-    return model(input_ids, targets, return_logprobs=True).sum(-1)  # (B,)
+    return model.token_logprobs(input_ids, targets).sum(-1)  # (B,)
 
 
 def pair_logps(model, prompts, real, generated, pad_id, device) -> tuple[torch.Tensor, torch.Tensor]:

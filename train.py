@@ -37,16 +37,15 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
 import checkpoint as ckpt
 from configurator import UserError, config_to_json, load_config, run_main
 from data import (BatchOrder, Example, check_answer, examples_from_messages, load_examples, stop_ids, strip_stop,
                   synthetic_split)
-from generate import generate, resolve_model_dir
-from model import GPT, GPTConfig, hf_state_to_nanospin, read_safetensors_dir
+from generate import generate
+from model import ATTENTION_IMPLS, GPT, SCRATCH_MODEL_TYPES, GPTConfig
 from spin import (Pair, RolloutSettings, pair_terms, per_iteration, read_rollouts, rescore, rollout, sequence_logps,
                   spin_metrics, write_rollouts)
 from tokenizer import load_tokenizer
@@ -131,7 +130,7 @@ def check_config(cfg: TrainConfig) -> None:
     choices = {"stage": ("sft", "spin", "sft+spin"), "loss_type": ("sigmoid", "hinge"),
                "optimizer": ("adamw", "rmsprop"), "lr_schedule": ("linear", "cosine", "constant"),
                "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16"),
-               "attention": ("sdpa", "triton"), "model_type": ("gpt2", "llama")}
+               "attention": ATTENTION_IMPLS, "model_type": SCRATCH_MODEL_TYPES}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"config key '{key}' is {getattr(cfg, key)!r}; use one of {allowed}")
@@ -417,7 +416,7 @@ class RunData:
 
 def prepare_data(cfg: TrainConfig) -> RunData:
     """The tokenizer ('auto': the model directory's, or bytes from scratch), the chat template, the examples."""
-    model_dir = None if cfg.init_from == "scratch" else resolve_model_dir(cfg.init_from)
+    model_dir = None if cfg.init_from == "scratch" else ckpt.resolve_model_dir(cfg.init_from)
     tok = load_tokenizer(cfg.tokenizer if cfg.tokenizer != "auto" else (model_dir or "bytes"))
     template = chat_template_for(cfg, model_dir, tok)
     train, val, has_checker = load_data(cfg, tok, template)
@@ -429,10 +428,7 @@ def chat_template_for(cfg: TrainConfig, model_dir: str | None, tok) -> str:
     nanospin.json), else the tokenizer's, else chatml."""
     if cfg.chat_template != "auto":
         return cfg.chat_template
-    nanospin_json = os.path.join(model_dir or "", "nanospin.json")
-    if model_dir and os.path.isfile(nanospin_json):
-        return json.load(open(nanospin_json))["chat_template"]
-    return tok.chat_template or "chatml"
+    return (ckpt.read_chat_template(model_dir) if model_dir else None) or tok.chat_template or "chatml"
 
 
 def load_data(cfg: TrainConfig, tok, template: str) -> tuple[list[Example], list[Example], bool]:
@@ -467,8 +463,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> GPT:
         return GPT(GPTConfig(model_type=cfg.model_type, vocab_size=vocab_size, block_size=cfg.block_size,
                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd,
                              attention=cfg.attention, eos_token_id=eos_id))
-    model = GPT.from_pretrained(resolve_model_dir(cfg.init_from), attention=cfg.attention,
-                                block_size=cfg.block_size or None)
+    model = ckpt.load_pretrained(ckpt.resolve_model_dir(cfg.init_from), attention=cfg.attention,
+                                 block_size=cfg.block_size or None)
     if model.config.vocab_size < vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but the model in '{cfg.init_from}' only "
                         f"{model.config.vocab_size}; use the model's own tokenizer (tokenizer='auto')")
@@ -483,7 +479,8 @@ def place_model(model: GPT, cfg: TrainConfig, rt: Runtime) -> None:
     if rt.fsdp:
         apply_fsdp(model, rt.compute_dtype, cfg.activation_checkpointing, cfg.compile and rt.device.type == "cuda")
     elif cfg.compile and rt.device.type == "cuda":
-        model.compile()
+        for block in model.blocks:  # per block, as under FSDP: model.compile() would cover forward() only
+            block.compile()
 
 
 def apply_fsdp(model: GPT, param_dtype: torch.dtype, activation_checkpointing: bool, compile: bool) -> None:
@@ -498,6 +495,7 @@ def apply_fsdp(model: GPT, param_dtype: torch.dtype, activation_checkpointing: b
         # the last block's parameters are needed again at once by the backward: keep them gathered
         fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.blocks) - 1)
     fully_shard(model, mp_policy=mp)
+    register_fsdp_forward_method(model, "token_logprobs")  # the training forward, besides forward()
 
 
 def make_optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -517,18 +515,12 @@ def model_for_sampling(model: GPT, rt: Runtime) -> GPT:
     if not rt.fsdp and rt.device.type == "cpu":
         return model
     weights = ckpt.full_model_state(model, every_rank=True)
-    with torch.device("meta"):
-        plain = GPT(model.config)
-    plain.load_state_dict({k: v.to(rt.device, rt.compute_dtype) for k, v in weights.items()}, assign=True)
-    if model.config.tie_embeddings:
-        plain.lm_head.weight = plain.wte.weight
-    return plain.eval()
+    return ckpt.model_from_state(model.config, weights, rt.device, rt.compute_dtype).eval()
 
 
 def load_sft_weights(model: GPT, sft_dir: str) -> None:
     """The SFT model exported at the end of SFT, into the (possibly sharded) model."""
-    weights = hf_state_to_nanospin(read_safetensors_dir(sft_dir), model.config, sft_dir)
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    ckpt.load_weights(model, sft_dir)
 
 
 def peak_flops(device: torch.device) -> float | None:

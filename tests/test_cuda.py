@@ -154,7 +154,7 @@ def check_model_attention() -> None:
     outputs = {}
     for impl, model in models.items():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(idx, targets)
+            loss = -model.token_logprobs(idx, targets).mean()  # every target kept: the mean NLL
         loss.backward()
         outputs[impl] = (loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()]))
     assert "_attn_fwd_kernel" in launched, "the model did not use Triton"
@@ -180,10 +180,17 @@ def check_compiled_decode() -> None:
     prompts = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3], [42], [7, 7, 7, 60, 61]]
     eager = generate(model, prompts, 40, temperature=0)
     assert eager == generate_ref(model, prompts, 40)
-    assert generate(model, prompts, 40, temperature=0, compile=True) == eager
-    assert "cuda" in gen._compiled_decode and len(gen._static_cache) == 1
+    caches_in_use = []  # held, so a freed cache's memory cannot come back as a "reused" one
+
+    def record_cache(token):
+        caches_in_use.append(model.kv_caches[0])
+
+    assert generate(model, prompts, 40, temperature=0, compile=True, on_step=record_cache) == eager
+    assert gen.compiled_decode.cache_info().currsize >= 1
     others = [p[::-1] for p in prompts]  # same shapes: replays the captured graph on new inputs
-    assert generate(model, others, 40, temperature=0, compile=True) == generate(model, others, 40, temperature=0)
+    compiled = generate(model, others, 40, temperature=0, compile=True, on_step=record_cache)
+    assert compiled == generate(model, others, 40, temperature=0)
+    assert all(cache is caches_in_use[0] for cache in caches_in_use)
     # bf16: rounding may flip a near-tie, after which the rows rightly differ; up to the first difference
     # the compiled step must give eager's log-probs, and most rows must agree for a good while
     model = model.to(torch.bfloat16)

@@ -183,50 +183,33 @@ def test_logprobs_are_the_unmodified_model_logprobs():
         assert torch.allclose(torch.tensor(lp), expected, atol=1e-4)
 
 
-def test_compiled_decode_step_matches(monkeypatch):
+def test_compiled_decode_step_matches():
     # the eager backend checks that the step is captured as one graph (fullgraph=True raises on a
     # break) without a C++ compile; on the GPU the same function runs with CUDA graphs
-    monkeypatch.setattr(gen, "CPU_COMPILE_BACKEND", "eager")
-    monkeypatch.setattr(gen, "_compiled_decode", {})
+    gen.compiled_decode.cache_clear()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # reset() keeps them; count only this test's graphs
-    monkeypatch.setattr(gen, "_static_cache", {})
     model = tiny_model("llama")
     expected = generate(model, PROMPTS, 10, temperature=0)
-    assert generate(model, PROMPTS, 10, temperature=0, compile=True) == expected
-    assert "cpu" in gen._compiled_decode and model.kv_caches is None
+    caches_in_use = []  # held, so a freed cache's memory cannot come back as a "reused" one
+
+    def record_cache(token):
+        caches_in_use.append(model.kv_caches[0])
+
+    assert generate(model, PROMPTS, 10, temperature=0, compile="eager", on_step=record_cache) == expected
+    assert model.kv_caches is None
     # a second call of the same shape runs on the same cache buffers (CUDA graphs need fixed addresses)
-    (cache,) = gen._static_cache.values()
     others = [p[::-1] for p in PROMPTS]
-    assert generate(model, others, 10, temperature=0, compile=True) == generate(model, others, 10, temperature=0)
-    assert list(gen._static_cache.values()) == [cache]
+    compiled = generate(model, others, 10, temperature=0, compile="eager", on_step=record_cache)
+    assert compiled == generate(model, others, 10, temperature=0)
+    assert all(cache is caches_in_use[0] for cache in caches_in_use)
+    assert gen.compiled_decode.cache_info().currsize == 1
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for every step and call
     torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------------------------
 # loading and the command line
-
-
-def test_resolve_model_dir(tmp_path):
-    def model_dir(sub):
-        os.makedirs(tmp_path / sub)
-        (tmp_path / sub / "config.json").write_text("{}")
-        (tmp_path / sub / "model.safetensors").write_text("")
-
-    for sub in ("hf", "ckpt/model", "out/final", "run/checkpoints/step_00000002/model",
-                "run/checkpoints/step_00000010/model"):
-        model_dir(sub)
-    (tmp_path / "out" / "config.json").write_text("{}")  # a run's own config, not a model
-    (tmp_path / "run" / "config.json").write_text("{}")
-    assert gen.resolve_model_dir(str(tmp_path / "hf")) == str(tmp_path / "hf")
-    assert gen.resolve_model_dir(str(tmp_path / "ckpt")) == str(tmp_path / "ckpt" / "model")
-    assert gen.resolve_model_dir(str(tmp_path / "out")) == str(tmp_path / "out" / "final")
-    assert gen.resolve_model_dir(str(tmp_path / "run")) == str(tmp_path / "run/checkpoints/step_00000010/model")
-    with pytest.raises(UserError, match="does not exist"):
-        gen.resolve_model_dir(str(tmp_path / "missing"))
-    with pytest.raises(UserError, match="holds no model"):
-        gen.resolve_model_dir(str(tmp_path))
 
 
 def saved_chat_model(path) -> None:

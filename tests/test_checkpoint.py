@@ -1,0 +1,228 @@
+"""checkpoint.py: Hugging Face parity in both directions, the one load and save path, broken model
+directories as one-line errors, finding a model directory, nanospin.json, and one-process run
+checkpoints without warnings."""
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+import checkpoint
+from configurator import UserError
+from data import load_tokenizer
+from model import GPT, GPTConfig
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+
+def hf_model(kind: str, tie: bool = False, **extra):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **extra)
+        return transformers.GPT2LMHeadModel(cfg)
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, rope_theta=500.0,
+                  **extra)
+    if kind == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    if kind == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    if kind == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=None, **common))
+    raise ValueError(kind)
+
+
+def randomize(model):
+    # HF initialises norms to 1 and biases to 0: perturb everything so a swapped tensor shows up
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def tiny_gpt(tie: bool = True) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                         tie_embeddings=tie))
+
+
+CASES = [("gpt2", True, {}), ("llama", False, {}), ("llama", True, {}), ("qwen2", False, {}),
+         ("mistral", False, {}),
+         ("llama", False, {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}})]
+CASE_IDS = [f"{k}-tie{t}-{i}" for i, (k, t, _) in enumerate(CASES)]
+IDX = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kind,tie,extra", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("sharded", [False, True])
+def test_load_pretrained_gives_transformers_logits(tmp_path, kind, tie, extra, sharded):
+    ref = randomize(hf_model(kind, tie, **extra)).eval()
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="20KB" if sharded else "5GB")
+    assert os.path.isfile(tmp_path / "hf" / "model.safetensors.index.json") == sharded
+    model = checkpoint.load_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        assert (model(IDX) - ref(IDX).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kind,tie,extra", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("sharded", [False, True])
+def test_save_model_dir_loads_in_transformers_with_the_same_logits(tmp_path, kind, tie, extra, sharded):
+    randomize(hf_model(kind, tie, **extra)).save_pretrained(tmp_path / "hf")
+    model = checkpoint.load_pretrained(str(tmp_path / "hf")).eval()
+    checkpoint.save_model_dir(str(tmp_path / "ours"), model.state_dict(), model.config,
+                              max_shard_bytes=20_000 if sharded else 4 << 30)
+    assert os.path.isfile(tmp_path / "ours" / "model.safetensors.index.json") == sharded
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours")).eval()
+    assert type(back).__name__.lower().startswith(kind)
+    with torch.no_grad():
+        assert (back(IDX).logits - model(IDX)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_model_from_state_builds_the_same_model_with_tied_embeddings_shared(tie):
+    model = tiny_gpt(tie)
+    state = {k: v for k, v in model.state_dict().items() if not (tie and k == "lm_head.weight")}
+    copy = checkpoint.model_from_state(model.config, state)
+    assert (copy.lm_head.weight is copy.wte.weight) == tie
+    idx = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(copy(idx), model(idx))
+    half = checkpoint.model_from_state(model.config, state, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in half.parameters())
+
+
+def test_model_from_state_refuses_a_missing_tensor():
+    model = tiny_gpt()
+    state = {k: v for k, v in model.state_dict().items() if k != "norm_f.weight"}
+    with pytest.raises(UserError, match="missing tensor 'norm_f.weight'"):
+        checkpoint.model_from_state(model.config, state)
+
+
+def test_load_weights_puts_a_directory_into_an_existing_model(tmp_path):
+    saved = tiny_gpt()
+    checkpoint.save_model_dir(str(tmp_path / "m"), saved.state_dict(), saved.config)
+    torch.manual_seed(1)
+    model = GPT(saved.config)
+    checkpoint.load_weights(model, str(tmp_path / "m"))
+    assert model.lm_head.weight is model.wte.weight
+    for (name, got), want in zip(model.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(got, want), name
+
+
+def test_gpt_entry_points_are_the_checkpoint_functions(tmp_path):
+    model = tiny_gpt()
+    model.save_pretrained(str(tmp_path / "m"))
+    loaded = GPT.from_pretrained(str(tmp_path / "m"))
+    assert loaded.config == checkpoint.load_pretrained(str(tmp_path / "m")).config
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_save_model_dir_with_a_tokenizer_writes_the_chat_template(tmp_path):
+    tok = load_tokenizer("bytes")
+    model = tiny_gpt()
+    checkpoint.save_model_dir(str(tmp_path / "m"), model.state_dict(), model.config, tok, "zephyr")
+    assert checkpoint.read_chat_template(str(tmp_path / "m")) == "zephyr"
+    assert load_tokenizer(str(tmp_path / "m")).encode("hi") == tok.encode("hi")
+
+
+# ----------------------------------------------------------------------------------------------
+# broken model directories
+
+
+BROKEN_CONFIGS = {  # config.json change -> the error it must give
+    "unsupported": ({"model_type": "bert"}, "model_type 'bert' is not supported"),
+    "missing-key": ({"hidden_size": None}, "'hidden_size' is missing"),
+    "wrong-shape": ({"intermediate_size": 40}, r"tensor 'model.layers.0.mlp.up_proj.weight' .* has shape"),
+    "missing-tensor": ({"num_hidden_layers": 3}, r"tensor 'model.layers.2.input_layernorm.weight' is missing"),
+    "sliding-window": ({"model_type": "mistral", "sliding_window": 16}, "sliding_window=16 is smaller than the"),
+}
+
+
+@pytest.mark.parametrize("change,message", BROKEN_CONFIGS.values(), ids=BROKEN_CONFIGS.keys())
+def test_a_broken_config_is_a_one_line_error(tmp_path, change, message):
+    hf_model("llama").save_pretrained(tmp_path / "m")
+    cfg_path = tmp_path / "m" / "config.json"
+    hf_config = {**json.loads(cfg_path.read_text()), **change}
+    cfg_path.write_text(json.dumps({k: v for k, v in hf_config.items() if v is not None}))
+    with pytest.raises(UserError, match=message):
+        checkpoint.load_pretrained(str(tmp_path / "m"))
+
+
+def test_pickled_weights_are_never_loaded(tmp_path):
+    hf_model("llama").save_pretrained(tmp_path / "m")
+    os.remove(tmp_path / "m" / "model.safetensors")
+    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(UserError, match="pickled .bin weights are never loaded"):
+        checkpoint.load_pretrained(str(tmp_path / "m"))
+
+
+def test_a_missing_directory_is_a_one_line_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        checkpoint.load_pretrained(str(tmp_path / "nope"))
+
+
+# ----------------------------------------------------------------------------------------------
+# finding a model directory, nanospin.json
+
+
+def test_resolve_model_dir(tmp_path):
+    def model_dir(sub):
+        os.makedirs(tmp_path / sub)
+        (tmp_path / sub / "config.json").write_text("{}")
+        (tmp_path / sub / "model.safetensors").write_text("")
+
+    for sub in ("hf", "ckpt/model", "out/final", "run/checkpoints/step_00000002/model",
+                "run/checkpoints/step_00000010/model"):
+        model_dir(sub)
+    (tmp_path / "out" / "config.json").write_text("{}")  # a run's own config, not a model
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert checkpoint.resolve_model_dir(str(tmp_path / "hf")) == str(tmp_path / "hf")
+    assert checkpoint.resolve_model_dir(str(tmp_path / "ckpt")) == str(tmp_path / "ckpt" / "model")
+    assert checkpoint.resolve_model_dir(str(tmp_path / "out")) == str(tmp_path / "out" / "final")
+    assert checkpoint.resolve_model_dir(str(tmp_path / "run")) == str(tmp_path / "run/checkpoints/step_00000010/model")
+    with pytest.raises(UserError, match="does not exist"):
+        checkpoint.resolve_model_dir(str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="holds no model"):
+        checkpoint.resolve_model_dir(str(tmp_path))
+
+
+def test_read_chat_template(tmp_path):
+    assert checkpoint.read_chat_template(str(tmp_path)) is None
+    (tmp_path / "nanospin.json").write_text(json.dumps({"chat_template": "llama3", "tokenizer": "bytes"}))
+    assert checkpoint.read_chat_template(str(tmp_path)) == "llama3"
+
+
+def test_a_bad_nanospin_json_is_a_one_line_error_naming_file_and_line(tmp_path):
+    (tmp_path / "nanospin.json").write_text('{\n  "chat_template": "llama3",\n}\n')
+    with pytest.raises(UserError, match=r"nanospin\.json:3: invalid JSON") as error:
+        checkpoint.read_chat_template(str(tmp_path))
+    assert "\n" not in str(error.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# run checkpoints
+
+
+def test_a_one_process_checkpoint_saves_and_loads_without_warnings(tmp_path):
+    model = tiny_gpt()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.token_logprobs(torch.randint(0, 300, (2, 8)), torch.randint(0, 300, (2, 8))).sum().backward()
+    optimizer.step()
+    tok = load_tokenizer("bytes")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = checkpoint.save_checkpoint(str(tmp_path), 3, model, optimizer, {"step": 3}, model.config, tok,
+                                          "chatml", None, rank=0)
+        torch.manual_seed(1)
+        resumed = GPT(model.config)
+        resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-3)
+        state = checkpoint.load_checkpoint(path, resumed, resumed_optimizer, resumed.config)
+    assert [str(w.message) for w in caught] == []
+    assert state["step"] == 3  # it did save and load
+    exp_avg = [opt.state_dict()["state"][0]["exp_avg"] for opt in (optimizer, resumed_optimizer)]
+    assert torch.equal(*exp_avg)
