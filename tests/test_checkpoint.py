@@ -11,7 +11,7 @@ import torch
 
 import checkpoint
 from configurator import UserError
-from data import load_tokenizer
+from tokenizer import load_tokenizer
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
