@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from configurator import UserError
-from data import resolve_template
+from templates import ChatFormat, chat_format, format_config, resolve_template
 from tokenizer import Tokenizer, load_tokenizer
 from model import GPT, SUPPORTED_MODEL_TYPES, GPTConfig
 
@@ -335,8 +335,9 @@ def resolve_model_dir(path: str) -> str:
                     f"checkpoint directory or a run's out_dir>")
 
 
-def read_chat_template(model_dir: str) -> str | None:
-    """The chat template named in <model_dir>/nanospin.json, or None when there is none."""
+def read_chat_template(model_dir: str) -> str | dict | None:
+    """The chat template (a name or a dict, see templates.py) in <model_dir>/nanospin.json, or None when there is
+    none."""
     file = os.path.join(model_dir, "nanospin.json")
     if not os.path.isfile(file):
         return None
@@ -389,8 +390,8 @@ def pick_device(device: str) -> str:
 
 
 def load_for_chat(path: str, device: str = "auto",
-                  dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer, str]:
-    """-> (model, tokenizer, chat template name) for a model dir, checkpoint or out_dir. The template
+                  dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer, ChatFormat]:
+    """-> (model, tokenizer, chat template) for a model dir, checkpoint or out_dir. The template
     comes from nanospin.json's 'chat_template' if present, else the tokenizer's own, else 'chatml' if
     the tokenizer has its special tokens, else 'plain'. dtype None: bf16 on a GPU that supports it,
     fp32 otherwise."""
@@ -401,7 +402,9 @@ def load_for_chat(path: str, device: str = "auto",
     model = load_pretrained(model_dir, dtype=dtype).to(device).eval()
     tok = load_tokenizer(model_dir)
     template = read_chat_template(model_dir) or read_chat_template(path)
-    return model, tok, template or resolve_template(tok, "auto")
+    if template:
+        return model, tok, chat_format(template, os.path.join(model_dir, "nanospin.json"))
+    return model, tok, resolve_template(tok, "auto")
 
 
 def full_model_state(model, every_rank: bool = False) -> dict[str, torch.Tensor]:
@@ -413,7 +416,7 @@ def full_model_state(model, every_rank: bool = False) -> dict[str, torch.Tensor]
 
 
 def save_model_dir(path: str, state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer: Tokenizer | None = None,
-                   chat_template: str | None = None, dtype: torch.dtype | None = None,
+                   chat_template: ChatFormat | str | None = None, dtype: torch.dtype | None = None,
                    max_shard_bytes: int = 4 << 30) -> None:
     """A Hugging Face model directory (config.json + safetensors, sharded above max_shard_bytes) that
     transformers' AutoModelForCausalLM loads as it is; with a tokenizer, also the tokenizer's files and
@@ -425,10 +428,11 @@ def save_model_dir(path: str, state: dict[str, torch.Tensor], cfg: GPTConfig, to
     if tokenizer is not None:
         tokenizer.save(path)
         with open(os.path.join(path, "nanospin.json"), "w") as f:
-            json.dump({"chat_template": chat_template, "tokenizer": tokenizer.name}, f, indent=2)
+            template = format_config(chat_format(chat_template)) if chat_template else None
+            json.dump({"chat_template": template, "tokenizer": tokenizer.name}, f, indent=2, ensure_ascii=False)
 
 
-def export_model(path: str, model, cfg: GPTConfig, tokenizer, chat_template: str, rank: int) -> None:
+def export_model(path: str, model, cfg: GPTConfig, tokenizer, chat_template: ChatFormat | str, rank: int) -> None:
     """Rank 0 writes the full weights to `path` atomically (temporary directory, then rename)."""
     state = full_model_state(model)
     if rank == 0:
@@ -466,7 +470,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, cfg: GPTConfig, tokenizer,
-                    chat_template: str, rollouts_path: str | None, rank: int, keep: int = 2) -> str:
+                    chat_template: ChatFormat | str, rollouts_path: str | None, rank: int, keep: int = 2) -> str:
     """Write checkpoint `step` (all ranks call this) and return its path."""
     root = os.path.join(out_dir, CHECKPOINTS)
     final = os.path.join(root, f"step_{step:08d}")

@@ -68,6 +68,10 @@ def check_value(key: str, value: Any, tp) -> Any:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key '{key}' must be a list, got {value!r}")
         return [check_value(key, v, item_tp) for v in value]
+    if tp is dict or origin is dict:  # a dict-valued key (chat_template) checks its own fields
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise UserError(f"config key '{key}' must be a dict with string keys, got {value!r}")
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, bool):

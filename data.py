@@ -1,8 +1,11 @@
-"""Data: chat templates, chat datasets, SPIN batches and the synthetic demo task.
+"""Data: chat datasets, SPIN batches and the synthetic demo task (chat templates: templates.py).
 
 Design choices:
-- Special-token text inside content stays text: only the templates insert control tokens (the tokenizers
-  themselves live in tokenizer.py).
+- Every record format becomes one list of messages whose last turn, the assistant's, is the real response and
+  whose earlier turns are its prompt: OpenAI/UltraChat `messages`, SPIN's `real` (+ its `generated` y'), NeMo's and
+  ShareGPT's `conversations`. NeMo's `mask` names the untrained speaker, which must be the user: NeMo-Aligner's
+  SPIN also takes everything before the last unmasked (assistant) turn as the prompt and that turn as the answer.
+- Speakers are mapped by the role they name, also inside header strings ('<|start_header_id|>user<|end_header_id|>').
 - A response ENDS WITH its end-of-turn token, so loss and log-probs cover it; collate's targets mask
   exactly the response tokens (end-of-turn included; prompt and padding are -100).
 - Bad records raise UserError naming file:line; truncation and skips are counted, never silent.
@@ -23,113 +26,10 @@ import numpy as np
 import torch
 
 from configurator import UserError
+# the chat templates live in templates.py; data's callers have always found these here
+from templates import (ROLES, TEMPLATES, ChatFormat, chat_format, end_of_turn_id, message_error,  # noqa: F401
+                       render_prompt, render_response, resolve_template, response_text, stop_ids, strip_stop)
 from tokenizer import Tokenizer
-
-# -----------------------------------------------------------------------------
-# Chat templates: a turn is a list of parts, text (str) or special-token ids (int); Tokenizer.encode_parts gives the
-# ids Hugging Face gives the joined string (each text segment between specials encoded on its own, with its own
-# SentencePiece dummy prefix), and a response is encoded as the text that follows its prompt's header.
-
-TEMPLATES = ("chatml", "llama3", "zephyr", "plain")
-ROLES = ("system", "user", "assistant")
-
-
-def _check_template(tok: Tokenizer, template: str) -> None:
-    if template not in TEMPLATES:
-        raise UserError(f"unknown chat_template '{template}'; choose one of {', '.join(TEMPLATES)}")
-    needs = {"chatml": ["<|im_start|>", "<|im_end|>"],
-             "llama3": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
-    missing = [s for s in needs.get(template, []) if s not in tok.specials]
-    if missing:
-        raise UserError(f"chat_template '{template}' needs special tokens {missing} that tokenizer "
-                        f"'{tok.name}' lacks; choose a template it supports (e.g. 'plain')")
-
-
-def end_of_turn_id(tok: Tokenizer, template: str) -> int:
-    _check_template(tok, template)
-    name = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "zephyr": "</s>"}.get(template)
-    return tok.specials.get(name, tok.eos_id) if name else tok.eos_id
-
-
-def _header(tok: Tokenizer, template: str, role: str) -> list[str | int]:
-    sp = tok.specials
-    if template == "chatml":
-        return [sp["<|im_start|>"], f"{role}\n"]
-    if template == "llama3":
-        return [sp["<|start_header_id|>"], role, sp["<|end_header_id|>"], "\n\n"]
-    if template == "zephyr":  # role markers stay text for tokenizers that lack them, as in zephyr itself
-        return [sp.get(f"<|{role}|>", f"<|{role}|>"), "\n"]
-    return [f"{role.capitalize()}: "]
-
-
-def _turn(tok: Tokenizer, template: str, role: str, content: str) -> list[str | int]:
-    eot = end_of_turn_id(tok, template)
-    if template == "llama3":  # Llama-3's own template trims every message
-        return _header(tok, template, role) + [content.strip(), eot]
-    if template == "plain" and role != "assistant":  # plain ends only assistant turns with eos
-        return _header(tok, template, role) + [content + "\n"]
-    return _header(tok, template, role) + [content, eot, "\n"]
-
-
-def _message_error(m, where: str) -> str | None:
-    """Why m is not a chat message {'role': one of ROLES, 'content': str}, or None if it is one."""
-    if not isinstance(m, dict):
-        return f"{where} must be an object with 'role' and 'content'"
-    if m.get("role") not in ROLES:
-        return f"{where}: unknown role {m.get('role')!r} (use {', '.join(ROLES)})"
-    if not isinstance(m.get("content"), str):
-        return f"{where}: content must be a string, got {type(m.get('content')).__name__}"
-    return None
-
-
-def render_prompt(tok: Tokenizer, messages: list[dict], template: str) -> list[int]:
-    """The conversation so far (no final assistant turn), ending with the assistant header."""
-    _check_template(tok, template)
-    for i, m in enumerate(messages):
-        if (error := _message_error(m, f"message {i}")) is not None:
-            raise UserError(error)
-    parts = [tok.specials["<|begin_of_text|>"]] if template == "llama3" else []
-    for m in messages:
-        parts += _turn(tok, template, m["role"], m["content"])
-    return tok.encode_parts(parts + _header(tok, template, "assistant"))
-
-
-def render_response(tok: Tokenizer, text: str, template: str) -> list[int]:
-    """The assistant's content followed by the end-of-turn token (part of what the model learns), encoded as
-    the text that follows the assistant header (no SentencePiece dummy prefix when the header ends in text)."""
-    content = text.strip() if template == "llama3" else text
-    return tok.encode_parts([content, end_of_turn_id(tok, template)], after=_header(tok, template, "assistant"))
-
-
-def response_text(tok: Tokenizer, ids: list[int], template: str) -> str:
-    """The text of a response's ids (stop tokens already removed): what render_response encodes back to them."""
-    return tok.decode(ids, after=_header(tok, template, "assistant"))
-
-
-def stop_ids(tok: Tokenizer, template: str) -> list[int]:
-    """Ids that end a generated turn: the template's end-of-turn and the tokenizer's eos."""
-    return sorted({end_of_turn_id(tok, template), tok.eos_id})
-
-
-def strip_stop(tok: Tokenizer, ids: list[int], template: str) -> list[int]:
-    """The response ids before the first stop id (what follows a stop is not part of the turn)."""
-    stops = set(stop_ids(tok, template))
-    ids = list(ids)
-    for i, token in enumerate(ids):
-        if token in stops:
-            return ids[:i]
-    return ids
-
-
-def resolve_template(tok: Tokenizer, template: str) -> str:
-    """'auto' -> the template recognised for the tokenizer, else chatml if it has its tokens, else plain."""
-    if template != "auto":
-        _check_template(tok, template)
-        return template
-    if tok.chat_template:
-        return tok.chat_template
-    return "chatml" if {"<|im_start|>", "<|im_end|>"} <= tok.specials.keys() else "plain"
-
 
 # -----------------------------------------------------------------------------
 # Datasets
@@ -191,7 +91,7 @@ def _messages(value, what: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise InvalidRecord(f"'{what}' must be a non-empty list of messages")
     for i, m in enumerate(value):
-        if (error := _message_error(m, f"{what}[{i}]")) is not None:
+        if (error := message_error(m, f"{what}[{i}]")) is not None:
             raise InvalidRecord(error)
         try:
             m["content"].encode("utf-8")
@@ -205,7 +105,39 @@ def _messages(value, what: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-NEMO_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+SPEAKERS = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+
+
+def speaker_role(name) -> str | None:
+    """The role a NeMo or ShareGPT speaker names ('User', 'human', 'gpt', ...), also inside a header string
+    ('<|start_header_id|>user<|end_header_id|>', as NeMo-Aligner's Llama-3 data names speakers); None if none."""
+    return SPEAKERS.get(re.sub(r"<[^<>]*>", "", name).strip().lower()) if isinstance(name, str) else None
+
+
+def _conversation_messages(record: dict) -> list[dict]:
+    """NeMo's {"system", "mask", "conversations": [{"from", "value"}]} or ShareGPT's {"conversations": [...]}."""
+    turns, system, mask = record["conversations"], record.get("system"), record.get("mask")
+    if not isinstance(turns, list):
+        raise InvalidRecord("'conversations' must be a list of {\"from\", \"value\"} objects")
+    if system is not None and not isinstance(system, str):
+        raise InvalidRecord(f"'system' must be a string, got {type(system).__name__}")
+    if mask is not None and speaker_role(mask) != "user":
+        raise InvalidRecord(f"'mask' is {mask!r}, not the user: SPIN trains the last assistant turn on all the turns "
+                            f"before it, so the speaker whose turns are not trained must be the user")
+    converted = [{"role": "system", "content": system}] if system else []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("from"), str):
+            raise InvalidRecord(f"conversations[{i}] must be an object with 'from' and 'value'")
+        role = speaker_role(t["from"])
+        if role is None:
+            raise InvalidRecord(f"conversations[{i}]: unknown speaker {t['from']!r} (use User, Assistant, System; "
+                                f"human, gpt, system; or a header string naming one of them)")
+        if not isinstance(t.get("value"), str):
+            raise InvalidRecord(f"conversations[{i}]: value must be a string, got {type(t.get('value')).__name__}")
+        if t.get("label") is not None:
+            raise InvalidRecord(f"conversations[{i}]: a SteerLM 'label', which nanospin does not render; remove it")
+        converted.append({"role": role, "content": t["value"]})
+    return _messages(converted, "conversations")
 
 
 def record_conversation(record) -> tuple[list[dict], str | None]:
@@ -228,27 +160,10 @@ def record_conversation(record) -> tuple[list[dict], str | None]:
                 raise InvalidRecord("'generated' has a different prompt from 'real'")
             generated = gen[-1]["content"]
     elif "conversations" in record:
-        turns = record["conversations"]
-        if not isinstance(turns, list):
-            raise InvalidRecord("'conversations' must be a list of {\"from\", \"value\"} objects")
-        system = record.get("system")
-        if system is not None and not isinstance(system, str):
-            raise InvalidRecord(f"'system' must be a string, got {type(system).__name__}")
-        converted = [{"role": "system", "content": system}] if system else []
-        for i, t in enumerate(turns):
-            if not isinstance(t, dict) or not isinstance(t.get("from"), str):
-                raise InvalidRecord(f"conversations[{i}] must be an object with 'from' and 'value'")
-            role = NEMO_ROLES.get(t["from"].lower())
-            if role is None:
-                raise InvalidRecord(f"conversations[{i}]: unknown speaker {t['from']!r} "
-                                    f"(use User, Assistant or System)")
-            if not isinstance(t.get("value"), str):
-                raise InvalidRecord(f"conversations[{i}]: value must be a string, got {type(t.get('value')).__name__}")
-            converted.append({"role": role, "content": t["value"]})
-        messages, generated = _messages(converted, "conversations"), None
+        messages, generated = _conversation_messages(record), None
     else:
         raise InvalidRecord(f"unrecognised record with keys {sorted(record)[:6]}: expected 'messages' "
-                            f"(OpenAI/UltraChat), 'real' (SPIN) or 'conversations' (NeMo)")
+                            f"(OpenAI/UltraChat), 'real' (SPIN) or 'conversations' (NeMo, ShareGPT)")
     if not messages[-1]["content"].strip():
         raise InvalidRecord("empty assistant response")
     return messages, generated
@@ -307,12 +222,13 @@ def _json_list_records(path: str, data: bytes):
         pos = skip(pos + 1)
 
 
-def _tokenize(conversations, tok: Tokenizer, template: str, max_len: int, max_prompt_len: int,
+def _tokenize(conversations, tok: Tokenizer, template: ChatFormat | str, max_len: int, max_prompt_len: int,
               skip_invalid: bool, stats: DataStats) -> list[Example]:
     """Validate, render and truncate (source, record-or-messages, read-error) triples."""
     if max_len < 2 or max_prompt_len < 1:
         raise UserError(f"max_len ({max_len}) must be >= 2 and max_prompt_len ({max_prompt_len}) >= 1")
-    _check_template(tok, template)
+    template = chat_format(template)
+    end_of_turn_id(tok, template)  # a template the tokenizer cannot render fails before any record
     examples = []
     for source, record, error in conversations:
         stats.n_read += 1
@@ -346,7 +262,7 @@ def _tokenize(conversations, tok: Tokenizer, template: str, max_len: int, max_pr
     return examples
 
 
-def load_examples(path: str, tok: Tokenizer, template: str, max_len: int, max_prompt_len: int,
+def load_examples(path: str, tok: Tokenizer, template: ChatFormat | str, max_len: int, max_prompt_len: int,
                   skip_invalid: bool = False) -> tuple[list[Example], DataStats]:
     """Read a .jsonl (or .json list) chat dataset into tokenized, truncated examples."""
     if not os.path.isfile(path):
@@ -363,7 +279,7 @@ def load_examples(path: str, tok: Tokenizer, template: str, max_len: int, max_pr
     return examples, stats
 
 
-def examples_from_messages(convs: list[list[dict]], tok: Tokenizer, template: str, max_len: int,
+def examples_from_messages(convs: list[list[dict]], tok: Tokenizer, template: ChatFormat | str, max_len: int,
                            max_prompt_len: int, source: str = "synthetic") -> tuple[list[Example], DataStats]:
     """Conversations in memory (each a messages list ending with the assistant's response)."""
     records = ((f"{source}:{i}", {"messages": conv}, None) for i, conv in enumerate(convs))

@@ -282,19 +282,21 @@ class GenerateConfig:
     seed: int | None = None
     device: str = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
     dtype: str = "auto"  # 'auto' (bf16 on a GPU, fp32 on the CPU) | 'float32' | 'bfloat16' | 'float16'
-    chat_template: str | None = None  # override the template found with the model
+    chat_template: str | dict | None = None  # override the template found with the model (a name or a dict, see README)
     compile: bool = False  # torch.compile the decode step (worth it on a GPU for long answers)
 
 
-def stream_answer(model: GPT, tok, prompt_ids: list[int], cfg: GenerateConfig, stop: list[int],
+def stream_answer(model: GPT, tok, prompt_ids: list[int], cfg: GenerateConfig, template, stop: list[int],
                   seed: int | None) -> list[int]:
     """Generate one answer (batch 1), printing the text as it grows; returns the new tokens."""
+    from templates import response_text
+
     ids: list[int] = []
     printed = ""
 
     def text_of(tokens: list[int]) -> str:
-        # ids past the tokenizer (a vocabulary padded for speed) and stop ids have no text to show
-        return tok.decode([t for t in tokens if t not in stop and t < tok.n_vocab])
+        # ids past the tokenizer (a vocabulary padded for speed) have no text to show
+        return response_text(tok, [t for t in tokens if t < tok.n_vocab], template)
 
     def on_step(token: torch.Tensor) -> None:
         nonlocal printed
@@ -317,20 +319,20 @@ def stream_answer(model: GPT, tok, prompt_ids: list[int], cfg: GenerateConfig, s
 
 
 def main(argv: list[str]) -> None:
-    from data import render_prompt, stop_ids, strip_stop
+    from templates import render_prompt, resolve_template, response_text, stop_ids
 
     cfg = parse_args(argv)
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype, None)
     if cfg.dtype != "auto" and not isinstance(dtype, torch.dtype):
         raise UserError(f"dtype='{cfg.dtype}' is unknown; use auto, float32, bfloat16 or float16")
     model, tok, template = load_for_chat(cfg.model, cfg.device, dtype)
-    template = cfg.chat_template or template
+    template = resolve_template(tok, cfg.chat_template) if cfg.chat_template else template
     stop = stop_ids(tok, template)
     if cfg.prompt is not None:
         prompt_ids = render_prompt(tok, [{"role": "user", "content": cfg.prompt}], template)
-        stream_answer(model, tok, prompt_ids, cfg, stop, cfg.seed)
+        stream_answer(model, tok, prompt_ids, cfg, template, stop, cfg.seed)
         return
-    print(f"chatting with {cfg.model} (template '{template}'); 'exit' or Ctrl-D to quit", file=sys.stderr)
+    print(f"chatting with {cfg.model} (template '{template.name}'); 'exit' or Ctrl-D to quit", file=sys.stderr)
     messages: list[dict] = []
     turn = 0
     while True:
@@ -347,13 +349,13 @@ def main(argv: list[str]) -> None:
         try:
             prompt_ids = render_prompt(tok, messages, template)
             seed = None if cfg.seed is None else cfg.seed + turn
-            new = stream_answer(model, tok, prompt_ids, cfg, stop, seed)
+            new = stream_answer(model, tok, prompt_ids, cfg, template, stop, seed)
         except UserError as e:  # e.g. the history outgrew the context: say so, keep the session
             print(f"error: {e}", file=sys.stderr)
             messages.pop()
             continue
-        answer = [t for t in strip_stop(tok, new, template) if t < tok.n_vocab]
-        messages.append({"role": "assistant", "content": tok.decode(answer)})
+        messages.append({"role": "assistant",
+                         "content": response_text(tok, [t for t in new if t < tok.n_vocab], template)})
         turn += 1
 
 

@@ -215,15 +215,16 @@ def rescore(model, pairs: list[Pair], settings: RolloutSettings) -> list[Pair]:
 # rollout files
 
 
-def write_rollouts(path: str, pairs: list[Pair], decode) -> None:
-    """JSONL, one pair per line: texts for people, ids and log-probs for an exact resume.
-    Written to a temporary file and renamed, so a kill never leaves half a file."""
+def write_rollouts(path: str, pairs: list[Pair], decode, decode_response=None) -> None:
+    """JSONL, one pair per line: texts for people (responses by decode_response, default decode), ids and
+    log-probs for an exact resume. Written to a temporary file and renamed, so a kill never leaves half a file."""
+    decode_response = decode_response or decode
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         for p in pairs:
-            record = {"source": p.source, "prompt": decode(p.prompt_ids), "real": decode(p.real_ids),
-                      "generated": decode(p.generated_ids), "prompt_tokens": len(p.prompt_ids),
+            record = {"source": p.source, "prompt": decode(p.prompt_ids), "real": decode_response(p.real_ids),
+                      "generated": decode_response(p.generated_ids), "prompt_tokens": len(p.prompt_ids),
                       "real_tokens": len(p.real_ids), "generated_tokens": len(p.generated_ids), "eos": p.eos,
                       "opponent_real_logp": p.opponent_real_logp,
                       "opponent_generated_logp": p.opponent_generated_logp,

@@ -29,13 +29,14 @@ import re
 import shutil
 import struct
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
 import tiktoken
 
 from configurator import UserError
+from templates import recognise_template
 
 # Special tokens of every chat template, in id order after the 256 bytes of the 'bytes' tokenizer
 # (and after the vocabulary of tiktoken's named encodings, for those they lack).
@@ -233,11 +234,12 @@ class Tokenizer:
     name: str  # what load_tokenizer was given
     eos_id: int
     specials: dict[str, int]  # special (and added) token text -> id
-    chat_template: str | None = None  # the template recognised in a Hugging Face directory
+    chat_template: str | dict | None = None  # the template recognised in a Hugging Face directory (templates.py)
     kind: str = "bpe"  # 'bytes' | 'tiktoken' (a named encoding) | 'bpe' (byte-level, ranks = ids) | 'sentencepiece'
     pipeline: TextPipeline = field(default_factory=TextPipeline)
     rank_ids: RankIds | None = None
     source_files: tuple = ()  # files copied along by save() (a SentencePiece tokenizer is rebuilt from them)
+    added_specials: tuple = ()  # specials add_special_tokens put after the vocabulary its files define
 
     def encode(self, text: str, after: list[str | int] | tuple = ()) -> list[int]:
         """Ids of text as the tokenizers library gives them (add_special_tokens=False), special-token text kept as
@@ -285,6 +287,21 @@ class Tokenizer:
                 except KeyError:
                     pieces.append("\ufffd".encode())
             return b"".join(pieces).decode("utf-8", errors="replace")
+
+    def special_parts(self, text: str) -> list[str | int]:
+        """A chat template's own text (never content) cut at this tokenizer's special tokens, their ids between the
+        text pieces."""
+        parts: list[str | int] = []
+        done = 0
+        for match in self._special_pattern.finditer(text) if self._special_pattern else ():
+            parts += [text[done:match.start()]] if match.start() > done else []
+            parts.append(self.specials[match.group()])
+            done = match.end()
+        return parts + ([text[done:]] if done < len(text) else [])
+
+    @cached_property
+    def _special_pattern(self) -> re.Pattern | None:
+        return _alternation(self.specials)
 
     @property
     def n_vocab(self) -> int:
@@ -342,7 +359,7 @@ class Tokenizer:
         """Write what load_tokenizer(directory) needs to rebuild this same tokenizer."""
         os.makedirs(directory, exist_ok=True)
         meta = {"format": "nanospin-tokenizer-1", "kind": self.kind, "name": self.name,
-                "eos_id": self.eos_id, "chat_template": self.chat_template}
+                "eos_id": self.eos_id, "chat_template": self.chat_template, "added_specials": list(self.added_specials)}
         if self.kind == "bpe":
             ranks = self.enc._mergeable_ranks  # tiktoken keeps no public accessor for these
             with open(os.path.join(directory, SAVED_RANKS_FILE), "wb") as f:
@@ -357,8 +374,23 @@ class Tokenizer:
             dst = os.path.join(directory, os.path.basename(src))
             if os.path.isfile(src) and not (os.path.exists(dst) and os.path.samefile(src, dst)):
                 shutil.copyfile(src, dst)
+        self._add_to_tokenizer_json(directory)
         with open(os.path.join(directory, SAVED_TOKENIZER_FILE), "w") as f:
             json.dump(meta, f, indent=1, ensure_ascii=False)
+
+    def _add_to_tokenizer_json(self, directory: str) -> None:
+        """The added specials also in a copied tokenizer.json, so Hugging Face's tokenizer of the saved directory has
+        them too (a SentencePiece tokenizer rebuilt from it then finds them there)."""
+        path = os.path.join(directory, "tokenizer.json")
+        if not self.added_specials or not os.path.isfile(path):
+            return
+        spec = _read_json(path, "tokenizer.json")
+        present = {t.get("content") for t in spec.get("added_tokens") or []}
+        spec["added_tokens"] = (spec.get("added_tokens") or []) + [
+            {"id": self.specials[s], "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True} for s in self.added_specials if s not in present]
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(spec, f, ensure_ascii=False)
 
 
 def _steps_to_json(steps: tuple) -> list:
@@ -367,6 +399,24 @@ def _steps_to_json(steps: tuple) -> list:
 
 def _steps_from_json(steps: list) -> tuple:
     return tuple(tuple(re.compile(a["regex"]) if isinstance(a, dict) else a for a in step) for step in steps)
+
+
+def add_special_tokens(tok: Tokenizer, contents) -> Tokenizer:
+    """tok with the `contents` it lacks as special tokens after its vocabulary (ids n_vocab, n_vocab + 1, ...): chat
+    markers a model's tokenizer lacks (ChatML's on GPT-2), for which the model's embeddings must grow."""
+    new = [c for c in dict.fromkeys(contents) if c not in tok.specials]
+    if not new:
+        return tok
+    ids = {c: tok.n_vocab + i for i, c in enumerate(new)}
+    pipeline = replace(tok.pipeline, added=tok.pipeline.added + tuple(AddedToken(c, i) for c, i in ids.items()))
+    enc, rank_ids = tok.enc, tok.rank_ids
+    if rank_ids is not None:  # SentencePiece style: tiktoken never sees specials; decode reads id_bytes
+        rank_ids = replace(rank_ids, id_bytes=rank_ids.id_bytes + [c.encode() for c in new])
+    else:
+        enc = tiktoken.Encoding(enc.name, pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks,
+                                special_tokens={**enc._special_tokens, **ids})
+    return replace(tok, enc=enc, specials={**tok.specials, **ids}, pipeline=pipeline, rank_ids=rank_ids,
+                   added_specials=tok.added_specials + tuple(new))
 
 
 # -----------------------------------------------------------------------------
@@ -527,19 +577,6 @@ def _hf_eos(path: str, config: dict, specials: dict[str, int]) -> int:
         raise UserError(f"{path}: cannot tell the end-of-text token; add \"eos_token\" to "
                         f"{os.path.join(os.path.dirname(os.path.abspath(path)), 'tokenizer_config.json')}")
     return specials[eos]
-
-
-def recognise_template(jinja: str | None) -> str | None:
-    """Which of our templates a Hugging Face chat_template (Jinja text) renders, if recognisable."""
-    if not jinja:
-        return None
-    if "<|im_start|>" in jinja:
-        return "chatml"
-    if "<|start_header_id|>" in jinja:
-        return "llama3"
-    if "<|user|>" in jinja and "<|assistant|>" in jinja:
-        return "zephyr"
-    return None
 
 
 def _hf_chat_template(directory: str, config: dict) -> str | None:
@@ -1008,23 +1045,26 @@ def saved_tokenizer(directory: str) -> Tokenizer:
     """A directory written by Tokenizer.save."""
     meta = _read_json(os.path.join(directory, SAVED_TOKENIZER_FILE), SAVED_TOKENIZER_FILE)
     if meta.get("kind") == "bytes":
-        return bytes_tokenizer()
-    if meta.get("kind") == "tiktoken":
-        return named_tokenizer(meta["name"])
-    if meta.get("kind") == "sentencepiece":
+        tok = bytes_tokenizer()
+    elif meta.get("kind") == "tiktoken":
+        tok = named_tokenizer(meta["name"])
+    elif meta.get("kind") == "sentencepiece":
         source = os.path.join(directory, meta["source"])
         tok = hf_tokenizer(source) if source.endswith(".json") else sentencepiece_model_tokenizer(source)
         tok.name, tok.eos_id, tok.chat_template = directory, int(meta["eos_id"]), meta.get("chat_template")
-        return tok
-    ranks = read_tiktoken_ranks(os.path.join(directory, meta["ranks_file"]))
-    specials = {k: int(v) for k, v in meta["specials"].items()}
-    enc = _encoding(os.path.join(directory, SAVED_TOKENIZER_FILE), meta["pat_str"], ranks, specials)
-    added = tuple(AddedToken(**t) for t in meta.get("added_tokens", ()))
-    added += tuple(AddedToken(s, specials[s], special=False) for s in meta.get("added_text_tokens", ()))  # older files
-    normalizers = _steps_from_json(meta.get("normalizers", [["NFC"]] if meta.get("normalization") else []))
-    return Tokenizer(enc=enc, name=directory, eos_id=int(meta["eos_id"]), specials=specials,
-                     chat_template=meta.get("chat_template"), source_files=_hf_files(directory),
-                     pipeline=TextPipeline(normalizers=normalizers, added=added))
+    else:
+        ranks = read_tiktoken_ranks(os.path.join(directory, meta["ranks_file"]))
+        specials = {k: int(v) for k, v in meta["specials"].items()}
+        enc = _encoding(os.path.join(directory, SAVED_TOKENIZER_FILE), meta["pat_str"], ranks, specials)
+        added = tuple(AddedToken(**t) for t in meta.get("added_tokens", ()))
+        added += tuple(AddedToken(s, specials[s], special=False) for s in meta.get("added_text_tokens", ()))  # older
+        normalizers = _steps_from_json(meta.get("normalizers", [["NFC"]] if meta.get("normalization") else []))
+        tok = Tokenizer(enc=enc, name=directory, eos_id=int(meta["eos_id"]), specials=specials,
+                        chat_template=meta.get("chat_template"), source_files=_hf_files(directory),
+                        pipeline=TextPipeline(normalizers=normalizers, added=added))
+    added_specials = tuple(meta.get("added_specials", ()))
+    # kinds rebuilt from their files or names get them again, with the same ids
+    return replace(add_special_tokens(tok, added_specials), added_specials=added_specials)
 
 
 def _model_file_tokenizer(path: str, pattern: str | None) -> Tokenizer:

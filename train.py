@@ -23,6 +23,7 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -42,13 +43,13 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 from configurator import UserError, config_to_json, load_config, run_main
-from data import (BatchOrder, Example, check_answer, examples_from_messages, load_examples, stop_ids, strip_stop,
-                  synthetic_split)
+from data import BatchOrder, Example, check_answer, examples_from_messages, load_examples, synthetic_split
 from generate import generate
 from model import ATTENTION_IMPLS, GPT, SCRATCH_MODEL_TYPES, GPTConfig
 from spin import (Pair, RolloutSettings, pair_terms, per_iteration, read_rollouts, rescore, rollout, sequence_logps,
                   spin_metrics, write_rollouts)
-from tokenizer import load_tokenizer
+from templates import ChatFormat, chat_format, missing_tokens, resolve_template, response_text, stop_ids, strip_stop
+from tokenizer import Tokenizer, add_special_tokens, load_tokenizer
 
 # ------------------------------------------------------------------------------------------------
 # config
@@ -63,7 +64,9 @@ class TrainConfig:
     resume: bool | str = "auto"  # 'auto': continue from out_dir's latest checkpoint; False: refuse a non-empty out_dir
     allow_config_change: bool = False  # resume an out_dir whose saved config differs from this one
     tokenizer: str = "auto"  # 'auto' (the model directory's, or 'bytes' from scratch), 'bytes', 'gpt2', a path...
-    chat_template: str = "auto"  # 'auto' (the model directory's, else 'chatml'), 'chatml', 'llama3', 'zephyr', 'plain'
+    tokenizer_pattern: str | None = None  # the split regex of a tiktoken BPE file no known encoding matches
+    # 'auto' (the model directory's, else 'chatml'), 'chatml', 'llama3', 'zephyr', 'plain', or a dict (README)
+    chat_template: str | dict = "auto"
     train_data: str = "synthetic"  # a .jsonl/.json chat file, or 'synthetic' (the quick demo's task)
     val_data: str = ""  # held-out file; '' = none (the synthetic task has its own split)
     skip_invalid: bool = False  # skip malformed records (counted) instead of stopping at the first
@@ -95,6 +98,7 @@ class TrainConfig:
     max_epochs: int = 1  # epochs over the iteration's pairs
     prompts_per_iteration: int = 0  # 0 = every training prompt, else a seeded subset of that size
     mix_previous_rollouts: bool = False  # also train on iteration t-1's generations (the official repository)
+    regenerate_iteration_0: bool = False  # sample iteration 0's y' even when the data brings SPIN's 'generated'
     beta: float | list[float] = 0.1  # a float, or one per iteration (the last repeats)
     loss_type: str = "sigmoid"  # 'sigmoid' | 'hinge'
     lr: float | list[float] = 5e-7  # SPIN's peak learning rate: a float, or one per iteration (the last repeats)
@@ -152,6 +156,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError("device='cuda' but no CUDA GPU is visible; use --device=cpu")
     if cfg.temperature < 0:
         raise UserError(f"config key 'temperature' must be >= 0, got {cfg.temperature}")
+    if cfg.chat_template != "auto":
+        chat_format(cfg.chat_template)  # a bad name or dict field fails here, naming the key
 
 
 def config_fingerprint(cfg: TrainConfig, world_size: int) -> dict:
@@ -405,8 +411,8 @@ def show_progress(bar: tqdm, name: str, step: int, total_steps: int, record: dic
 @dataclass
 class RunData:
     """The tokenizer, chat template and examples every phase reads."""
-    tok: object
-    template: str
+    tok: Tokenizer
+    template: ChatFormat
     stop: list[int]  # token ids that end a generation
     pad_id: int
     train_examples: list[Example]
@@ -415,23 +421,30 @@ class RunData:
 
 
 def prepare_data(cfg: TrainConfig) -> RunData:
-    """The tokenizer ('auto': the model directory's, or bytes from scratch), the chat template, the examples."""
+    """The tokenizer ('auto': the model directory's, or bytes from scratch) with the markers its chat template needs
+    and it lacks (build_model grows the embeddings for them), the chat template, the examples."""
     model_dir = None if cfg.init_from == "scratch" else ckpt.resolve_model_dir(cfg.init_from)
-    tok = load_tokenizer(cfg.tokenizer if cfg.tokenizer != "auto" else (model_dir or "bytes"))
+    tok = load_tokenizer(cfg.tokenizer if cfg.tokenizer != "auto" else (model_dir or "bytes"), cfg.tokenizer_pattern)
     template = chat_template_for(cfg, model_dir, tok)
+    if missing_tokens(tok, template):
+        print0(f"chat template '{template.name}': adding {missing_tokens(tok, template)} to the tokenizer")
+        tok = add_special_tokens(tok, missing_tokens(tok, template))
     train, val, has_checker = load_data(cfg, tok, template)
     return RunData(tok, template, stop_ids(tok, template), tok.eos_id, train, val[: cfg.eval_samples], has_checker)
 
 
-def chat_template_for(cfg: TrainConfig, model_dir: str | None, tok) -> str:
+def chat_template_for(cfg: TrainConfig, model_dir: str | None, tok: Tokenizer) -> ChatFormat:
     """The configured template; for 'auto', the one a nanospin model directory was trained with (its
     nanospin.json), else the tokenizer's, else chatml."""
     if cfg.chat_template != "auto":
-        return cfg.chat_template
-    return (ckpt.read_chat_template(model_dir) if model_dir else None) or tok.chat_template or "chatml"
+        return chat_format(cfg.chat_template)
+    saved = ckpt.read_chat_template(model_dir) if model_dir else None
+    if saved:
+        return chat_format(saved, os.path.join(model_dir, "nanospin.json"))
+    return resolve_template(tok, "auto") if tok.chat_template else chat_format("chatml")
 
 
-def load_data(cfg: TrainConfig, tok, template: str) -> tuple[list[Example], list[Example], bool]:
+def load_data(cfg: TrainConfig, tok: Tokenizer, template: ChatFormat) -> tuple[list[Example], list[Example], bool]:
     """(train examples, val examples, whether the synthetic checker applies)."""
     if cfg.train_data == "synthetic":
         train_convs, val_convs = synthetic_split(cfg.seed, cfg.synthetic_train, cfg.synthetic_val)
@@ -454,20 +467,57 @@ def load_data(cfg: TrainConfig, tok, template: str) -> tuple[list[Example], list
 # model and optimizer
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> GPT:
-    """A GPT on the CPU in fp32 (master weights), from scratch or a Hugging Face/nanospin directory."""
+def vocab_rows_needed(tok: Tokenizer, template: ChatFormat) -> int:
+    """Embedding rows a model needs for the ids a run can feed it: the tokenizer's vocabulary up to the specials
+    after it (a named tiktoken encoding appends chat specials a template may never use), and the template's."""
+    special_ids = set(tok.specials.values())
+    vocab_end = tok.n_vocab
+    while vocab_end > 0 and vocab_end - 1 in special_ids:
+        vocab_end -= 1
+    used = stop_ids(tok, template) + [tok.specials[t] for t in template.new_tokens if t in tok.specials]
+    return max(vocab_end, *(i + 1 for i in used))
+
+
+def grow_vocab(model: GPT, vocab_size: int) -> None:
+    """New embedding (and untied output) rows up to vocab_size, each the mean of the existing rows: a new marker
+    starts as an average token rather than noise, so it disturbs the pretrained model least."""
+    old = model.config.vocab_size
+    with torch.no_grad():
+        wte = torch.nn.Embedding(vocab_size, model.config.n_embd)  # (V', C)
+        wte.weight[:old] = model.wte.weight
+        wte.weight[old:] = model.wte.weight.mean(0)
+        model.wte = wte
+        if model.config.tie_embeddings:
+            model.lm_head = torch.nn.Linear(model.config.n_embd, vocab_size, bias=False)
+            model.lm_head.weight = model.wte.weight
+        else:
+            head = torch.nn.Linear(model.config.n_embd, vocab_size, bias=False)  # weight (V', C)
+            head.weight[:old] = model.lm_head.weight
+            head.weight[old:] = model.lm_head.weight.mean(0)
+            model.lm_head = head
+    model.config.vocab_size = vocab_size
+
+
+def build_model(cfg: TrainConfig, tok: Tokenizer, template: ChatFormat) -> GPT:
+    """A GPT on the CPU in fp32 (master weights), from scratch or a Hugging Face/nanospin directory, with rows for
+    the chat markers prepare_data added to its tokenizer."""
     if cfg.init_from == "scratch":
         if cfg.block_size < cfg.max_len:
             raise UserError(f"block_size={cfg.block_size} is smaller than max_len={cfg.max_len}; raise block_size")
         torch.manual_seed(cfg.seed)
-        return GPT(GPTConfig(model_type=cfg.model_type, vocab_size=vocab_size, block_size=cfg.block_size,
+        return GPT(GPTConfig(model_type=cfg.model_type, vocab_size=tok.n_vocab, block_size=cfg.block_size,
                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd,
-                             attention=cfg.attention, eos_token_id=eos_id))
+                             attention=cfg.attention, eos_token_id=tok.eos_id))
     model = ckpt.load_pretrained(ckpt.resolve_model_dir(cfg.init_from), attention=cfg.attention,
                                  block_size=cfg.block_size or None)
-    if model.config.vocab_size < vocab_size:
-        raise UserError(f"the tokenizer has {vocab_size} tokens but the model in '{cfg.init_from}' only "
-                        f"{model.config.vocab_size}; use the model's own tokenizer (tokenizer='auto')")
+    rows = vocab_rows_needed(tok, template)
+    if model.config.vocab_size < rows:
+        if not set(range(model.config.vocab_size, rows)) <= set(tok.specials.values()):
+            raise UserError(f"the tokenizer has {tok.n_vocab} tokens but the model in '{cfg.init_from}' only "
+                            f"{model.config.vocab_size}; use the model's own tokenizer (tokenizer='auto')")
+        print0(f"model: {rows - model.config.vocab_size} new embedding rows for chat template "
+               f"'{template.name}' ({model.config.vocab_size} -> {rows}), each the mean embedding")
+        grow_vocab(model, rows)
     if model.config.block_size < cfg.max_len:
         raise UserError(f"max_len={cfg.max_len} exceeds the model's context ({model.config.block_size}); lower max_len")
     return model
@@ -563,24 +613,47 @@ def prompts_for_iteration(examples: list[Example], cfg: TrainConfig, iteration: 
     return [examples[i] for i in perm.tolist()]
 
 
+def pairs_from_data(examples: list[Example], stop: list[int]) -> list[Pair] | None:
+    """Pairs of the y' SPIN's own data format brings ('generated'), for iteration 0; their opponent log-probs are
+    still to be scored. None when the examples bring none."""
+    given = [e for e in examples if e.generated_ids is not None]
+    if not given:
+        return None
+    if len(given) < len(examples):
+        raise UserError(f"{len(given)} of {len(examples)} examples have SPIN's 'generated' response (e.g. "
+                        f"{given[0].source}); give it in every record, or set regenerate_iteration_0=True to sample "
+                        f"iteration 0's y' instead")
+    return [Pair(e.source, e.prompt_ids, e.real_ids, e.generated_ids, opponent_real_logp=0.0,
+                 opponent_generated_logp=0.0, eos=e.generated_ids[-1] in stop) for e in examples]
+
+
 def run_rollout(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, iteration: int, stop: StopRequest,
                 metrics_file, global_step: int) -> tuple[list[Pair], list[Pair]] | None:
-    """Iteration t's training and held-out pairs, made by the opponent (the model as it stands now); with
-    mix_previous_rollouts also iteration t-1's generations, rescored by it. Rank 0 writes them to
-    out_dir/iter_t/. None if a stop signal came first."""
+    """Iteration t's training and held-out pairs, made by the opponent (the model as it stands now), or at
+    iteration 0 given by the data (SPIN's 'generated') and scored by it; with mix_previous_rollouts also
+    iteration t-1's generations, rescored by it. Rank 0 writes them to out_dir/iter_t/. None if a stop signal
+    came first."""
     settings = rollout_settings(cfg, rt, data)
     prompts = prompts_for_iteration(data.train_examples, cfg, iteration)
     opponent = model_for_sampling(model, rt)
     opponent.eval()
     t0 = time.time()
-    bar = progress_bar(len(prompts), f"rollout {iteration}", rt.rank)
-    pairs = rollout(opponent, prompts, settings, iteration, progress=lambda n: bar.update(min(n, bar.total - bar.n)),
-                    should_stop=stop.requested)
-    bar.close()
-    if pairs is None:
-        return None
+    given = None if iteration > 0 or cfg.regenerate_iteration_0 else pairs_from_data(prompts, data.stop)
+    if given is not None:  # SPIN's own data files bring iteration 0's y': the opponent scores them as its own
+        pairs = rescore(opponent, given, settings)
+        print0("spin 0: y' are the data's 'generated' responses, scored by the opponent")
+    else:
+        bar = progress_bar(len(prompts), f"rollout {iteration}", rt.rank)
+        pairs = rollout(opponent, prompts, settings, iteration,
+                        progress=lambda n: bar.update(min(n, bar.total - bar.n)), should_stop=stop.requested)
+        bar.close()
+        if pairs is None:
+            return None
     eval_pairs = []
-    if data.eval_examples:  # another seed, and never compiled
+    given = None if iteration > 0 or cfg.regenerate_iteration_0 else pairs_from_data(data.eval_examples, data.stop)
+    if given:
+        eval_pairs = rescore(opponent, given, settings)
+    elif data.eval_examples:  # another seed, and never compiled
         eval_pairs = rollout(opponent, data.eval_examples, replace(settings, seed=cfg.seed + 1, compile=False),
                              iteration)
     if cfg.mix_previous_rollouts and iteration > 0:
@@ -590,10 +663,12 @@ def run_rollout(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, iterat
         pairs = pairs + rescore(opponent, previous[:len(pairs)], settings)
     del opponent
     if rt.rank == 0:
-        write_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration}", "rollouts.jsonl"), pairs, data.tok.decode)
+        response = functools.partial(response_text, data.tok, template=data.template)
+        write_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration}", "rollouts.jsonl"), pairs, data.tok.decode,
+                       response)
         if eval_pairs:
             write_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration}", "eval_rollouts.jsonl"), eval_pairs,
-                           data.tok.decode)
+                           data.tok.decode, response)
     if rt.world_size > 1:
         dist.barrier()
     dt = time.time() - t0
@@ -766,7 +841,7 @@ def checker_scores(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData) -> 
                                     seed=cfg.seed + 17 + i)
         scores: dict[str, float] = {}
         for e, ids in zip(examples, answers):
-            answer = tok.decode(strip_stop(tok, ids, template))
+            answer = response_text(tok, ids, template)
             for key, value in check_answer(e.prompt_messages[-1]["content"], answer).items():
                 scores[key] = scores.get(key, 0.0) + value
         out.update({f"eval/{key}_{name}": v / len(answers) for key, v in scores.items()})
@@ -846,7 +921,7 @@ def main(argv: list[str]) -> None:
     data = prepare_data(cfg)
 
     # ---- model and optimizer ---------------------------------------------------------------------
-    model = build_model(cfg, data.tok.n_vocab, data.tok.eos_id)
+    model = build_model(cfg, data.tok, data.template)
     print0(f"model: {model.config.model_type}, {model.num_params() / 1e6:.2f}M non-embedding parameters, "
            f"{model.config.n_layer} layers, {model.config.n_embd} wide")
     place_model(model, cfg, rt)
