@@ -90,3 +90,18 @@ def test_train_py_bad_key_exits_2_with_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown config key '--n_layers' (did you mean 'n_layer'?)" in lines[0]
     assert not out.exists()
+
+
+@dataclass
+class WithDict:
+    chat_template: str | dict = "auto"
+
+
+def test_a_dict_valued_key_from_a_file_and_from_the_command_line(tmp_path):
+    path = write(tmp_path, "c.py", 'chat_template = {"base": "chatml", "system_prompt": "Be brief."}\n')
+    assert load_config(WithDict, [path]).chat_template == {"base": "chatml", "system_prompt": "Be brief."}
+    assert load_config(WithDict, ["--chat_template={'base': 'plain'}"]).chat_template == {"base": "plain"}
+    assert load_config(WithDict, ["--chat_template=zephyr"]).chat_template == "zephyr"
+    bad = write(tmp_path, "bad.py", "\nchat_template = ['chatml']\n")
+    with pytest.raises(UserError, match=r"bad.py:2: config key 'chat_template' must be str \| dict"):
+        load_config(WithDict, [bad])

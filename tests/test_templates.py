@@ -174,3 +174,199 @@ def test_rendering_equals_apply_chat_template(tmp_path, template, style):
         assert templates.response_text(tok, response[:-1], template) == expected
 
 
+        assert templates.response_text(tok, response, template) == expected  # the end-of-turn is no text
+
+
+# -----------------------------------------------------------------------------
+# Templates stated as dicts
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"base": "chatml", "user_strat": "x"}, "unknown field 'user_strat' (did you mean 'user_start'?)"),
+    ({"base": "vicuna"}, "base 'vicuna' is not a named template"),
+    ({"base": "chatml", "strip": "yes"}, "field 'strip' must be True or False"),
+    ({"base": "chatml", "new_tokens": ["<a>", ""]}, "field 'new_tokens' must be a list of non-empty strings"),
+    ({"base": "chatml", "assistant_end": 3}, "field 'assistant_end' must be a string"),
+    ({"base": "chatml", "system_prompt": 1}, "field 'system_prompt' must be a string or None"),
+    ({"user_start": "U: ", "end_of_turn": "{eos}"}, "'assistant_start' is empty"),
+    ({"assistant_start": "A: ", "end_of_turn": ""}, "'end_of_turn' is empty"),
+    (42, "must be a template name or a dict"),
+    ("vicuna", "unknown chat_template 'vicuna'"),
+])
+def test_a_bad_template_is_a_one_line_error_naming_the_config_key(value, message):
+    with pytest.raises(UserError) as err:
+        templates.chat_format(value)
+    assert message in str(err.value) and "config key 'chat_template'" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_dict_overrides_its_base_and_round_trips_through_json():
+    fmt = templates.chat_format({"base": "chatml", "system_prompt": "Be brief.", "strip": True})
+    assert fmt == dataclasses.replace(templates.NAMED["chatml"], system_prompt="Be brief.", strip=True)
+    assert templates.chat_format(json.loads(json.dumps(templates.format_config(fmt)))) == fmt
+    assert templates.format_config(templates.NAMED["llama3"]) == "llama3"
+
+
+def test_a_default_system_prompt_is_used_only_when_the_conversation_has_none():
+    tok = load_tokenizer("bytes")
+    fmt = {"base": "chatml", "system_prompt": "Be brief."}
+    user = [{"role": "user", "content": "hi"}]
+    assert tok.decode(templates.render_prompt(tok, user, fmt)).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    own = [{"role": "system", "content": "Be long."}, *user]
+    assert tok.decode(templates.render_prompt(tok, own, fmt)) == tok.decode(templates.render_prompt(tok, own, "chatml"))
+
+
+def test_strip_and_bos_fields():
+    tok = load_tokenizer("bytes")
+    fmt = {"base": "plain", "strip": True, "bos": "<|begin_of_text|>"}
+    prompt = templates.render_prompt(tok, [{"role": "user", "content": "  hi \n"}], fmt)
+    assert prompt[0] == tok.specials["<|begin_of_text|>"] and tok.decode(prompt[1:]) == "User: hi\nAssistant: "
+    assert tok.decode(templates.render_response(tok, " ok ", fmt)) == "ok<|endoftext|>"
+
+
+def test_end_of_turn_must_be_a_special_token_of_the_tokenizer():
+    fmt = {"base": "plain", "assistant_end": "<|stop|>\n", "end_of_turn": "<|stop|>"}
+    with pytest.raises(UserError, match=r"end_of_turn '<\|stop\|>' is not a special token of tokenizer 'bytes'.*"
+                                        r"new_tokens"):
+        templates.render_prompt(load_tokenizer("bytes"), [{"role": "user", "content": "hi"}], fmt)
+
+
+def nemo_format(tokens: dict, user: str, assistant: str) -> dict:
+    """A ChatFormat dict for NeMo's chat_prompt_tokens (system_turn_start, turn_start, end_of_turn, end_of_name) and
+    speaker names: NeMo always writes a system turn, named 'System', and ends a response with the next turn_start
+    (or with end_of_turn when turn_start is empty)."""
+    end, name_end = tokens["end_of_turn"], tokens["end_of_name"]
+    return {"name": "nemo", "system_start": tokens["system_turn_start"] + "System" + name_end, "system_end": end,
+            "user_start": tokens["turn_start"] + user + name_end, "user_end": end,
+            "assistant_start": tokens["turn_start"] + assistant + name_end, "assistant_end": end,
+            "end_of_turn": tokens["turn_start"] or end, "system_prompt": "",
+            "new_tokens": sorted({t for t in tokens.values() if t.startswith("<") and t.endswith(">")})}
+
+
+def nemo_rendering(tokens: dict, system: str, turns: list[tuple[str, str]]) -> tuple[str, str]:
+    """(context, answer) of a conversation as NeMo's chat dataset writes it (the rules of its
+    _add_speaker_and_signal with mask 'User'), restated: the system header, each turn as turn_start, speaker,
+    end_of_name, value, end_of_turn; then turn_start after the last (unmasked) turn. The answer is the last turn's
+    value and what follows it."""
+    text = tokens["system_turn_start"] + "System" + tokens["end_of_name"] + system + tokens["end_of_turn"]
+    for speaker, value in turns[:-1]:
+        text += tokens["turn_start"] + speaker + tokens["end_of_name"] + value + tokens["end_of_turn"]
+    speaker, value = turns[-1]
+    context = text + tokens["turn_start"] + speaker + tokens["end_of_name"]
+    return context, value + tokens["end_of_turn"] + tokens["turn_start"]
+
+
+NEMO_TOKENS = {  # NeMo's <extra_id_*> format (Nemotron, SteerLM), and the Llama-3 one of NeMo-Aligner's SPIN test
+    "extra_id": ({"system_turn_start": "<extra_id_0>", "turn_start": "<extra_id_1>", "label_start": "<extra_id_2>",
+                  "end_of_turn": "\n", "end_of_name": "\n"}, "User", "Assistant"),
+    "llama3": ({"system_turn_start": "<|begin_of_text|>", "turn_start": "", "end_of_turn": "<|eot_id|>",
+                "end_of_name": "\n\n"}, "<|start_header_id|>user<|end_header_id|>",
+               "<|start_header_id|>assistant<|end_header_id|>"),
+}
+
+
+@pytest.mark.parametrize("style", sorted(NEMO_TOKENS))
+@pytest.mark.parametrize("system", ["", "Be brief."])
+def test_nemo_chat_prompt_tokens_formats_render_as_nemo_does(style, system):
+    tokens, user, assistant = NEMO_TOKENS[style]
+    fmt = nemo_format(tokens, user, assistant)
+    tok = load_tokenizer("bytes")
+    tok = add_special_tokens(tok, templates.missing_tokens(tok, fmt))
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "again"}]
+    turns = [(user if m["role"] == "user" else assistant, m["content"]) for m in messages]
+    context, answer = nemo_rendering(tokens, system, turns + [(assistant, "ok")])
+    with_system = ([{"role": "system", "content": system}] if system else []) + messages
+    prompt = templates.render_prompt(tok, with_system, fmt)
+    response = templates.render_response(tok, "ok", fmt)
+    assert (tok.decode(prompt), tok.decode(response)) == (context, answer)
+    assert prompt + response == tok.encode_parts(tok.special_parts(context + answer))  # markers are single ids
+    assert templates.response_text(tok, response, fmt) == "ok"
+    # a response cut before its end-of-turn keeps all its text (NeMo's "\n" before <extra_id_1> included)
+    assert templates.response_text(tok, response[:-1], fmt) == {"extra_id": "ok\n", "llama3": "ok"}[style]
+
+
+# -----------------------------------------------------------------------------
+# Markers a tokenizer lacks: added after its vocabulary, saved and reloaded with it, and equal to Hugging Face's
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_added_chatml_markers_render_as_hugging_face_with_the_saved_tokenizer(tmp_path, kind):
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "byte-level":  # GPT-2's case: <|endoftext|> only
+        train_hf_tokenizer(tmp_path / "base", "gpt2", specials=["<|endoftext|>"], chat_template=CHATML_JINJA,
+                           eos="<|endoftext|>")
+    else:
+        sentencepiece_hf_tokenizer(tmp_path / "base", "prepend", "spm", chat_template=CHATML_JINJA)
+    tok = load_tokenizer(str(tmp_path / "base"))
+    assert templates.resolve_template(tok, "auto").name == "chatml"
+    missing = templates.missing_tokens(tok, "chatml")
+    assert missing == ["<|im_start|>", "<|im_end|>"]
+    with pytest.raises(UserError, match="lacks"):
+        templates.render_prompt(tok, CHATS[0][:1], "chatml")
+    grown = add_special_tokens(tok, missing)
+    assert [grown.specials[m] for m in missing] == [tok.n_vocab, tok.n_vocab + 1] and grown.n_vocab == tok.n_vocab + 2
+    grown.save(str(tmp_path / "saved"))
+    again = load_tokenizer(str(tmp_path / "saved"))
+    assert (again.specials, again.n_vocab, again.added_specials) == (grown.specials, grown.n_vocab, tuple(missing))
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "saved" / "tokenizer.json"))
+    reference.chat_template = CHATML_JINJA
+    for messages in CHATS:
+        prompt = templates.render_prompt(again, messages[:-1], "chatml")
+        response = templates.render_response(again, messages[-1]["content"], "chatml")
+        whole = list(reference.apply_chat_template(messages, tokenize=True)["input_ids"])
+        assert prompt + response + again.encode("\n", after=[response[-1]]) == whole
+        assert again.decode(prompt + response) == grown.decode(prompt + response)
+
+
+# -----------------------------------------------------------------------------
+# A model's default system prompt, read from its Jinja template
+
+# Templates built like SmolLM2's (the system turn inline, with real newlines in the JSON) and Qwen2.5's (a tools
+# branch, and '\n' escapes inside the Jinja strings); the prompts are this test's own.
+SMOL_STYLE_JINJA = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                    "{{ '<|im_start|>system\nYou are Tiny, a helpful model.<|im_end|>\n' }}{% endif %}"
+                    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+QWEN_STYLE_JINJA = ("{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}"
+                    "{{- messages[0]['content'] }}{%- else %}{{- \"You are Small, made by a \\\"test\\\".\" }}"
+                    "{%- endif %}{{- '<|im_end|>\\n' }}{%- else %}{%- if messages[0]['role'] == 'system' %}"
+                    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}"
+                    "{{- \"<|im_start|>system\\nYou are Small, made by a \\\"test\\\".<|im_end|>\\n\" }}{%- endif %}"
+                    "{%- endif %}{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+                    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+                    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+                    "{%- endif %}")
+
+
+@pytest.mark.parametrize("jinja, prompt", [(SMOL_STYLE_JINJA, "You are Tiny, a helpful model."),
+                                           (QWEN_STYLE_JINJA, 'You are Small, made by a "test".')])
+def test_a_models_default_system_prompt_is_kept(tmp_path, jinja, prompt):
+    from transformers import PreTrainedTokenizerFast
+
+    assert templates.recognise_template(jinja) == {"base": "chatml", "system_prompt": prompt}
+    hf = train_hf_tokenizer(tmp_path, "digits", chat_template=jinja)
+    tok = load_tokenizer(str(tmp_path))
+    fmt = templates.resolve_template(tok, "auto")
+    assert (fmt.name, fmt.system_prompt) == ("chatml", prompt)
+    reference = PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|im_end|>")
+    reference.chat_template = jinja
+    for messages in CHATS:
+        expected = list(reference.apply_chat_template(messages[:-1], tokenize=True,
+                                                      add_generation_prompt=True)["input_ids"])
+        assert templates.render_prompt(tok, messages[:-1], fmt) == expected
+
+
+@pytest.mark.parametrize("jinja", [CHATML_JINJA, LLAMA3_JINJA, ZEPHYR_JINJA,
+                                   "{{ '<|start_header_id|>system<|end_header_id|>\n\n' }}{{ 'Today: ' + date }}"])
+def test_templates_without_a_whole_system_turn_literal_have_no_default(jinja):
+    assert isinstance(templates.recognise_template(jinja), str)
+
+
+def test_train_config_refuses_a_bad_template_before_anything_runs():
+    from train import TrainConfig, check_config
+
+    with pytest.raises(UserError, match="config key 'chat_template': unknown field 'end_of_trun'"):
+        check_config(TrainConfig(chat_template={"base": "chatml", "end_of_trun": "<|im_end|>"}))
+    check_config(TrainConfig(chat_template={"base": "chatml", "system_prompt": "Be brief."}))
