@@ -379,18 +379,24 @@ class Tokenizer:
             json.dump(meta, f, indent=1, ensure_ascii=False)
 
     def _add_to_tokenizer_json(self, directory: str) -> None:
-        """The added specials also in a copied tokenizer.json, so Hugging Face's tokenizer of the saved directory has
-        them too (a SentencePiece tokenizer rebuilt from it then finds them there)."""
-        path = os.path.join(directory, "tokenizer.json")
-        if not self.added_specials or not os.path.isfile(path):
-            return
-        spec = _read_json(path, "tokenizer.json")
-        present = {t.get("content") for t in spec.get("added_tokens") or []}
-        spec["added_tokens"] = (spec.get("added_tokens") or []) + [
-            {"id": self.specials[s], "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-             "normalized": False, "special": True} for s in self.added_specials if s not in present]
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(spec, f, ensure_ascii=False)
+        """The added specials also in the copied tokenizer.json and tokenizer_config.json, so that Hugging Face's
+        tokenizer of the saved directory has them too (a SentencePiece tokenizer rebuilt from it finds them there)."""
+        spec_path = os.path.join(directory, "tokenizer.json")
+        config_path = os.path.join(directory, "tokenizer_config.json")
+        entry = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        if self.added_specials and os.path.isfile(spec_path):
+            spec = _read_json(spec_path, "tokenizer.json")
+            present = {t.get("content") for t in spec.get("added_tokens") or []}
+            spec["added_tokens"] = (spec.get("added_tokens") or []) + [
+                {"id": self.specials[s], "content": s, **entry} for s in self.added_specials if s not in present]
+            with open(spec_path, "w", encoding="utf-8") as f:
+                json.dump(spec, f, ensure_ascii=False)
+        config = _hf_config(directory) if self.added_specials else {}
+        if isinstance(config.get("added_tokens_decoder"), dict):  # transformers reads added tokens from here first
+            config["added_tokens_decoder"].update({str(self.specials[s]): {"content": s, **entry}
+                                                   for s in self.added_specials})
+            with open(config_path, "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2, ensure_ascii=False)
 
 
 def _steps_to_json(steps: tuple) -> list:

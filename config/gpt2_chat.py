@@ -7,7 +7,10 @@
 out_dir = "out-gpt2-chat"
 init_from = "gpt2"  # a local directory: there is no download; point it at your copy
 tokenizer = "auto"  # the model directory's tokenizer.json
-chat_template = "chatml"  # GPT-2 has no chat format of its own; ChatML's markers are encoded as text
+# GPT-2 has no chat format of its own. ChatML's two markers become new special tokens after GPT-2's 50257 (its
+# tokenizer lacks them); the model's embeddings grow by two rows, each the mean embedding, and out_dir/final holds
+# the grown model with the tokenizer and template that go with it
+chat_template = "chatml"
 train_data = "data/chat.jsonl"
 val_data = ""
 max_len = 512

@@ -6,7 +6,7 @@
 out_dir = "out-smollm"
 init_from = "SmolLM2-360M-Instruct"
 tokenizer = "auto"  # the model's tokenizer.json, converted to tiktoken with identical ids
-chat_template = "auto"  # recognised from tokenizer_config.json (ChatML for SmolLM2 and Qwen2.5)
+chat_template = "auto"  # recognised from tokenizer_config.json: ChatML, with the model's default system prompt
 train_data = "data/chat.jsonl"
 max_len = 1024
 max_prompt_len = 512

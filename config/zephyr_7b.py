@@ -4,19 +4,15 @@
 # Needs: 8x 80 GB GPUs (FSDP2 shards weights, gradients and optimizer state; bf16 compute);
 # alignment-handbook/zephyr-7b-sft-full downloaded to a local directory; 50k UltraChat prompts as
 # {"messages": [...]} JSONL (the paper samples 50k of UltraChat200k's train_sft split).
-# Limitation: Zephyr (Mistral-7B) ships a SentencePiece tokenizer, which tokenizer.py refuses (nanospin's
-# tokenizers are tiktoken byte-level BPE). Until SentencePiece support exists, run these exact settings on
-# a 7-8B SFT model with a byte-level BPE tokenizer (a Llama-3-8B or Qwen2.5-7B SFT checkpoint): set
-# init_from and chat_template ('llama3' or 'chatml') accordingly.
 out_dir = "out-zephyr-spin"
 init_from = "zephyr-7b-sft-full"  # local Hugging Face directory
-tokenizer = "auto"  # the model directory's tokenizer (must be byte-level BPE, see above)
-chat_template = "zephyr"
+tokenizer = "auto"  # the model directory's tokenizer.json (SentencePiece-style BPE, ids as Hugging Face's)
+chat_template = "zephyr"  # <|user|> ... </s>: its role markers are text to Mistral's tokenizer, </s> ends a turn
 train_data = "data/ultrachat_50k.jsonl"
 val_data = "data/ultrachat_test.jsonl"
 max_len = 1024
 max_prompt_len = 512
-block_size = 0
+block_size = 1024  # within Mistral's 4096-token sliding window, where it is plain causal attention
 
 stage = "spin"
 max_iterations = 4  # the paper reports iterations 0..3

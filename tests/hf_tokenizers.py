@@ -1,12 +1,15 @@
 """Tokenizers the tests build with the `tokenizers` library (the reference), saved as Hugging Face directories:
 byte-level BPE in the GPT-2, Llama-3 and SmolLM styles, and SentencePiece-style BPE with byte_fallback in the styles
 real models ship (Llama-2's Prepend normalizer; Metaspace with each prepend scheme; no dummy prefix); a writer of
-SentencePiece tokenizer.model files; the chat templates' Jinja text; and text that exercises tokenizers."""
+SentencePiece tokenizer.model files; the chat templates' Jinja text; text that exercises tokenizers; and where the
+real files of ../shared/real are."""
 
 import json
 import os
 import random
 import struct
+
+import pytest
 
 TRAIN_CORPUS = [
     "The quick brown fox jumps over the lazy dog. It's 2024, and we've got 1234567 reasons!",
@@ -43,6 +46,18 @@ ZEPHYR_JINJA = ("{% for message in messages %}\n{% if message['role'] == 'user' 
                 "message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n' + "
                 "message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n"
                 "{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+
+
+def real_dir(name: str) -> str:
+    """A folder of ../shared/real (from the repo, or from a worktree one level deeper, or $NANOSPIN_REAL_FILES);
+    the test is skipped where it is absent."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    roots = [os.environ.get("NANOSPIN_REAL_FILES", ""), os.path.join(repo, "..", "shared", "real"),
+             os.path.join(repo, "..", "..", "shared", "real")]
+    for root in roots:
+        if root and os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    pytest.skip(f"real files '{name}' not present (../shared/real)")
 
 
 def fuzz_texts(n: int, seed: int) -> list[str]:

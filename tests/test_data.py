@@ -11,6 +11,7 @@ import torch
 
 import data
 from configurator import UserError, run_main
+from hf_tokenizers import real_dir
 from tokenizer import load_tokenizer
 
 
@@ -124,15 +125,12 @@ def test_speaker_roles():
                                                                   "user", None, None, None]
 
 
-NEMO_DATA = "/work/shared/real/chat_data/nemo_aligner_dummy-sft.jsonl"
-
-
-@pytest.mark.skipif(not os.path.isfile(NEMO_DATA), reason="NeMo-Aligner's dummy SFT data is not present")
 def test_nemo_aligner_data_loads_every_record():
+    path = os.path.join(real_dir("chat_data"), "nemo_aligner_dummy-sft.jsonl")
     tok = load_tokenizer("bytes")
-    examples, stats = data.load_examples(NEMO_DATA, tok, "chatml", 100_000, 90_000)
+    examples, stats = data.load_examples(path, tok, "chatml", 100_000, 90_000)
     assert stats.n_examples == stats.n_read == 30
-    records = [json.loads(line) for line in open(NEMO_DATA)]
+    records = [json.loads(line) for line in open(path)]
     for record, e in zip(records, examples):
         assert e.real_text == record["conversations"][-1]["value"] and len(e.prompt_messages) == \
             len(record["conversations"]) - 1 + bool(record["system"])

@@ -19,21 +19,9 @@ import tiktoken.registry
 
 import tokenizer
 from configurator import UserError
-from hf_tokenizers import (CHATML_JINJA, HELD_OUT, HF_SPECIALS, SP_STYLES, TRAIN_CORPUS, fuzz_texts,
+from hf_tokenizers import (CHATML_JINJA, HELD_OUT, HF_SPECIALS, SP_STYLES, TRAIN_CORPUS, fuzz_texts, real_dir,
                            sentencepiece_hf_tokenizer, sentencepiece_pieces, train_hf_tokenizer, varied_texts,
                            write_sentencepiece_model)
-
-
-def real_dir(name: str) -> str:
-    """A folder of ../shared/real (from the repo, or from a worktree one level deeper, or $NANOSPIN_REAL_FILES);
-    the test is skipped where it is absent."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    roots = [os.environ.get("NANOSPIN_REAL_FILES", ""), os.path.join(repo, "..", "shared", "real"),
-             os.path.join(repo, "..", "..", "shared", "real")]
-    for root in roots:
-        if root and os.path.isdir(os.path.join(root, name)):
-            return os.path.join(root, name)
-    pytest.skip(f"real files '{name}' not present (../shared/real)")
 
 
 def hf_ids(hf, text: str) -> list[int]:

@@ -1,0 +1,217 @@
+"""The recipes in config/ run a shrunk SPIN iteration on the CPU against directories laid out like the real models:
+the tokenizer files as the models ship them (../shared/real where present, else built here with `tokenizers`) and a
+tiny random model of the same vocabulary and config fields, made with transformers. Also: markers a tokenizer lacks
+(GPT-2 with ChatML) grow the model's embeddings and the export reloads; SPIN's own data files give iteration 0's y'."""
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+import templates
+from hf_tokenizers import ZEPHYR_JINJA, real_dir, train_hf_tokenizer
+from test_templates import SMOL_STYLE_JINJA
+from tokenizer import load_tokenizer
+from train_runs import REPO, metrics, rollouts, run_in_process
+
+SHRINK = ["--max_iterations=1", "--max_epochs=1", "--prompts_per_iteration=4", "--batch_size=2", "--grad_accum=1",
+          "--rollout_batch_size=4", "--max_new_tokens=4", "--max_len=96", "--max_prompt_len=64", "--eval_samples=0",
+          "--val_data=", "--log_interval=1", "--device=cpu"]
+CHATS = [[{"role": "user", "content": f"Question {i}: what is {i} + {i}?"},
+          {"role": "assistant", "content": f"It is {2 * i}."}] for i in range(8)]
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def run_recipe(recipe: str, *overrides: str) -> None:
+    code = run_in_process(str(REPO / "config" / recipe), *SHRINK, *overrides)
+    assert code == 0, f"{recipe} exited with {code}"
+
+
+def copy_tokenizer_files(src, dst, names) -> None:
+    for name in names:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
+def gpt2_model_dir(directory, tokenizer_dir, vocab_size: int) -> str:
+    """GPT-2's tokenizer files beside a tiny GPT-2 of that vocabulary (GPT-2 124M's config fields, smaller)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=1024, n_embd=32, n_layer=2, n_head=2,
+                               bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)).save_pretrained(directory)
+    copy_tokenizer_files(tokenizer_dir, directory, ["tokenizer.json", "vocab.json", "merges.txt",
+                                                    "tokenizer_config.json", "special_tokens_map.json"])
+    return str(directory)
+
+
+def gpt2_tokenizer_dir(tmp_path, source: str) -> tuple[str, int]:
+    """(directory, vocabulary size): the real GPT-2 tokenizer files, or a GPT-2-style one built here."""
+    if source == "real":
+        return real_dir("gpt2_hf"), 50257
+    hf = train_hf_tokenizer(tmp_path / "gpt2-style", "gpt2", specials=["<|endoftext|>"])
+    (tmp_path / "gpt2-style" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return str(tmp_path / "gpt2-style"), hf.get_vocab_size()
+
+
+# -----------------------------------------------------------------------------
+# config/gpt2_chat.py: ChatML's markers are new tokens, the embeddings grow, the export reloads
+
+
+@pytest.mark.parametrize("source", ["real", "built"])
+def test_gpt2_chat_recipe_grows_the_model_for_chatml_and_exports_it(tmp_path, source, capsys):
+    from checkpoint import load_for_chat, read_hf_config
+
+    tokenizer_dir, vocab = gpt2_tokenizer_dir(tmp_path, source)
+    model_dir = gpt2_model_dir(tmp_path / "gpt2", tokenizer_dir, vocab)
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
+    out_dir = tmp_path / "out"
+    run_recipe("gpt2_chat.py", f"--init_from={model_dir}", f"--train_data={data}", f"--out_dir={out_dir}")
+    assert f"2 new embedding rows for chat template 'chatml' ({vocab} -> {vocab + 2})" in capsys.readouterr().out
+    assert read_hf_config(str(out_dir / "final"))["vocab_size"] == vocab + 2
+    model, tok, template = load_for_chat(str(out_dir / "final"))
+    assert template.name == "chatml" and model.config.vocab_size == vocab + 2
+    assert (tok.specials["<|im_start|>"], tok.specials["<|im_end|>"]) == (vocab, vocab + 1)
+    pairs = rollouts(out_dir, 0)
+    assert len(pairs) == 4 and all(p["prompt_ids"][0] == vocab for p in pairs)  # <|im_start|>
+    assert pairs[0]["real"] in {chat[1]["content"] for chat in CHATS}  # response text, without <|im_end|>
+    assert next(r for r in metrics(out_dir) if "loss" in r)["loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_grown_rows_are_the_mean_embedding():
+    from model import GPT, GPTConfig
+    from train import grow_vocab
+
+    for tie in (True, False):
+        model = GPT(GPTConfig(model_type="llama", vocab_size=50, block_size=16, n_layer=1, n_head=2, n_kv_head=1,
+                              n_embd=16, tie_embeddings=tie))
+        wte, head = model.wte.weight.detach().clone(), model.lm_head.weight.detach().clone()
+        grow_vocab(model, 53)
+        assert model.config.vocab_size == 53 and model.wte.weight.shape == (53, 16)
+        assert torch.equal(model.wte.weight[:50], wte) and torch.equal(model.lm_head.weight[:50], head)
+        assert torch.allclose(model.wte.weight[50:], wte.mean(0).expand(3, 16))
+        assert torch.allclose(model.lm_head.weight[50:], head.mean(0).expand(3, 16))
+        assert (model.lm_head.weight is model.wte.weight) == tie
+        assert model(torch.tensor([[52, 1]])).shape == (1, 2, 53)
+
+
+@pytest.mark.parametrize("source", ["real", "built"])
+def test_named_gpt2_tokenizer_grows_only_the_rows_the_template_uses(tmp_path, source, monkeypatch):
+    """tokenizer='gpt2' appends 11 chat specials after GPT-2's 50257; ChatML uses two of them."""
+    import tiktoken
+
+    import train
+
+    tokenizer_dir, vocab = gpt2_tokenizer_dir(tmp_path, source)
+    model_dir = gpt2_model_dir(tmp_path / "gpt2", tokenizer_dir, vocab)
+    base = load_tokenizer(tokenizer_dir).enc  # what tiktoken's 'gpt2' is (no network here)
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: base)
+    cfg = train.TrainConfig(init_from=model_dir, tokenizer="gpt2", chat_template="chatml")
+    tok = load_tokenizer("gpt2")
+    assert tok.n_vocab == vocab + 11
+    model = train.build_model(cfg, tok, templates.chat_format("chatml"))
+    assert model.config.vocab_size == vocab + 2
+    assert train.build_model(train.TrainConfig(init_from=model_dir, tokenizer="gpt2"), tok,
+                             templates.chat_format("plain")).config.vocab_size == vocab
+
+
+# -----------------------------------------------------------------------------
+# config/zephyr_7b.py: a SentencePiece-style tokenizer (Llama-2's files, zephyr's template), SPIN's data format
+
+
+def zephyr_model_dir(directory, tokenizer_dir, vocab_size: int) -> str:
+    """zephyr-7b-sft-full's layout: Llama-2-family tokenizer files with zephyr's chat template, and a tiny Mistral
+    with its config fields (32000 tokens, a 4096 sliding window, 32768 positions, untied embeddings)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+                                     sliding_window=4096, rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1,
+                                     eos_token_id=2, tie_word_embeddings=False)).save_pretrained(directory)
+    copy_tokenizer_files(tokenizer_dir, directory, ["tokenizer.json", "tokenizer.model"])
+    with open(os.path.join(tokenizer_dir, "tokenizer_config.json")) as f:
+        config = json.load(f)
+    config["chat_template"] = ZEPHYR_JINJA
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(directory)
+
+
+def spin_records(generated: bool) -> list[dict]:
+    """CHATS in the official SPIN format; with `generated`, a y' for every prompt."""
+    return [{"real": chat, **({"generated": [chat[0], {"role": "assistant", "content": f"Maybe {i}?"}]}
+                              if generated else {})} for i, chat in enumerate(CHATS)]
+
+
+def test_zephyr_recipe_on_llama2_tokenizer_files_trains_on_spins_generated_responses(tmp_path, capsys):
+    model_dir = zephyr_model_dir(tmp_path / "zephyr", real_dir("llama2_hf"), 32000)
+    data = write_jsonl(tmp_path / "spin.jsonl", spin_records(generated=True))
+    out_dir = tmp_path / "out"
+    run_recipe("zephyr_7b.py", f"--init_from={model_dir}", f"--train_data={data}", f"--out_dir={out_dir}")
+    assert "y' are the data's 'generated' responses" in capsys.readouterr().out
+    pairs = rollouts(out_dir, 0)
+    tok = load_tokenizer(model_dir)
+    assert templates.resolve_template(tok, "auto").name == "zephyr"
+    by_prompt = {chat[0]["content"]: f"Maybe {i}?" for i, chat in enumerate(CHATS)}
+    for p in pairs:
+        assert p["prompt"].startswith("<|user|>\nQuestion") and p["prompt"].endswith("<|assistant|>\n")
+        question = p["prompt"].removeprefix("<|user|>\n").split("</s>")[0]
+        assert p["generated"] == by_prompt[question] and p["eos"] and p["generated_ids"][-1] == tok.eos_id
+        assert p["generated_ids"] == templates.render_response(tok, by_prompt[question], "zephyr")
+        assert math.isfinite(p["opponent_generated_logp"]) and p["opponent_generated_logp"] < 0
+    # the opponent's scores are the model's own at the iteration's start: the first loss is log 2
+    assert next(r for r in metrics(out_dir) if "loss" in r)["loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# config/smollm.py: a Llama-family model with a byte-level tokenizer and a default system prompt
+
+
+def test_smollm_recipe_on_a_byte_level_llama_dir_keeps_the_default_system_prompt(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir = tmp_path / "smollm"
+    hf = train_hf_tokenizer(model_dir, "digits", specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                            chat_template=SMOL_STYLE_JINJA)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=hf.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                                 tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)).save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
+    out_dir = tmp_path / "out"
+    run_recipe("smollm.py", f"--init_from={model_dir}", f"--train_data={data}", f"--out_dir={out_dir}",
+               "--max_len=256", "--max_prompt_len=192")  # room for the whole prompt on this small vocabulary
+    for p in rollouts(out_dir, 0):
+        assert p["prompt"].startswith("<|im_start|>system\nYou are Tiny, a helpful model.<|im_end|>\n<|im_start|>user")
+
+
+# -----------------------------------------------------------------------------
+# SPIN's 'generated': regenerated on request; given for some records only, refused
+
+
+def quick_spin(tmp_path, data: str, *overrides: str) -> int:
+    return run_in_process(str(REPO / "config" / "quick.py"), "--stage=spin", "--baseline_sft=False", "--n_layer=1",
+                          "--n_head=2", "--n_kv_head=1", "--n_embd=32", f"--train_data={data}", *SHRINK,
+                          f"--out_dir={tmp_path / 'out'}", *overrides)
+
+
+def test_regenerate_iteration_0_samples_instead_of_the_data(tmp_path):
+    data = write_jsonl(tmp_path / "spin.jsonl", spin_records(generated=True))
+    assert quick_spin(tmp_path, data, "--regenerate_iteration_0=True") == 0
+    given = {f"Maybe {i}?" for i in range(len(CHATS))}
+    assert not any(p["generated"] in given for p in rollouts(tmp_path / "out", 0))
+
+
+def test_generated_responses_for_some_records_only_are_refused(tmp_path, capsys):
+    records = spin_records(generated=True)[:4] + spin_records(generated=False)[4:]
+    data = write_jsonl(tmp_path / "spin.jsonl", records)
+    assert quick_spin(tmp_path, data, "--prompts_per_iteration=0", "--batch_size=4") == 2
+    assert "4 of 8 examples have SPIN's 'generated' response" in capsys.readouterr().err
