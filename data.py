@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from configurator import UserError
-# the chat templates live in templates.py; data's callers have always found these here
+# templates.py's rendering and decoding, also importable from here with the datasets they make
 from templates import (ROLES, TEMPLATES, ChatFormat, chat_format, end_of_turn_id, message_error,  # noqa: F401
                        render_prompt, render_response, resolve_template, response_text, stop_ids, strip_stop)
 from tokenizer import Tokenizer

@@ -638,8 +638,9 @@ def run_rollout(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, iterat
     opponent = model_for_sampling(model, rt)
     opponent.eval()
     t0 = time.time()
-    given = None if iteration > 0 or cfg.regenerate_iteration_0 else pairs_from_data(prompts, data.stop)
-    if given is not None:  # SPIN's own data files bring iteration 0's y': the opponent scores them as its own
+    from_data = iteration == 0 and not cfg.regenerate_iteration_0  # SPIN's own data files may bring y'
+    given = pairs_from_data(prompts, data.stop) if from_data else None
+    if given is not None:  # the opponent scores the data's y' as it scores its own samples
         pairs = rescore(opponent, given, settings)
         print0("spin 0: y' are the data's 'generated' responses, scored by the opponent")
     else:
@@ -650,8 +651,8 @@ def run_rollout(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, iterat
         if pairs is None:
             return None
     eval_pairs = []
-    given = None if iteration > 0 or cfg.regenerate_iteration_0 else pairs_from_data(data.eval_examples, data.stop)
-    if given:
+    given = pairs_from_data(data.eval_examples, data.stop) if from_data else None
+    if given is not None:
         eval_pairs = rescore(opponent, given, settings)
     elif data.eval_examples:  # another seed, and never compiled
         eval_pairs = rollout(opponent, data.eval_examples, replace(settings, seed=cfg.seed + 1, compile=False),

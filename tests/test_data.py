@@ -94,7 +94,8 @@ def test_every_format_gives_the_same_example(tmp_path):
 def nemo_header_records(n: int) -> list[str]:
     """n records shaped as NeMo-Aligner's SPIN CI file: header-string speakers and mask, an empty system, a dataset
     name, 1 to 3 exchanges of varied text."""
-    texts = ["Explain recursion.", "  spaces and\nnewlines\n", "日本語 😀", "code:\n\tdef f(x):\n\t\treturn x", "'quotes' \"x\""]
+    texts = ["Explain recursion.", "  spaces and\nnewlines\n", "日本語 😀", "code:\n\tdef f(x):\n\t\treturn x",
+             "'quotes' \"x\""]
     records = []
     for i in range(n):
         turns = []

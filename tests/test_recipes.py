@@ -168,6 +168,17 @@ def test_zephyr_recipe_on_llama2_tokenizer_files_trains_on_spins_generated_respo
         assert math.isfinite(p["opponent_generated_logp"]) and p["opponent_generated_logp"] < 0
     # the opponent's scores are the model's own at the iteration's start: the first loss is log 2
     assert next(r for r in metrics(out_dir) if "loss" in r)["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # the chat command line prints a response as response_text decodes it (no SentencePiece dummy-prefix space)
+    import generate
+    from checkpoint import load_for_chat
+
+    capsys.readouterr()
+    generate.main([f"--model={out_dir / 'final'}", "--prompt=Question 1: what is 1 + 1?", "--max_new_tokens=6",
+                   "--temperature=0", "--device=cpu"])
+    model, tok, template = load_for_chat(str(out_dir / "final"))
+    prompt = templates.render_prompt(tok, [{"role": "user", "content": "Question 1: what is 1 + 1?"}], template)
+    new = generate.generate(model, [prompt], 6, 0.0, None, None, templates.stop_ids(tok, template), 0)[0]
+    assert capsys.readouterr().out == templates.response_text(tok, new, template) + "\n"
 
 
 # -----------------------------------------------------------------------------
@@ -215,3 +226,24 @@ def test_generated_responses_for_some_records_only_are_refused(tmp_path, capsys)
     data = write_jsonl(tmp_path / "spin.jsonl", records)
     assert quick_spin(tmp_path, data, "--prompts_per_iteration=0", "--batch_size=4") == 2
     assert "4 of 8 examples have SPIN's 'generated' response" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# train.py's tokenizer_pattern: the split regex of a tiktoken BPE file that is no known encoding
+
+
+def test_tokenizer_pattern_reaches_the_tokenizer(tmp_path):
+    import base64
+
+    import train
+    from configurator import UserError
+
+    ranks = [bytes([b]) for b in range(256)] + [b"ab", b"abab"]
+    path = tmp_path / "mine.tiktoken"
+    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(ranks)))
+    cfg = train.TrainConfig(tokenizer=str(path), chat_template="plain", synthetic_train=8, synthetic_val=4,
+                            eval_samples=4, max_len=64, max_prompt_len=48)
+    with pytest.raises(UserError, match="set tokenizer_pattern"):
+        train.prepare_data(cfg)
+    data = train.prepare_data(train.TrainConfig(**{**cfg.__dict__, "tokenizer_pattern": r"[a-z]+|[^a-z]"}))
+    assert data.tok.encode("abab ab") == [257, ord(" "), 256]
