@@ -11,12 +11,14 @@ Design choices:
 - Around the BPE, the tokenizers library's steps are redone per segment: added tokens (lstrip/rstrip/single_word/
   normalized), normalizers, and the dummy prefix ('▁' per segment for Prepend; Metaspace: always/first/never).
   encode_parts encodes a chat rendering (text, special ids) as HF encodes the joined string.
-- Special-token text inside content stays text: only the chat templates (data.py) insert control tokens. 'bytes'
-  and tiktoken encodings get the chat specials they lack after their vocabulary; a Hugging Face directory's Jinja
-  chat template is recognised here, by its special tokens, and rendered there.
+- Special-token text inside content stays text: only the chat templates (templates.py) insert control tokens.
+  'bytes' and tiktoken encodings get the chat specials they lack after their vocabulary; add_special_tokens appends
+  markers a template needs to any tokenizer. A Hugging Face directory's Jinja chat template is recognised by
+  templates.recognise_template and rendered there.
 - decode(encode(s)) == s except where the model's pipeline loses it: its normalizer, a literal '▁' (a space once
   decoded), and a leading space under Metaspace, which then adds no prefix (encode(' a') == encode('a')).
-- Tokenizer.save writes what load_tokenizer needs to rebuild the same ids, so a run directory is self-contained.
+- Tokenizer.save writes what load_tokenizer needs to rebuild the same ids, added specials included (also into the
+  copied tokenizer.json), so a run directory is self-contained.
 """
 
 from __future__ import annotations

@@ -109,10 +109,10 @@ def nemo_header_records(n: int) -> list[str]:
 
 def test_nemo_header_speakers_load_as_the_roles_inside(tmp_path):
     tok = load_tokenizer("bytes")
-    path = write_lines(tmp_path / "spin.jsonl", nemo_header_records(64))
+    path = write_lines(tmp_path / "spin.jsonl", nemo_header_records(512))
     examples, stats = data.load_examples(path, tok, "llama3", 512, 384)
-    assert stats.n_examples == 64 and stats.n_invalid_skipped == 0
-    for line, e in zip(nemo_header_records(64), examples):
+    assert stats.n_examples == 512 and stats.n_invalid_skipped == 0
+    for line, e in zip(nemo_header_records(512), examples):
         turns = json.loads(line)["conversations"]
         roles = ["user" if t["from"] == header("user") else "assistant" for t in turns]
         assert [m["role"] for m in e.prompt_messages] == roles[:-1]  # an empty 'system' adds no system turn

@@ -200,7 +200,9 @@ def test_smollm_recipe_on_a_byte_level_llama_dir_keeps_the_default_system_prompt
     out_dir = tmp_path / "out"
     run_recipe("smollm.py", f"--init_from={model_dir}", f"--train_data={data}", f"--out_dir={out_dir}",
                "--max_len=256", "--max_prompt_len=192")  # room for the whole prompt on this small vocabulary
-    for p in rollouts(out_dir, 0):
+    pairs = rollouts(out_dir, 0)
+    assert len(pairs) == 4
+    for p in pairs:
         assert p["prompt"].startswith("<|im_start|>system\nYou are Tiny, a helpful model.<|im_end|>\n<|im_start|>user")
 
 
