@@ -47,6 +47,22 @@ ZEPHYR_JINJA = ("{% for message in messages %}\n{% if message['role'] == 'user' 
                 "message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n"
                 "{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
 
+# Templates built like SmolLM2's (the system turn inline, with real newlines in the JSON) and Qwen2.5's (a tools
+# branch, and '\n' escapes inside the Jinja strings); their system prompts are our own.
+SMOL_STYLE_JINJA = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                    "{{ '<|im_start|>system\nYou are Tiny, a helpful model.<|im_end|>\n' }}{% endif %}"
+                    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+QWEN_STYLE_JINJA = ("{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}"
+                    "{{- messages[0]['content'] }}{%- else %}{{- \"You are Small, made by a \\\"test\\\".\" }}"
+                    "{%- endif %}{{- '<|im_end|>\\n' }}{%- else %}{%- if messages[0]['role'] == 'system' %}"
+                    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}"
+                    "{{- \"<|im_start|>system\\nYou are Small, made by a \\\"test\\\".<|im_end|>\\n\" }}{%- endif %}"
+                    "{%- endif %}{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+                    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+                    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+                    "{%- endif %}")
+
 
 def real_dir(name: str) -> str:
     """A folder of ../shared/real (from the repo, or from a worktree one level deeper, or $NANOSPIN_REAL_FILES);

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import templates
-from hf_tokenizers import ZEPHYR_JINJA, real_dir, train_hf_tokenizer
-from test_templates import SMOL_STYLE_JINJA
+from hf_tokenizers import SMOL_STYLE_JINJA, ZEPHYR_JINJA, real_dir, train_hf_tokenizer
 from tokenizer import load_tokenizer
 from train_runs import REPO, metrics, rollouts, run_in_process
 

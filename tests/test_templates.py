@@ -10,8 +10,8 @@ import tiktoken
 
 import templates
 from configurator import UserError
-from hf_tokenizers import (CHATML_JINJA, LLAMA3_JINJA, ZEPHYR_JINJA, sentencepiece_hf_tokenizer,
-                           train_hf_tokenizer)
+from hf_tokenizers import (CHATML_JINJA, LLAMA3_JINJA, QWEN_STYLE_JINJA, SMOL_STYLE_JINJA, ZEPHYR_JINJA,
+                           sentencepiece_hf_tokenizer, train_hf_tokenizer)
 from tokenizer import CHAT_SPECIALS, Tokenizer, add_special_tokens, load_tokenizer
 
 
@@ -322,23 +322,6 @@ def test_added_chatml_markers_render_as_hugging_face_with_the_saved_tokenizer(tm
 
 # -----------------------------------------------------------------------------
 # A model's default system prompt, read from its Jinja template
-
-# Templates built like SmolLM2's (the system turn inline, with real newlines in the JSON) and Qwen2.5's (a tools
-# branch, and '\n' escapes inside the Jinja strings); the prompts are this test's own.
-SMOL_STYLE_JINJA = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-                    "{{ '<|im_start|>system\nYou are Tiny, a helpful model.<|im_end|>\n' }}{% endif %}"
-                    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-QWEN_STYLE_JINJA = ("{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}"
-                    "{{- messages[0]['content'] }}{%- else %}{{- \"You are Small, made by a \\\"test\\\".\" }}"
-                    "{%- endif %}{{- '<|im_end|>\\n' }}{%- else %}{%- if messages[0]['role'] == 'system' %}"
-                    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}"
-                    "{{- \"<|im_start|>system\\nYou are Small, made by a \\\"test\\\".<|im_end|>\\n\" }}{%- endif %}"
-                    "{%- endif %}{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
-                    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-                    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-                    "{%- endif %}")
-
 
 @pytest.mark.parametrize("jinja, prompt", [(SMOL_STYLE_JINJA, "You are Tiny, a helpful model."),
                                            (QWEN_STYLE_JINJA, 'You are Small, made by a "test".')])
