@@ -71,7 +71,7 @@ def split_run(records: list[dict]) -> dict:
             "shift": shift, "iterations": iterations, "records": records}
 
 
-def per_iteration(run: dict, key: str, phase: str = "spin") -> tuple[list[int], list[float]]:
+def values_by_iteration(run: dict, key: str, phase: str = "spin") -> tuple[list[int], list[float]]:
     """(iterations, values) of `key` in the records of `phase` that carry it, one value per
     iteration (the last record wins): rollout stats, dynamics, phase-end evaluations."""
     values = {}
@@ -80,6 +80,120 @@ def per_iteration(run: dict, key: str, phase: str = "spin") -> tuple[list[int], 
             values[r["iteration"]] = r[key]
     its = sorted(values)
     return its, [values[i] for i in its]
+
+
+# the 4 x 3 grid, row by row: panel name -> (title, x label); '─' solid, '- -' dashed
+PANELS = {
+    "sft_loss": ("training loss (NLL/token): SFT ─, continued SFT - - (shifted onto SPIN's steps)", "global step"),
+    "spin_loss": ("SPIN training loss", "global step"),
+    "margin": ("reward margin: training ─, held-out at iteration end ○", "global step"),
+    "accuracy": ("reward accuracy: training ─, held-out at iteration end ○", "global step"),
+    "logps": ("policy log-probs (summed): real ─, generated - -", "global step"),
+    "gen_len": ("rollout length: mean ─, p90 - -", "SPIN iteration"),
+    "valid_sampled": ("held-out valid@T=1 (%): SPIN ─, continued SFT - -", ""),
+    "valid_greedy": ("held-out valid@greedy (%): SPIN ─, continued SFT - -", ""),
+    "nll": ("held-out NLL/token: SPIN ─, continued SFT - -", ""),
+    "eos": ("rollout EOS rate", "SPIN iteration"),
+    "delta_logps": ("Δ log-prob over the iteration: real ─, generated - -", "SPIN iteration"),
+    "identical_kl": ("zero-gradient pairs (y' = y) ─, held-out KL(policy‖opponent)/token - - (right)",
+                     "SPIN iteration"),
+}
+BOUNDARY = {"linestyle": ":", "linewidth": 0.8, "alpha": 0.6}
+
+
+def draw_training(panels: dict, drawn: set, run: dict, color: str) -> None:
+    """Curves against the global step: SFT and continued-SFT loss, SPIN loss, rewards, log-probs."""
+    steps = run["steps"]
+    ax = panels["sft_loss"]
+    if steps["sft"]:
+        ax.plot([r["step"] for r in steps["sft"]], [r["loss"] for r in steps["sft"]], color=color)
+        ax.axvline(run["sft_end"], color=color, **BOUNDARY)
+        drawn.add("sft_loss")
+    if steps["baseline"]:
+        ax.plot([r["step"] - run["shift"] for r in steps["baseline"]], [r["loss"] for r in steps["baseline"]],
+                color=color, linestyle="--")
+        drawn.add("sft_loss")
+    spin = steps["spin"]
+    for name, keys in (("spin_loss", ["loss"]), ("margin", ["rewards/margins"]),
+                       ("accuracy", ["rewards/accuracies"]), ("logps", ["logps/real", "logps/generated"])):
+        for key, style in zip(keys, ("-", "--")):
+            for t in sorted({r["iteration"] for r in spin}):  # one line per iteration: no jump drawn between
+                points = [(r["step"], r[key]) for r in spin if key in r and r["iteration"] == t]
+                if points:
+                    xs, ys = zip(*points)
+                    panels[name].plot(xs, ys, color=color, linestyle=style, marker="." if len(points) < 30 else None)
+                    drawn.add(name)
+        if name in drawn:
+            for x in run["spin_ends"][:-1]:
+                panels[name].axvline(x, color=color, **BOUNDARY)
+    # held-out reward margin and accuracy at the end of each SPIN iteration, as open circles
+    for name, key in (("margin", "eval/reward_margin"), ("accuracy", "eval/reward_accuracy")):
+        points = sorted((r["step"], r[key]) for (phase, _), r in run["ends"].items() if phase == "spin" and key in r)
+        if points:
+            xs, ys = zip(*points)
+            panels[name].plot(xs, ys, color=color, linestyle="none", marker="o", markerfacecolor="none")
+            drawn.add(name)
+
+
+def draw_per_iteration(panels: dict, drawn: set, run: dict, color: str, kl_axis):
+    """Rollout statistics and SPIN dynamics, one point per iteration; returns the KL's right-hand axis
+    (made the first time a run has the KL)."""
+    for name, keys in (("gen_len", ["gen_len_mean", "gen_len_p90"]), ("eos", ["eos_rate"]),
+                       ("delta_logps", ["dynamics/delta_logps_real", "dynamics/delta_logps_generated"]),
+                       ("identical_kl", ["dynamics/identical_frac"])):
+        for key, style in zip(keys, ("-", "--")):
+            its, values = values_by_iteration(run, key)
+            if its:
+                panels[name].plot(its, values, color=color, linestyle=style, marker="o")
+                drawn.add(name)
+    its, values = values_by_iteration(run, "eval/kl_opponent")
+    if its:
+        if kl_axis is None:
+            kl_axis = panels["identical_kl"].twinx()
+            kl_axis.tick_params(labelsize=8)
+        kl_axis.plot(its, values, color=color, linestyle="--", marker="s")
+        drawn.add("identical_kl")
+    return kl_axis
+
+
+def draw_held_out(panels: dict, drawn: set, run: dict, color: str) -> None:
+    """Held-out checker scores and NLL per phase: x = 0 for SFT, t + 1 for iteration t; SPIN and
+    continued SFT both start from the SFT point."""
+    for name, key, scale in (("valid_sampled", "eval/valid_sampled", 100),
+                             ("valid_greedy", "eval/valid_greedy", 100), ("nll", "eval/nll", 1)):
+        start = run["ends"].get(("sft", 0), {}).get(key)
+        for phase, style, marker in (("spin", "-", "o"), ("baseline", "--", "s")):
+            its = sorted(i for (p, i) in run["ends"] if p == phase and key in run["ends"][(p, i)])
+            xs = ([0] if start is not None else []) + [i + 1 for i in its]
+            ys = ([start] if start is not None else []) + [run["ends"][(phase, i)][key] for i in its]
+            if len(xs) > (1 if phase == "baseline" else 0):
+                panels[name].plot(xs, [y * scale for y in ys], color=color, linestyle=style, marker=marker)
+                drawn.add(name)
+
+
+def style_panels(panels: dict, drawn: set, n_iterations: int, ticker) -> None:
+    for name, ax in panels.items():
+        title, xlabel = PANELS[name]
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        if xlabel:
+            ax.set_xlabel(xlabel, fontsize=8)
+        if name in ("valid_sampled", "valid_greedy", "nll"):
+            ax.set_xticks(range(n_iterations + 1), ["SFT"] + [f"iter {t}" for t in range(n_iterations)])
+        elif xlabel == "SPIN iteration" and n_iterations:
+            ax.set_xticks(range(n_iterations))
+        if name not in drawn:
+            ax.text(0.5, 0.5, "not in these runs' metrics", transform=ax.transAxes, ha="center", va="center",
+                    color="gray", fontsize=9)
+    if "sft_loss" in drawn:  # the loss falls by 5x: log scale, with plain numbers rather than powers of ten
+        panels["sft_loss"].set_yscale("log")
+        panels["sft_loss"].yaxis.set_major_formatter(ticker.ScalarFormatter())
+        panels["sft_loss"].yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.1f"))
+    if "spin_loss" in drawn:
+        panels["spin_loss"].axhline(0.6931, color="gray", linewidth=0.8, linestyle="-.")  # log 2: policy = opponent
+    if "delta_logps" in drawn:
+        panels["delta_logps"].axhline(0, color="gray", linewidth=0.8)
 
 
 def plot_runs(out_dirs: list[str], path: str) -> str:
@@ -94,126 +208,21 @@ def plot_runs(out_dirs: list[str], path: str) -> str:
     runs = {d: split_run(read_metrics(d)) for d in out_dirs}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(4, 3, figsize=(16, 17))
-    panels = {name: ax for name, ax in zip(
-        ["sft_loss", "spin_loss", "margin", "accuracy", "logps", "gen_len",
-         "valid_sampled", "valid_greedy", "nll", "eos", "delta_logps", "identical_kl"], axes.flat)}
-    drawn = {name: False for name in panels}
-    kl_axis = None  # a right-hand axis for the KL, made when a run has it
-
-    def boundaries(ax, run, color, with_sft=True):
-        for x in ([run["sft_end"]] if with_sft and run["sft_end"] else []) + run["spin_ends"][:-1]:
-            ax.axvline(x, color=color, linestyle=":", linewidth=0.8, alpha=0.6)
-
-    for n, (out_dir, run) in enumerate(runs.items()):
+    panels = dict(zip(PANELS, axes.flat))
+    drawn: set[str] = set()
+    kl_axis = None
+    for n, run in enumerate(runs.values()):
         color = colors[n % len(colors)]
-        label = run_label(out_dirs, out_dir)
-        steps = run["steps"]
-
-        # -- training curves against the global step --
-        ax = panels["sft_loss"]
-        if steps["sft"]:
-            ax.plot([r["step"] for r in steps["sft"]], [r["loss"] for r in steps["sft"]], color=color, label=label)
-            drawn["sft_loss"] = True
-        if steps["baseline"]:
-            ax.plot([r["step"] - run["shift"] for r in steps["baseline"]], [r["loss"] for r in steps["baseline"]],
-                    color=color, linestyle="--")
-        if run["sft_end"] and drawn["sft_loss"]:
-            ax.axvline(run["sft_end"], color=color, linestyle=":", linewidth=0.8, alpha=0.6)
-        spin = steps["spin"]
-        for name, keys in (("spin_loss", ["loss"]), ("margin", ["rewards/margins"]),
-                           ("accuracy", ["rewards/accuracies"]), ("logps", ["logps/real", "logps/generated"])):
-            ax = panels[name]
-            for key, style in zip(keys, ("-", "--")):
-                for t in sorted({r["iteration"] for r in spin}):  # one line per iteration: no jump drawn between
-                    points = [(r["step"], r[key]) for r in spin if key in r and r["iteration"] == t]
-                    if points:
-                        xs, ys = zip(*points)
-                        ax.plot(xs, ys, color=color, linestyle=style, marker="." if len(points) < 30 else None)
-                        drawn[name] = True
-            if drawn[name]:
-                boundaries(ax, run, color, with_sft=False)
-        # held-out reward margin and accuracy at the end of each SPIN iteration, as open circles
-        for name, key in (("margin", "eval/reward_margin"), ("accuracy", "eval/reward_accuracy")):
-            points = [(r["step"], r[key]) for (phase, _), r in run["ends"].items() if phase == "spin" and key in r]
-            if points:
-                xs, ys = zip(*sorted(points))
-                panels[name].plot(xs, ys, color=color, linestyle="none", marker="o", markerfacecolor="none")
-                drawn[name] = True
-
-        # -- per iteration: rollouts and dynamics --
-        for name, keys in (("gen_len", ["gen_len_mean", "gen_len_p90"]), ("eos", ["eos_rate"]),
-                           ("delta_logps", ["dynamics/delta_logps_real", "dynamics/delta_logps_generated"]),
-                           ("identical_kl", ["dynamics/identical_frac"])):
-            for key, style in zip(keys, ("-", "--")):
-                its, values = per_iteration(run, key)
-                if its:
-                    panels[name].plot(its, values, color=color, linestyle=style, marker="o")
-                    drawn[name] = True
-        its, values = per_iteration(run, "eval/kl_opponent")
-        if its:
-            if kl_axis is None:
-                kl_axis = panels["identical_kl"].twinx()
-                kl_axis.tick_params(labelsize=8)
-            kl_axis.plot(its, values, color=color, linestyle="--", marker="s")
-            drawn["identical_kl"] = True
-
-        # -- held-out scores per iteration: x = 0 for SFT, t + 1 for iteration t --
-        for name, key, scale in (("valid_sampled", "eval/valid_sampled", 100), ("valid_greedy", "eval/valid_greedy", 100),
-                                 ("nll", "eval/nll", 1)):
-            start = run["ends"].get(("sft", 0), {}).get(key)
-            for phase, style, marker in (("spin", "-", "o"), ("baseline", "--", "s")):
-                its = sorted(i for (p, i) in run["ends"] if p == phase and key in run["ends"][(p, i)])
-                xs = ([0] if start is not None else []) + [i + 1 for i in its]
-                ys = ([start] if start is not None else []) + [run["ends"][(phase, i)][key] for i in its]
-                if len(xs) > (1 if phase == "baseline" else 0):
-                    panels[name].plot(xs, [y * scale for y in ys], color=color, linestyle=style, marker=marker)
-                    drawn[name] = True
-
-    titles = {
-        "sft_loss": ("training loss (NLL/token): SFT ─, continued SFT - - (shifted onto SPIN's steps)", "global step"),
-        "spin_loss": ("SPIN training loss", "global step"),
-        "margin": ("reward margin: training ─, held-out at iteration end ○", "global step"),
-        "accuracy": ("reward accuracy: training ─, held-out at iteration end ○", "global step"),
-        "logps": ("policy log-probs (summed): real ─, generated - -", "global step"),
-        "gen_len": ("rollout length: mean ─, p90 - -", "SPIN iteration"),
-        "valid_sampled": ("held-out valid@T=1 (%): SPIN ─, continued SFT - -", ""),
-        "valid_greedy": ("held-out valid@greedy (%): SPIN ─, continued SFT - -", ""),
-        "nll": ("held-out NLL/token: SPIN ─, continued SFT - -", ""),
-        "eos": ("rollout EOS rate", "SPIN iteration"),
-        "delta_logps": ("Δ log-prob over the iteration: real ─, generated - -", "SPIN iteration"),
-        "identical_kl": ("zero-gradient pairs (y' = y) ─, held-out KL(policy‖opponent)/token - - (right)",
-                         "SPIN iteration"),
-    }
-    n_its = max((len(r["iterations"]) for r in runs.values()), default=0)
-    for name, ax in panels.items():
-        title, xlabel = titles[name]
-        ax.set_title(title, fontsize=9)
-        ax.tick_params(labelsize=8)
-        if xlabel:
-            ax.set_xlabel(xlabel, fontsize=8)
-        ax.grid(alpha=0.3)
-        if name in ("valid_sampled", "valid_greedy", "nll"):
-            ax.set_xticks(range(n_its + 1), ["SFT"] + [f"iter {t}" for t in range(n_its)])
-        elif xlabel == "SPIN iteration" and n_its:
-            ax.set_xticks(range(n_its))
-        if not drawn[name]:
-            ax.text(0.5, 0.5, "not in these runs' metrics", transform=ax.transAxes, ha="center", va="center",
-                    color="gray", fontsize=9)
-    if drawn["sft_loss"]:
-        panels["sft_loss"].set_yscale("log")
-        for axis in (panels["sft_loss"].yaxis,):  # plain numbers, not powers of ten
-            axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-            axis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
-    if drawn["spin_loss"]:
-        panels["spin_loss"].axhline(0.6931, color="gray", linewidth=0.8, linestyle="-.")  # log 2: policy = opponent
-    if drawn["delta_logps"]:
-        panels["delta_logps"].axhline(0, color="gray", linewidth=0.8)
+        draw_training(panels, drawn, run, color)
+        kl_axis = draw_per_iteration(panels, drawn, run, color, kl_axis)
+        draw_held_out(panels, drawn, run, color)
+    style_panels(panels, drawn, max((len(r["iterations"]) for r in runs.values()), default=0), matplotlib.ticker)
     handles = [plt.Line2D([], [], color=colors[n % len(colors)], label=run_label(out_dirs, d))
                for n, d in enumerate(out_dirs)]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=9, frameon=False)
     fig.suptitle("dotted vertical lines: end of SFT and of each SPIN iteration", fontsize=9, y=0.965)
     fig.tight_layout(rect=(0, 0, 1, 0.955))
-    tmp = path + ".tmp.png"
+    tmp = path + ".tmp.png"  # written whole, then renamed: no half-written picture
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, path)
