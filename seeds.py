@@ -320,6 +320,8 @@ def main(argv: list[str]) -> None:
             prefix = option.removeprefix("--out=")
         if not out_dirs:
             raise UserError("--summarize needs at least one run directory (a train.py out_dir)")
+        if len(set(map(os.path.abspath, out_dirs))) != len(out_dirs):
+            raise UserError("--summarize: a run directory is named twice; pass each run once")
         missing = [d for d in out_dirs if not os.path.isdir(d)]
         if missing:
             raise UserError(f"run directory '{missing[0]}' not found")

@@ -129,6 +129,7 @@ def test_summarize_of_runs_with_unequal_phases(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--summarize", "nowhere"], "run directory 'nowhere' not found"),
     (["--summarize", "tests"], "is not a train.py out_dir"),
+    (["--summarize", "tests", "tests/"], "named twice"),
     (["config/quick.py", "--seeds=1,1"], "give each seed once"),
     (["config/quick.py", "--seeds=1", "--jobs=0"], "positive number of runs"),
     (["config/quick.py", "--seeds=1", "--seed=3"], "give them all as --seeds"),
