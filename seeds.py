@@ -1,0 +1,361 @@
+"""Seeds: run one config over several seeds and say, with 95% intervals, whether SPIN helped.
+
+    python seeds.py config/quick.py --seeds=1,2,3,4,5 [--jobs=2] [--key=value ...]
+    python seeds.py --summarize OUT_DIR [OUT_DIR ...] [--out=PREFIX]
+
+Design choices:
+- Each seed is a plain train.py run in `<out_dir>/seed_N` (its output in `<out_dir>/seed_N.log`); a
+  seed whose metrics.jsonl already holds every phase's end is skipped, and an unfinished one resumes
+  because train.py does. `--jobs=2` runs two at a time with one torch thread each.
+- The table is built only from the phase-end evaluations in each run's metrics.jsonl, so
+  `--summarize` gives the same table for runs made any other way.
+- Differences are paired within a run (same seed, same held-out prompts): SPIN iter t − SFT start
+  and SPIN iter t − continued SFT iter t. Their 95% interval is mean ± t(0.975, n−1)·sd/√n, with the
+  Student t quantile computed here from the exact finite-sum CDF for integer degrees of freedom, so
+  nothing beyond the standard library is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from configurator import UserError, run_main
+
+# (metrics.jsonl key, label, scale): validity and accuracy are shown in points (percent)
+METRICS = [("eval/valid_sampled", "valid@T=1 (%)", 100.0), ("eval/valid_greedy", "valid@greedy (%)", 100.0),
+           ("eval/nll", "NLL", 1.0), ("eval/reward_margin", "reward margin", 1.0),
+           ("eval/reward_accuracy", "reward acc (%)", 100.0)]
+# the scores compared between phases (reward metrics exist only after SPIN phases)
+DIFFERENCE_METRICS = ["eval/valid_sampled", "eval/valid_greedy", "eval/nll"]
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics
+
+
+def t_cdf_two_sided(t: float, dof: int) -> float:
+    """P(|T| < t) for Student's t with an integer number of degrees of freedom: the closed
+    finite sums in θ = atan(t/√dof) (Abramowitz & Stegun 26.7.3-4)."""
+    if dof < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {dof}")
+    theta = math.atan(abs(t) / math.sqrt(dof))
+    c2 = math.cos(theta) ** 2
+    if dof % 2 == 1:
+        series, term = 0.0, math.cos(theta)
+        for k in range(1, (dof - 1) // 2 + 1):  # terms cos^(2k-1)θ · (2·4···(2k−2)) / (1·3···(2k−1))
+            series += term
+            term *= c2 * (2 * k) / (2 * k + 1)
+        return 2 / math.pi * (theta + math.sin(theta) * series)
+    series, term = 0.0, 1.0
+    for k in range(1, dof // 2 + 1):  # terms cos^(2k-2)θ · (1·3···(2k−3)) / (2·4···(2k−2))
+        series += term
+        term *= c2 * (2 * k - 1) / (2 * k)
+    return math.sin(theta) * series
+
+
+def t_quantile(p: float, dof: int) -> float:
+    """The p-quantile (p > 0.5) of Student's t: the t with P(T < t) = p, by bisection on the CDF."""
+    if not 0.5 < p < 1:
+        raise ValueError(f"p must be in (0.5, 1), got {p}")
+    coverage = 2 * p - 1  # P(|T| < t)
+    lo, hi = 0.0, 1.0
+    while t_cdf_two_sided(hi, dof) < coverage:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf_two_sided(mid, dof) < coverage else (lo, mid)
+        if hi - lo < 1e-12 * hi:
+            break
+    return (lo + hi) / 2
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float | None, float | None]:
+    """(mean, lower, upper) of a Student t interval for the mean; no interval for one value."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None, None
+    half = t_quantile(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+# ------------------------------------------------------------------------------------------------
+# reading runs
+
+
+def phase_label(phase: str, iteration: int) -> str:
+    return {"sft": "SFT", "spin": f"SPIN iter {iteration}", "baseline": f"continued SFT iter {iteration}"}[phase]
+
+
+def phase_ends(out_dir: str) -> dict[tuple[str, int], dict]:
+    """{(phase, iteration): the phase-end record} of one run (the last one wins if a phase repeats)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"'{path}' not found: '{out_dir}' is not a train.py out_dir (pass the seed_N directories)")
+    ends = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if record.get("event") == "phase_end":
+                ends[(record["phase"], record["iteration"])] = record
+    return ends
+
+
+def summarize(out_dirs: list[str]) -> dict:
+    """Per phase: each metric's values, mean and sd over runs; paired differences with 95% intervals."""
+    runs = {d: phase_ends(d) for d in out_dirs}
+    empty = [d for d, ends in runs.items() if not ends]
+    if empty:
+        raise UserError(f"'{empty[0]}/metrics.jsonl' has no phase-end evaluation yet; let the run finish a phase "
+                        f"or leave that directory out")
+    order = {"sft": 0, "spin": 1, "baseline": 2}
+    keys = sorted({k for ends in runs.values() for k in ends}, key=lambda k: (order[k[0]], k[1]))
+    phases = []
+    for phase, iteration in keys:
+        row = {"phase": phase, "iteration": iteration, "label": phase_label(phase, iteration), "metrics": {}}
+        for key, _, _ in METRICS:
+            have = [i for i, d in enumerate(out_dirs) if key in runs[d].get((phase, iteration), {})]
+            values = [runs[out_dirs[i]][(phase, iteration)][key] for i in have]
+            if values:  # "runs": the positions in out_dirs the values come from
+                row["metrics"][key] = {"n": len(values), "values": values, "runs": have,
+                                       "mean": statistics.fmean(values),
+                                       "sd": statistics.stdev(values) if len(values) > 1 else None}
+        phases.append(row)
+
+    spin_iterations = sorted(i for p, i in keys if p == "spin")
+    comparisons = []  # (label, SPIN phase key, the phase it is compared with)
+    for t in spin_iterations:
+        comparisons.append((f"SPIN iter {t} − SFT", ("spin", t), ("sft", 0)))
+        comparisons.append((f"SPIN iter {t} − continued SFT iter {t}", ("spin", t), ("baseline", t)))
+    differences = []
+    for label, a, b in comparisons:
+        row = {"label": label, "spin_iteration": a[1], "against": b[0], "metrics": {}}
+        for key in DIFFERENCE_METRICS:
+            both = [d for d in out_dirs if key in runs[d].get(a, {}) and key in runs[d].get(b, {})]
+            if not both:
+                continue
+            values = [runs[d][a][key] - runs[d][b][key] for d in both]
+            mean, lower, upper = mean_ci(values)
+            row["metrics"][key] = {"n": len(values), "values": values, "mean": mean, "ci95": [lower, upper]}
+        if row["metrics"]:
+            differences.append(row)
+    return {"runs": list(out_dirs), "last_spin_iteration": spin_iterations[-1] if spin_iterations else None,
+            "phases": phases, "differences": differences}
+
+
+# ------------------------------------------------------------------------------------------------
+# the table
+
+
+def _fmt(value: float, scale: float, signed: bool = False) -> str:
+    digits = 1 if scale == 100.0 else 3
+    return f"{value * scale:+.{digits}f}" if signed else f"{value * scale:.{digits}f}"
+
+
+def verdicts(summary: dict) -> list[str]:
+    """One sentence per comparison of the last SPIN iteration on valid@T=1."""
+    last, lines = summary["last_spin_iteration"], []
+    for row in summary["differences"]:
+        cell = row["metrics"].get("eval/valid_sampled")
+        if row["spin_iteration"] != last or cell is None:
+            continue
+        lower, upper = cell["ci95"]
+        if lower is None:
+            lines.append(f"{row['label']}, valid@T=1: {_fmt(cell['mean'], 100, True)} points (one run: no interval)")
+            continue
+        reading = ("above zero" if lower > 0 else "below zero" if upper < 0 else
+                   "the interval includes zero: no measurable effect")
+        lines.append(f"{row['label']}, valid@T=1: {_fmt(cell['mean'], 100, True)} points, 95% CI "
+                     f"[{_fmt(lower, 100, True)}, {_fmt(upper, 100, True)}] over {cell['n']} runs: {reading}")
+    return lines
+
+
+def markdown(summary: dict) -> str:
+    n_runs = len(summary["runs"])
+    cols = [(k, label, s) for k, label, s in METRICS if any(k in p["metrics"] for p in summary["phases"])]
+    lines = [f"Held-out scores after each phase over {n_runs} runs (mean ± standard deviation):", "",
+             "| after | " + " | ".join(label for _, label, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    for p in summary["phases"]:
+        cells = []
+        for key, _, scale in cols:
+            m = p["metrics"].get(key)
+            cells.append("" if m is None else _fmt(m["mean"], scale) +
+                         ("" if m["sd"] is None else f" ± {_fmt(m['sd'], scale)}"))
+        lines.append(f"| {p['label']} | " + " | ".join(cells) + " |")
+    if summary["differences"]:
+        scale = {k: s for k, _, s in METRICS}
+        labels = {k: label.replace("(%)", "(points)") for k, label, _ in METRICS}
+        lines += ["", "Paired differences within each run: mean [95% confidence interval, Student t]:", "",
+                  "| difference | " + " | ".join(labels[k] for k in DIFFERENCE_METRICS) + " |",
+                  "|---|" + "---|" * len(DIFFERENCE_METRICS)]
+        for row in summary["differences"]:
+            cells = []
+            for key in DIFFERENCE_METRICS:
+                m = row["metrics"].get(key)
+                if m is None:
+                    cells.append("")
+                    continue
+                lower, upper = m["ci95"]
+                interval = "" if lower is None else \
+                    f" [{_fmt(lower, scale[key], True)}, {_fmt(upper, scale[key], True)}]"
+                cells.append(_fmt(m["mean"], scale[key], True) + interval)
+            lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+        lines += [""] + verdicts(summary)
+    lines += ["", "Per run, valid@T=1 / valid@greedy (%):", "",
+              "| run | " + " | ".join(p["label"] for p in summary["phases"]) + " |",
+              "|---|" + "---|" * len(summary["phases"])]
+    for i, run in enumerate(summary["runs"]):
+        cells = []
+        for p in summary["phases"]:
+            pair = [p["metrics"].get(k) for k in ("eval/valid_sampled", "eval/valid_greedy")]
+            # a phase some run lacks has fewer values: find this run's by position among the runs that have it
+            cells.append(" / ".join(_fmt(m["values"][m["runs"].index(i)], 100.0) if m and i in m["runs"] else "–"
+                                    for m in pair))
+        lines.append(f"| {os.path.basename(run.rstrip('/'))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(summary: dict, prefix: str) -> tuple[str, str]:
+    """`prefix.json` and `prefix.md`, each written whole (temporary file, then rename)."""
+    paths = (prefix + ".json", prefix + ".md")
+    for path, text in zip(paths, (json.dumps(summary, indent=2) + "\n", markdown(summary))):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# running the seeds
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'1,2,3' or '201-205' (or a mix) -> the seeds, in order."""
+    seeds = []
+    try:
+        for part in text.split(","):
+            a, _, b = part.strip().partition("-")
+            seeds += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError:
+        raise UserError(f"--seeds={text}: give integers such as --seeds=1,2,3 or --seeds=1-5") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds={text}: give each seed once, e.g. --seeds=1,2,3")
+    return seeds
+
+
+def finished(out_dir: str, expected: list[tuple[str, int]]) -> bool:
+    if not os.path.isfile(os.path.join(out_dir, "metrics.jsonl")):
+        return False
+    return set(expected) <= set(phase_ends(out_dir))
+
+
+def run_seeds(config: str, overrides: list[str], seeds: list[int], jobs: int) -> tuple[list[str], str]:
+    """Run train.py once per seed (at most `jobs` at a time); returns the seeds' out_dirs and their root."""
+    from train import TrainConfig, check_config, phases_of
+    from configurator import load_config
+    cfg = load_config(TrainConfig, [config, *overrides])  # a typo fails here once, not once per seed
+    check_config(cfg)
+    root = cfg.out_dir
+    os.makedirs(root, exist_ok=True)
+    env = dict(os.environ)
+    if jobs > 1:  # two processes with several threads each crawl on a small CPU
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    out_dirs, pending = [], []
+    for seed in seeds:
+        out_dir = os.path.join(root, f"seed_{seed}")
+        out_dirs.append(out_dir)
+        if finished(out_dir, phases_of(cfg)):
+            print(f"seed {seed}: {out_dir} has finished every phase; skipped")
+        else:
+            pending.append((seed, out_dir))
+    running, failed = [], []
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed, out_dir = pending.pop(0)
+            log_path = out_dir + ".log"
+            log = open(log_path, "a")
+            cmd = [sys.executable, script, config, *overrides, f"--seed={seed}", f"--out_dir={out_dir}"]
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            print(f"seed {seed}: running in {out_dir} (output in {log_path})", flush=True)
+            running.append((seed, log_path, log, proc, time.time()))
+        time.sleep(0.2)
+        for item in list(running):
+            seed, log_path, log, proc, t0 = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            if proc.returncode == 0:
+                print(f"seed {seed}: done in {time.time() - t0:.0f}s", flush=True)
+            else:
+                print(f"seed {seed}: failed with exit code {proc.returncode}; see {log_path}", flush=True)
+                failed.append((seed, log_path))
+    if failed:
+        raise UserError(f"{len(failed)} of {len(seeds)} runs failed (seed {failed[0][0]}: see {failed[0][1]}); "
+                        f"fix the cause and run the same command again to resume them")
+    return out_dirs, root
+
+
+def main(argv: list[str]) -> None:
+    usage = ("usage: python seeds.py CONFIG --seeds=1,2,3 [--jobs=2] [--key=value ...] | "
+             "python seeds.py --summarize OUT_DIR [OUT_DIR ...] [--out=PREFIX]")
+    if not argv or argv[0] in ("-h", "--help"):
+        raise UserError(usage)
+    if argv[0] == "--summarize":
+        out_dirs = [a for a in argv[1:] if not a.startswith("--")]
+        options = [a for a in argv[1:] if a.startswith("--")]
+        prefix = None
+        for option in options:
+            if not option.startswith("--out="):
+                raise UserError(f"--summarize takes run directories and --out=PREFIX, not '{option}'")
+            prefix = option.removeprefix("--out=")
+        if not out_dirs:
+            raise UserError("--summarize needs at least one run directory (a train.py out_dir)")
+        if len(set(map(os.path.abspath, out_dirs))) != len(out_dirs):
+            raise UserError("--summarize: a run directory is named twice; pass each run once")
+        missing = [d for d in out_dirs if not os.path.isdir(d)]
+        if missing:
+            raise UserError(f"run directory '{missing[0]}' not found")
+        if prefix is None:
+            prefix = os.path.join(os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in out_dirs]),
+                                  "seeds_summary")
+    else:
+        config, rest = argv[0], argv[1:]
+        if config.startswith("--"):
+            raise UserError(f"the config file comes first ({usage})")
+        seeds, jobs, overrides = None, 1, []
+        for arg in rest:
+            if arg.startswith("--seeds="):
+                seeds = parse_seeds(arg.removeprefix("--seeds="))
+            elif arg.startswith("--jobs="):
+                try:
+                    jobs = int(arg.removeprefix("--jobs="))
+                except ValueError:
+                    jobs = 0
+                if jobs < 1:
+                    raise UserError(f"{arg}: give a positive number of runs at a time, e.g. --jobs=2")
+            elif arg.startswith("--seed="):
+                raise UserError(f"{arg}: seeds.py sets each run's seed; give them all as --seeds=1,2,3")
+            else:
+                overrides.append(arg)
+        if seeds is None:
+            raise UserError(f"--seeds is missing ({usage})")
+        out_dirs, root = run_seeds(config, overrides, seeds, jobs)
+        prefix = os.path.join(root, "seeds_summary")
+    summary = summarize(out_dirs)
+    json_path, md_path = write_summary(summary, prefix)
+    print(markdown(summary), end="")
+    print(f"wrote {md_path} and {json_path}")
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])

@@ -1,0 +1,85 @@
+"""plot.py: a PNG from a recorded metrics.jsonl (the quick demo at seed 1337), the SPIN dynamics
+panels when their keys are present, and one-line errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train_runs import REPO, child_env
+
+pytest.importorskip("matplotlib")
+
+from plot import plot_runs, split_run  # noqa: E402
+
+RECORDED = REPO / "tests" / "fixtures" / "quick_metrics.jsonl"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run_dir(tmp_path, name, records=None) -> Path:
+    out_dir = tmp_path / name
+    out_dir.mkdir()
+    if records is None:
+        shutil.copyfile(RECORDED, out_dir / "metrics.jsonl")
+    else:
+        (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out_dir
+
+
+def test_png_from_a_recorded_run(tmp_path):
+    out_dir = _run_dir(tmp_path, "run")
+    proc = subprocess.run([sys.executable, "plot.py", str(out_dir)], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    png = (out_dir / "metrics.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 20_000
+
+
+def test_the_baseline_is_drawn_onto_the_spin_steps():
+    run = split_run([json.loads(line) for line in open(RECORDED)])
+    # the recorded demo: SFT ends at 500, three SPIN iterations of 16 steps, then the baseline's 48
+    assert (run["sft_end"], run["spin_ends"], run["shift"]) == (500, [516, 532, 548], 48)
+    assert run["steps"]["baseline"][0]["step"] - run["shift"] == 516
+
+
+def test_dynamics_panels_draw_when_logged(tmp_path):
+    records = [json.loads(line) for line in open(RECORDED)]
+    with_dynamics = []
+    for r in records:
+        r = dict(r)
+        if "rollout_seconds" in r:
+            r.update({"gen_len_p90": 17.0, "dynamics/identical_frac": 0.02 * r["iteration"]})
+        if r.get("event") == "phase_end" and r["phase"] == "spin":
+            r.update({"dynamics/delta_logps_real": -0.4 * r["iteration"], "eval/kl_opponent": 0.01,
+                      "dynamics/delta_logps_generated": -1.1 * r["iteration"]})
+        with_dynamics.append(r)
+    plain = plot_runs([str(_run_dir(tmp_path, "plain"))], str(tmp_path / "plain.png"))
+    both = plot_runs([str(_run_dir(tmp_path, "dyn", with_dynamics)), str(tmp_path / "plain")],
+                     str(tmp_path / "both.png"))
+    assert Path(plain).read_bytes() != Path(both).read_bytes()
+    assert Path(both).stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nowhere"], "run directory 'nowhere' not found"),
+    (["tests"], "metrics.jsonl' not found"),
+    ([], "usage: python plot.py"),
+    (["tests", "--out=x.pdf"], "give a name ending in .png"),
+])
+def test_errors_are_one_line(args, message):
+    proc = subprocess.run([sys.executable, "plot.py", *args], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_missing_matplotlib_is_a_one_line_hint(tmp_path):
+    out_dir = _run_dir(tmp_path, "run")
+    code = ("import sys; sys.modules['matplotlib'] = None\n"  # as if it were not installed
+            "import plot; from configurator import run_main; run_main(plot.main, sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", code, str(out_dir)], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "pip install matplotlib" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (out_dir / "metrics.png").exists()
