@@ -140,8 +140,8 @@ def compile_for_h100(kernel, dtype: str, constants: dict, num_warps: int, num_st
     for i, (name, param) in enumerate(params.items()):
         if name in constants:
             signature[name] = "constexpr"
-        elif name.isupper():  # Q, K, ..., LSE, DELTA: pointers
-            signature[name] = "*fp32" if name in ("LSE", "DELTA") else f"*{dtype}"
+        elif name.isupper():  # Q, K, ..., LSE, DELTA, IDS: pointers
+            signature[name] = {"LSE": "*fp32", "DELTA": "*fp32", "IDS": "*i32"}.get(name, f"*{dtype}")
             pointers.append(i)
         else:
             signature[name] = "fp32" if name.endswith("scale") else "i32"
@@ -162,21 +162,27 @@ def compile_for_h100(kernel, dtype: str, constants: dict, num_warps: int, num_st
     return f"| {compiled.metadata.shared} B | {tensor_core} {usage}"
 
 
+MASKS = {"causal": dict(CAUSAL=True, PACKED=False, WINDOWED=False),  # the kernels' mask variants, as compiled
+         "full": dict(CAUSAL=False, PACKED=False, WINDOWED=False),
+         "packed": dict(CAUSAL=True, PACKED=True, WINDOWED=False),
+         "window": dict(CAUSAL=True, PACKED=False, WINDOWED=True)}
+
+
 def compile_check() -> None:
     import kernels.attention as attention_module
     print("bf16 kernels compiled for sm_90 (no GPU needed); spills = local memory per thread")
-    print("| kernel | D | causal | shared memory | tensor cores | registers | spills |")
+    print("| kernel | D | mask | shared memory | tensor cores | registers | spills |")
     print("|---|---|---|---|---|---|---|")
     for D in (64, 128):
         tiles = attention_module._block_sizes(D, torch.bfloat16)
-        for causal in (True, False):
-            for name, kernel in (("fwd", attention_module._attn_fwd_kernel),
-                                 ("dkdv", attention_module._attn_bwd_dkdv_kernel),
-                                 ("dq", attention_module._attn_bwd_dq_kernel)):
+        for mask, flags in MASKS.items():
+            for name, kernel, side in (("fwd", attention_module._attn_fwd_kernel, {}),
+                                       ("dkdv", attention_module._attn_bwd_kernel, dict(KEY_BLOCKS=True)),
+                                       ("dq", attention_module._attn_bwd_kernel, dict(KEY_BLOCKS=False))):
                 tile = dict(tiles[name])
                 warps, stages = tile.pop("num_warps"), tile.pop("num_stages")
-                constants = dict(GROUP=1, HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION="tf32", **tile)
-                print(f"| {name} | {D} | {causal} " + compile_for_h100(kernel, "bf16", constants, warps, stages) + " |",
+                constants = dict(GROUP=1, HEAD_DIM=D, DOT_PRECISION="tf32", **flags, **side, **tile)
+                print(f"| {name} | {D} | {mask} " + compile_for_h100(kernel, "bf16", constants, warps, stages) + " |",
                       flush=True)
 
 
