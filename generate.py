@@ -6,8 +6,8 @@ Design choices:
   (CUDA graphs on the GPU) and does no per-row Python work.
 - Ragged prompts are left-padded to a common length P: every row writes the same cache slot each step,
   its positions are slot - pad (so RoPE/learned positions equal those of the prompt alone) and the mask
-  hides its pad slots. Each row may generate until prompt + new = block_size, so a row gives the same
-  tokens in a batch as alone.
+  hides its pad slots (and keys past a sliding window: `cache_mask`). Each row may generate until
+  prompt + new = block_size, so a row gives the same tokens in a batch as alone.
 - Sampling is temperature, then top-k, then top-p, as small pure functions; ties at a cut-off are kept.
 - `generate_ref` recomputes the whole sequence every step: the plain reference the tests compare against.
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import kernels.attention as attention_module
 from generate import generate
 from model import GPT
 from tokenizer import load_tokenizer
@@ -35,7 +36,15 @@ def mistral_dir(path, vocab_size: int = 97, max_positions: int = 64, window: int
 
 
 @pytest.mark.parametrize("attention", ["sdpa", pytest.param("triton", marks=pytest.mark.triton)])
-def test_windowed_logits_equal_transformers_mistral(tmp_path, attention):
+def test_windowed_logits_equal_transformers_mistral(tmp_path, attention, monkeypatch):
+    windowed_launches = []
+    real_launch = attention_module.launch
+
+    def counting_launch(kernel, *args, **meta):
+        windowed_launches.append(meta.get("WINDOWED"))
+        return real_launch(kernel, *args, **meta)
+
+    monkeypatch.setattr(attention_module, "launch", counting_launch)
     hf = mistral_dir(tmp_path)
     model = GPT.from_pretrained(str(tmp_path), attention=attention).eval()
     assert model.config.sliding_window == WINDOW
@@ -48,6 +57,8 @@ def test_windowed_logits_equal_transformers_mistral(tmp_path, attention):
         full = unwindowed(idx)
     assert (got - want).abs().max().item() <= 1e-4
     assert (full[:, WINDOW:] - want[:, WINDOW:]).abs().max().item() > 1e-2  # the window really matters here
+    # the Triton model ran the windowed kernel in every layer (no silent fall back to SDPA); SDPA launched none
+    assert windowed_launches == ([True] * model.config.n_layer if attention == "triton" else [])
 
 
 def test_kv_cached_greedy_generation_equals_transformers_past_the_window(tmp_path):
