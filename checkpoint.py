@@ -91,6 +91,33 @@ def _rope_settings(hf: dict, where: str) -> tuple[float, dict | None]:
     raise UserError(f"{where}: rope type '{rope_type}' is not supported (only 'default' and 'llama3')")
 
 
+def _sliding_window(hf: dict, block: int, where: str) -> int | None:
+    """Mistral's sliding_window (every layer), or Qwen2's when use_sliding_window is set. Qwen2 windows only the
+    layers from max_window_layers on (or those its layer_types name); nanospin windows all layers or none, so a
+    split is refused where the window is shorter than the context, and ignored where it never matters."""
+    window = hf.get("sliding_window")
+    if hf.get("model_type") == "qwen2":
+        if not hf.get("use_sliding_window", False) or window is None:
+            return None
+        n_layer = hf["num_hidden_layers"]
+        types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28)
+                                          else "full_attention" for i in range(n_layer)]
+        windowed = sum(t == "sliding_attention" for t in types)
+        if windowed == 0:
+            return None
+        if windowed < n_layer:
+            if window < block:
+                raise UserError(f"{where}: sliding_window={window} applies to {windowed} of {n_layer} layers "
+                                f"(max_window_layers / layer_types); nanospin windows every layer or none, so set "
+                                f"block_size <= {window}")
+            return None
+    elif hf.get("model_type") != "mistral":
+        return None
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise UserError(f"{where}: sliding_window={window!r} must be a positive integer or null")
+    return window
+
+
 def hf_config_to_gpt_config(hf: dict, attention: str = "sdpa", block_size: int | None = None,
                             where: str = "config.json") -> GPTConfig:
     model_type = hf.get("model_type")
@@ -117,11 +144,7 @@ def hf_config_to_gpt_config(hf: dict, attention: str = "sdpa", block_size: int |
         raise UserError(f"{where}: hidden_act '{hf['hidden_act']}' is not supported (silu)")
     max_pos = hf.get("max_position_embeddings", 2048)
     block = block_size or max_pos
-    window = hf.get("sliding_window")
-    uses_window = model_type == "mistral" or hf.get("use_sliding_window", False)
-    if uses_window and window is not None and window < block:
-        raise UserError(f"{where}: sliding_window={window} is smaller than the context in use ({block}); nanospin "
-                        f"has no sliding-window attention, so set block_size <= {window}")
+    window = _sliding_window(hf, block, where)
     theta, scaling = _rope_settings(hf, where)
     n_head = hf["num_attention_heads"]
     return GPTConfig(**common, block_size=block, n_layer=hf["num_hidden_layers"], n_head=n_head,
@@ -131,7 +154,7 @@ def hf_config_to_gpt_config(hf: dict, attention: str = "sdpa", block_size: int |
                      rope_theta=theta, rope_scaling=scaling, tie_embeddings=hf.get("tie_word_embeddings", False),
                      qkv_bias=model_type == "qwen2" or hf.get("attention_bias", False),
                      attn_out_bias=model_type != "qwen2" and hf.get("attention_bias", False),
-                     mlp_bias=hf.get("mlp_bias", False))
+                     mlp_bias=hf.get("mlp_bias", False), sliding_window=window)
 
 
 def gpt_config_to_hf_config(cfg: GPTConfig, dtype: torch.dtype) -> dict:
@@ -152,9 +175,11 @@ def gpt_config_to_hf_config(cfg: GPTConfig, dtype: torch.dtype) -> dict:
     if cfg.model_type == "llama":
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
     if cfg.model_type == "qwen2":
-        out.update(use_sliding_window=False, sliding_window=None)
+        out.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window)
+        if cfg.sliding_window is not None:
+            out.update(max_window_layers=0)  # nanospin's window covers every layer
     if cfg.model_type == "mistral":
-        out.update(sliding_window=None)
+        out.update(sliding_window=cfg.sliding_window)
     return out
 
 

@@ -6,8 +6,8 @@ Design choices:
   (CUDA graphs on the GPU) and does no per-row Python work.
 - Ragged prompts are left-padded to a common length P: every row writes the same cache slot each step,
   its positions are slot - pad (so RoPE/learned positions equal those of the prompt alone) and the mask
-  hides its pad slots. Each row may generate until prompt + new = block_size, so a row gives the same
-  tokens in a batch as alone.
+  hides its pad slots (and keys past a sliding window: `cache_mask`). Each row may generate until
+  prompt + new = block_size, so a row gives the same tokens in a batch as alone.
 - Sampling is temperature, then top-k, then top-p, as small pure functions; ties at a cut-off are kept.
 - `generate_ref` recomputes the whole sequence every step: the plain reference the tests compare against.
 
@@ -74,17 +74,25 @@ def token_logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
 # the KV-cached forward passes
 
 
+def cache_mask(query_slots: torch.Tensor, key_slots: torch.Tensor, key_ok: torch.Tensor,
+               window: int | None) -> torch.Tensor:
+    """(B, 1, Tq, L) bool: query slots (Tq,) see the row's own keys (key_ok (B, L)) written so far and, with a
+    sliding window, fewer than `window` slots back (a row's positions are its slots minus its padding, so slot
+    distances are position distances). A pad query sees itself only: a fully masked row would give NaN, which
+    would then leak into the cache through its (masked, but NaN * 0 = NaN) values."""
+    back = query_slots[:, None] - key_slots[None, :]  # (Tq, L) how far back each key is
+    seen = back >= 0 if window is None else (back >= 0) & (back < window)
+    return ((key_ok[:, None, :] & seen) | (back == 0))[:, None]
+
+
 def prefill(model: GPT, tokens: torch.Tensor, pad_lens: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
     """Run the left-padded prompts (B, P) through the model, filling cache slots 0..P-1.
     Returns the last position's logits (B, V) fp32 (the other positions never reach the vocab)."""
     B, P = tokens.shape
     slots = torch.arange(P, device=tokens.device)  # (P,)
     pos = (slots[None, :] - pad_lens[:, None]).clamp(min=0)  # (B, P)
-    causal = slots[:, None] >= slots[None, :]  # (P, P)
-    # a pad query attends to itself only: a fully masked row would give NaN, which would then leak
-    # into the cache through its (masked, but NaN * 0 = NaN) values
-    mask = torch.zeros(B, 1, P, key_ok.shape[1], dtype=torch.bool, device=tokens.device)  # (B, 1, P, L)
-    mask[:, 0, :, :P] = (causal[None] & key_ok[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=tokens.device)
+    key_slots = torch.arange(key_ok.shape[1], device=tokens.device)  # (L,)
+    mask = cache_mask(slots, key_slots, key_ok, model.config.sliding_window)  # (B, 1, P, L)
     h = model.hidden_states(tokens, pos, slots, mask)  # (B, P, C)
     return model.lm_head(h[:, -1]).float()  # (B, V)
 
@@ -93,7 +101,7 @@ def decode_logits(model: GPT, token: torch.Tensor, pos: torch.Tensor, slot: torc
                   key_ok: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
     """One step for all rows: token, pos (B, 1), slot (1,) -> logits (B, V) fp32. Static shapes
     (the slot is a tensor), so this is the function torch.compile captures."""
-    mask = (key_ok & (key_slots <= slot))[:, None, None, :]  # (B, 1, 1, L): own keys written so far
+    mask = cache_mask(slot, key_slots, key_ok, model.config.sliding_window)  # (B, 1, 1, L)
     h = model.hidden_states(token, pos, slot, mask)  # (B, 1, C)
     return model.lm_head(h[:, -1]).float()
 

@@ -4,8 +4,10 @@ Design choices:
 - One nn.Module and one dataclass; the family only switches small pieces (LayerNorm or RMSNorm, GELU
   or SwiGLU MLP, learned positions or RoPE, biases), so the forward pass reads the same for all.
 - q, k and v come from one fused projection; grouped-query attention never repeats k/v in memory.
-- Attention goes through `attend`, which picks 'sdpa' (PyTorch) or 'triton' (kernels/attention.py).
-- `forward(idx)` returns logits; `token_logprobs(idx, targets)` returns per-token log-probs through
+- Attention goes through `attend`, which picks 'sdpa' (PyTorch) or 'triton' (kernels/attention.py). It is causal,
+  and also masked to packed rows' documents (a RowLayout from packing.py: a prompt run once for the responses
+  scored against it) and to a sliding window (Mistral's), measured on positions so packed rows stay right.
+- `forward(idx)` returns logits; `token_logprobs(idx, targets, layout)` returns per-token log-probs through
   the fused log-prob kernel (kernels/logprob.py) from the final hidden states, so the (B, T, vocab)
   logits never exist in training.
 - An optional static KV cache (KVCache) plus per-row positions and an attention mask make the same
@@ -24,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import UserError
+from packing import RowLayout, visible_mask
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")  # the Hugging Face families loaded and saved
 # the block styles a model built from scratch takes: Qwen2 and Mistral are Llama blocks plus what only a
@@ -52,6 +55,7 @@ class GPTConfig:
     mlp_bias: bool = False
     bos_token_id: int | None = None  # carried into the exported config.json
     eos_token_id: int | list[int] | None = None
+    sliding_window: int | None = None  # Mistral's: a token attends to the last sliding_window positions only
     attention: str = "sdpa"  # 'sdpa' | 'triton'
 
     def __post_init__(self):
@@ -70,6 +74,8 @@ class GPTConfig:
                 self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.attention not in ATTENTION_IMPLS:
             raise UserError(f"attention='{self.attention}' is unknown; use one of {ATTENTION_IMPLS}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise UserError(f"sliding_window={self.sliding_window} must be >= 1 (or None for full attention)")
 
     @property
     def is_gpt2(self) -> bool:
@@ -119,17 +125,30 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa",
-           mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention_mask(layout: RowLayout | None, T: int, window: int | None,
+                   device: torch.device) -> torch.Tensor | None:
+    """The boolean mask (B or 1, 1, T, T) SDPA needs for packed rows or a window shorter than the rows (positions
+    are never further apart than a row is long); None where plain causal attention is the same."""
+    window = window if window is not None and window < T else None
+    if layout is None and window is None:
+        return None
+    return visible_mask(layout, T, window, device)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa", mask: torch.Tensor | None = None,
+           layout: RowLayout | None = None, window: int | None = None) -> torch.Tensor:
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Hq, Tq, D).
 
-    Without a mask the attention is causal over aligned q/k (training, full forward); with a boolean
-    mask (B, 1, Tq, Tk), True = may attend (the KV-cached sampler), it is used as given.
+    With a boolean mask (B or 1, 1, Tq, Tk), True = may attend, it is used as given (the KV-cached sampler; the
+    SDPA path's packed/windowed mask, built once per forward). Without one, attention is causal over aligned
+    q/k, within packed documents (layout) and the sliding window.
     """
     gqa = q.shape[1] != k.shape[1]
     if mask is None and impl == "triton":
         from kernels.attention import attention
-        return attention(q, k, v, causal=True)
+        return attention(q, k, v, causal=True, layout=layout, window=window)
+    if mask is None:
+        mask = attention_mask(layout, q.shape[2], window, q.device)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -176,7 +195,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.is_gpt2 or cfg.attn_out_bias)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, slots=None, mask=None):
+    def forward(self, x, rope=None, cache: KVCache | None = None, slots=None, mask=None, layout=None):
         cfg = self.cfg
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim,
@@ -190,7 +209,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(slots, k, v)  # (B, Hkv, max_len, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        y = attend(q, k, v, cfg.attention, mask)  # (B, Hq, T, D)
+        y = attend(q, k, v, cfg.attention, mask, layout, cfg.sliding_window)  # (B, Hq, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
@@ -216,8 +235,8 @@ class Block(nn.Module):
         self.norm2 = Norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, cache=None, slots=None, mask=None):
-        x = x + self.attn(self.norm1(x), rope, cache, slots, mask)
+    def forward(self, x, rope=None, cache=None, slots=None, mask=None, layout=None):
+        x = x + self.attn(self.norm1(x), rope, cache, slots, mask, layout)
         return x + self.mlp(self.norm2(x))
 
 
@@ -251,15 +270,17 @@ class GPT(nn.Module):
 
     # --- the forward pass --------------------------------------------------------------------
 
-    def hidden_states(self, idx: torch.Tensor, pos: torch.Tensor | None = None,
-                      slots: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, pos: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None, layout: RowLayout | None = None) -> torch.Tensor:
         """idx (B, T) -> final hidden states (B, T, C), after the last norm.
 
-        pos (B, T) are the positions (default 0..T-1 for every row). With `setup_kv_cache` called,
-        `slots` (T,) says where in the cache these tokens go and `mask` (B, 1, T, max_len) which
-        cache entries each query may see.
+        pos (B, T) are the positions (default 0..T-1 for every row; packed rows: layout.positions). With
+        `setup_kv_cache` called, `slots` (T,) says where in the cache these tokens go and `mask` (B, 1, T, max_len)
+        which cache entries each query may see (sliding window included).
         """
         B, T = idx.shape
+        if layout is not None:
+            pos = layout.positions
         if pos is None:
             if T > self.config.block_size:
                 raise UserError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}; "
@@ -271,9 +292,11 @@ class GPT(nn.Module):
             x = x + self.wpe(pos)
         else:
             rope = rope_cos_sin(self.config, pos, x.dtype)
+        if slots is None and mask is None and self.config.attention == "sdpa":  # one mask for every layer
+            mask = attention_mask(layout, T, self.config.sliding_window, idx.device)
         caches = self.kv_caches if slots is not None else None
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, caches[i] if caches else None, slots, mask)
+            x = block(x, rope, caches[i] if caches else None, slots, mask, layout)
         return self.norm_f(x)
 
     def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, slots: torch.Tensor | None = None,
@@ -281,11 +304,12 @@ class GPT(nn.Module):
         """idx (B, T) -> logits (B, T, V) in fp32 (sampling and tests; training uses token_logprobs)."""
         return self.lm_head(self.hidden_states(idx, pos, slots, mask)).float()
 
-    def token_logprobs(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """idx, targets (B, T) -> log p(targets) (B, T) fp32, 0 where targets == -100. Through the fused
-        log-prob kernel from the final hidden states, so the (B, T, V) logits never exist."""
+    def token_logprobs(self, idx: torch.Tensor, targets: torch.Tensor,
+                       layout: RowLayout | None = None) -> torch.Tensor:
+        """idx, targets (B, T) -> log p(targets) (B, T) fp32, 0 where targets == -100; layout: packed rows.
+        Through the fused log-prob kernel from the final hidden states, so the (B, T, V) logits never exist."""
         from kernels.logprob import token_logprobs
-        h = self.hidden_states(idx)  # (B, T, C)
+        h = self.hidden_states(idx, layout=layout)  # (B, T, C)
         B, T, C = h.shape
         logps = token_logprobs(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T))
         return logps.view(B, T).clone()  # a fresh tensor, not a view: FSDP's forward hooks warn about views

@@ -7,6 +7,9 @@ Design choices:
   holds ONE model and never a second copy for the opponent.
 - Log-probs are summed over response tokens, end-of-turn included, through the model's fused
   log-prob path (the [tokens, vocab] logits never exist).
+- By default (pack=True) a pair is scored in one packed row, its prompt run once for the real and the
+  generated response, several pairs to a row (packing.py); pack=False is the unpacked reference: a padded
+  row per prompt + response (data.collate).
 - `spin_terms` names every training metric where it is computed, as per-pair values; train.py sums
   them over micro-batches, steps and ranks and `spin_metrics` turns the sums into the logged means.
 - Rollouts are reproducible whatever the world size: prompts are sorted by length, cut into global
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 
 from data import collate
 from generate import generate
+from packing import pack_documents, response_logps
 
 # ----------------------------------------------------------------------------------------------
 # the loss
@@ -76,26 +80,40 @@ def per_iteration(value: float | list[float], iteration: int) -> float:
 # sequence log-probs
 
 
-def sequence_logps(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                   device: torch.device) -> torch.Tensor:
+def packed_logps(model, documents: list[tuple[list[int], list[list[int]]]], pad_id: int,
+                 device: torch.device) -> torch.Tensor:
+    """(n_responses,) fp32 sums of log p(response | prompt) of (prompt, responses) documents, in order, from
+    packed rows (packing.py)."""
+    batch = pack_documents(documents, pad_id).to(device)
+    return response_logps(model.token_logprobs(batch.input_ids, batch.targets, batch.layout), batch)
+
+
+def sequence_logps(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device,
+                   pack: bool = True) -> torch.Tensor:
     """(B,) fp32 sum of log p(response | prompt) over response tokens (end-of-turn included)."""
+    if pack:
+        return packed_logps(model, [(p, [r]) for p, r in zip(prompts, responses)], pad_id, device)
     input_ids, targets = collate(prompts, responses, pad_id)  # (B, T), (B, T) with -100 outside responses
     input_ids, targets = input_ids.to(device, non_blocking=True), targets.to(device, non_blocking=True)
     return model.token_logprobs(input_ids, targets).sum(-1)  # (B,)
 
 
-def pair_logps(model, prompts, real, generated, pad_id, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real and generated (B,) log-probs from one forward over the 2B sequences."""
-    logps = sequence_logps(model, prompts + prompts, real + generated, pad_id, device)
+def pair_logps(model, prompts, real, generated, pad_id, device, pack: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real and generated (B,) log-probs: from one row per pair, the prompt run once (pack), or from one
+    forward over the 2B unpacked sequences."""
+    if pack:
+        logps = packed_logps(model, [(p, [r, g]) for p, r, g in zip(prompts, real, generated)], pad_id, device)
+        return logps[0::2], logps[1::2]
+    logps = sequence_logps(model, prompts + prompts, real + generated, pad_id, device, pack=False)
     return logps[: len(prompts)], logps[len(prompts):]
 
 
-def pair_terms(model, pairs: list[Pair], beta: float, loss_type: str, pad_id: int,
-               device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def pair_terms(model, pairs: list[Pair], beta: float, loss_type: str, pad_id: int, device: torch.device,
+               pack: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`spin_terms` of a batch of rollout pairs: the policy's log-probs now against the opponent's
     stored at rollout."""
     real, generated = pair_logps(model, [p.prompt_ids for p in pairs], [p.real_ids for p in pairs],
-                                 [p.generated_ids for p in pairs], pad_id, device)
+                                 [p.generated_ids for p in pairs], pad_id, device, pack)
     opponent_real = torch.tensor([p.opponent_real_logp for p in pairs], device=device)
     opponent_generated = torch.tensor([p.opponent_generated_logp for p in pairs], device=device)
     return spin_terms(real, generated, opponent_real, opponent_generated, beta, loss_type)
@@ -132,6 +150,7 @@ class RolloutSettings:
     top_p: float | None = None
     compile: bool = False  # torch.compile the decode step
     autocast: AbstractContextManager | None = None  # the context the forwards run under; None = no autocast
+    pack_pairs: bool = True  # score each pair in one packed row (False: the unpacked reference)
     rank: int = 0
     world_size: int = 1
 
@@ -172,7 +191,8 @@ def _sample_and_score(model, examples: list, s: RolloutSettings, seed: int) -> l
         generated = generate(model, prompts, max(budget, 1), temperature=s.temperature, top_k=s.top_k,
                              top_p=s.top_p, eos_id=s.stop, seed=seed, compile=s.compile)
         with torch.no_grad():
-            real_logps, generated_logps = pair_logps(model, prompts, real, generated, s.pad_id, s.device)
+            real_logps, generated_logps = pair_logps(model, prompts, real, generated, s.pad_id, s.device,
+                                                     s.pack_pairs)
     return [Pair(e.source, p, r, g, rl.item(), gl.item(), bool(g) and g[-1] in s.stop)
             for e, p, r, g, rl, gl in zip(examples, prompts, real, generated, real_logps, generated_logps)]
 
@@ -204,7 +224,8 @@ def rescore(model, pairs: list[Pair], settings: RolloutSettings) -> list[Pair]:
         batch = [pairs[i] for i in indices]
         with s.autocast or torch.autocast(s.device.type, enabled=False), torch.no_grad():
             real_logps, generated_logps = pair_logps(model, [p.prompt_ids for p in batch], [p.real_ids for p in batch],
-                                                     [p.generated_ids for p in batch], s.pad_id, s.device)
+                                                     [p.generated_ids for p in batch], s.pad_id, s.device,
+                                                     s.pack_pairs)
         return [replace(p, opponent_real_logp=r.item(), opponent_generated_logp=g.item())
                 for p, r, g in zip(batch, real_logps, generated_logps)]
 

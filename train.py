@@ -79,6 +79,9 @@ class TrainConfig:
     dtype: str = "auto"  # 'auto' (bfloat16 on a GPU, float32 on the CPU) | 'float32' | 'bfloat16' | 'float16'
     compile: bool = False  # torch.compile the training forward/backward and the decode step (GPU)
     attention: str = "sdpa"  # 'sdpa' | 'triton'
+    # one row per SPIN pair, its prompt run once for both responses, several pairs (or SFT examples) to a row, for
+    # training, the opponent's scoring and evaluation alike; False: a padded row per sequence (the reference)
+    pack_pairs: bool = True
     # --- model, when init_from='scratch' ---------------------------------------------------------
     model_type: str = "llama"  # 'gpt2' | 'llama' (the block style; see model.py)
     n_layer: int = 4
@@ -164,7 +167,8 @@ def config_fingerprint(cfg: TrainConfig, world_size: int) -> dict:
     """The settings a resumed run must share with the run that wrote the checkpoint. The batch counts
     as its global size, so a run may resume at another world size or micro-batch split."""
     ignore = {"out_dir", "resume", "allow_config_change", "log_interval", "eval_interval", "save_interval",
-              "keep_checkpoints", "compile", "device", "batch_size", "grad_accum"}
+              "keep_checkpoints", "compile", "device", "batch_size", "grad_accum",
+              "pack_pairs"}  # packing changes float round-off only
     fingerprint = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
     fingerprint["global_batch"] = cfg.batch_size * cfg.grad_accum * world_size
     return fingerprint
@@ -600,8 +604,8 @@ def rollout_settings(cfg: TrainConfig, rt: Runtime, data: RunData) -> RolloutSet
     return RolloutSettings(max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, stop=data.stop, pad_id=data.pad_id,
                            batch_size=cfg.rollout_batch_size, seed=cfg.seed, device=rt.device,
                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                           compile=cfg.compile and rt.device.type == "cuda", autocast=rt.autocast, rank=rt.rank,
-                           world_size=rt.world_size)
+                           compile=cfg.compile and rt.device.type == "cuda", autocast=rt.autocast,
+                           pack_pairs=cfg.pack_pairs, rank=rt.rank, world_size=rt.world_size)
 
 
 def prompts_for_iteration(examples: list[Example], cfg: TrainConfig, iteration: int) -> list[Example]:
@@ -725,20 +729,22 @@ def phase_steps(cfg: TrainConfig, kind: str, iteration: int, order: BatchOrder, 
     return total
 
 
-def spin_micro_batch(model: GPT, batch: list[Pair], beta: float, loss_type: str, pad_id: int,
-                     device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """(summed loss, summed metrics with the pair count, tokens) of a micro-batch of SPIN pairs."""
-    losses, metrics = pair_terms(model, batch, beta, loss_type, pad_id, device)
+def spin_micro_batch(model: GPT, batch: list[Pair], beta: float, loss_type: str, pad_id: int, device: torch.device,
+                     pack: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """(summed loss, summed metrics with the pair count, tokens run through the model) of a micro-batch of SPIN
+    pairs: a packed pair runs its prompt once, an unpacked pair twice."""
+    losses, metrics = pair_terms(model, batch, beta, loss_type, pad_id, device, pack)
     sums = {name: values.sum() for name, values in metrics.items()}
     sums["pairs"] = torch.tensor(float(len(batch)), device=device)
-    tokens = sum(len(p.real_ids) + len(p.generated_ids) + 2 * len(p.prompt_ids) for p in batch)
+    prompt_runs = 1 if pack else 2
+    tokens = sum(len(p.real_ids) + len(p.generated_ids) + prompt_runs * len(p.prompt_ids) for p in batch)
     return losses.sum(), sums, tokens
 
 
-def sft_micro_batch(model: GPT, batch: list[Example], pad_id: int,
-                    device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+def sft_micro_batch(model: GPT, batch: list[Example], pad_id: int, device: torch.device,
+                    pack: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """(summed negative log-likelihood of the real responses, the sums to log, tokens) of a micro-batch."""
-    logps = sequence_logps(model, [e.prompt_ids for e in batch], [e.real_ids for e in batch], pad_id, device)
+    logps = sequence_logps(model, [e.prompt_ids for e in batch], [e.real_ids for e in batch], pad_id, device, pack)
     loss_sum = -logps.sum()
     sums = {"loss": loss_sum.detach(),
             "tokens": torch.tensor(float(sum(len(e.real_ids) for e in batch)), device=device)}
@@ -760,10 +766,11 @@ def forward_backward(model: GPT, kind: str, indices: list[int], pairs: list[Pair
         with rt.autocast:
             if kind == "spin":
                 loss_sum, micro_sums, micro_tokens = spin_micro_batch(model, [pairs[i] for i in micro], beta,
-                                                                      cfg.loss_type, data.pad_id, rt.device)
+                                                                      cfg.loss_type, data.pad_id, rt.device,
+                                                                      cfg.pack_pairs)
             else:
                 loss_sum, micro_sums, micro_tokens = sft_micro_batch(model, [data.train_examples[i] for i in micro],
-                                                                     data.pad_id, rt.device)
+                                                                     data.pad_id, rt.device, cfg.pack_pairs)
         # FSDP averages gradients over ranks; scale so the update is the global mean
         (loss_sum * rt.world_size / units).backward()
         sums, tokens = add_sums(sums, micro_sums), tokens + micro_tokens
@@ -800,13 +807,15 @@ def step_metrics(kind: str, sums: dict[str, torch.Tensor]) -> dict[str, float]:
 # evaluation and the end of a phase
 
 
-def held_out_nll(model: GPT, examples: list[Example], batch_size: int, pad_id: int, rt: Runtime) -> float:
+def held_out_nll(model: GPT, examples: list[Example], batch_size: int, pad_id: int, rt: Runtime,
+                 pack: bool = True) -> float:
     """The mean negative log-likelihood per response token of the held-out real responses."""
     nll, tokens = torch.zeros(2)
     with torch.no_grad(), rt.autocast:
         for i in range(0, len(examples), batch_size):
             batch = examples[i:i + batch_size]
-            logps = sequence_logps(model, [e.prompt_ids for e in batch], [e.real_ids for e in batch], pad_id, rt.device)
+            logps = sequence_logps(model, [e.prompt_ids for e in batch], [e.real_ids for e in batch], pad_id, rt.device,
+                                   pack)
             nll -= logps.sum().cpu()
             tokens += sum(len(e.real_ids) for e in batch)
     return (nll / tokens).item()
@@ -819,7 +828,7 @@ def held_out_pair_metrics(model: GPT, pairs: list[Pair], beta: float, cfg: Train
     with torch.no_grad(), rt.autocast:
         for i in range(0, len(pairs), cfg.rollout_batch_size):
             batch = pairs[i:i + cfg.rollout_batch_size]
-            losses, metrics = pair_terms(model, batch, beta, cfg.loss_type, pad_id, rt.device)
+            losses, metrics = pair_terms(model, batch, beta, cfg.loss_type, pad_id, rt.device, cfg.pack_pairs)
             loss += losses.sum().cpu()
             accuracy += metrics["rewards/accuracies"].sum().cpu()
             margin += (metrics["rewards/real"] - metrics["rewards/generated"]).sum().cpu()
@@ -857,7 +866,8 @@ def evaluate(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, eval_pair
     model.eval()
     results = {}
     if data.eval_examples:
-        results["eval/nll"] = held_out_nll(model, data.eval_examples, cfg.rollout_batch_size, data.pad_id, rt)
+        results["eval/nll"] = held_out_nll(model, data.eval_examples, cfg.rollout_batch_size, data.pad_id, rt,
+                                           cfg.pack_pairs)
     if eval_pairs:
         results.update(held_out_pair_metrics(model, eval_pairs, beta, cfg, data.pad_id, rt))
     if data.has_checker and data.eval_examples:

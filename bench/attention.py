@@ -1,11 +1,13 @@
-"""Benchmark kernels/attention.py against PyTorch SDPA's flash backend: causal, bf16, B=4, H=16.
+"""Benchmark kernels/attention.py against PyTorch SDPA's flash backend: causal, bf16, B=4, H=16; and packed rows
+(the document mask of packing.py, SPIN-shaped documents) against SDPA with the same boolean mask.
 
 Usage: python bench/attention.py [--quick] [--compile-check]
 FLOPs are counted the usual way: forward = 4*B*H*T^2*D (two matmuls), halved for the causal mask;
-forward+backward = 2.5x forward (the backward does five matmuls to the forward's two). Each time is
-the median over several runs timed with CUDA events. Without CUDA it says so, runs a tiny check of
-the same kernels in the Triton interpreter, and exits 0. --compile-check needs no GPU: it compiles
-the bf16 kernels for an H100 (sm_90) and prints shared memory, tensor-core use and register spills.
+forward+backward = 2.5x forward (the backward does five matmuls to the forward's two); packed rows count
+only the (query, key) pairs the mask lets through. Each time is the median over several runs timed with
+CUDA events. Without CUDA it says so, runs a tiny check of the same kernels (plain and packed) in the
+Triton interpreter, and exits 0. --compile-check needs no GPU: it compiles the bf16 kernels, in every mask
+variant, for an H100 (sm_90) and prints shared memory, tensor-core use and register spills.
 """
 
 import argparse
@@ -109,6 +111,61 @@ def bench_gpu(quick: bool) -> None:
             print("| " + " | ".join(row) + " |", flush=True)
 
 
+def spin_rows(B: int, T: int, doc_len: int):
+    """The layout of B rows of T tokens packed with SPIN-shaped documents of doc_len tokens: a prompt of a quarter,
+    then a real and a generated response of three eighths each."""
+    from packing import pack_documents
+    prompt, response = doc_len // 4 + 1, (doc_len - doc_len // 4) // 2
+    documents = [(list(range(prompt)), [list(range(response))] * 2) for _ in range(B * T // doc_len)]
+    return pack_documents(documents, pad_id=0, row_len=T).layout
+
+
+def bench_packed_gpu(quick: bool, doc_len: int = 512) -> None:
+    """Packed rows: the Triton kernels (document mask, blocks outside a query block's document skipped) against
+    SDPA with the same boolean mask (what model.py's attention='sdpa' runs; PyTorch picks the backend that takes
+    a mask), and the plain causal kernel over the whole row (the work the mask saves)."""
+    from kernels.attention import attention
+    from packing import visible_mask
+    lengths = (2048, 8192) if quick else (1024, 2048, 4096, 8192)
+    reps = 5 if quick else 20
+    print(f"\npacked rows: bf16, B={BATCH}, H={HEADS}, documents of {doc_len} tokens (prompt, real, generated); "
+          f"TFLOP/s over the visible (query, key) pairs only; ms = median of {reps} runs")
+    print("| D | T | fwd triton ms | fwd sdpa-masked ms | fwd ratio | fwd+bwd triton ms | fwd+bwd sdpa-masked ms | "
+          "fwd+bwd ratio | fwd+bwd TFLOP/s | causal whole-row fwd+bwd ms | max rel diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for D in (64, 128):
+        for T in lengths:
+            layout = spin_rows(BATCH, T, doc_len).to(torch.device("cuda"))
+            mask = visible_mask(layout, T, None, torch.device("cuda"))  # (B, 1, T, T)
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            q, k, v, grad_out = (torch.randn(BATCH, HEADS, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+                                 for _ in range(4))  # (B, H, T, D)
+
+            def packed(q, k, v, causal=True):
+                return attention(q, k, v, layout=layout)
+
+            def sdpa_masked(q, k, v, causal=True):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+            results = []
+            for impl in (packed, sdpa_masked):
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                out = impl(*leaves)
+                out.backward(grad_out)
+                results.append([out.detach()] + [t.grad for t in leaves])
+            diff = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(*results))
+            times = {(name, backward): time_impl(impl, q, k, v, grad_out, backward, reps)
+                     for name, impl in (("triton", packed), ("sdpa", sdpa_masked), ("causal", attention))
+                     for backward in (False, True)}
+            flops = 4 * HEADS * D * mask.sum().item() * 2.5  # forward + backward over the visible pairs
+            row = [str(D), str(T)]
+            for backward in (False, True):
+                ours, theirs = times["triton", backward], times["sdpa", backward]
+                row += [f"{ours:.2f}", f"{theirs:.2f}", f"{theirs / ours:.2f}x"]
+            row += [f"{flops / times['triton', True] / 1e9:.0f}", f"{times['causal', True]:.2f}", f"{diff:.1e}"]
+            print("| " + " | ".join(row) + " |", flush=True)
+
+
 def check_interpreter() -> None:
     """No GPU: run the kernels once in the Triton interpreter on a tiny shape, compared with the spec."""
     from kernels.attention import attention, attention_ref, uses_triton
@@ -127,6 +184,14 @@ def check_interpreter() -> None:
     print(f"interpreter check (fp32, T=45, D=32, GQA 2:1, fwd+bwd): max relative error {err:.1e} vs float64")
     if err > 1e-4:
         raise SystemExit("interpreter check failed: the kernels disagree with attention_ref")
+    from packing import visible_mask
+    layout = spin_rows(1, 45, doc_len=15)
+    packed = attention(q.detach(), k.detach(), v.detach(), layout=layout)
+    want = attention_ref(*(t.detach().double() for t in (q, k, v)), mask=visible_mask(layout, 45, None, q.device))
+    err = ((packed.double() - want).abs().max() / want.abs().max()).item()
+    print(f"interpreter check, packed rows (3 documents of 15 tokens): max relative error {err:.1e} vs float64")
+    if err > 1e-4:
+        raise SystemExit("interpreter check failed: the packed kernels disagree with attention_ref")
 
 
 def compile_for_h100(kernel, dtype: str, constants: dict, num_warps: int, num_stages: int) -> str:
@@ -140,8 +205,8 @@ def compile_for_h100(kernel, dtype: str, constants: dict, num_warps: int, num_st
     for i, (name, param) in enumerate(params.items()):
         if name in constants:
             signature[name] = "constexpr"
-        elif name.isupper():  # Q, K, ..., LSE, DELTA: pointers
-            signature[name] = "*fp32" if name in ("LSE", "DELTA") else f"*{dtype}"
+        elif name.isupper():  # Q, K, ..., LSE, DELTA, IDS: pointers
+            signature[name] = {"LSE": "*fp32", "DELTA": "*fp32", "IDS": "*i32"}.get(name, f"*{dtype}")
             pointers.append(i)
         else:
             signature[name] = "fp32" if name.endswith("scale") else "i32"
@@ -162,21 +227,27 @@ def compile_for_h100(kernel, dtype: str, constants: dict, num_warps: int, num_st
     return f"| {compiled.metadata.shared} B | {tensor_core} {usage}"
 
 
+MASKS = {"causal": dict(CAUSAL=True, PACKED=False, WINDOWED=False),  # the kernels' mask variants, as compiled
+         "full": dict(CAUSAL=False, PACKED=False, WINDOWED=False),
+         "packed": dict(CAUSAL=True, PACKED=True, WINDOWED=False),
+         "window": dict(CAUSAL=True, PACKED=False, WINDOWED=True)}
+
+
 def compile_check() -> None:
     import kernels.attention as attention_module
     print("bf16 kernels compiled for sm_90 (no GPU needed); spills = local memory per thread")
-    print("| kernel | D | causal | shared memory | tensor cores | registers | spills |")
+    print("| kernel | D | mask | shared memory | tensor cores | registers | spills |")
     print("|---|---|---|---|---|---|---|")
     for D in (64, 128):
         tiles = attention_module._block_sizes(D, torch.bfloat16)
-        for causal in (True, False):
-            for name, kernel in (("fwd", attention_module._attn_fwd_kernel),
-                                 ("dkdv", attention_module._attn_bwd_dkdv_kernel),
-                                 ("dq", attention_module._attn_bwd_dq_kernel)):
+        for mask, flags in MASKS.items():
+            for name, kernel, side in (("fwd", attention_module._attn_fwd_kernel, {}),
+                                       ("dkdv", attention_module._attn_bwd_kernel, dict(KEY_BLOCKS=True)),
+                                       ("dq", attention_module._attn_bwd_kernel, dict(KEY_BLOCKS=False))):
                 tile = dict(tiles[name])
                 warps, stages = tile.pop("num_warps"), tile.pop("num_stages")
-                constants = dict(GROUP=1, HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION="tf32", **tile)
-                print(f"| {name} | {D} | {causal} " + compile_for_h100(kernel, "bf16", constants, warps, stages) + " |",
+                constants = dict(GROUP=1, HEAD_DIM=D, DOT_PRECISION="tf32", **flags, **side, **tile)
+                print(f"| {name} | {D} | {mask} " + compile_for_h100(kernel, "bf16", constants, warps, stages) + " |",
                       flush=True)
 
 
@@ -196,6 +267,7 @@ def main() -> None:
         check_interpreter()
     else:
         bench_gpu(args.quick)
+        bench_packed_gpu(args.quick)
 
 
 if __name__ == "__main__":

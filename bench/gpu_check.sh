@@ -7,7 +7,8 @@
 #
 # Steps, each under `timeout` (a hang costs its own slot, not the run): the packages (installed only where
 # missing, best effort: the machine may have no network), the CUDA-only tests (tests/test_cuda.py: Triton
-# kernels in bf16/fp16, compiled decode, a compiled train.py run), then bench/attention.py --quick,
+# kernels in bf16/fp16, plain and with the packed-row and sliding-window masks, packed pairs == unpacked, compiled
+# decode, a compiled train.py run), then bench/attention.py --quick (plain causal, and packed rows),
 # bench/logprob.py --gpu, bench/generate.py and bench/iteration.py --device=cuda.
 # Output: a summary table with the card's name on stdout, and, when $OUT is set, $OUT/gpu_summary.md and
 # every step's full log under $OUT/gpu_logs/. Exit status 0 when every step passed. GPU settings are only read.
@@ -132,8 +133,8 @@ if [ "$DRY_RUN" = 1 ]; then
     --reps=1 --n_layer=2 --n_embd=64 --vocab_size=512
   run_step train-compiled 60 "passed|skipped|failed" "$PY" -m pytest tests/test_cuda.py -rs -k "train_py"
 else
-  run_step tests 150 "passed|skipped|failed" "$PY" -m pytest tests/test_cuda.py -rs -k "not train_py"
-  run_step attention 45 "^\| (64|128) \|" "$PY" bench/attention.py --quick
+  run_step tests 210 "passed|skipped|failed" "$PY" -m pytest tests/test_cuda.py -rs -k "not train_py"
+  run_step attention 75 "^\| (64|128) \|" "$PY" bench/attention.py --quick
   run_step logprob 45 "ratios" "$PY" bench/logprob.py --gpu
   run_step iteration 80 "TOTAL" "$PY" bench/iteration.py --device=cuda --reps=1 --iterations=2
   run_step generate 120 "^ *[0-9]+ |us/token" "$PY" bench/generate.py --batch_sizes=[1,16,64] --reps=2

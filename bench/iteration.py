@@ -10,6 +10,7 @@
 - The peer is CPU-only: with --device=cuda only ours runs (bf16 autocast, compiled, first iteration compiles).
 
 python bench/iteration.py [--reps=3] [--threads=2] [--peer=auto|yes|no] [--peer_mode=functions|script] [--device=cpu]
+                          [--pack_pairs=False]  (ours unpacked: the reference path, for comparison)
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class BenchConfig:
     max_len: int = 64  # prompt + response tokens (the peer's DPO max_length)
     iterations: int = 0  # timed iterations per ours process; 0 = 1 on the CPU, 2 on a GPU (the first compiles)
     compile: bool | None = None  # None: True on a GPU (decode step and training), False on the CPU
+    pack_pairs: bool = True  # train.py's default: one row per pair (False: the unpacked reference, a row per sequence)
     json_out: str = ""  # write every run's record here
 
 
@@ -160,7 +162,8 @@ def one_iteration(model, examples, stop: list[int], pad_id: int, cfg: BenchConfi
     try:
         settings = spin.RolloutSettings(max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, stop=stop,
                                         pad_id=pad_id, batch_size=cfg.rollout_batch_size, seed=cfg.seed, device=device,
-                                        temperature=1.0, compile=compile, autocast=autocast)
+                                        temperature=1.0, compile=compile, autocast=autocast,
+                                        pack_pairs=cfg.pack_pairs)
         pairs = spin.rollout(opponent, examples, settings, iteration)
     finally:
         spin.pair_logps = score_pairs
@@ -183,7 +186,7 @@ def one_iteration(model, examples, stop: list[int], pad_id: int, cfg: BenchConfi
             group["lr"] = get_lr(step, total_steps, cfg.lr, tcfg)
         batch = [pairs[i] for i in order.next_batch()]
         with autocast:
-            losses, metrics = spin.pair_terms(model, batch, cfg.beta, "sigmoid", pad_id, device)
+            losses, metrics = spin.pair_terms(model, batch, cfg.beta, "sigmoid", pad_id, device, cfg.pack_pairs)
         (losses.sum() / len(batch)).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         step_loss = metrics["loss"].sum()
@@ -238,7 +241,7 @@ def run_ours(cfg: BenchConfig) -> dict:
     generate(model, [examples[0].prompt_ids, examples[1].prompt_ids], 2, eos_id=stop, seed=0)
     with torch.no_grad():
         spin.pair_logps(model, [examples[0].prompt_ids], [examples[0].real_ids], [examples[1].real_ids], tok.eos_id,
-                        device)
+                        device, cfg.pack_pairs)
     make_optimizer(model, TrainConfig(), cfg.lr)
     iterations = cfg.iterations or (2 if device.type == "cuda" else 1)
     runs = [one_iteration(model, examples, stop, tok.eos_id, cfg, t, device, compile) for t in range(iterations)]

@@ -1,8 +1,12 @@
 """kernels/attention.py: the Triton kernels (run by the interpreter on CPU) against the float64 spec.
 
 Shapes are odd on purpose (T = 1, 77, 130 against 32..128-wide tiles), both GQA 4:1 and 1:1, causal
-and not, and most cases use strided views of a fused projection, the layout model.py passes in.
+and not, and most cases use strided views of a fused projection, the layout model.py passes in. The masks of
+packed rows and sliding windows are checked against attention_ref with packing.visible_mask, on random rows of
+documents whose boundaries fall anywhere in the tiles.
 """
+
+import random
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ import torch.nn.functional as F
 import kernels.attention as attention_module
 from configurator import UserError
 from kernels.attention import attention, attention_ref, uses_triton
+from packing import RowLayout, visible_mask
 
 pytestmark = pytest.mark.triton  # conftest.py keeps TRITON_INTERPRET=1 for these tests
 
@@ -30,9 +35,9 @@ def relative_error(actual: torch.Tensor, ref: torch.Tensor) -> float:
     return (actual.double() - ref).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
-def outputs_and_grads(fn, q, k, v, grad_out, causal, dtype=None):
+def outputs_and_grads(fn, q, k, v, grad_out, causal, dtype=None, **mask):
     leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
-    out = fn(*leaves, causal=causal)
+    out = fn(*leaves, causal=causal, **mask)
     out.backward(grad_out.to(dtype or grad_out.dtype))
     return [out.detach()] + [t.grad for t in leaves]
 
@@ -68,6 +73,79 @@ def test_matches_float64_reference(B, Hq, Hkv, T, D, causal, dtype, model_layout
         assert err <= tolerance, f"{name}: relative error {err:.2e} > {tolerance:.0e}"
 
 
+def random_layout(B: int, T: int, seed: int) -> RowLayout:
+    """Rows of documents (a prompt of 0-10 tokens, then 1-3 response segments whose positions continue from it),
+    the last cut at the row's end or followed by 0-5 padding tokens (one-token documents)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(B):
+        positions, starts, ends, segments = [], [], [], []
+        docs_end = T - rng.randint(0, min(5, T - 1))
+        while len(positions) < docs_end:
+            prompt, start = rng.randint(0, 10), len(positions)
+            doc_positions, doc_segments = list(range(prompt)), [0] * prompt
+            for segment in range(1, rng.randint(1, 3) + 1):
+                n = rng.randint(1, 20)
+                doc_positions += range(prompt, prompt + n)
+                doc_segments += [segment] * n
+            n = min(len(doc_positions), docs_end - start)
+            positions, segments = positions + doc_positions[:n], segments + doc_segments[:n]
+            starts, ends = starts + [start] * n, ends + [start + n] * n
+        pad = range(len(positions), T)
+        rows.append((positions + [0] * len(pad), starts + list(pad), ends + [t + 1 for t in pad],
+                     segments + [0] * len(pad)))
+    return RowLayout(*(torch.tensor(column, dtype=torch.int32) for column in zip(*rows)))
+
+
+def masked_cases():
+    """Packed rows, sliding windows and both. Windows from 1 (a token sees itself only) to 200, which gives
+    every stage of every kernel at T=300: masked blocks at the window's far edge, blocks seen whole, masked
+    diagonal blocks; T = 1, 77, 130, 300 against the 32..128-wide tiles."""
+    fp32 = [(77, True, None), (130, True, None), (300, True, None), (130, True, 37), (300, True, 37), (1, False, 1),
+            (77, False, 1), (77, False, 8), (300, False, 8), (130, False, 100), (300, False, 200)]
+    fp16 = [(130, True, None), (300, True, 37), (300, False, 200)]
+    out = []
+    for dtype, dtype_name, shapes in ((torch.float32, "fp32", fp32), (torch.float16, "fp16", fp16)):
+        for T, packed, window in shapes:
+            i = len(out)
+            Hq, Hkv = ((4, 1), (2, 2))[i % 2]
+            B, D, model_layout = 1 + i % 2, (16, 32, 64)[i % 3], i % 3 != 0
+            name = f"{dtype_name}-T{T}-D{D}-{Hq}:{Hkv}-{'packed' if packed else 'rows'}-window{window}"
+            out.append(pytest.param(B, Hq, Hkv, T, D, packed, window, dtype, model_layout, i, id=name))
+    return out
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,packed,window,dtype,model_layout,seed", masked_cases())
+def test_masked_kernels_match_the_masked_reference(B, Hq, Hkv, T, D, packed, window, dtype, model_layout, seed):
+    q, k, v, grad_out = make_inputs(B, Hq, Hkv, T, D, dtype, model_layout, seed)
+    layout = random_layout(B, T, seed) if packed else None
+    mask = visible_mask(layout, T, window, q.device)
+    got = outputs_and_grads(attention, q, k, v, grad_out, True, layout=layout, window=window)
+    want = outputs_and_grads(attention_ref, q, k, v, grad_out, True, dtype=torch.float64, mask=mask)
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape and g.dtype == dtype, name
+        err = relative_error(g, w)
+        assert err <= tolerance, f"{name}: relative error {err:.2e} > {tolerance:.0e}"
+
+
+def test_the_masks_really_cut_attention():
+    """The masked outputs differ from plain causal attention (the masks are not silently ignored), and a
+    document's outputs do not change when another document in its row does."""
+    q, k, v, _ = make_inputs(1, 2, 2, 90, 16, torch.float32, model_layout=False)
+    layout = random_layout(1, 90, seed=3)
+    plain = attention(q, k, v)
+    assert (attention(q, k, v, window=5) - plain).abs().max() > 1e-2
+    packed = attention(q, k, v, layout=layout)
+    assert (packed - plain).abs().max() > 1e-2
+    first_doc_end = int(layout.doc_ends[0, 0])
+    changed = [t.clone() for t in (q, k, v)]
+    for t in changed:
+        t[:, :, first_doc_end:] = torch.randn_like(t[:, :, first_doc_end:])
+    again = attention(*changed, layout=layout)
+    assert torch.equal(again[:, :, :first_doc_end], packed[:, :, :first_doc_end])
+
+
 def test_kernels_really_run_under_the_interpreter(monkeypatch):
     launched = []
     real_launch = attention_module.launch
@@ -84,8 +162,7 @@ def test_kernels_really_run_under_the_interpreter(monkeypatch):
     q, k, v, grad_out = make_inputs(1, 4, 2, 40, 32, torch.float32, model_layout=True)
     assert uses_triton(q)
     got = outputs_and_grads(attention, q, k, v, grad_out, causal=True)
-    assert launched == ["_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel",
-                        "_attn_bwd_dq_kernel"]
+    assert launched == ["_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_kernel", "_attn_bwd_kernel"]
     want = outputs_and_grads(attention_ref, q, k, v, grad_out, True, dtype=torch.float64)
     assert max(relative_error(g, w) for g, w in zip(got, want)) <= 1e-4
 

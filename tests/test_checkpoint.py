@@ -32,7 +32,7 @@ def hf_model(kind: str, tie: bool = False, **extra):
     if kind == "qwen2":
         return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     if kind == "mistral":
-        return transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=None, **common))
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**{"sliding_window": None, **common}))
     raise ValueError(kind)
 
 
@@ -52,6 +52,9 @@ def tiny_gpt(tie: bool = True) -> GPT:
 
 CASES = [("gpt2", True, {}), ("llama", False, {}), ("llama", True, {}), ("qwen2", False, {}),
          ("mistral", False, {}),
+         # windows of 8 against 40-token sequences: both directions must honour (and keep) them
+         ("mistral", False, {"sliding_window": 8}),
+         ("qwen2", False, {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}),
          ("llama", False, {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}})]
 CASE_IDS = [f"{k}-tie{t}-{i}" for i, (k, t, _) in enumerate(CASES)]
@@ -139,7 +142,9 @@ BROKEN_CONFIGS = {  # config.json change -> the error it must give
     "missing-key": ({"hidden_size": None}, "'hidden_size' is missing"),
     "wrong-shape": ({"intermediate_size": 40}, r"tensor 'model.layers.0.mlp.up_proj.weight' .* has shape"),
     "missing-tensor": ({"num_hidden_layers": 3}, r"tensor 'model.layers.2.input_layernorm.weight' is missing"),
-    "sliding-window": ({"model_type": "mistral", "sliding_window": 16}, "sliding_window=16 is smaller than the"),
+    # Qwen2 windows the layers from max_window_layers on; nanospin windows all or none
+    "window-on-some-layers": ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16,
+                               "max_window_layers": 1}, "sliding_window=16 applies to 1 of 2 layers"),
 }
 
 

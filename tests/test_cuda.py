@@ -1,4 +1,5 @@
-"""CUDA-only checks: the Triton kernels in bf16/fp16 on the GPU, the compiled decode step, a compiled train.py run.
+"""CUDA-only checks: the Triton kernels in bf16/fp16 on the GPU (plain, and with the masks of packed rows and
+sliding windows), packed pairs equal to unpacked ones, the compiled decode step, a compiled train.py run.
 
 Skipped without a CUDA device (the CI machine). Each check runs in a fresh Python process with
 TRITON_INTERPRET unset: conftest.py sets it and imports Triton, and a Triton imported in interpreter
@@ -33,6 +34,14 @@ def run_check(name: str, timeout: int = 300) -> None:
 
 def test_attention_kernels_bf16_fp16():
     run_check("attention")
+
+
+def test_masked_attention_kernels_bf16_fp16():
+    run_check("masked_attention")
+
+
+def test_packed_pairs_equal_unpacked_on_cuda():
+    run_check("packed_pairs")
 
 
 def test_logprob_kernels_bf16():
@@ -107,6 +116,97 @@ def check_attention() -> None:
                 assert results["triton"][i].dtype == dtype
                 assert ours <= max(2 * sdpa, floor), f"{part}: triton {ours:.2e} vs sdpa {sdpa:.2e}"
     assert {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"} <= set(launched), launched
+
+
+def check_masked_attention() -> None:
+    """The document mask of packed rows (packing.py), sliding windows and both, forward and backward, against the
+    float64 spec with the same mask, with SDPA given that mask in the same dtype as the yardstick."""
+    import torch.nn.functional as F
+
+    import kernels.attention as attention_module
+    from kernels.attention import attention, attention_ref
+    from packing import RowLayout, pack_documents, visible_mask
+    launched = record_launches(attention_module)
+    gen = torch.Generator().manual_seed(0)
+
+    def spin_layout(B: int, T: int):
+        """Rows of SPIN pairs of random lengths (prompt 1-200, responses 1-300 tokens), packed into T tokens."""
+        def tokens(hi: int) -> list[int]:
+            return [0] * int(torch.randint(1, hi + 1, (1,), generator=gen))
+        documents = [(tokens(200), [tokens(300), tokens(300)]) for _ in range(4 * B * T // 600)]
+        layout = pack_documents(documents, pad_id=0, row_len=T).layout  # about 3B rows: keep the first B
+        return RowLayout(*(t[:B] for t in (layout.positions, layout.doc_starts, layout.doc_ends, layout.segments)))
+
+    cases = [(2, 8, 2, 1000, 64, True, None), (1, 8, 8, 777, 128, True, 96), (2, 4, 1, 1500, 64, False, 256),
+             (1, 4, 4, 333, 128, False, 1)]  # (B, Hq, Hkv, T, D, packed, window)
+    for dtype, floor in ((torch.bfloat16, 2e-2), (torch.float16, 5e-3)):
+        for B, Hq, Hkv, T, D, packed, window in cases:
+            layout = spin_layout(B, T) if packed else None
+            T = layout.positions.shape[1] if packed else T
+            layout = layout.to(torch.device("cuda")) if packed else None
+            mask = visible_mask(layout, T, window, torch.device("cuda"))
+            g = torch.Generator(device="cuda").manual_seed(T + D)
+            q, grad_out = (torch.randn(B, Hq, T, D, device="cuda", generator=g).to(dtype) for _ in range(2))
+            k, v = (torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(dtype) for _ in range(2))
+            results = {}
+            for name, fn, as_dtype in (
+                    ("triton", lambda q, k, v: attention(q, k, v, layout=layout, window=window), dtype),
+                    ("ref", lambda q, k, v: attention_ref(q, k, v, mask=mask), torch.float64),
+                    ("sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                            enable_gqa=Hq != Hkv), dtype)):
+                leaves = [t.detach().to(as_dtype).requires_grad_() for t in (q, k, v)]
+                out = fn(*leaves)
+                out.backward(grad_out.to(as_dtype))
+                results[name] = [out.detach()] + [t.grad for t in leaves]
+            for i, part in enumerate(("out", "dq", "dk", "dv")):
+                ours = relative_error(results["triton"][i], results["ref"][i])
+                sdpa = relative_error(results["sdpa"][i], results["ref"][i])
+                print(f"{dtype} B{B} H{Hq}:{Hkv} T{T} D{D} packed={packed} window={window} {part}: triton {ours:.1e}, "
+                      f"sdpa {sdpa:.1e}")
+                assert ours <= max(2 * sdpa, floor), f"{part}: triton {ours:.2e} vs sdpa {sdpa:.2e}"
+    assert {"_attn_fwd_kernel", "_attn_bwd_kernel"} <= set(launched), launched
+
+
+def check_packed_pairs() -> None:
+    """SPIN pairs scored packed (one row per pair, several pairs a row) and unpacked, on the GPU: log-probs and
+    every parameter gradient, with attention='triton' (the packed kernels must run) and 'sdpa'; in fp32 tightly,
+    and under bf16 autocast within bf16 noise."""
+    import kernels.attention as attention_module
+    from model import GPT, GPTConfig
+    from spin import pair_logps
+    launched = record_launches(attention_module)
+    packed_launches = []
+    recording_launch = attention_module.launch
+
+    def note_packed(kernel, *args, **meta):
+        packed_launches.append(meta.get("PACKED"))
+        recording_launch(kernel, *args, **meta)
+    attention_module.launch = note_packed
+    gen = torch.Generator().manual_seed(0)
+
+    def tokens(hi: int) -> list[int]:
+        return torch.randint(0, 1000, (int(torch.randint(1, hi + 1, (1,), generator=gen)),), generator=gen).tolist()
+    prompts, real, generated = ([tokens(hi) for _ in range(24)] for hi in (60, 100, 100))
+    device = torch.device("cuda")
+    for impl in ("triton", "sdpa"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(model_type="llama", vocab_size=1000, block_size=256, n_layer=2, n_head=8, n_kv_head=2,
+                              n_embd=512, attention=impl)).to(device)
+        for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+            outputs = {}
+            for pack in (True, False):
+                model.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                    real_logps, generated_logps = pair_logps(model, prompts, real, generated, 0, device, pack)
+                (real_logps.sum() - 0.5 * generated_logps.sum()).backward()
+                grads = torch.cat([p.grad.flatten().float() for p in model.parameters()])
+                outputs[pack] = (torch.cat([real_logps, generated_logps]).detach(), grads)
+            logp_err = relative_error(outputs[True][0], outputs[False][0])
+            grad_err = relative_error(outputs[True][1], outputs[False][1])
+            print(f"{impl} {dtype}: packed vs unpacked log-probs {logp_err:.1e}, gradients {grad_err:.1e}")
+            assert logp_err < tolerance and grad_err < tolerance * 10
+    assert {"_attn_fwd_kernel", "_attn_bwd_kernel"} <= set(launched) and True in packed_launches, \
+        "the packed Triton path did not run"
 
 
 def check_logprob() -> None:

@@ -130,20 +130,22 @@ EOT = load_tokenizer("bytes").specials["<|im_end|>"]
 PROMPTS, RESPONSES = [[5, 6, 7], [8, 9, 10, 11, 12, 13]], [[20, 21, 22, EOT], [30, EOT]]
 
 
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_sequence_logps_sum_the_response_tokens(model_type):
+def test_sequence_logps_sum_the_response_tokens(model_type, pack):
     model = tiny_gpt(model_type=model_type)
     with torch.no_grad():
-        got = sequence_logps(model, PROMPTS, RESPONSES, pad_id=256, device=CPU)
+        got = sequence_logps(model, PROMPTS, RESPONSES, pad_id=256, device=CPU, pack=pack)
     assert got.dtype == torch.float32 and got.shape == (2,)
     assert got.tolist() == pytest.approx(by_hand_logps(model, PROMPTS, RESPONSES), abs=1e-4)
 
 
-def test_sequence_logps_do_not_depend_on_the_padding_token():
+@pytest.mark.parametrize("pack", [True, False])
+def test_sequence_logps_do_not_depend_on_the_padding_token(pack):
     model = tiny_gpt()
     with torch.no_grad():
-        assert torch.equal(sequence_logps(model, PROMPTS, RESPONSES, 256, CPU),
-                           sequence_logps(model, PROMPTS, RESPONSES, 3, CPU))
+        assert torch.equal(sequence_logps(model, PROMPTS, RESPONSES, 256, CPU, pack),
+                           sequence_logps(model, PROMPTS, RESPONSES, 3, CPU, pack))
 
 
 def test_sequence_logps_include_the_end_of_turn_token():
@@ -162,13 +164,17 @@ def test_collate_masks_prompt_and_padding():
     assert targets.tolist() == [[-100, -100, 7, 8], [9, 10, -100, -100]]
 
 
-def test_pair_logps_equal_separate_calls():
+@pytest.mark.parametrize("pack", [True, False])
+def test_pair_logps_equal_separate_calls(pack):
     model = tiny_gpt()
     prompts, real, gen = [[1, 2], [3, 4, 5]], [[6, 7, 8], [9]], [[10], [11, 12, 13, 14]]
     with torch.no_grad():
-        r, g = pair_logps(model, prompts, real, gen, 0, CPU)
-        assert r.tolist() == pytest.approx(sequence_logps(model, prompts, real, 0, CPU).tolist(), abs=1e-5)
-        assert g.tolist() == pytest.approx(sequence_logps(model, prompts, gen, 0, CPU).tolist(), abs=1e-5)
+        r, g = pair_logps(model, prompts, real, gen, 0, CPU, pack)
+        for pack_alone in (True, False):
+            alone = sequence_logps(model, prompts, real, 0, CPU, pack_alone), sequence_logps(model, prompts, gen, 0,
+                                                                                              CPU, pack_alone)
+            assert r.tolist() == pytest.approx(alone[0].tolist(), abs=1e-5)
+            assert g.tolist() == pytest.approx(alone[1].tolist(), abs=1e-5)
 
 
 def test_gradient_step_raises_real_and_lowers_generated_logps():

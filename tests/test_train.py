@@ -243,6 +243,27 @@ def test_grad_accumulation_equals_one_batch(run, tmp_path, batch_size, grad_accu
         assert [p["generated_ids"] for p in rollouts(out, t)] == [p["generated_ids"] for p in rollouts(out_dir, t)]
 
 
+def test_packed_and_unpacked_runs_end_alike(run, tmp_path):
+    """pack_pairs (the default, the shared run) against pack_pairs=False, the unpacked reference: the same steps
+    up to float round-off, in training, the opponent's scoring and evaluation."""
+    out_dir, _ = run
+    out = tmp_path / "unpacked"
+    assert run_in_process(*TINY, f"--out_dir={out}", "--pack_pairs=False", "--baseline_sft=False",
+                          "--save_interval=0") == 0
+    expected, got = step_losses(out_dir), step_losses(out)
+    assert sorted(got) == list(range(1, 15))
+    assert [got[s] for s in got] == pytest.approx([expected[s] for s in got], abs=1e-5)
+    assert_same_weights(final_weights(out), final_weights(out_dir), atol=1e-5)
+    for t in (0, 1):
+        packed, unpacked = rollouts(out_dir, t), rollouts(out, t)
+        assert [p["generated_ids"] for p in unpacked] == [p["generated_ids"] for p in packed]
+        for key in ("opponent_real_logp", "opponent_generated_logp"):  # sums of ~100 fp32 terms: a few ulps
+            assert [p[key] for p in unpacked] == pytest.approx([p[key] for p in packed], rel=1e-6, abs=1e-5)
+    evals = [[r for r in metrics(d) if r.get("event") == "phase_end"][:3] for d in (out_dir, out)]
+    for packed, unpacked in zip(*evals):
+        assert unpacked["eval/nll"] == pytest.approx(packed["eval/nll"], abs=1e-5)
+
+
 def test_mix_previous_rollouts_and_lr_per_iteration(tmp_path):
     """mix_previous_rollouts trains iteration t on its own generations and those of t-1 (not older
     ones), the latter rescored by the current opponent; lr may be one value per iteration."""
