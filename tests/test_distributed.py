@@ -6,15 +6,16 @@ Every run is the tiny config of train_runs.py; the one-process uninterrupted run
 test_train.py. Faults are injected at exact points by tests/train_with_faults.py."""
 
 import json
+import math
 import shutil
 import signal
 
 import pytest
 import torch
 
-from train_runs import (CHECKPOINT_STEPS, TINY, assert_same_weights, baseline, checkpoint_steps, checkpoint_weights,
-                        describe, final_weights, metrics, rollouts, run_in_process, run_train, shared_run,
-                        start_train, step_losses, wait_for)
+from train_runs import (CHECKPOINT_STEPS, SPIN_STEPS, TINY, assert_same_weights, baseline, checkpoint_steps,
+                        checkpoint_weights, describe, final_weights, metrics, rollouts, run_in_process, run_train,
+                        shared_run, start_train, step_losses, wait_for)
 
 # 2 ranks x micro-batch 2 x grad_accum 2 = the baseline's global batch of 8 (and FSDP's no-sync micro-batch)
 TWO_RANKS = ("--batch_size=2", "--grad_accum=2")
@@ -28,7 +29,8 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return shared_run(tmp_path_factory, "two-ranks", *TWO_RANKS, nproc=2)
+    # every rank's rollouts run with every way to a full-state-dict gather made to raise (train_with_faults.py)
+    return shared_run(tmp_path_factory, "two-ranks", *TWO_RANKS, nproc=2, fault="no_full_gather_in_rollout")
 
 
 def assert_exactly_like(out, reference) -> None:
@@ -74,6 +76,34 @@ def test_two_ranks_equal_one_rank(run, two_ranks):
     assert proc.stdout.count("saved checkpoint") == len(CHECKPOINT_STEPS)
     assert "world size 2" in proc.stdout
     assert len(metrics(out2)) == len(metrics(out_dir))
+    # the rollouts sampled and scored with the sharded model, gathering no full state dict on any rank
+    for rank in (0, 1):
+        assert f"rank {rank}: 2 rollouts without a full-state-dict gather" in proc.stdout, describe(proc)
+    # and the opponent's log-probs took the policy's path: each iteration starts at log 2
+    records = {r["step"]: r for r in metrics(out2) if r.get("phase") == "spin" and "loss" in r}
+    for first, _ in SPIN_STEPS.values():
+        assert abs(records[first]["loss"] - math.log(2)) <= 1e-6
+        assert abs(records[first]["rewards/real"]) <= 1e-6 and abs(records[first]["rewards/generated"]) <= 1e-6
+
+
+def test_the_rollout_guard_catches_a_full_state_dict_gather():
+    """The guard the 2-rank run's rollouts ran under raises on the gather the rollout once made on every rank."""
+    import torch.distributed.checkpoint.state_dict as dcp_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    import checkpoint
+    from model import GPT, GPTConfig
+    from train_with_faults import no_full_gather
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
+    full = StateDictOptions(full_state_dict=True)
+    with no_full_gather("this test"):
+        with pytest.raises(AssertionError, match="full_model_state was called during this test"):
+            checkpoint.full_model_state(model)
+        with pytest.raises(AssertionError, match="get_model_state_dict was called during this test"):
+            dcp_state_dict.get_model_state_dict(model, options=full)
+        with pytest.raises(AssertionError, match="_gather_state_dict was called during this test"):
+            get_model_state_dict(model, options=full)  # a reference taken before the guard
+    assert checkpoint.full_model_state(model).keys() == model.state_dict().keys()  # restored on exit
 
 
 def test_resume_across_world_sizes_after_a_kill_in_a_checkpoint_write_and_sigterms(run, tmp_path):
