@@ -20,6 +20,7 @@ Design choices:
 - The opponent's log-probs are scored by the model itself, on the numerical path its log-probs take in
   training (weights, autocast, kernels): a cheaper copy may sample, never score, so each iteration's
   first step has loss log 2 and zero rewards.
+- At start a per-rank memory plan (memory_plan.py) is printed, with a warning when it cannot fit.
 - `main` is the run, top to bottom; every step it takes is a function above it, with what it needs as
   arguments. Progress bars are drawn on a terminal only; a log file gets a line per logged step.
 """
@@ -50,6 +51,7 @@ from configurator import UserError, config_to_json, load_config, run_main
 from data import (BatchOrder, Example, check_answer, examples_from_messages, load_examples, stop_ids, strip_stop,
                   synthetic_split)
 from generate import generate
+from memory_plan import MemoryPlan, describe_plan, plan_memory, plan_warning
 from model import ATTENTION_IMPLS, GPT, SCRATCH_MODEL_TYPES, GPTConfig
 from spin import (Pair, RolloutSettings, pair_terms, per_iteration, read_rollouts, rescore, rollout, sequence_logps,
                   spin_metrics, write_rollouts)
@@ -485,6 +487,22 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> GPT:
     return model
 
 
+def print_memory_plan(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime) -> MemoryPlan:
+    """The per-rank memory plan (memory_plan.py), against the GPU's memory, with a one-line warning naming
+    what to change when it cannot fit."""
+    train_sequences = cfg.batch_size * (1 if cfg.stage == "sft" else 2)  # a SPIN micro-batch holds y and y'
+    plan = plan_memory(model_config, rt.world_size, rt.fsdp, rt.device.type == "cuda", rt.compute_dtype, cfg.optimizer,
+                       train_sequences, cfg.max_len, cfg.rollout_batch_size, cfg.activation_checkpointing)
+    device_bytes = torch.cuda.get_device_properties(rt.device).total_memory if rt.device.type == "cuda" else None
+    for line in describe_plan(plan, rt.world_size, cfg.rollout_batch_size, cfg.max_len, cfg.activation_checkpointing,
+                              device_bytes):
+        print0(line)
+    warning = plan_warning(plan, device_bytes, rt.world_size, cfg.activation_checkpointing) if device_bytes else None
+    if warning:
+        print0(warning)
+    return plan
+
+
 def place_model(model: GPT, cfg: TrainConfig, rt: Runtime) -> None:
     """On the device; sharded with FSDP2 under torchrun; the forward compiled on a GPU if asked."""
     model.to(rt.device)
@@ -914,6 +932,7 @@ def main(argv: list[str]) -> None:
     model = build_model(cfg, data.tok.n_vocab, data.tok.eos_id)
     print0(f"model: {model.config.model_type}, {model.num_params() / 1e6:.2f}M non-embedding parameters, "
            f"{model.config.n_layer} layers, {model.config.n_embd} wide")
+    print_memory_plan(model.config, cfg, rt)
     place_model(model, cfg, rt)
     optimizer = make_optimizer(model, cfg, cfg.sft_lr)  # every step sets its own lr; each phase makes a new one
     state = start_or_resume(cfg, rt, resume_from, model, optimizer)

@@ -145,6 +145,15 @@ def test_the_run_prints_a_summary_table(run):
     assert "spin 0 done at step 10" in proc.stdout and "spin 1 done at step 14" in proc.stdout
 
 
+def test_the_run_prints_its_memory_plan_first(run):
+    _, proc = run
+    plan = proc.stdout.index("memory plan per rank (world size 1):")
+    assert plan < proc.stdout.index("sft step 1/6")
+    training, rollout = proc.stdout[plan:].splitlines()[1:3]
+    assert training.startswith("  training: master weights ") and "activations" in training
+    assert rollout.startswith("  rollout: master weights ") and "KV cache" in rollout and "(8 x 96 tokens)" in rollout
+
+
 def test_checkpoints_at_save_interval_and_phase_ends(run):
     out_dir, _ = run
     assert checkpoint_steps(out_dir) == CHECKPOINT_STEPS
