@@ -7,8 +7,9 @@ Design choices:
   state (all three sharded by world size under FSDP), the compute-dtype weights a step gathers (FSDP:
   the root and two blocks; autocast: its cached casts of every block's weights) and one micro-batch's
   activations. A rollout holds the master weights, one compute-dtype copy of the weights to sample
-  with (none where the model samples itself), the KV cache of rollout_batch_size x max_len tokens and
-  the scoring forward's largest temporaries; gradients and optimizer state are freed before it.
+  with (none where the model samples itself), the KV cache of rollout_batch_size x max_len tokens, and
+  the temporaries of a forward over rollout_batch_size sequences (the prefill; the scoring, which runs
+  in two halves of its 2 x rollout_batch_size sequences); gradients and optimizer state are freed first.
 - Activations count what autograd saves per token and layer, as measured on nanospin's blocks
   (tests/test_memory_plan.py checks the count against the saved tensors); activation checkpointing
   keeps one block input per layer and recomputes one block at a time.
@@ -98,7 +99,7 @@ def kv_cache_bytes(cfg: GPTConfig, batch_size: int, max_len: int, cache_bytes: i
     return 2 * cfg.n_layer * batch_size * cfg.n_kv_head * max_len * cfg.head_dim * cache_bytes
 
 
-def scoring_bytes(cfg: GPTConfig, tokens: int, compute_bytes: int, residual_bytes: int) -> int:
+def forward_bytes(cfg: GPTConfig, tokens: int, compute_bytes: int, residual_bytes: int) -> int:
     """The largest temporaries of a forward without grad over `tokens`: one block's MLP (three intermediate
     tensors alive at once) beside the residual stream, plus one logits slice."""
     per_token = 3 * cfg.intermediate_size * compute_bytes + 3 * cfg.n_embd * residual_bytes
@@ -115,7 +116,7 @@ class MemoryPlan:
     activations: int  # one micro-batch's, saved for the backward
     rollout_weights: int  # the compute-dtype copy the rollout samples with (0: the model samples itself)
     kv_cache: int  # rollout_batch_size x max_len tokens
-    scoring: int  # the rollout's scoring forward (2 x rollout_batch_size sequences of max_len)
+    rollout_forward: int  # a forward over rollout_batch_size sequences of max_len: prefill, or half the scoring
 
     @property
     def training(self) -> int:
@@ -123,7 +124,7 @@ class MemoryPlan:
 
     @property
     def rollout(self) -> int:
-        return self.params + self.rollout_weights + self.kv_cache + self.scoring
+        return self.params + self.rollout_weights + self.kv_cache + self.rollout_forward
 
 
 def plan_memory(cfg: GPTConfig, world_size: int, fsdp: bool, on_gpu: bool, compute_dtype: torch.dtype,
@@ -151,7 +152,7 @@ def plan_memory(cfg: GPTConfig, world_size: int, fsdp: bool, on_gpu: bool, compu
         step_weights=step_weights,
         activations=activation_bytes(cfg, train_sequences * max_len, e, residual, activation_checkpointing),
         rollout_weights=rollout_weights, kv_cache=kv_cache_bytes(cfg, rollout_batch_size, max_len, cache),
-        scoring=scoring_bytes(cfg, 2 * rollout_batch_size * max_len, e, residual))
+        rollout_forward=forward_bytes(cfg, rollout_batch_size * max_len, e, residual))
 
 
 def size(n: float) -> str:
@@ -169,8 +170,8 @@ def describe_plan(plan: MemoryPlan, world_size: int, rollout_batch_size: int, ma
             f"{size(plan.activations)} (activation_checkpointing={activation_checkpointing}) = "
             f"{size(plan.training)}{against}",
             f"  rollout: master weights {size(plan.params)} + sampling copy {size(plan.rollout_weights)} + KV cache "
-            f"{size(plan.kv_cache)} ({rollout_batch_size} x {max_len} tokens) + scoring {size(plan.scoring)} = "
-            f"{size(plan.rollout)}{against}"]
+            f"{size(plan.kv_cache)} ({rollout_batch_size} x {max_len} tokens) + forward {size(plan.rollout_forward)}"
+            f" = {size(plan.rollout)}{against}"]
 
 
 def plan_warning(plan: MemoryPlan, device_bytes: int, world_size: int, activation_checkpointing: bool) -> str | None:
@@ -182,7 +183,7 @@ def plan_warning(plan: MemoryPlan, device_bytes: int, world_size: int, activatio
         return None
     fixes = []
     if plan.rollout > budget:
-        fixes.append(f"lower rollout_batch_size (KV cache {size(plan.kv_cache)}, scoring {size(plan.scoring)})")
+        fixes.append(f"lower rollout_batch_size (KV cache {size(plan.kv_cache)}, forward {size(plan.rollout_forward)})")
     if plan.training > budget:
         if activation_checkpointing:
             fixes.append(f"lower batch_size (activations {size(plan.activations)})")

@@ -165,6 +165,17 @@ def run_sharded(batches: list[list[int]], run_batch: Callable[[int, list[int]], 
     return [by_index[i] for i in range(len(by_index))]
 
 
+def opponent_logps(scorer, prompts: list[list[int]], real: list[list[int]], generated: list[list[int]],
+                   s: RolloutSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scorer's (B,) log-probs of the real and the generated responses, without grad, in two halves of the
+    batch: each forward holds B sequences, as many as the sampling's, so scoring needs no more memory."""
+    half = max(1, (len(prompts) + 1) // 2)
+    with torch.no_grad():
+        parts = [pair_logps(scorer, prompts[i:i + half], real[i:i + half], generated[i:i + half], s.pad_id, s.device)
+                 for i in range(0, len(prompts), half)]
+    return torch.cat([r for r, _ in parts]), torch.cat([g for _, g in parts])
+
+
 def _sample_and_score(model, scorer, examples: list, s: RolloutSettings, seed: int) -> list[Pair]:
     prompts = [e.prompt_ids for e in examples]
     real = [e.real_ids for e in examples]
@@ -172,8 +183,7 @@ def _sample_and_score(model, scorer, examples: list, s: RolloutSettings, seed: i
     with s.autocast or torch.autocast(s.device.type, enabled=False):
         generated = generate(model, prompts, max(budget, 1), temperature=s.temperature, top_k=s.top_k,
                              top_p=s.top_p, eos_id=s.stop, seed=seed, compile=s.compile)
-        with torch.no_grad():
-            real_logps, generated_logps = pair_logps(scorer, prompts, real, generated, s.pad_id, s.device)
+        real_logps, generated_logps = opponent_logps(scorer, prompts, real, generated, s)
     return [Pair(e.source, p, r, g, rl.item(), gl.item(), bool(g) and g[-1] in s.stop)
             for e, p, r, g, rl, gl in zip(examples, prompts, real, generated, real_logps, generated_logps)]
 
@@ -204,9 +214,10 @@ def rescore(model, pairs: list[Pair], settings: RolloutSettings) -> list[Pair]:
 
     def score_batch(j: int, indices: list[int]) -> list[Pair]:
         batch = [pairs[i] for i in indices]
-        with s.autocast or torch.autocast(s.device.type, enabled=False), torch.no_grad():
-            real_logps, generated_logps = pair_logps(model, [p.prompt_ids for p in batch], [p.real_ids for p in batch],
-                                                     [p.generated_ids for p in batch], s.pad_id, s.device)
+        prompts, real = [p.prompt_ids for p in batch], [p.real_ids for p in batch]
+        generated = [p.generated_ids for p in batch]
+        with s.autocast or torch.autocast(s.device.type, enabled=False):
+            real_logps, generated_logps = opponent_logps(model, prompts, real, generated, s)
         return [replace(p, opponent_real_logp=r.item(), opponent_generated_logp=g.item())
                 for p, r, g in zip(batch, real_logps, generated_logps)]
 

@@ -505,10 +505,11 @@ def print_memory_plan(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime) ->
 
 def place_model(model: GPT, cfg: TrainConfig, rt: Runtime) -> None:
     """On the device; sharded with FSDP2 under torchrun; the forward compiled on a GPU if asked."""
-    model.to(rt.device)
-    if rt.fsdp:
+    if rt.fsdp:  # fully_shard moves each block to the device as it shards it: the whole model never is there
         apply_fsdp(model, rt.compute_dtype, cfg.activation_checkpointing, cfg.compile and rt.device.type == "cuda")
-    elif cfg.compile and rt.device.type == "cuda":
+        return
+    model.to(rt.device)
+    if cfg.compile and rt.device.type == "cuda":
         for block in model.blocks:  # per block, as under FSDP: model.compile() would cover forward() only
             block.compile()
 

@@ -3,19 +3,22 @@ across world sizes, SIGKILL at several points then the same command == an uninte
 guard, SIGTERM under torchrun, and corrupt checkpoints as one-line errors.
 
 Every run is the tiny config of train_runs.py; the one-process uninterrupted run is shared with
-test_train.py. Faults are injected at exact points by tests/train_with_faults.py."""
+test_train.py. Faults are injected at exact points by tests/train_with_faults.py, which also runs the
+2-rank run's rollouts with every full-state-dict gather made to raise."""
 
 import json
 import math
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from train_runs import (CHECKPOINT_STEPS, SPIN_STEPS, TINY, assert_same_weights, baseline, checkpoint_steps,
-                        checkpoint_weights, describe, final_weights, metrics, rollouts, run_in_process, run_train,
-                        shared_run, start_train, step_losses, wait_for)
+from train_runs import (CHECKPOINT_STEPS, REPO, SPIN_STEPS, TINY, assert_same_weights, baseline,
+                        checkpoint_steps, checkpoint_weights, child_env, describe, final_weights, metrics, rollouts,
+                        run_in_process, run_train, shared_run, start_train, step_losses, wait_for)
 
 # 2 ranks x micro-batch 2 x grad_accum 2 = the baseline's global batch of 8 (and FSDP's no-sync micro-batch)
 TWO_RANKS = ("--batch_size=2", "--grad_accum=2")
@@ -84,6 +87,46 @@ def test_two_ranks_equal_one_rank(run, two_ranks):
     for first, _ in SPIN_STEPS.values():
         assert abs(records[first]["loss"] - math.log(2)) <= 1e-6
         assert abs(records[first]["rewards/real"]) <= 1e-6 and abs(records[first]["rewards/generated"]) <= 1e-6
+
+
+SAMPLER_UNDER_FSDP = """
+from contextlib import nullcontext
+import torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor
+import train
+from model import GPT, GPTConfig
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=16))
+reference = GPT(model.config)
+reference.load_state_dict(model.state_dict())
+train.apply_fsdp(model, torch.float32, activation_checkpointing=True, compile=False)
+rt = train.Runtime(rank, rank, 2, torch.device("cpu"), torch.float32, True, nullcontext())
+idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(rank))
+with train.model_for_sampling(model, rt) as sampler, torch.no_grad():
+    assert not any(isinstance(p, DTensor) for p in sampler.parameters())
+    assert sampler.lm_head.weight is sampler.wte.weight
+    assert torch.equal(sampler(idx), reference(idx))
+    for _ in range(rank + 1):  # the model scores as often as its rank has batches: no collective may run
+        logps = model.token_logprobs(idx, idx)
+    assert torch.equal(logps, reference.token_logprobs(idx, idx))
+assert all(isinstance(p, DTensor) for p in model.parameters())
+model.token_logprobs(idx, idx).sum().backward()
+print(f"rank {rank} ok", flush=True)
+"""
+
+
+def test_under_fsdp_the_sampler_is_the_unsharded_model_and_the_model_scores_without_collectives(tmp_path):
+    """model_for_sampling under FSDP2 (activation checkpointing on): a plain GPT over the unsharded weights equal
+    to the unsharded model; inside, the FSDP model runs any number of forwards per rank; after, it is sharded
+    again and trains."""
+    script = tmp_path / "sampler_under_fsdp.py"
+    script.write_text(SAMPLER_UNDER_FSDP)
+    env = {**child_env(), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout, describe(proc)
 
 
 def test_the_rollout_guard_catches_a_full_state_dict_gather():

@@ -115,7 +115,7 @@ def test_plan_shards_by_world_size_and_follows_the_rollouts_sampler():
     assert (fsdp.params, fsdp.grads, fsdp.optimizer) == (n, n, 2 * n)
     assert fsdp.rollout_weights == 2 * n  # one unsharded bf16 copy per rank, never the fp32 weights
     assert fsdp.step_weights == 2 * (root_params(cfg) + 2 * block_params(cfg))
-    assert fsdp.rollout == fsdp.params + fsdp.rollout_weights + fsdp.kv_cache + fsdp.scoring
+    assert fsdp.rollout == fsdp.params + fsdp.rollout_weights + fsdp.kv_cache + fsdp.rollout_forward
     assert fsdp.training == fsdp.params + fsdp.grads + fsdp.optimizer + fsdp.step_weights + fsdp.activations
     assert plan(cfg, checkpointing=True).activations < one_cpu.activations
 
@@ -128,7 +128,7 @@ def test_the_plan_depends_on_max_len_not_the_models_context():
 
 def test_a_plan_that_does_not_fit_names_what_to_change():
     fits = MemoryPlan(params=GIB, grads=GIB, optimizer=2 * GIB, step_weights=0, activations=4 * GIB,
-                      rollout_weights=GIB, kv_cache=GIB, scoring=GIB)
+                      rollout_weights=GIB, kv_cache=GIB, rollout_forward=GIB)
     assert plan_warning(fits, 80 * GIB, 1, False) is None
     training = plan_warning(fits, 8 * GIB, 2, False)
     assert training.startswith("warning: this run needs about 8.00 GiB per rank")

@@ -348,14 +348,16 @@ def test_block_size_defaults_to_the_models_context(tmp_path):
     LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                  num_attention_heads=4, max_position_embeddings=32768)).save_pretrained(tmp_path / "m")
     pretrained = str(tmp_path / "m")
+
+    def context(**settings) -> int:
+        return build_model(TrainConfig(**settings), 300, 0).config.block_size
+
     assert TrainConfig().block_size == 0
-    assert build_model(TrainConfig(init_from=pretrained, max_len=64), 300, 0).config.block_size == 32768
-    assert build_model(TrainConfig(init_from=pretrained, max_len=64, block_size=None), 300, 0).config.block_size == 32768
-    assert build_model(TrainConfig(init_from=pretrained, max_len=64, block_size=128), 300, 0).config.block_size == 128
-    assert build_model(TrainConfig(max_len=80), 300, 0).config.block_size == 80
-    assert build_model(TrainConfig(max_len=80, block_size=96), 300, 0).config.block_size == 96
+    assert context(init_from=pretrained, max_len=64) == context(init_from=pretrained, block_size=None) == 32768
+    assert context(init_from=pretrained, max_len=64, block_size=128) == 128
+    assert context(max_len=80) == 80 and context(max_len=80, block_size=96) == 96
     with pytest.raises(UserError, match="exceeds the model's context"):
-        build_model(TrainConfig(init_from=pretrained, max_len=64, block_size=32), 300, 0)
+        context(init_from=pretrained, max_len=64, block_size=32)
 
 
 # ----------------------------------------------------------------------------------------------
