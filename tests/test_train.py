@@ -206,6 +206,28 @@ def bf16_copy(model, rt):
                                  dtype=torch.bfloat16)
 
 
+def test_sampling_leaves_no_kv_cache_and_no_copy_behind(monkeypatch):
+    """After model_for_sampling: no KV cache a compiled decode kept (it would stay alive into training), and a
+    sampling copy's weights are gone even while its module is still referenced."""
+    from contextlib import nullcontext
+
+    import train
+    from generate import generate
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
+    rt = train.Runtime(0, 0, 1, torch.device("cpu"), torch.float32, False, nullcontext())
+    with train.model_for_sampling(model, rt) as sampler:
+        assert sampler is model  # one process on the CPU samples with the model itself
+        generate(sampler, [[1, 2, 3]], 4, compile="eager")
+        assert sampler.kept_kv_caches is not None
+    assert model.kept_kv_caches is None
+    monkeypatch.setattr(train, "sampler_of", bf16_copy)  # as on one GPU in bf16
+    with train.model_for_sampling(model, rt) as copy:
+        assert copy is not model and generate(copy, [[1, 2, 3]], 4, compile="eager")
+    assert all(p.is_meta for p in copy.parameters()) and copy.kept_kv_caches is None
+    assert not any(p.is_meta for p in model.parameters())
+
+
 @pytest.mark.parametrize("sampler", ["the model", "a bf16 copy"])
 def test_each_iteration_starts_at_log2_under_bf16_autocast(tmp_path, monkeypatch, sampler):
     """--dtype=bfloat16 on the CPU trains fp32 weights under bf16 autocast. The opponent's log-probs take that
