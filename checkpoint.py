@@ -8,7 +8,11 @@ Design choices:
   model on the meta device and assigns them (no random init, no second copy), re-tying tied embeddings.
   `load_weights` puts a directory's weights into an existing model, plain or FSDP-sharded.
 - One save path, `save_model_dir`: the Hugging Face files plus nanospin's tokenizer and nanospin.json
-  (the chat template); `export_model` is rank 0 writing it atomically.
+  (the chat template); `export_model` is rank 0 writing it atomically. A model goes out as it came in
+  (`ModelSource`): its config.json with every field kept (context, sliding window, rope, token ids,
+  keys unknown to nanospin), only the dtype updated; its companion files (generation_config.json, the
+  tokenizer's) copied unchanged; the exported product in the dtype it came in, while a run checkpoint's
+  model/ keeps the fp32 master weights, so a resume is exact.
 - A run checkpoint is a directory `out_dir/checkpoints/step_XXXXXXXX/` holding
     model/          full weights as a model directory (above), so any checkpoint also works with
                     generate.py and transformers;
@@ -27,11 +31,14 @@ import os
 import random
 import shutil
 import warnings
+from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -183,27 +190,50 @@ def gpt_config_to_hf_config(cfg: GPTConfig, dtype: torch.dtype) -> dict:
     return out
 
 
-def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
+def safetensors_files(path: str) -> list[str]:
+    """The weight files of a model directory: model.safetensors, or the shards its index names."""
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
-        files = sorted(set(_read_json(index)["weight_map"].values()))
+        names = sorted(set(_read_json(index)["weight_map"].values()))
     elif os.path.isfile(single):
-        files = ["model.safetensors"]
+        names = ["model.safetensors"]
     else:
         hint = " (pickled .bin weights are never loaded; convert them to safetensors)" if any(
             f.endswith(".bin") for f in os.listdir(path)) else ""
         raise UserError(f"'{path}' has no model.safetensors or model.safetensors.index.json{hint}")
-    state = {}
-    for name in files:
-        file = os.path.join(path, name)
+    files = [os.path.join(path, name) for name in names]
+    for file in files:
         if not os.path.isfile(file):
             raise UserError(f"shard '{file}' named in model.safetensors.index.json is missing")
+    return files
+
+
+def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
+    state = {}
+    for file in safetensors_files(path):
         try:
             state.update(load_file(file))
         except Exception as e:
             raise UserError(f"cannot read '{file}': {e}") from None
     return state
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(path: str) -> torch.dtype:
+    """The floating dtype most of a model directory's tensors are stored in, from the safetensors headers
+    (no tensor is read); float32 when there is none."""
+    counts: Counter = Counter()
+    for file in safetensors_files(path):
+        try:
+            with safe_open(file, "pt") as f:
+                counts.update(f.get_slice(name).get_dtype() for name in f.keys())
+        except Exception as e:
+            raise UserError(f"cannot read '{file}': {e}") from None
+    counts = Counter({_SAFETENSORS_DTYPES[k]: n for k, n in counts.items() if k in _SAFETENSORS_DTYPES})
+    return counts.most_common(1)[0][0] if counts else torch.float32
 
 
 def save_hf_dir(path: str, hf_config: dict, state: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
@@ -372,6 +402,57 @@ def read_chat_template(model_dir: str) -> str | dict | None:
     return meta.get("chat_template")
 
 
+# ----------------------------------------------------------------------------------------------
+# a model goes out as it came in
+
+
+@dataclass
+class ModelSource:
+    """Where a run's model came from: its exports keep its config.json, companion files and dtype."""
+    dir: str | None  # the model directory (None: built from scratch)
+    hf_config: dict | None  # its config.json, every field as read
+    dtype: torch.dtype  # the dtype its weights are stored in (float32 from scratch)
+
+
+# files beside the weights that describe the model to other tools: copied into every export unchanged
+MODEL_COMPANION_FILES = ("generation_config.json",)
+# a Hugging Face tokenizer's files that Tokenizer.save does not copy along itself
+TOKENIZER_COMPANION_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
+DTYPE_KEYS = ("dtype", "torch_dtype")  # transformers >= 4.56 writes the first, older versions the second
+
+
+def read_model_source(path: str | None) -> ModelSource:
+    """The source of a model loaded from directory `path`; None: a model built from scratch."""
+    if path is None:
+        return ModelSource(None, None, torch.float32)
+    return ModelSource(path, read_hf_config(path), stored_dtype(path))
+
+
+def export_hf_config(cfg: GPTConfig, dtype: torch.dtype, source: ModelSource | None = None) -> dict:
+    """config.json for `cfg`'s weights stored in `dtype`: the source's own with every field kept and only
+    the dtype updated (training changes the weights, not what the model is); from scratch, nanospin's."""
+    if source is None or source.hf_config is None:
+        return gpt_config_to_hf_config(cfg, dtype)
+    config = dict(source.hf_config)
+    keys = [k for k in DTYPE_KEYS if k in config] or ["dtype"]
+    config.update(dict.fromkeys(keys, str(dtype).removeprefix("torch.")))
+    return config
+
+
+def copy_companion_files(path: str, source: ModelSource | None, tokenizer: Tokenizer | None) -> None:
+    """The source directory's generation_config.json, and the rest of its tokenizer's files when the
+    tokenizer is that directory's, into `path` byte for byte."""
+    if source is None or source.dir is None:
+        return
+    names = list(MODEL_COMPANION_FILES)
+    source_dir = os.path.abspath(source.dir)
+    if tokenizer is not None and any(os.path.dirname(os.path.abspath(f)) == source_dir for f in tokenizer.source_files):
+        names += TOKENIZER_COMPANION_FILES
+    for name in names:
+        if os.path.isfile(os.path.join(source_dir, name)):
+            shutil.copyfile(os.path.join(source_dir, name), os.path.join(path, name))
+
+
 def model_from_state(cfg: GPTConfig, state: dict[str, torch.Tensor], device=None,
                      dtype: torch.dtype | None = None) -> GPT:
     """A GPT holding `state` (nanospin names), moved to device/dtype (None: as given). Built on the meta
@@ -432,38 +513,40 @@ def load_for_chat(path: str, device: str = "auto",
     return model, tok, resolve_template(tok, "auto")
 
 
-def full_model_state(model, every_rank: bool = False) -> dict[str, torch.Tensor]:
-    """The full (unsharded) weights, a collective under FSDP: on rank 0 only, offloaded to the CPU
-    tensor by tensor (for saving), or on every rank, on the model's device (for a rollout copy)."""
-    if every_rank:
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+def full_model_state(model) -> dict[str, torch.Tensor]:
+    """The full (unsharded) weights on rank 0, offloaded to the CPU tensor by tensor (a collective under
+    FSDP: every rank calls it, only rank 0 keeps the tensors; the others get an empty dict)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def save_model_dir(path: str, state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer: Tokenizer | None = None,
                    chat_template: ChatFormat | str | None = None, dtype: torch.dtype | None = None,
-                   max_shard_bytes: int = 4 << 30) -> None:
+                   max_shard_bytes: int = 4 << 30, source: ModelSource | None = None) -> None:
     """A Hugging Face model directory (config.json + safetensors, sharded above max_shard_bytes) that
     transformers' AutoModelForCausalLM loads as it is; with a tokenizer, also the tokenizer's files and
-    nanospin.json (tokenizer name and chat template). dtype None: the weights' own."""
+    nanospin.json (tokenizer name and chat template). dtype None: the weights' own. With a source, its
+    config.json (dtype updated) and companion files (`export_hf_config`, `copy_companion_files`)."""
     hf_state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
                 for k, v in nanospin_state_to_hf(state, cfg).items()}
-    save_hf_dir(path, gpt_config_to_hf_config(cfg, dtype or next(iter(hf_state.values())).dtype), hf_state,
+    save_hf_dir(path, export_hf_config(cfg, dtype or next(iter(hf_state.values())).dtype, source), hf_state,
                 max_shard_bytes)
     if tokenizer is not None:
         tokenizer.save(path)
         with open(os.path.join(path, "nanospin.json"), "w") as f:
             template = format_config(chat_format(chat_template)) if chat_template else None
             json.dump({"chat_template": template, "tokenizer": tokenizer.name}, f, indent=2, ensure_ascii=False)
+    copy_companion_files(path, source, tokenizer)
 
 
-def export_model(path: str, model, cfg: GPTConfig, tokenizer, chat_template: ChatFormat | str, rank: int) -> None:
-    """Rank 0 writes the full weights to `path` atomically (temporary directory, then rename)."""
+def export_model(path: str, model, cfg: GPTConfig, tokenizer, chat_template: ChatFormat | str, rank: int,
+                 dtype: torch.dtype | None = None, source: ModelSource | None = None) -> None:
+    """Rank 0 writes the full weights to `path` atomically (temporary directory, then rename), in dtype
+    (None: the master weights' own) and, with a source, as the model came in (`save_model_dir`)."""
     state = full_model_state(model)
     if rank == 0:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model_dir(tmp, state, cfg, tokenizer, chat_template)
+        save_model_dir(tmp, state, cfg, tokenizer, chat_template, dtype=dtype, source=source)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     _barrier()
@@ -495,8 +578,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, cfg: GPTConfig, tokenizer,
-                    chat_template: ChatFormat | str, rollouts_path: str | None, rank: int, keep: int = 2) -> str:
-    """Write checkpoint `step` (all ranks call this) and return its path."""
+                    chat_template: ChatFormat | str, rollouts_path: str | None, rank: int, keep: int = 2,
+                    source: ModelSource | None = None) -> str:
+    """Write checkpoint `step` (all ranks call this) and return its path. Its model/ holds the fp32 master
+    weights whatever the source's dtype (a resume restores them exactly), with the source's config.json."""
     root = os.path.join(out_dir, CHECKPOINTS)
     final = os.path.join(root, f"step_{step:08d}")
     tmp = os.path.join(root, f"tmp-step_{step:08d}")
@@ -507,7 +592,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, cfg:
     weights = full_model_state(model)
     _dcp(dcp.save, {"optimizer": get_optimizer_state_dict(model, optimizer)}, os.path.join(tmp, "optimizer"))
     if rank == 0:
-        save_model_dir(os.path.join(tmp, "model"), weights, cfg, tokenizer, chat_template)
+        save_model_dir(os.path.join(tmp, "model"), weights, cfg, tokenizer, chat_template, source=source)
         if rollouts_path is not None:
             shutil.copyfile(rollouts_path, os.path.join(tmp, "rollouts.jsonl"))
         with open(os.path.join(tmp, "state.json"), "w") as f:  # written last: its presence marks a whole checkpoint
@@ -547,7 +632,9 @@ def load_checkpoint(path: str, model, optimizer, cfg: GPTConfig) -> dict:
     if not os.path.isdir(model_dir):
         raise UserError(f"checkpoint '{path}' has no model/ directory; it is incomplete, delete it to resume "
                         f"from the one before it")
-    saved = hf_config_to_gpt_config(read_hf_config(model_dir), where=os.path.join(model_dir, "config.json"))
+    # read at this run's context: a checkpoint keeps its source's (a longer one is no reason to refuse it)
+    saved = hf_config_to_gpt_config(read_hf_config(model_dir), block_size=cfg.block_size,
+                                    where=os.path.join(model_dir, "config.json"))
     shape_keys = ("model_type", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size")
     differ = [k for k in shape_keys if getattr(saved, k) != getattr(cfg, k)]
     if differ:

@@ -4,7 +4,8 @@ Design choices:
 - At iteration t the opponent is the model as it stands when the iteration starts. The rollout
   samples y' ~ p_θt(·|x) for every prompt and, in the same pass, computes the opponent's summed
   log-probs of the real and the generated responses; they are stored with the rollout, so training
-  holds ONE model and never a second copy for the opponent.
+  holds ONE model and never a second copy for the opponent. The sampling model and the scoring one may
+  differ (train.py samples with a compute-dtype copy where that is cheaper and scores with the model).
 - Log-probs are summed over response tokens, end-of-turn included, through the model's fused
   log-prob path (the [tokens, vocab] logits never exist).
 - By default (pack=True) a pair is scored in one packed row, its prompt run once for the real and the
@@ -183,33 +184,43 @@ def run_sharded(batches: list[list[int]], run_batch: Callable[[int, list[int]], 
     return [by_index[i] for i in range(len(by_index))]
 
 
-def _sample_and_score(model, examples: list, s: RolloutSettings, seed: int) -> list[Pair]:
+def opponent_logps(scorer, prompts: list[list[int]], real: list[list[int]], generated: list[list[int]],
+                   s: RolloutSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scorer's (B,) log-probs of the real and the generated responses, without grad, in two halves of the
+    batch: each forward holds B sequences, as many as the sampling's, so scoring needs no more memory."""
+    half = max(1, (len(prompts) + 1) // 2)
+    with torch.no_grad():
+        parts = [pair_logps(scorer, prompts[i:i + half], real[i:i + half], generated[i:i + half], s.pad_id, s.device,
+                            s.pack_pairs) for i in range(0, len(prompts), half)]
+    return torch.cat([r for r, _ in parts]), torch.cat([g for _, g in parts])
+
+
+def _sample_and_score(model, scorer, examples: list, s: RolloutSettings, seed: int) -> list[Pair]:
     prompts = [e.prompt_ids for e in examples]
     real = [e.real_ids for e in examples]
     budget = min(s.max_new_tokens, s.max_len - max(len(p) for p in prompts))
     with s.autocast or torch.autocast(s.device.type, enabled=False):
         generated = generate(model, prompts, max(budget, 1), temperature=s.temperature, top_k=s.top_k,
                              top_p=s.top_p, eos_id=s.stop, seed=seed, compile=s.compile)
-        with torch.no_grad():
-            real_logps, generated_logps = pair_logps(model, prompts, real, generated, s.pad_id, s.device,
-                                                     s.pack_pairs)
+        real_logps, generated_logps = opponent_logps(scorer, prompts, real, generated, s)
     return [Pair(e.source, p, r, g, rl.item(), gl.item(), bool(g) and g[-1] in s.stop)
             for e, p, r, g, rl, gl in zip(examples, prompts, real, generated, real_logps, generated_logps)]
 
 
 def rollout(model, examples: list, settings: RolloutSettings, iteration: int,
             progress: Callable[[int], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> list[Pair] | None:
+            should_stop: Callable[[], bool] | None = None, scorer=None) -> list[Pair] | None:
     """Generate y' for every example's prompt with `model` (the opponent) and score the real and
-    generated responses under it. Returns the pairs in the examples' order on every rank, or None if
-    `should_stop()` said to abort; progress(n) is called as n more prompts are done."""
+    generated responses under `scorer` (default: `model`; train.py samples with a cheaper copy of the
+    opponent but scores with the opponent itself). Returns the pairs in the examples' order on every
+    rank, or None if `should_stop()` said to abort; progress(n) is called as n more prompts are done."""
     s = settings
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].prompt_ids), i))
     batches = [order[i:i + s.batch_size] for i in range(0, len(order), s.batch_size)]
 
     def sample_batch(j: int, indices: list[int]) -> list[Pair]:
         seed = (s.seed * 1_000_003 + iteration * 7919 + j) % (2**63)
-        return _sample_and_score(model, [examples[i] for i in indices], s, seed)
+        return _sample_and_score(model, scorer or model, [examples[i] for i in indices], s, seed)
 
     return run_sharded(batches, sample_batch, s.rank, s.world_size, should_stop, progress)
 
@@ -222,10 +233,10 @@ def rescore(model, pairs: list[Pair], settings: RolloutSettings) -> list[Pair]:
 
     def score_batch(j: int, indices: list[int]) -> list[Pair]:
         batch = [pairs[i] for i in indices]
-        with s.autocast or torch.autocast(s.device.type, enabled=False), torch.no_grad():
-            real_logps, generated_logps = pair_logps(model, [p.prompt_ids for p in batch], [p.real_ids for p in batch],
-                                                     [p.generated_ids for p in batch], s.pad_id, s.device,
-                                                     s.pack_pairs)
+        prompts, real = [p.prompt_ids for p in batch], [p.real_ids for p in batch]
+        generated = [p.generated_ids for p in batch]
+        with s.autocast or torch.autocast(s.device.type, enabled=False):
+            real_logps, generated_logps = opponent_logps(model, prompts, real, generated, s)
         return [replace(p, opponent_real_logp=r.item(), opponent_generated_logp=g.item())
                 for p, r, g in zip(batch, real_logps, generated_logps)]
 

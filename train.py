@@ -14,8 +14,13 @@ Design choices:
   regenerates them with the new opponent.
 - Losses are normalised by the global count (tokens for SFT, pairs for SPIN) of the whole optimizer
   step, so any micro-batch size, grad_accum and world size give the same update.
-- Under torchrun every block and the root are wrapped with FSDP2's fully_shard; the rollout uses a
-  plain model built from the gathered weights once per rollout, never a per-token all-gather.
+- Under torchrun every block and the root are wrapped with FSDP2's fully_shard. A rollout all-gathers
+  the weights once, in the compute dtype, and samples with a plain GPT over them (never a per-token
+  all-gather, never a full fp32 state dict); the previous optimizer state is freed before it.
+- The opponent's log-probs are scored by the model itself, on the numerical path its log-probs take in
+  training (weights, autocast, kernels): a cheaper copy may sample, never score, so each iteration's
+  first step has loss log 2 and zero rewards.
+- At start a per-rank memory plan (memory_plan.py) is printed, with a warning when it cannot fit.
 - `main` is the run, top to bottom; every step it takes is a function above it, with what it needs as
   arguments. Progress bars are drawn on a terminal only; a log file gets a line per logged step.
 """
@@ -32,19 +37,21 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
 import checkpoint as ckpt
 from configurator import UserError, config_to_json, load_config, run_main
 from data import BatchOrder, Example, check_answer, examples_from_messages, load_examples, synthetic_split
 from generate import generate
+from memory_plan import MemoryPlan, describe_plan, plan_memory, plan_warning
 from model import ATTENTION_IMPLS, GPT, SCRATCH_MODEL_TYPES, GPTConfig
 from spin import (Pair, RolloutSettings, pair_terms, per_iteration, read_rollouts, rescore, rollout, sequence_logps,
                   spin_metrics, write_rollouts)
@@ -77,6 +84,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # 'auto' | 'cpu' | 'cuda'
     dtype: str = "auto"  # 'auto' (bfloat16 on a GPU, float32 on the CPU) | 'float32' | 'bfloat16' | 'float16'
+    export_dtype: str = "auto"  # out_dir/final's weights: 'auto' (as they came in; fp32 from scratch) or a dtype name
     compile: bool = False  # torch.compile the training forward/backward and the decode step (GPU)
     attention: str = "sdpa"  # 'sdpa' | 'triton'
     # one row per SPIN pair, its prompt run once for both responses, several pairs (or SFT examples) to a row, for
@@ -88,7 +96,7 @@ class TrainConfig:
     n_head: int = 4
     n_kv_head: int = 4
     n_embd: int = 128
-    block_size: int = 512  # context length; 0 = keep a pretrained model's
+    block_size: int | None = 0  # context length; 0/None = a pretrained model's own (from scratch: max_len)
     # --- what to run -------------------------------------------------------------------------------
     stage: str = "spin"  # 'sft' | 'spin' | 'sft+spin'
     baseline_sft: bool = False  # after SPIN, continue SFT from the SFT model for as many steps, for comparison
@@ -137,6 +145,7 @@ def check_config(cfg: TrainConfig) -> None:
     choices = {"stage": ("sft", "spin", "sft+spin"), "loss_type": ("sigmoid", "hinge"),
                "optimizer": ("adamw", "rmsprop"), "lr_schedule": ("linear", "cosine", "constant"),
                "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+               "export_dtype": ("auto", "float32", "bfloat16", "float16"),
                "attention": ATTENTION_IMPLS, "model_type": SCRATCH_MODEL_TYPES}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -148,6 +157,8 @@ def check_config(cfg: TrainConfig) -> None:
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise UserError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")
+    if cfg.block_size is not None and cfg.block_size < 0:
+        raise UserError(f"config key 'block_size' must be >= 0 (0: the model's own context), got {cfg.block_size}")
     if cfg.max_prompt_len >= cfg.max_len:
         raise UserError(f"max_prompt_len={cfg.max_prompt_len} must be < max_len={cfg.max_len}")
     for key in ("beta", "lr"):
@@ -332,7 +343,7 @@ def save(cfg: TrainConfig, rank: int, model, optimizer, state: LoopState, data: 
     """A checkpoint of the run as it stands (every rank calls this), with the resolved config."""
     saved = {**dataclasses.asdict(state), "config": dataclasses.asdict(cfg)}
     path = ckpt.save_checkpoint(cfg.out_dir, state.global_step, model, optimizer, saved, model.config, data.tok,
-                                data.template, rollouts_path, rank, cfg.keep_checkpoints)
+                                data.template, rollouts_path, rank, cfg.keep_checkpoints, source=data.source)
     print0(f"saved checkpoint {path}")
     return path
 
@@ -422,6 +433,7 @@ class RunData:
     train_examples: list[Example]
     eval_examples: list[Example]  # the first eval_samples held-out examples
     has_checker: bool  # the synthetic task's checker can score sampled answers
+    source: ckpt.ModelSource  # the model directory the run starts from: exports go out as the model came in
 
 
 def prepare_data(cfg: TrainConfig) -> RunData:
@@ -434,7 +446,8 @@ def prepare_data(cfg: TrainConfig) -> RunData:
         print0(f"chat template '{template.name}': adding {missing_tokens(tok, template)} to the tokenizer")
         tok = add_special_tokens(tok, missing_tokens(tok, template))
     train, val, has_checker = load_data(cfg, tok, template)
-    return RunData(tok, template, stop_ids(tok, template), tok.eos_id, train, val[: cfg.eval_samples], has_checker)
+    return RunData(tok, template, stop_ids(tok, template), tok.eos_id, train, val[: cfg.eval_samples], has_checker,
+                   ckpt.read_model_source(model_dir))
 
 
 def chat_template_for(cfg: TrainConfig, model_dir: str | None, tok: Tokenizer) -> ChatFormat:
@@ -506,10 +519,11 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, template: ChatFormat) -> GPT:
     """A GPT on the CPU in fp32 (master weights), from scratch or a Hugging Face/nanospin directory, with rows for
     the chat markers prepare_data added to its tokenizer."""
     if cfg.init_from == "scratch":
-        if cfg.block_size < cfg.max_len:
-            raise UserError(f"block_size={cfg.block_size} is smaller than max_len={cfg.max_len}; raise block_size")
+        block_size = cfg.block_size or cfg.max_len  # the context nothing but max_len asks for
+        if block_size < cfg.max_len:
+            raise UserError(f"block_size={block_size} is smaller than max_len={cfg.max_len}; raise block_size")
         torch.manual_seed(cfg.seed)
-        return GPT(GPTConfig(model_type=cfg.model_type, vocab_size=tok.n_vocab, block_size=cfg.block_size,
+        return GPT(GPTConfig(model_type=cfg.model_type, vocab_size=tok.n_vocab, block_size=block_size,
                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd,
                              attention=cfg.attention, eos_token_id=tok.eos_id))
     model = ckpt.load_pretrained(ckpt.resolve_model_dir(cfg.init_from), attention=cfg.attention,
@@ -527,12 +541,29 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, template: ChatFormat) -> GPT:
     return model
 
 
+def print_memory_plan(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime) -> MemoryPlan:
+    """The per-rank memory plan (memory_plan.py), against the GPU's memory, with a one-line warning naming
+    what to change when it cannot fit."""
+    train_sequences = cfg.batch_size * (1 if cfg.stage == "sft" else 2)  # a SPIN micro-batch holds y and y'
+    plan = plan_memory(model_config, rt.world_size, rt.fsdp, rt.device.type == "cuda", rt.compute_dtype, cfg.optimizer,
+                       train_sequences, cfg.max_len, cfg.rollout_batch_size, cfg.activation_checkpointing)
+    device_bytes = torch.cuda.get_device_properties(rt.device).total_memory if rt.device.type == "cuda" else None
+    for line in describe_plan(plan, rt.world_size, cfg.rollout_batch_size, cfg.max_len, cfg.activation_checkpointing,
+                              device_bytes):
+        print0(line)
+    warning = plan_warning(plan, device_bytes, rt.world_size, cfg.activation_checkpointing) if device_bytes else None
+    if warning:
+        print0(warning)
+    return plan
+
+
 def place_model(model: GPT, cfg: TrainConfig, rt: Runtime) -> None:
     """On the device; sharded with FSDP2 under torchrun; the forward compiled on a GPU if asked."""
-    model.to(rt.device)
-    if rt.fsdp:
+    if rt.fsdp:  # fully_shard moves each block to the device as it shards it: the whole model never is there
         apply_fsdp(model, rt.compute_dtype, cfg.activation_checkpointing, cfg.compile and rt.device.type == "cuda")
-    elif cfg.compile and rt.device.type == "cuda":
+        return
+    model.to(rt.device)
+    if cfg.compile and rt.device.type == "cuda":
         for block in model.blocks:  # per block, as under FSDP: model.compile() would cover forward() only
             block.compile()
 
@@ -563,13 +594,55 @@ def make_optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def model_for_sampling(model: GPT, rt: Runtime) -> GPT:
-    """The model to sample from (the opponent at a rollout): on the CPU the model itself; on a GPU or
-    under FSDP a plain copy in the compute dtype, built from the gathered weights once and dropped after."""
-    if not rt.fsdp and rt.device.type == "cpu":
-        return model
-    weights = ckpt.full_model_state(model, every_rank=True)
-    return ckpt.model_from_state(model.config, weights, rt.device, rt.compute_dtype).eval()
+@contextmanager
+def model_for_sampling(model: GPT, rt: Runtime) -> Iterator[GPT]:
+    """The model to sample from (the opponent at a rollout, the checker's at evaluation): see `sampler_of`.
+    On exit any KV cache it kept goes (a compiled decode's must not stay alive into training), a copy's
+    weights go (moved to the meta device, whoever still holds the module), FSDP reshards, and on a GPU
+    the allocator's cache is emptied."""
+    with unsharded(model) if rt.fsdp else nullcontext():
+        sampler = sampler_of(model, rt)
+        try:
+            yield sampler
+        finally:
+            sampler.kept_kv_caches = None
+            if sampler is not model and not rt.fsdp:
+                sampler.to("meta")
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sampler_of(model: GPT, rt: Runtime) -> GPT:
+    """One process on the CPU, or fp32 weights: the model itself. One GPU with a lower compute dtype: a
+    copy in it (sampling needs no fp32 master weights). FSDP (inside `unsharded`): a plain GPT over the
+    unsharded weights, no copy and no hooks, so a compiled decode step is one graph. Scoring never uses a
+    copy: the opponent's log-probs come from `model` itself, on the training's numerical path."""
+    if rt.fsdp:
+        params = {name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): p
+                  for name, p in model.named_parameters()}
+        return ckpt.model_from_state(model.config, params)
+    if rt.device.type == "cuda" and rt.compute_dtype != torch.float32:
+        params = {name: p.detach() for name, p in model.named_parameters()}  # tied weights once
+        return ckpt.model_from_state(model.config, params, rt.device, rt.compute_dtype)
+    return model
+
+
+@contextmanager
+def unsharded(model: GPT) -> Iterator[None]:
+    """Every FSDP module's weights all-gathered once, in the mixed-precision policy's dtype, and kept so through
+    any number of forwards, which then run no collective: each rank may sample and score its own batches.
+    On exit the weights are sharded again and the blocks reshard after forward as apply_fsdp set them."""
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in fsdp_modules:
+        module.unshard()
+    model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for module in fsdp_modules:
+            module.reshard()
+        for i, block in enumerate(model.blocks):
+            block.set_reshard_after_forward(i < len(model.blocks) - 1, recurse=False)
 
 
 def load_sft_weights(model: GPT, sft_dir: str) -> None:
@@ -639,34 +712,34 @@ def run_rollout(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, iterat
     came first."""
     settings = rollout_settings(cfg, rt, data)
     prompts = prompts_for_iteration(data.train_examples, cfg, iteration)
-    opponent = model_for_sampling(model, rt)
-    opponent.eval()
     t0 = time.time()
     from_data = iteration == 0 and not cfg.regenerate_iteration_0  # SPIN's own data files may bring y'
-    given = pairs_from_data(prompts, data.stop) if from_data else None
-    if given is not None:  # the opponent scores the data's y' as it scores its own samples
-        pairs = rescore(opponent, given, settings)
-        print0("spin 0: y' are the data's 'generated' responses, scored by the opponent")
-    else:
-        bar = progress_bar(len(prompts), f"rollout {iteration}", rt.rank)
-        pairs = rollout(opponent, prompts, settings, iteration,
-                        progress=lambda n: bar.update(min(n, bar.total - bar.n)), should_stop=stop.requested)
-        bar.close()
-        if pairs is None:
-            return None
-    eval_pairs = []
-    given = pairs_from_data(data.eval_examples, data.stop) if from_data else None
-    if given is not None:
-        eval_pairs = rescore(opponent, given, settings)
-    elif data.eval_examples:  # another seed, and never compiled
-        eval_pairs = rollout(opponent, data.eval_examples, replace(settings, seed=cfg.seed + 1, compile=False),
-                             iteration)
-    if cfg.mix_previous_rollouts and iteration > 0:
-        previous = read_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration - 1}", "rollouts.jsonl"))
-        # that file starts with iteration t-1's own generations (as many as here); what follows them is
-        # t-2's, which iteration t does not train on
-        pairs = pairs + rescore(opponent, previous[:len(pairs)], settings)
-    del opponent
+    # the sampler may be a cheaper copy; the opponent's log-probs are the model's own, on the numerical path
+    # its log-probs take in training (weights, autocast, kernels), so each iteration starts at loss log 2
+    with model_for_sampling(model, rt) as sampler:
+        given = pairs_from_data(prompts, data.stop) if from_data else None
+        if given is not None:  # the opponent scores the data's y' as it scores its own samples
+            pairs = rescore(model, given, settings)
+            print0("spin 0: y' are the data's 'generated' responses, scored by the opponent")
+        else:
+            bar = progress_bar(len(prompts), f"rollout {iteration}", rt.rank)
+            pairs = rollout(sampler, prompts, settings, iteration, should_stop=stop.requested, scorer=model,
+                            progress=lambda n: bar.update(min(n, bar.total - bar.n)))
+            bar.close()
+            if pairs is None:
+                return None
+        eval_pairs = []
+        given = pairs_from_data(data.eval_examples, data.stop) if from_data else None
+        if given is not None:
+            eval_pairs = rescore(model, given, settings)
+        elif data.eval_examples:  # another seed, and never compiled
+            eval_pairs = rollout(sampler, data.eval_examples, replace(settings, seed=cfg.seed + 1, compile=False),
+                                 iteration, scorer=model)
+        if cfg.mix_previous_rollouts and iteration > 0:
+            previous = read_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration - 1}", "rollouts.jsonl"))
+            # that file starts with iteration t-1's own generations (as many as here); what follows them is
+            # t-2's, which iteration t does not train on
+            pairs = pairs + rescore(model, previous[:len(pairs)], settings)
     if rt.rank == 0:
         response = functools.partial(response_text, data.tok, template=data.template)
         write_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration}", "rollouts.jsonl"), pairs, data.tok.decode,
@@ -839,16 +912,17 @@ def held_out_pair_metrics(model: GPT, pairs: list[Pair], beta: float, cfg: Train
 def checker_scores(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData) -> dict[str, float]:
     """The synthetic task's checker on greedy and on sampled (T=1) answers to the held-out prompts, and
     how often an answer equals the real one."""
-    sampler = model_for_sampling(model, rt)
     examples, tok, template = data.eval_examples, data.tok, data.template
-    out = {}
-    for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
-        answers = []
-        with rt.autocast:
+    temperatures = {"greedy": 0.0, "sampled": 1.0}
+    answers_by_name = {name: [] for name in temperatures}
+    with model_for_sampling(model, rt) as sampler, rt.autocast:
+        for name, temperature in temperatures.items():
             for i in range(0, len(examples), cfg.rollout_batch_size):
                 prompts = [e.prompt_ids for e in examples[i:i + cfg.rollout_batch_size]]
-                answers += generate(sampler, prompts, cfg.max_new_tokens, temperature=temperature, eos_id=data.stop,
-                                    seed=cfg.seed + 17 + i)
+                answers_by_name[name] += generate(sampler, prompts, cfg.max_new_tokens, temperature=temperature,
+                                                  eos_id=data.stop, seed=cfg.seed + 17 + i)
+    out = {}
+    for name, answers in answers_by_name.items():
         scores: dict[str, float] = {}
         for e, ids in zip(examples, answers):
             answer = response_text(tok, ids, template)
@@ -883,14 +957,24 @@ def headline(name: str, global_step: int, results: dict[str, float]) -> str:
                                                              for k, v in shown.items())
 
 
+def export_dtype(cfg: TrainConfig, source: ckpt.ModelSource) -> torch.dtype:
+    """The dtype of out_dir/final's weights: export_dtype, or for 'auto' the one the model came in."""
+    if cfg.export_dtype == "auto":
+        return source.dtype
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.export_dtype]
+
+
 def export_models(cfg: TrainConfig, rank: int, model: GPT, data: RunData, kind: str,
                   later_phases: list[tuple[str, int]]) -> None:
-    """After SFT, the SFT model for the continued-SFT baseline (out_dir/sft); after the last SFT or SPIN
-    phase, the run's product (out_dir/final): a baseline only compares against it."""
+    """After SFT, the SFT model for the continued-SFT baseline (out_dir/sft, in fp32: the baseline starts from
+    exactly the weights SPIN started from); after the last SFT or SPIN phase, the run's product (out_dir/final,
+    in export_dtype): a baseline only compares against it. Both keep the source's config.json and files."""
     if kind == "sft" and cfg.baseline_sft:
-        ckpt.export_model(os.path.join(cfg.out_dir, "sft"), model, model.config, data.tok, data.template, rank)
+        ckpt.export_model(os.path.join(cfg.out_dir, "sft"), model, model.config, data.tok, data.template, rank,
+                          source=data.source)
     if kind != "baseline" and all(k == "baseline" for k, _ in later_phases):
-        ckpt.export_model(os.path.join(cfg.out_dir, "final"), model, model.config, data.tok, data.template, rank)
+        ckpt.export_model(os.path.join(cfg.out_dir, "final"), model, model.config, data.tok, data.template, rank,
+                          dtype=export_dtype(cfg, data.source), source=data.source)
         print0(f"exported the final model to {cfg.out_dir}/final (python generate.py --model={cfg.out_dir}/final)")
 
 
@@ -935,6 +1019,7 @@ def main(argv: list[str]) -> None:
     model = build_model(cfg, data.tok, data.template)
     print0(f"model: {model.config.model_type}, {model.num_params() / 1e6:.2f}M non-embedding parameters, "
            f"{model.config.n_layer} layers, {model.config.n_embd} wide")
+    print_memory_plan(model.config, cfg, rt)
     place_model(model, cfg, rt)
     optimizer = make_optimizer(model, cfg, cfg.sft_lr)  # every step sets its own lr; each phase makes a new one
     state = start_or_resume(cfg, rt, resume_from, model, optimizer)
@@ -957,6 +1042,7 @@ def main(argv: list[str]) -> None:
             iter_dir = os.path.join(cfg.out_dir, f"iter_{iteration}")
             rollouts_path = os.path.join(iter_dir, "rollouts.jsonl")
             if starting:
+                optimizer.state.clear()  # a fresh one follows the rollout: its moments need not sit beside the sampler
                 made = run_rollout(model, cfg, rt, data, iteration, stop, metrics_file, state.global_step)
                 if made is None:
                     print0(f"stopped by {stop.signal} during rollout {iteration}; the last checkpoint stays valid: "

@@ -9,7 +9,8 @@
 # missing, best effort: the machine may have no network), the CUDA-only tests (tests/test_cuda.py: Triton
 # kernels in bf16/fp16, plain and with the packed-row and sliding-window masks, packed pairs == unpacked, compiled
 # decode, a compiled train.py run), then bench/attention.py --quick (plain causal, and packed rows),
-# bench/logprob.py --gpu, bench/generate.py and bench/iteration.py --device=cuda.
+# bench/logprob.py --gpu, bench/generate.py, bench/iteration.py --device=cuda and bench/memory.py --device=cuda
+# (max_memory_allocated per phase against the memory plan).
 # Output: a summary table with the card's name on stdout, and, when $OUT is set, $OUT/gpu_summary.md and
 # every step's full log under $OUT/gpu_logs/. Exit status 0 when every step passed. GPU settings are only read.
 set -uo pipefail
@@ -131,6 +132,8 @@ if [ "$DRY_RUN" = 1 ]; then
   run_step iteration 180 "TOTAL" "$PY" bench/iteration.py --device=cpu --peer=no --reps=1 --n=64 --threads=1
   run_step generate 120 "^ *[0-9]+ " "$PY" bench/generate.py --batch_sizes=[1,4] --new_tokens=8 --prompt_len=8 \
     --reps=1 --n_layer=2 --n_embd=64 --vocab_size=512
+  run_step memory 120 "^\| (rollout|training) " "$PY" bench/memory.py --device=cpu --n_layer=2 --n_embd=64 \
+    --n_head=4 --n_kv_head=4 --prompts=8 --rollout_batch_size=4 --batch_size=2
   run_step train-compiled 60 "passed|skipped|failed" "$PY" -m pytest tests/test_cuda.py -rs -k "train_py"
 else
   run_step tests 210 "passed|skipped|failed" "$PY" -m pytest tests/test_cuda.py -rs -k "not train_py"
@@ -138,6 +141,7 @@ else
   run_step logprob 45 "ratios" "$PY" bench/logprob.py --gpu
   run_step iteration 80 "TOTAL" "$PY" bench/iteration.py --device=cuda --reps=1 --iterations=2
   run_step generate 120 "^ *[0-9]+ |us/token" "$PY" bench/generate.py --batch_sizes=[1,16,64] --reps=2
+  run_step memory 90 "^\| (rollout|training) " "$PY" bench/memory.py --device=cuda
   run_step train-compiled 180 "passed|skipped|failed" "$PY" -m pytest tests/test_cuda.py -rs -k "train_py"
 fi
 

@@ -172,6 +172,59 @@ def test_a_missing_directory_is_a_one_line_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# a model goes out as it came in
+
+
+def bf16_mistral_dir(path) -> dict:
+    """A bf16 Mistral-style directory with a long context, a sliding window, rope settings, token ids, a key
+    nanospin does not know, and generation_config.json; returns its config.json."""
+    cfg = transformers.MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+                                     sliding_window=4096, rope_theta=1e6, bos_token_id=1, eos_token_id=2,
+                                     tie_word_embeddings=False, custom_field_unknown_to_nanospin="kept")
+    torch.manual_seed(0)
+    randomize(transformers.MistralForCausalLM(cfg)).to(torch.bfloat16).save_pretrained(path)
+    assert os.path.isfile(os.path.join(path, "generation_config.json"))
+    return json.loads(open(os.path.join(path, "config.json")).read())
+
+
+def test_read_model_source_reads_the_config_and_the_stored_dtype(tmp_path):
+    hf_config = bf16_mistral_dir(tmp_path / "bf16")
+    source = checkpoint.read_model_source(str(tmp_path / "bf16"))
+    assert source.hf_config == hf_config and source.dtype == torch.bfloat16
+    tiny_gpt().save_pretrained(str(tmp_path / "fp32"))
+    assert checkpoint.read_model_source(str(tmp_path / "fp32")).dtype == torch.float32
+    scratch = checkpoint.read_model_source(None)
+    assert scratch.dir is None and scratch.hf_config is None and scratch.dtype == torch.float32
+
+
+def test_save_model_dir_keeps_the_source_config_and_files_in_the_dtype_asked(tmp_path):
+    hf_config = bf16_mistral_dir(tmp_path / "src")
+    source = checkpoint.read_model_source(str(tmp_path / "src"))
+    model = checkpoint.load_pretrained(str(tmp_path / "src"), block_size=4096).eval()
+    for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float32, "float32")):
+        out = tmp_path / name
+        checkpoint.save_model_dir(str(out), model.state_dict(), model.config, dtype=dtype, source=source)
+        assert json.loads((out / "config.json").read_text()) == {**hf_config, "dtype": name}
+        generation_config = "generation_config.json"
+        assert (out / generation_config).read_bytes() == (tmp_path / "src" / generation_config).read_bytes()
+        assert {t.dtype for t in checkpoint.read_safetensors_dir(str(out)).values()} == {dtype}
+        back = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+        assert back.config.max_position_embeddings == 32768 and back.config.sliding_window == 4096
+        with torch.no_grad():
+            assert (back(IDX).logits - model(IDX)).abs().max().item() <= 1e-4
+
+
+def test_export_config_from_scratch_describes_the_model(tmp_path):
+    model = tiny_gpt()
+    assert checkpoint.export_hf_config(model.config, torch.float32) == checkpoint.gpt_config_to_hf_config(
+        model.config, torch.float32)
+    source = checkpoint.ModelSource(None, {"model_type": "llama", "torch_dtype": "float32"}, torch.float32)
+    assert checkpoint.export_hf_config(model.config, torch.bfloat16, source) == {"model_type": "llama",
+                                                                                "torch_dtype": "bfloat16"}
+
+
+# ----------------------------------------------------------------------------------------------
 # finding a model directory, nanospin.json
 
 

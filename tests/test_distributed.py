@@ -3,18 +3,22 @@ across world sizes, SIGKILL at several points then the same command == an uninte
 guard, SIGTERM under torchrun, and corrupt checkpoints as one-line errors.
 
 Every run is the tiny config of train_runs.py; the one-process uninterrupted run is shared with
-test_train.py. Faults are injected at exact points by tests/train_with_faults.py."""
+test_train.py. Faults are injected at exact points by tests/train_with_faults.py, which also runs the
+2-rank run's rollouts with every full-state-dict gather made to raise."""
 
 import json
+import math
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from train_runs import (CHECKPOINT_STEPS, TINY, assert_same_weights, baseline, checkpoint_steps, checkpoint_weights,
-                        describe, final_weights, metrics, rollouts, run_in_process, run_train, shared_run,
-                        start_train, step_losses, wait_for)
+from train_runs import (CHECKPOINT_STEPS, REPO, SPIN_STEPS, TINY, assert_same_weights, baseline,
+                        checkpoint_steps, checkpoint_weights, child_env, describe, final_weights, metrics, rollouts,
+                        run_in_process, run_train, shared_run, start_train, step_losses, wait_for)
 
 # 2 ranks x micro-batch 2 x grad_accum 2 = the baseline's global batch of 8 (and FSDP's no-sync micro-batch)
 TWO_RANKS = ("--batch_size=2", "--grad_accum=2")
@@ -28,7 +32,8 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return shared_run(tmp_path_factory, "two-ranks", *TWO_RANKS, nproc=2)
+    # every rank's rollouts run with every way to a full-state-dict gather made to raise (train_with_faults.py)
+    return shared_run(tmp_path_factory, "two-ranks", *TWO_RANKS, nproc=2, fault="no_full_gather_in_rollout")
 
 
 def assert_exactly_like(out, reference) -> None:
@@ -74,6 +79,74 @@ def test_two_ranks_equal_one_rank(run, two_ranks):
     assert proc.stdout.count("saved checkpoint") == len(CHECKPOINT_STEPS)
     assert "world size 2" in proc.stdout
     assert len(metrics(out2)) == len(metrics(out_dir))
+    # the rollouts sampled and scored with the sharded model, gathering no full state dict on any rank
+    for rank in (0, 1):
+        assert f"rank {rank}: 2 rollouts without a full-state-dict gather" in proc.stdout, describe(proc)
+    # and the opponent's log-probs took the policy's path: each iteration starts at log 2
+    records = {r["step"]: r for r in metrics(out2) if r.get("phase") == "spin" and "loss" in r}
+    for first, _ in SPIN_STEPS.values():
+        assert abs(records[first]["loss"] - math.log(2)) <= 1e-6
+        assert abs(records[first]["rewards/real"]) <= 1e-6 and abs(records[first]["rewards/generated"]) <= 1e-6
+
+
+SAMPLER_UNDER_FSDP = """
+from contextlib import nullcontext
+import torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor
+import train
+from model import GPT, GPTConfig
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=16))
+reference = GPT(model.config)
+reference.load_state_dict(model.state_dict())
+train.apply_fsdp(model, torch.float32, activation_checkpointing=True, compile=False)
+rt = train.Runtime(rank, rank, 2, torch.device("cpu"), torch.float32, True, nullcontext())
+idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(rank))
+with train.model_for_sampling(model, rt) as sampler, torch.no_grad():
+    assert not any(isinstance(p, DTensor) for p in sampler.parameters())
+    assert sampler.lm_head.weight is sampler.wte.weight
+    assert torch.equal(sampler(idx), reference(idx))
+    for _ in range(rank + 1):  # the model scores as often as its rank has batches: no collective may run
+        logps = model.token_logprobs(idx, idx)
+    assert torch.equal(logps, reference.token_logprobs(idx, idx))
+assert all(isinstance(p, DTensor) for p in model.parameters())
+model.token_logprobs(idx, idx).sum().backward()
+print(f"rank {rank} ok", flush=True)
+"""
+
+
+def test_under_fsdp_the_sampler_is_the_unsharded_model_and_the_model_scores_without_collectives(tmp_path):
+    """model_for_sampling under FSDP2 (activation checkpointing on): a plain GPT over the unsharded weights equal
+    to the unsharded model; inside, the FSDP model runs any number of forwards per rank; after, it is sharded
+    again and trains."""
+    script = tmp_path / "sampler_under_fsdp.py"
+    script.write_text(SAMPLER_UNDER_FSDP)
+    env = {**child_env(), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout, describe(proc)
+
+
+def test_the_rollout_guard_catches_a_full_state_dict_gather():
+    """The guard the 2-rank run's rollouts ran under raises on the gather the rollout once made on every rank."""
+    import torch.distributed.checkpoint.state_dict as dcp_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    import checkpoint
+    from model import GPT, GPTConfig
+    from train_with_faults import no_full_gather
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
+    full = StateDictOptions(full_state_dict=True)
+    with no_full_gather("this test"):
+        with pytest.raises(AssertionError, match="full_model_state was called during this test"):
+            checkpoint.full_model_state(model)
+        with pytest.raises(AssertionError, match="get_model_state_dict was called during this test"):
+            dcp_state_dict.get_model_state_dict(model, options=full)
+        with pytest.raises(AssertionError, match="_gather_state_dict was called during this test"):
+            get_model_state_dict(model, options=full)  # a reference taken before the guard
+    assert checkpoint.full_model_state(model).keys() == model.state_dict().keys()  # restored on exit
 
 
 def test_resume_across_world_sizes_after_a_kill_in_a_checkpoint_write_and_sigterms(run, tmp_path):

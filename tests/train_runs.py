@@ -74,14 +74,14 @@ def describe(proc) -> str:
 _shared: dict = {}
 
 
-def shared_run(tmp_path_factory, name: str, *overrides: str,
-               nproc: int = 1) -> tuple[Path, subprocess.CompletedProcess]:
+def shared_run(tmp_path_factory, name: str, *overrides: str, nproc: int = 1,
+               fault: str | None = None) -> tuple[Path, subprocess.CompletedProcess]:
     """Run the tiny config once per pytest process (every test module that asks gets the same run)."""
-    key = (name, overrides, nproc)
+    key = (name, overrides, nproc, fault)
     if key not in _shared:
         out_dir = tmp_path_factory.getbasetemp() / f"shared-{name}"
         shutil.rmtree(out_dir, ignore_errors=True)
-        proc = run_train(out_dir, *overrides, nproc=nproc)
+        proc = run_train(out_dir, *overrides, nproc=nproc, fault=fault)
         assert proc.returncode == 0, describe(proc)
         _shared[key] = (out_dir, proc)
     return _shared[key]

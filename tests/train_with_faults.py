@@ -11,15 +11,23 @@ per process, from its start, so a point is chosen by arithmetic on the run's con
   term_after_step:N      SIGTERM itself after the N-th optimizer step (a graceful stop)
   slow_after_step:N      sleep 0.3 s after every optimizer step from the N-th on (room for an outside signal)
   nan_loss_after_step:N  every SPIN loss after the N-th optimizer step is NaN
+and one check, installed on every rank:
+  no_full_gather_in_rollout  a full-state-dict gather during a rollout raises; at exit each rank prints
+                             how many rollouts it ran without one
 """
 
+import atexit
 import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch.distributed._state_dict_utils as state_dict_utils  # noqa: E402
+import torch.distributed.checkpoint.state_dict as dcp_state_dict  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
 import checkpoint  # noqa: E402
@@ -69,9 +77,9 @@ def install(kind: str, args: list[int]) -> None:
         real_rollout = train.rollout  # the name train.py calls
         target_iteration, n_batches = args
 
-        def rollout(model, examples, settings, iteration, progress=None, should_stop=None):
+        def rollout(model, examples, settings, iteration, progress=None, should_stop=None, scorer=None):
             if iteration != target_iteration or progress is None:  # only the training rollout reports progress
-                return real_rollout(model, examples, settings, iteration, progress, should_stop)
+                return real_rollout(model, examples, settings, iteration, progress, should_stop, scorer)
             seen = {"batches": 0}
 
             def counting(n):
@@ -80,7 +88,7 @@ def install(kind: str, args: list[int]) -> None:
                 if seen["batches"] == n_batches:
                     die()
 
-            return real_rollout(model, examples, settings, iteration, counting, should_stop)
+            return real_rollout(model, examples, settings, iteration, counting, should_stop, scorer)
 
         train.rollout = rollout
 
@@ -111,9 +119,51 @@ def install(kind: str, args: list[int]) -> None:
         checkpoint.save_checkpoint = save_checkpoint
 
 
+@contextmanager
+def no_full_gather(what: str):
+    """Inside, every way to a full (unsharded) state dict raises: torch.distributed.checkpoint's
+    get_model_state_dict (also as checkpoint.py imported it), its gather of sharded tensors, DTensor.full_tensor
+    and checkpoint.full_model_state."""
+    patched = [(dcp_state_dict, "get_model_state_dict"), (checkpoint, "get_model_state_dict"),
+               (dcp_state_dict, "_gather_state_dict"), (state_dict_utils, "_gather_state_dict"),
+               (DTensor, "full_tensor"), (checkpoint, "full_model_state")]
+    originals = [getattr(owner, name) for owner, name in patched]
+
+    def forbidden(name):
+        def call(*a, **kw):
+            raise AssertionError(f"{name} was called during {what}: a full-state-dict gather")
+        return call
+
+    for owner, name in patched:
+        setattr(owner, name, forbidden(name))
+    try:
+        yield
+    finally:
+        for (owner, name), original in zip(patched, originals):
+            setattr(owner, name, original)
+
+
+def check_no_full_gather_in_rollout() -> None:
+    real_run_rollout = train.run_rollout
+    rollouts = {"n": 0}
+
+    def run_rollout(*a, **kw):
+        with no_full_gather("a rollout"):
+            made = real_run_rollout(*a, **kw)
+        rollouts["n"] += 1
+        return made
+
+    train.run_rollout = run_rollout
+    rank = os.environ.get("RANK", "0")
+    atexit.register(lambda: print(f"rank {rank}: {rollouts['n']} rollouts without a full-state-dict gather",
+                                  flush=True))
+
+
 if __name__ == "__main__":
     fault = os.environ.get("NANOSPIN_FAULT", "")
-    if fault and os.environ.get("RANK", "0") == os.environ.get("NANOSPIN_FAULT_RANK", "0"):
+    if fault == "no_full_gather_in_rollout":
+        check_no_full_gather_in_rollout()
+    elif fault and os.environ.get("RANK", "0") == os.environ.get("NANOSPIN_FAULT_RANK", "0"):
         kind, *numbers = fault.split(":")
         install(kind, [int(x) for x in numbers])
     run_main(train.main, sys.argv[1:])
