@@ -430,10 +430,12 @@ def read_model_source(path: str | None) -> ModelSource:
 
 def export_hf_config(cfg: GPTConfig, dtype: torch.dtype, source: ModelSource | None = None) -> dict:
     """config.json for `cfg`'s weights stored in `dtype`: the source's own with every field kept and only
-    the dtype updated (training changes the weights, not what the model is); from scratch, nanospin's."""
+    the dtype (and a grown vocabulary) updated (training changes the weights, not what the model is); from
+    scratch, nanospin's."""
     if source is None or source.hf_config is None:
         return gpt_config_to_hf_config(cfg, dtype)
     config = dict(source.hf_config)
+    config["vocab_size"] = cfg.vocab_size  # grown when a chat template's markers were added
     keys = [k for k in DTYPE_KEYS if k in config] or ["dtype"]
     config.update(dict.fromkeys(keys, str(dtype).removeprefix("torch.")))
     return config

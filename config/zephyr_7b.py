@@ -12,7 +12,7 @@ train_data = "data/ultrachat_50k.jsonl"
 val_data = "data/ultrachat_test.jsonl"
 max_len = 1024
 max_prompt_len = 512
-block_size = 1024  # within Mistral's 4096-token sliding window, where it is plain causal attention
+block_size = 0  # the model's own context (32k, with its 4096-token sliding window); max_len caps the sequences
 
 stage = "spin"
 max_iterations = 4  # the paper reports iterations 0..3

@@ -368,13 +368,16 @@ def test_block_size_defaults_to_the_models_context(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from configurator import UserError
+    from templates import chat_format
+    from tokenizer import load_tokenizer
     from train import TrainConfig, build_model
+    tok, template = load_tokenizer("bytes"), chat_format("chatml")
     LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                  num_attention_heads=4, max_position_embeddings=32768)).save_pretrained(tmp_path / "m")
     pretrained = str(tmp_path / "m")
 
     def context(**settings) -> int:
-        return build_model(TrainConfig(**settings), 300, 0).config.block_size
+        return build_model(TrainConfig(**settings), tok, template).config.block_size
 
     assert TrainConfig().block_size == 0
     assert context(init_from=pretrained, max_len=64) == context(init_from=pretrained, block_size=None) == 32768
