@@ -1,6 +1,7 @@
 """Distributed training and reliability: 2 processes (torchrun, gloo, FSDP2) == 1 process, resume
-across world sizes, SIGKILL at several points then the same command == an uninterrupted run, the NaN
-guard, SIGTERM under torchrun, and corrupt checkpoints as one-line errors.
+across world sizes, SIGKILL at several points then the same command == an uninterrupted run (also
+with fresh rollouts per epoch, k=2 mixing and one optimizer across iterations), the NaN guard,
+SIGTERM under torchrun, and corrupt checkpoints as one-line errors.
 
 Every run is the tiny config of train_runs.py; the one-process uninterrupted run is shared with
 test_train.py. Faults are injected at exact points by tests/train_with_faults.py."""

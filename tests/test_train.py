@@ -1,6 +1,8 @@
 """train.py end to end on a tiny config/quick.py: outputs, exports, log 2 at each iteration's start,
-grad accumulation, save/load, kill-and-resume exactness, the opponent of each iteration, and the
-errors a user meets (resume=False, a changed config, a bad data file).
+grad accumulation, save/load, kill-and-resume exactness, the opponent of each iteration, the options
+(k previous iterations mixed in, fresh rollouts per epoch, one optimizer across iterations, the
+nll_weight anchor's normalisation), SPIN's dynamics against direct computations, the verdict's paired
+intervals, and the errors a user meets (resume=False, a changed config, a bad data file, bad values).
 
 The uninterrupted run is shared with test_distributed.py (train_runs.baseline); runs that must be
 bit-identical to it are subprocesses on one thread, the rest call main() in this process."""
@@ -317,8 +319,8 @@ def test_kl_capture_keeps_the_top_k_that_fit_the_budget(monkeypatch):
     monkeypatch.setattr(train, "LOGITS_PER_BATCH", 2 * 96 * 268)  # batches of 2 examples
     n_tokens = sum(len(e.real_ids) for e in examples)
     with torch.no_grad():
-        direct = (held_out_rows(policy, examples).exp() * (held_out_rows(policy, examples) -
-                                                             held_out_rows(opponent, examples))).sum(-1).mean().item()
+        p, q = held_out_rows(policy, examples), held_out_rows(opponent, examples)
+    direct = (p.exp() * (p - q)).sum(-1).mean().item()
     exact_cfg = train.TrainConfig(max_len=96, kl_opponent_mb=1.0)
     kept = train.opponent_eval_logprobs(opponent, exact_cfg, data, rt)
     assert kept.keys() == {"logprobs"} and kept["logprobs"].shape == (n_tokens, 268)
