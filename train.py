@@ -704,7 +704,7 @@ def run_rollout(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, iterat
         eval_pairs = rollout(opponent, data.eval_examples, replace(settings, seed=cfg.seed + 1, compile=False),
                              iteration)
     mixed = previous_generations(opponent, cfg, iteration, len(prompts), settings)
-    made = IterationPairs(generations + mixed, len(prompts), rollout_blocks(cfg), eval_pairs,
+    made = IterationPairs(generations + mixed, len(prompts), len(generations) // len(prompts), eval_pairs,
                           opponent_eval_logprobs(opponent, cfg, data, rt))
     del opponent
     if rt.rank == 0:
@@ -742,7 +742,8 @@ def reuse_rollouts(checkpoint: str, cfg: TrainConfig, iteration: int, rollouts_s
         opponent_eval = None  # kept for other held-out examples (eval_samples changed): no eval/kl_opponent
     print0(f"spin {iteration}: reusing the iteration's {len(pairs)} rollouts from {saved}")
     own = len(prompts_for_iteration(data.train_examples, cfg, iteration))
-    return IterationPairs(pairs, own, rollout_blocks(cfg), eval_pairs, opponent_eval)
+    blocks = len(pairs) // own - min(cfg.mix_previous_rollouts, iteration)  # what is not mixed in is its own
+    return IterationPairs(pairs, own, blocks, eval_pairs, opponent_eval)
 
 
 def rollout_stats_of(generations: list[Pair]) -> dict[str, float]:
