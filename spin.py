@@ -13,6 +13,9 @@ Design choices:
   row per prompt + response (data.collate).
 - `spin_terms` names every training metric where it is computed, as per-pair values; train.py sums
   them over micro-batches, steps and ranks and `spin_metrics` turns the sums into the logged means.
+- The held-out KL(policy ‖ opponent) needs the opponent's next-token distributions after the opponent is
+  gone: the rollout keeps them for the held-out real responses (all, or each position's top k and the
+  rest of the mass as one outcome) and `kl_per_token` compares the policy's with them.
 - Rollouts are reproducible whatever the world size: prompts are sorted by length, cut into global
   batches of `batch_size`, batch j runs on rank j % world with a seed derived from
   (seed, iteration, j), and every rank ends up with the same list.
@@ -40,11 +43,16 @@ from packing import pack_documents, response_logps
 
 def spin_terms(policy_real_logps: torch.Tensor, policy_generated_logps: torch.Tensor,
                opponent_real_logps: torch.Tensor, opponent_generated_logps: torch.Tensor, beta: float,
-               loss_type: str = "sigmoid") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               loss_type: str = "sigmoid", nll_weight: float = 0.0,
+               real_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair (B,) losses, and the metrics of each pair by name, (B,) each, without grad.
 
     h = β[(log p_θ(y|x) − log p_θt(y|x)) − (log p_θ(y'|x) − log p_θt(y'|x))];
     'sigmoid': ℓ(h) = log(1 + e^{−h}) = −log σ(h);  'hinge': max(0, 1 − h).
+    With `real_tokens` (B,), the real responses' lengths, each pair also reports `nll/real`, its real
+    response's per-token NLL −log p_θ(y|x)/|y|, and the loss adds nll_weight times it (an anchor on the
+    real response, as RPO adds): train.py divides the summed losses by the pairs of the step, so the
+    anchor enters the update as nll_weight × the mean over pairs of each pair's per-token NLL.
     """
     real_rewards = beta * (policy_real_logps - opponent_real_logps)  # (B,)
     generated_rewards = beta * (policy_generated_logps - opponent_generated_logps)  # (B,)
@@ -55,9 +63,16 @@ def spin_terms(policy_real_logps: torch.Tensor, policy_generated_logps: torch.Te
         losses = torch.relu(1 - h)
     else:
         raise ValueError(f"loss_type '{loss_type}' is unknown; use 'sigmoid' or 'hinge'")
+    real_nll = None if real_tokens is None else -policy_real_logps / real_tokens  # (B,)
+    if nll_weight:
+        if real_nll is None:
+            raise ValueError("nll_weight needs real_tokens, the real responses' lengths")
+        losses = losses + nll_weight * real_nll
     metrics = {"loss": losses, "rewards/real": real_rewards, "rewards/generated": generated_rewards,
                "rewards/accuracies": (real_rewards > generated_rewards).float(),
                "logps/real": policy_real_logps, "logps/generated": policy_generated_logps}
+    if real_nll is not None:
+        metrics["nll/real"] = real_nll
     return losses, {name: values.detach() for name, values in metrics.items()}
 
 
@@ -110,14 +125,58 @@ def pair_logps(model, prompts, real, generated, pad_id, device, pack: bool = Tru
 
 
 def pair_terms(model, pairs: list[Pair], beta: float, loss_type: str, pad_id: int, device: torch.device,
-               pack: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               pack: bool = True, nll_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`spin_terms` of a batch of rollout pairs: the policy's log-probs now against the opponent's
     stored at rollout."""
     real, generated = pair_logps(model, [p.prompt_ids for p in pairs], [p.real_ids for p in pairs],
                                  [p.generated_ids for p in pairs], pad_id, device, pack)
     opponent_real = torch.tensor([p.opponent_real_logp for p in pairs], device=device)
     opponent_generated = torch.tensor([p.opponent_generated_logp for p in pairs], device=device)
-    return spin_terms(real, generated, opponent_real, opponent_generated, beta, loss_type)
+    real_tokens = torch.tensor([float(len(p.real_ids)) for p in pairs], device=device)
+    return spin_terms(real, generated, opponent_real, opponent_generated, beta, loss_type, nll_weight, real_tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# the opponent's next-token distributions, for the held-out KL(policy ‖ opponent)
+
+
+def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                      device: torch.device) -> torch.Tensor:
+    """(N, V) fp32 log-softmax of the next-token distribution at each response position, N = the
+    responses' tokens, example after example. Full logits: for held-out diagnostics, never training."""
+    input_ids, targets = collate(prompts, responses, pad_id)  # (B, T), (B, T)
+    logits = model(input_ids.to(device))  # (B, T, V) fp32
+    return logits[targets.to(device) != -100].log_softmax(-1)  # (N, V), rows in (example, position) order
+
+
+def opponent_top_k(logprobs: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """What is kept of the opponent's (N, V) next-token log-probs: all of them ({'logprobs'}) when k >= V;
+    else each position's k most likely tokens, 'logprobs' (N, k) and 'ids' (N, k) int64, and 'rest' (N,),
+    the log of the mass of all the other tokens (a logsumexp: exact even when that mass is tiny)."""
+    if k >= logprobs.shape[-1]:
+        return {"logprobs": logprobs}
+    values, ids = logprobs.topk(k, dim=-1)  # (N, k), (N, k)
+    return {"logprobs": values, "ids": ids, "rest": rest_logprob(logprobs, ids)}
+
+
+def rest_logprob(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(N,) log of the probability of every token but `ids` (N, k), from (N, V) log-probs."""
+    return logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1)
+
+
+def kl_per_token(policy_logprobs: torch.Tensor, opponent: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N,) KL(policy ‖ opponent) = Σ_v p(v) (log p(v) − log q(v)) at each position, from the policy's
+    (N, V) log-probs and what `opponent_top_k` kept of the opponent's. With all of the opponent's it is
+    exact. With its top k, both distributions are folded onto those k tokens plus one outcome 'any
+    other token' holding the rest of each one's mass: by the log-sum inequality that KL is a lower
+    bound of the exact one, equal to it when p(v)/q(v) is the same for all the other tokens."""
+    if "ids" not in opponent:
+        return (policy_logprobs.exp() * (policy_logprobs - opponent["logprobs"])).sum(-1)
+    policy_top = policy_logprobs.gather(-1, opponent["ids"])  # (N, k)
+    kl_top = (policy_top.exp() * (policy_top - opponent["logprobs"])).sum(-1)  # (N,)
+    policy_rest = rest_logprob(policy_logprobs, opponent["ids"])  # (N,)
+    kl_rest = torch.where(policy_rest == float("-inf"), 0.0, policy_rest.exp() * (policy_rest - opponent["rest"]))
+    return kl_top + kl_rest
 
 
 # ----------------------------------------------------------------------------------------------

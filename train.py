@@ -8,7 +8,9 @@ Design choices:
   real responses), then 'spin' iterations t = 0..max_iterations-1, then optionally 'baseline'
   iterations (continued SFT from the SFT model for the same number of steps, for an honest
   comparison). Each SPIN iteration starts with a rollout by the opponent (the model as it stands
-  then) and a fresh optimizer and learning-rate schedule, like the official SPIN code.
+  then) and a fresh optimizer and learning-rate schedule, like the official SPIN code (or one of
+  each across the iterations, like NeMo-Aligner). Everything an iteration trains on is drawn then:
+  with regenerate_per_epoch one rollout per epoch, and earlier iterations' generations mixed in.
 - Resuming is running the same command again: the latest checkpoint names the phase and step; a
   resume mid-iteration reuses that iteration's rollouts, a resume at an iteration boundary
   regenerates them with the new opponent.
@@ -21,6 +23,10 @@ Design choices:
   training (weights, autocast, kernels): a cheaper copy may sample, never score, so each iteration's
   first step has loss log 2 and zero rewards.
 - At start a per-rank memory plan (memory_plan.py) is printed, with a warning when it cannot fit.
+- SPIN's dynamics are logged per iteration: the rollout's length and EOS distribution and share of
+  y' = y, and at evaluations the held-out log-prob changes and KL(policy ‖ opponent) per token; the
+  final table ends with SPIN's last iteration against the SFT start and continued SFT as paired
+  differences over the held-out prompts with 95% intervals.
 - `main` is the run, top to bottom; every step it takes is a function above it, with what it needs as
   arguments. Progress bars are drawn on a terminal only; a log file gets a line per logged step.
 """
@@ -35,6 +41,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -43,6 +50,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
@@ -53,8 +61,8 @@ from data import BatchOrder, Example, check_answer, examples_from_messages, load
 from generate import generate
 from memory_plan import MemoryPlan, describe_plan, plan_memory, plan_warning
 from model import ATTENTION_IMPLS, GPT, SCRATCH_MODEL_TYPES, GPTConfig
-from spin import (Pair, RolloutSettings, pair_terms, per_iteration, read_rollouts, rescore, rollout, sequence_logps,
-                  spin_metrics, write_rollouts)
+from spin import (Pair, RolloutSettings, kl_per_token, opponent_top_k, pair_terms, per_iteration, read_rollouts,
+                  rescore, response_logprobs, rollout, sequence_logps, spin_metrics, write_rollouts)
 from templates import ChatFormat, chat_format, missing_tokens, resolve_template, response_text, stop_ids, strip_stop
 from tokenizer import Tokenizer, add_special_tokens, load_tokenizer
 
@@ -108,7 +116,16 @@ class TrainConfig:
     max_iterations: int = 3
     max_epochs: int = 1  # epochs over the iteration's pairs
     prompts_per_iteration: int = 0  # 0 = every training prompt, else a seeded subset of that size
-    mix_previous_rollouts: bool = False  # also train on iteration t-1's generations (the official repository)
+    # also train iteration t on the generations of iterations t-1 .. t-k (their first rollout's), rescored by
+    # t's opponent; 0 = off; the official repository mixes t-1's, its authors later recommended k = 2
+    mix_previous_rollouts: int = 0
+    # fresh y' for every epoch of an iteration, as NeMo-Aligner samples them: each epoch trains on its own
+    # rollout by the iteration's opponent (drawn at the iteration's start: the opponent does not change)
+    regenerate_per_epoch: bool = False
+    # True: a fresh optimizer and lr schedule per iteration (the official code); False: one optimizer and one
+    # schedule across all SPIN iterations, and one across the continued-SFT ones (NeMo-Aligner)
+    optimizer_per_iteration: bool = True
+    nll_weight: float = 0.0  # + nll_weight x the real response's per-token NLL in each pair's loss (RPO-style)
     regenerate_iteration_0: bool = False  # sample iteration 0's y' even when the data brings SPIN's 'generated'
     beta: float | list[float] = 0.1  # a float, or one per iteration (the last repeats)
     loss_type: str = "sigmoid"  # 'sigmoid' | 'hinge'
@@ -133,6 +150,9 @@ class TrainConfig:
     # --- evaluation, logging, checkpoints --------------------------------------------------------
     eval_interval: int = 0  # steps between evaluations (0 = only at the end of each phase)
     eval_samples: int = 128  # held-out prompts scored by the task's checker (and SPIN pairs)
+    # memory for the opponent's next-token distributions on the held-out real responses (eval/kl_opponent):
+    # exact when they fit, else each position's top-k that fit plus the rest of the mass; 0 = no eval/kl_opponent
+    kl_opponent_mb: float = 64.0
     log_interval: int = 10
     save_interval: int = 0  # steps between mid-iteration checkpoints (0 = only at phase ends)
     keep_checkpoints: int = 2
@@ -168,8 +188,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError("baseline_sft=True needs stage='sft+spin' (it continues SFT from the SFT model)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device='cuda' but no CUDA GPU is visible; use --device=cpu")
-    if cfg.temperature < 0:
-        raise UserError(f"config key 'temperature' must be >= 0, got {cfg.temperature}")
+    for key in ("temperature", "mix_previous_rollouts", "nll_weight", "kl_opponent_mb"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)}")
     if cfg.chat_template != "auto":
         chat_format(cfg.chat_template)  # a bad name or dict field fails here, naming the key
 
@@ -178,7 +199,7 @@ def config_fingerprint(cfg: TrainConfig, world_size: int) -> dict:
     """The settings a resumed run must share with the run that wrote the checkpoint. The batch counts
     as its global size, so a run may resume at another world size or micro-batch split."""
     ignore = {"out_dir", "resume", "allow_config_change", "log_interval", "eval_interval", "save_interval",
-              "keep_checkpoints", "compile", "device", "batch_size", "grad_accum",
+              "keep_checkpoints", "compile", "device", "batch_size", "grad_accum", "kl_opponent_mb",
               "pack_pairs"}  # packing changes float round-off only
     fingerprint = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
     fingerprint["global_batch"] = cfg.batch_size * cfg.grad_accum * world_size
@@ -704,12 +725,116 @@ def pairs_from_data(examples: list[Example], stop: list[int]) -> list[Pair] | No
                  opponent_generated_logp=0.0, eos=e.generated_ids[-1] in stop) for e in examples]
 
 
+@dataclass
+class IterationPairs:
+    """A SPIN iteration's data, as out_dir/iter_t/ holds it. `pairs` is its rollouts.jsonl: the opponent's
+    generations for the iteration's prompts, in `blocks` blocks of `own` pairs (one block; or one per
+    epoch with regenerate_per_epoch), then those of iterations t-1 .. t-k mixed in, rescored by it."""
+    pairs: list[Pair]
+    own: int  # pairs per block: one per prompt of the iteration
+    blocks: int
+    eval_pairs: list[Pair]  # the opponent's held-out pairs (eval_rollouts.jsonl)
+    opponent_eval: dict[str, torch.Tensor] | None  # what spin.opponent_top_k kept of its held-out log-probs
+
+
+def rollout_blocks(cfg: TrainConfig) -> int:
+    """How many rollouts of its prompts an iteration draws: one per epoch with regenerate_per_epoch."""
+    return cfg.max_epochs if cfg.regenerate_per_epoch else 1
+
+
+def spin_pairs_per_epoch(cfg: TrainConfig, examples: list[Example], iteration: int) -> int:
+    """Pairs an epoch of SPIN iteration t trains on: one per prompt of t and of each iteration mixed in,
+    known before any rollout (a schedule across iterations needs every iteration's length)."""
+    return (1 + min(cfg.mix_previous_rollouts, iteration)) * len(prompts_for_iteration(examples, cfg, iteration))
+
+
+def epoch_pairs(it: IterationPairs, epoch: int) -> list[Pair]:
+    """The pairs an epoch trains on: its block of the opponent's generations, then the ones mixed in."""
+    block = epoch % it.blocks
+    return it.pairs[block * it.own:(block + 1) * it.own] + it.pairs[it.blocks * it.own:]
+
+
+def own_generations(it: IterationPairs) -> list[Pair]:
+    """The pairs whose y' this iteration's opponent sampled (every block, none mixed in)."""
+    return it.pairs[:it.blocks * it.own]
+
+
+def sample_generations(sampler: GPT, opponent: GPT, prompts: list[Example], settings: RolloutSettings,
+                       cfg: TrainConfig, iteration: int, stop: StopRequest, rank: int) -> list[Pair] | None:
+    """The opponent's y' for every prompt (sampled by `sampler`, scored by `opponent`), once, or once per epoch
+    with regenerate_per_epoch (epoch e seeded by seed + 7777 e, so epoch 0 is the single rollout's); None if a
+    stop signal came first."""
+    blocks = rollout_blocks(cfg)
+    bar = progress_bar(len(prompts) * blocks, f"rollout {iteration}", rank)
+    generations = []
+    for epoch in range(blocks):
+        pairs = rollout(sampler, prompts, replace(settings, seed=cfg.seed + 7777 * epoch), iteration,
+                        progress=lambda n: bar.update(min(n, bar.total - bar.n)), should_stop=stop.requested,
+                        scorer=opponent)
+        if pairs is None:
+            generations = None
+            break
+        generations += pairs
+    bar.close()
+    return generations
+
+
+def previous_generations(opponent: GPT, cfg: TrainConfig, iteration: int, own: int,
+                         settings: RolloutSettings) -> list[Pair]:
+    """The first `own` pairs (the first rollout) of iterations t-1 .. t-k, in that order, with the opponent's
+    log-probs recomputed by this iteration's opponent: it is the opponent they are trained against now."""
+    mixed = []
+    for back in range(1, min(cfg.mix_previous_rollouts, iteration) + 1):
+        earlier = read_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration - back}", "rollouts.jsonl"))
+        mixed += rescore(opponent, earlier[:own], settings)
+    return mixed
+
+
+LOGITS_PER_BATCH = 2**26  # full-logit diagnostics run in batches of at most about this many fp32 logits (256 MB)
+
+
+def logit_batches(examples: list[Example], vocab_size: int, max_len: int) -> list[list[Example]]:
+    """Held-out examples in batches whose full (B, T, V) logits hold at most LOGITS_PER_BATCH values."""
+    size = max(1, LOGITS_PER_BATCH // (max_len * vocab_size))
+    return [examples[i:i + size] for i in range(0, len(examples), size)]
+
+
+def opponent_eval_logprobs(opponent: GPT, cfg: TrainConfig, data: RunData, rt: Runtime) -> dict | None:
+    """The opponent's next-token log-probs on the held-out real responses, for eval/kl_opponent once the
+    opponent is gone: all V per token if they fit in kl_opponent_mb (4 bytes each), else the top k per
+    token that fit (value and id, 12 bytes each, and 4 for the rest's mass). None without held-out data
+    or with kl_opponent_mb=0."""
+    examples = data.eval_examples
+    if not examples or not cfg.kl_opponent_mb:
+        return None
+    vocab, n_tokens, budget = opponent.config.vocab_size, sum(len(e.real_ids) for e in examples), cfg.kl_opponent_mb
+    k = vocab if n_tokens * vocab * 4 <= budget * 2**20 else max(1, int((budget * 2**20 / n_tokens - 4) // 12))
+    kept = []
+    with torch.no_grad(), rt.autocast:
+        for batch in logit_batches(examples, vocab, cfg.max_len):
+            logprobs = response_logprobs(opponent, [e.prompt_ids for e in batch], [e.real_ids for e in batch],
+                                         data.pad_id, rt.device)  # (n, V)
+            kept.append({name: values.cpu() for name, values in opponent_top_k(logprobs, k).items()})
+    return {name: torch.cat([part[name] for part in kept]) for name in kept[0]}
+
+
+def write_iteration(iter_dir: str, made: IterationPairs, tok: Tokenizer, template: ChatFormat) -> None:
+    """out_dir/iter_t/: rollouts.jsonl, eval_rollouts.jsonl and opponent_eval.safetensors (rank 0)."""
+    response = functools.partial(response_text, tok, template=template)
+    write_rollouts(os.path.join(iter_dir, "rollouts.jsonl"), made.pairs, tok.decode, response)
+    if made.eval_pairs:
+        write_rollouts(os.path.join(iter_dir, "eval_rollouts.jsonl"), made.eval_pairs, tok.decode, response)
+    if made.opponent_eval is not None:  # written whole, then renamed, as the rollouts are
+        path = os.path.join(iter_dir, "opponent_eval.safetensors")
+        save_file({name: t.contiguous() for name, t in made.opponent_eval.items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
 def run_rollout(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, iteration: int, stop: StopRequest,
-                metrics_file, global_step: int) -> tuple[list[Pair], list[Pair]] | None:
-    """Iteration t's training and held-out pairs, made by the opponent (the model as it stands now), or at
-    iteration 0 given by the data (SPIN's 'generated') and scored by it; with mix_previous_rollouts also
-    iteration t-1's generations, rescored by it. Rank 0 writes them to out_dir/iter_t/. None if a stop signal
-    came first."""
+                metrics_file, global_step: int) -> IterationPairs | None:
+    """Iteration t's pairs (see IterationPairs), made by the opponent (the model as it stands now) or at
+    iteration 0 given by the data (SPIN's 'generated') and scored by it, its held-out pairs and its held-out
+    next-token log-probs. Rank 0 writes them to out_dir/iter_t/. None if a stop signal came first."""
     settings = rollout_settings(cfg, rt, data)
     prompts = prompts_for_iteration(data.train_examples, cfg, iteration)
     t0 = time.time()
@@ -719,49 +844,38 @@ def run_rollout(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, iterat
     with model_for_sampling(model, rt) as sampler:
         given = pairs_from_data(prompts, data.stop) if from_data else None
         if given is not None:  # the opponent scores the data's y' as it scores its own samples
-            pairs = rescore(model, given, settings)
+            generations = rescore(model, given, settings)
             print0("spin 0: y' are the data's 'generated' responses, scored by the opponent")
         else:
-            bar = progress_bar(len(prompts), f"rollout {iteration}", rt.rank)
-            pairs = rollout(sampler, prompts, settings, iteration, should_stop=stop.requested, scorer=model,
-                            progress=lambda n: bar.update(min(n, bar.total - bar.n)))
-            bar.close()
-            if pairs is None:
+            generations = sample_generations(sampler, model, prompts, settings, cfg, iteration, stop, rt.rank)
+            if generations is None:
                 return None
-        eval_pairs = []
         given = pairs_from_data(data.eval_examples, data.stop) if from_data else None
-        if given is not None:
-            eval_pairs = rescore(model, given, settings)
-        elif data.eval_examples:  # another seed, and never compiled
+        eval_pairs = rescore(model, given, settings) if given is not None else []
+        if given is None and data.eval_examples:  # another seed, and never compiled
             eval_pairs = rollout(sampler, data.eval_examples, replace(settings, seed=cfg.seed + 1, compile=False),
                                  iteration, scorer=model)
-        if cfg.mix_previous_rollouts and iteration > 0:
-            previous = read_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration - 1}", "rollouts.jsonl"))
-            # that file starts with iteration t-1's own generations (as many as here); what follows them is
-            # t-2's, which iteration t does not train on
-            pairs = pairs + rescore(model, previous[:len(pairs)], settings)
+        mixed = previous_generations(model, cfg, iteration, len(prompts), settings)
+        made = IterationPairs(generations + mixed, len(prompts), len(generations) // len(prompts), eval_pairs,
+                              opponent_eval_logprobs(model, cfg, data, rt))
     if rt.rank == 0:
-        response = functools.partial(response_text, data.tok, template=data.template)
-        write_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration}", "rollouts.jsonl"), pairs, data.tok.decode,
-                       response)
-        if eval_pairs:
-            write_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration}", "eval_rollouts.jsonl"), eval_pairs,
-                           data.tok.decode, response)
+        write_iteration(os.path.join(cfg.out_dir, f"iter_{iteration}"), made, data.tok, data.template)
     if rt.world_size > 1:
         dist.barrier()
     dt = time.time() - t0
-    stats = rollout_stats_of(pairs)
-    print0(f"spin {iteration}: rollout of {len(pairs)} prompts in {dt:.1f}s "
-           f"({stats['gen_len_mean'] * len(pairs) / dt:.0f} tokens/s), mean length {stats['gen_len_mean']:.1f}, "
-           f"EOS reached {stats['eos_rate']:.0%}")
+    stats = rollout_stats_of(generations)
+    print0(f"spin {iteration}: rollout of {len(generations)} generations in {dt:.1f}s "
+           f"({stats['gen_len_mean'] * len(generations) / dt:.0f} tokens/s), mean length "
+           f"{stats['gen_len_mean']:.1f}, EOS reached {stats['eos_rate']:.0%}; {len(made.pairs)} training pairs")
     write_metrics(metrics_file, {"iteration": iteration, "phase": "spin", "step": global_step, "rollout_seconds": dt,
                                  **stats})
-    return pairs, eval_pairs
+    return made
 
 
-def reuse_rollouts(checkpoint: str, iter_dir: str, iteration: int, rollouts_sha: str | None, data: RunData,
-                   rank: int) -> tuple[list[Pair], list[Pair]]:
+def reuse_rollouts(checkpoint: str, cfg: TrainConfig, iteration: int, rollouts_sha: str | None, data: RunData,
+                   rank: int) -> IterationPairs:
     """A mid-iteration resume trains on the iteration's pairs as its checkpoint saved them."""
+    iter_dir = os.path.join(cfg.out_dir, f"iter_{iteration}")
     saved = os.path.join(checkpoint, "rollouts.jsonl")
     rollouts_path = os.path.join(iter_dir, "rollouts.jsonl")
     if not os.path.isfile(saved) or file_sha(saved) != rollouts_sha:
@@ -773,14 +887,26 @@ def reuse_rollouts(checkpoint: str, iter_dir: str, iteration: int, rollouts_sha:
     pairs = read_rollouts(saved)
     eval_file = os.path.join(iter_dir, "eval_rollouts.jsonl")
     eval_pairs = read_rollouts(eval_file) if data.eval_examples and os.path.isfile(eval_file) else []
+    opponent_file = os.path.join(iter_dir, "opponent_eval.safetensors")
+    opponent_eval = load_file(opponent_file) if data.eval_examples and os.path.isfile(opponent_file) else None
+    if opponent_eval and len(opponent_eval["logprobs"]) != sum(len(e.real_ids) for e in data.eval_examples):
+        opponent_eval = None  # kept for other held-out examples (eval_samples changed): no eval/kl_opponent
     print0(f"spin {iteration}: reusing the iteration's {len(pairs)} rollouts from {saved}")
-    return pairs, eval_pairs
+    own = len(prompts_for_iteration(data.train_examples, cfg, iteration))
+    blocks = len(pairs) // own - min(cfg.mix_previous_rollouts, iteration)  # what is not mixed in is its own
+    return IterationPairs(pairs, own, blocks, eval_pairs, opponent_eval)
 
 
-def rollout_stats_of(pairs: list[Pair]) -> dict[str, float]:
-    """Mean generated length and the share of generations that reached a stop token."""
-    return {"gen_len_mean": sum(len(p.generated_ids) for p in pairs) / len(pairs),
-            "eos_rate": sum(p.eos for p in pairs) / len(pairs)}
+def rollout_stats_of(generations: list[Pair]) -> dict[str, float]:
+    """The opponent's generations (never those mixed in): their length in tokens (mean; median and 90th
+    percentile, interpolated linearly between order statistics; longest), the share that reached a stop
+    token, and the share equal to the real response token for token: pairs with y' = y, whose SPIN
+    gradient is zero (both log-prob differences are the same function of θ)."""
+    lengths = torch.tensor([float(len(p.generated_ids)) for p in generations])
+    return {"gen_len_mean": sum(len(p.generated_ids) for p in generations) / len(generations),
+            "gen_len_p50": torch.quantile(lengths, 0.5).item(), "gen_len_p90": torch.quantile(lengths, 0.9).item(),
+            "gen_len_max": lengths.max().item(), "eos_rate": sum(p.eos for p in generations) / len(generations),
+            "dynamics/identical_frac": sum(p.generated_ids == p.real_ids for p in generations) / len(generations)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -802,14 +928,34 @@ def phase_steps(cfg: TrainConfig, kind: str, iteration: int, order: BatchOrder, 
     return total
 
 
-def spin_micro_batch(model: GPT, batch: list[Pair], beta: float, loss_type: str, pad_id: int, device: torch.device,
-                     pack: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+def fresh_optimizer(cfg: TrainConfig, kind: str, iteration: int) -> bool:
+    """Whether a phase starts with a new optimizer: every phase, or with optimizer_per_iteration=False
+    only SFT and the first SPIN and continued-SFT iterations (the later ones keep its moments)."""
+    return cfg.optimizer_per_iteration or kind == "sft" or iteration == 0
+
+
+def schedule_span(cfg: TrainConfig, kind: str, iteration: int, total_steps: int, examples: list[Example],
+                  global_batch: int) -> tuple[int, int]:
+    """(the steps of the lr schedule before this phase's first, the schedule's length): the phase alone;
+    with optimizer_per_iteration=False the SPIN iterations one after another (and the continued-SFT
+    iterations, as long as SPIN's), over what every iteration's pairs will be."""
+    if cfg.optimizer_per_iteration or kind == "sft":
+        return 0, total_steps
+    steps = [cfg.max_epochs * (spin_pairs_per_epoch(cfg, examples, t) // global_batch)
+             for t in range(cfg.max_iterations)]
+    if steps[iteration] != total_steps:
+        raise RuntimeError(f"{phase_name(kind, iteration)} has {total_steps} steps, its schedule {steps[iteration]}")
+    return sum(steps[:iteration]), sum(steps)
+
+
+def spin_micro_batch(model: GPT, batch: list[Pair], beta: float, cfg: TrainConfig, pad_id: int,
+                     device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """(summed loss, summed metrics with the pair count, tokens run through the model) of a micro-batch of SPIN
     pairs: a packed pair runs its prompt once, an unpacked pair twice."""
-    losses, metrics = pair_terms(model, batch, beta, loss_type, pad_id, device, pack)
+    losses, metrics = pair_terms(model, batch, beta, cfg.loss_type, pad_id, device, cfg.pack_pairs, cfg.nll_weight)
     sums = {name: values.sum() for name, values in metrics.items()}
     sums["pairs"] = torch.tensor(float(len(batch)), device=device)
-    prompt_runs = 1 if pack else 2
+    prompt_runs = 1 if cfg.pack_pairs else 2
     tokens = sum(len(p.real_ids) + len(p.generated_ids) + prompt_runs * len(p.prompt_ids) for p in batch)
     return losses.sum(), sums, tokens
 
@@ -838,9 +984,8 @@ def forward_backward(model: GPT, kind: str, indices: list[int], pairs: list[Pair
             model.set_requires_gradient_sync(k == len(micro_batches) - 1)
         with rt.autocast:
             if kind == "spin":
-                loss_sum, micro_sums, micro_tokens = spin_micro_batch(model, [pairs[i] for i in micro], beta,
-                                                                      cfg.loss_type, data.pad_id, rt.device,
-                                                                      cfg.pack_pairs)
+                loss_sum, micro_sums, micro_tokens = spin_micro_batch(model, [pairs[i] for i in micro], beta, cfg,
+                                                                      data.pad_id, rt.device)
             else:
                 loss_sum, micro_sums, micro_tokens = sft_micro_batch(model, [data.train_examples[i] for i in micro],
                                                                      data.pad_id, rt.device, cfg.pack_pairs)
@@ -896,22 +1041,45 @@ def held_out_nll(model: GPT, examples: list[Example], batch_size: int, pad_id: i
 
 def held_out_pair_metrics(model: GPT, pairs: list[Pair], beta: float, cfg: TrainConfig, pad_id: int,
                           rt: Runtime) -> dict[str, float]:
-    """The SPIN loss, reward accuracy and mean reward margin on the iteration's held-out pairs."""
-    loss, accuracy, margin = torch.zeros(3)
+    """On the iteration's held-out pairs, means per pair: the SPIN loss (without the nll_weight anchor),
+    reward accuracy and margin, and dynamics/delta_logps_real and _generated, how far the policy has moved
+    each response's summed log-prob from the opponent's: log p_θ(y|x) − log p_θt(y|x) (and of y')."""
+    sums = {}
     with torch.no_grad(), rt.autocast:
         for i in range(0, len(pairs), cfg.rollout_batch_size):
             batch = pairs[i:i + cfg.rollout_batch_size]
             losses, metrics = pair_terms(model, batch, beta, cfg.loss_type, pad_id, rt.device, cfg.pack_pairs)
-            loss += losses.sum().cpu()
-            accuracy += metrics["rewards/accuracies"].sum().cpu()
-            margin += (metrics["rewards/real"] - metrics["rewards/generated"]).sum().cpu()
-    return {"eval/spin_loss": loss.item() / len(pairs), "eval/reward_accuracy": accuracy.item() / len(pairs),
-            "eval/reward_margin": margin.item() / len(pairs)}
+            metrics = {name: values.cpu() for name, values in metrics.items()}
+            opponent_real = torch.tensor([p.opponent_real_logp for p in batch])
+            opponent_generated = torch.tensor([p.opponent_generated_logp for p in batch])
+            sums = add_sums(sums, {
+                "eval/spin_loss": losses.sum().cpu(), "eval/reward_accuracy": metrics["rewards/accuracies"].sum(),
+                "eval/reward_margin": (metrics["rewards/real"] - metrics["rewards/generated"]).sum(),
+                "dynamics/delta_logps_real": (metrics["logps/real"] - opponent_real).sum(),
+                "dynamics/delta_logps_generated": (metrics["logps/generated"] - opponent_generated).sum()})
+    return {name: total.item() / len(pairs) for name, total in sums.items()}
 
 
-def checker_scores(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData) -> dict[str, float]:
-    """The synthetic task's checker on greedy and on sampled (T=1) answers to the held-out prompts, and
-    how often an answer equals the real one."""
+def held_out_kl(model: GPT, examples: list[Example], opponent_eval: dict[str, torch.Tensor], cfg: TrainConfig,
+                pad_id: int, rt: Runtime) -> float:
+    """eval/kl_opponent: KL(policy ‖ opponent) of the next-token distributions along the held-out real
+    responses, mean per token, against the opponent's kept at the iteration's rollout (exact, or the
+    top-k lower bound of spin.kl_per_token when only the top k fitted in kl_opponent_mb)."""
+    total, row = 0.0, 0
+    with torch.no_grad(), rt.autocast:
+        for batch in logit_batches(examples, model.config.vocab_size, cfg.max_len):
+            policy = response_logprobs(model, [e.prompt_ids for e in batch], [e.real_ids for e in batch], pad_id,
+                                       rt.device)  # (n, V): the same rows, in the same order, as the opponent's
+            opponent = {name: t[row:row + len(policy)].to(rt.device) for name, t in opponent_eval.items()}
+            total += kl_per_token(policy, opponent).sum().item()
+            row += len(policy)
+    return total / row
+
+
+def checker_scores(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData) -> dict[str, float | list[int]]:
+    """The synthetic task's checker on greedy and on sampled (T=1) answers to the held-out prompts, how
+    often an answer equals the real one, and per_prompt/valid_*: each prompt's validity (0/1), for the
+    paired intervals of the summary."""
     examples, tok, template = data.eval_examples, data.tok, data.template
     temperatures = {"greedy": 0.0, "sampled": 1.0}
     answers_by_name = {name: [] for name in temperatures}
@@ -924,35 +1092,44 @@ def checker_scores(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData) -> 
     out = {}
     for name, answers in answers_by_name.items():
         scores: dict[str, float] = {}
+        valid = []
         for e, ids in zip(examples, answers):
             answer = response_text(tok, ids, template)
-            for key, value in check_answer(e.prompt_messages[-1]["content"], answer).items():
+            checked = check_answer(e.prompt_messages[-1]["content"], answer)
+            for key, value in checked.items():
                 scores[key] = scores.get(key, 0.0) + value
+            valid.append(int(checked["valid"]))
         out.update({f"eval/{key}_{name}": v / len(answers) for key, v in scores.items()})
         out[f"eval/exact_{name}"] = sum(strip_stop(tok, ids, template) == strip_stop(tok, e.real_ids, template)
                                         for e, ids in zip(examples, answers)) / len(answers)
+        out[f"per_prompt/valid_{name}"] = valid
     return out
 
 
-def evaluate(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, eval_pairs: list[Pair],
-             beta: float) -> dict[str, float]:
-    """Held-out NLL of the real responses; SPIN loss and rewards on the held-out pairs; the checker."""
+def evaluate(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, spin_data: IterationPairs | None,
+             beta: float) -> dict[str, float | list[int]]:
+    """Held-out NLL of the real responses; in a SPIN iteration the SPIN loss, rewards and log-prob changes
+    on its held-out pairs and the KL to its opponent; the checker."""
     model.eval()
     results = {}
     if data.eval_examples:
         results["eval/nll"] = held_out_nll(model, data.eval_examples, cfg.rollout_batch_size, data.pad_id, rt,
                                            cfg.pack_pairs)
-    if eval_pairs:
-        results.update(held_out_pair_metrics(model, eval_pairs, beta, cfg, data.pad_id, rt))
+    if spin_data is not None and spin_data.eval_pairs:
+        results.update(held_out_pair_metrics(model, spin_data.eval_pairs, beta, cfg, data.pad_id, rt))
+    if spin_data is not None and spin_data.opponent_eval is not None:
+        results["eval/kl_opponent"] = held_out_kl(model, data.eval_examples, spin_data.opponent_eval, cfg,
+                                                  data.pad_id, rt)
     if data.has_checker and data.eval_examples:
         results.update(checker_scores(model, cfg, rt, data))
     model.train()
     return results
 
 
-def headline(name: str, global_step: int, results: dict[str, float]) -> str:
+def headline(name: str, global_step: int, results: dict) -> str:
     """The line printed at a phase's end: its main evaluation results."""
-    shown = {k: v for k, v in results.items() if any(w in k for w in ("nll", "spin", "reward", "valid", "exact"))}
+    shown = {k: v for k, v in results.items()
+             if k.startswith("eval/") and any(w in k for w in ("nll", "spin", "reward", "valid", "exact"))}
     return f"{name} done at step {global_step}: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4f}"
                                                              for k, v in shown.items())
 
@@ -978,18 +1155,68 @@ def export_models(cfg: TrainConfig, rank: int, model: GPT, data: RunData, kind: 
         print0(f"exported the final model to {cfg.out_dir}/final (python generate.py --model={cfg.out_dir}/final)")
 
 
+PHASE_LABELS = {"sft": "SFT", "spin": "SPIN iter {}", "baseline": "cont. SFT iter {}"}
+
+
 def summary_table(history: list[dict]) -> str:
-    """One row per phase end: the checker's scores and the held-out SPIN metrics."""
+    """One row per phase end: the checker's scores and the held-out SPIN metrics; then the verdict."""
     cols = [("eval/valid_sampled", "valid@T=1"), ("eval/valid_greedy", "valid@greedy"), ("eval/nll", "nll"),
             ("eval/reward_margin", "margin"), ("eval/reward_accuracy", "reward acc")]
     cols = [(k, label) for k, label in cols if any(k in h for h in history)]
     lines = ["| after | step | " + " | ".join(label for _, label in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
-    labels = {"sft": "SFT", "spin": "SPIN iter {}", "baseline": "cont. SFT iter {}"}
     for h in history:
         cells = [f"{h[k]:.3f}" if k in h else "" for k, _ in cols]
-        lines.append(f"| {labels[h['phase']].format(h['iteration'])} | {h['step']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append(f"| {PHASE_LABELS[h['phase']].format(h['iteration'])} | {h['step']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + verdict(history))
+
+
+def t_quantile(p: float, dof: int) -> float:
+    """The p-quantile of Student's t with dof degrees of freedom: exact for 1 and 2; from 3 on the
+    Cornish-Fisher expansion in 1/dof (Abramowitz & Stegun 26.7.5), within 0.2% at p = 0.975."""
+    if dof == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if dof == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    z = statistics.NormalDist().inv_cdf(p)
+    terms = [(z**3 + z) / 4, (5 * z**5 + 16 * z**3 + 3 * z) / 96, (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+             (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160]
+    return z + sum(term / dof ** (i + 1) for i, term in enumerate(terms))
+
+
+def paired_interval(a: list[float], b: list[float]) -> tuple[float, float | None]:
+    """The mean of the paired differences a_i − b_i and the half-width of its 95% Student t interval
+    (None for a single pair)."""
+    differences = [x - y for x, y in zip(a, b, strict=True)]
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return mean, None
+    return mean, t_quantile(0.975, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
+
+
+def verdict(history: list[dict]) -> list[str]:
+    """SPIN's last iteration against the SFT start and against continued SFT's same iteration: held-out
+    validity at T=1 and greedy, as paired differences over the held-out prompts with 95% intervals."""
+    spin = [h for h in history if h["phase"] == "spin" and "per_prompt/valid_sampled" in h]
+    if not spin:
+        return []
+    last, ends = spin[-1], {(h["phase"], h["iteration"]): h for h in history}
+    lines = []
+    for other in (ends.get(("sft", 0)), ends.get(("baseline", last["iteration"]))):
+        if other is None or "per_prompt/valid_sampled" not in other:
+            continue
+        cells = []
+        for key, label in (("valid_sampled", "valid@T=1"), ("valid_greedy", "valid@greedy")):
+            mean, half = paired_interval(last[f"per_prompt/{key}"], other[f"per_prompt/{key}"])
+            if half is None:
+                cells.append(f"{label} {100 * mean:+.1f} points")
+                continue
+            reading = "within noise" if abs(mean) <= half else ("SPIN higher" if mean > 0 else "SPIN lower")
+            cells.append(f"{label} {100 * mean:+.1f} ± {100 * half:.1f} points ({reading})")
+        name = PHASE_LABELS[other["phase"]].format(other["iteration"])
+        lines.append(f"SPIN iter {last['iteration']} − {name}: " + ", ".join(cells) +
+                     f"; paired over {len(last['per_prompt/valid_sampled'])} held-out prompts, 95% intervals")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1037,27 +1264,29 @@ def main(argv: list[str]) -> None:
             load_sft_weights(model, os.path.join(cfg.out_dir, "sft"))  # continued SFT starts from the SFT model
 
         # -- the phase's data: real responses (SFT) or the iteration's rollout pairs (SPIN) --
-        pairs, eval_pairs, rollouts_path, rollout_stats = [], [], None, {}
+        spin_data, rollouts_path, rollout_stats, pairs = None, None, {}, []
         if kind == "spin":
-            iter_dir = os.path.join(cfg.out_dir, f"iter_{iteration}")
-            rollouts_path = os.path.join(iter_dir, "rollouts.jsonl")
+            rollouts_path = os.path.join(cfg.out_dir, f"iter_{iteration}", "rollouts.jsonl")
             if starting:
-                optimizer.state.clear()  # a fresh one follows the rollout: its moments need not sit beside the sampler
-                made = run_rollout(model, cfg, rt, data, iteration, stop, metrics_file, state.global_step)
-                if made is None:
+                if fresh_optimizer(cfg, kind, iteration):  # a new one follows the rollout: its moments need not
+                    optimizer.state.clear()  # sit beside the sampler
+                spin_data = run_rollout(model, cfg, rt, data, iteration, stop, metrics_file, state.global_step)
+                if spin_data is None:
                     print0(f"stopped by {stop.signal} during rollout {iteration}; the last checkpoint stays valid: "
                            f"run the same command to resume (this rollout is regenerated)")
                     return
-                pairs, eval_pairs = made
             else:
-                pairs, eval_pairs = reuse_rollouts(resume_from, iter_dir, iteration, state.rollouts_sha, data, rt.rank)
-            rollout_stats = rollout_stats_of(pairs)
-        order = BatchOrder(n=len(pairs) if kind == "spin" else len(data.train_examples),
+                spin_data = reuse_rollouts(resume_from, cfg, iteration, state.rollouts_sha, data, rt.rank)
+            rollout_stats = rollout_stats_of(own_generations(spin_data))
+        order = BatchOrder(n=len(epoch_pairs(spin_data, 0)) if kind == "spin" else len(data.train_examples),
                            batch_size=cfg.batch_size * cfg.grad_accum, rank=rt.rank, world_size=rt.world_size,
                            seed=cfg.seed + 1000 * state.phase)
         total_steps = phase_steps(cfg, kind, iteration, order, state.history)
+        schedule_start, schedule_steps = schedule_span(cfg, kind, iteration, total_steps, data.train_examples,
+                                                       order.global_batch_size)
         if starting:
-            optimizer = make_optimizer(model, cfg, max_lr)  # a fresh optimizer and schedule per phase
+            if fresh_optimizer(cfg, kind, iteration):
+                optimizer = make_optimizer(model, cfg, max_lr)
             state.rollouts_sha = file_sha(rollouts_path) if rollouts_path else None
         elif state.order is not None:
             order.load_state_dict(state.order)
@@ -1067,10 +1296,12 @@ def main(argv: list[str]) -> None:
         bar = progress_bar(total_steps, name, rt.rank, initial=state.step)
         sums, tokens, t_log = {}, 0, time.time()
         while state.step < total_steps:
-            lr = get_lr(state.step, total_steps, max_lr, cfg)
+            lr = get_lr(schedule_start + state.step, schedule_steps, max_lr, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             indices = order.next_batch()  # this rank's share of the global batch: batch_size * grad_accum
+            if kind == "spin":  # the epoch's pairs: its own rollout with regenerate_per_epoch
+                pairs = epoch_pairs(spin_data, order.epoch)
             step_sums, step_tokens = forward_backward(model, kind, indices, pairs, data, beta, cfg, rt)
             grad_norm = clip_gradients(model, cfg.grad_clip)
             step_sums = all_reduce_sums(step_sums, rt.world_size)
@@ -1092,7 +1323,7 @@ def main(argv: list[str]) -> None:
                 show_progress(bar, name, state.step, total_steps, record)
                 sums, tokens, t_log = {}, 0, time.time()
             if cfg.eval_interval and state.step % cfg.eval_interval == 0 and not last_step:
-                results = evaluate(model, cfg, rt, data, eval_pairs, beta)
+                results = evaluate(model, cfg, rt, data, spin_data, beta)
                 write_metrics(metrics_file, {"iteration": iteration, "phase": kind, "step": state.global_step,
                                              **results})
             stopping = stop.requested()
@@ -1105,7 +1336,7 @@ def main(argv: list[str]) -> None:
         bar.close()
 
         # -- end of phase: evaluate, export, checkpoint at the boundary --
-        results = evaluate(model, cfg, rt, data, eval_pairs, beta)
+        results = evaluate(model, cfg, rt, data, spin_data, beta)
         write_metrics(metrics_file, {"iteration": iteration, "phase": kind, "step": state.global_step,
                                      "event": "phase_end", **results})
         state.history.append({"phase": kind, "iteration": iteration, "step": state.global_step, "steps": total_steps,

@@ -1,6 +1,7 @@
 """Distributed training and reliability: 2 processes (torchrun, gloo, FSDP2) == 1 process, resume
-across world sizes, SIGKILL at several points then the same command == an uninterrupted run, the NaN
-guard, SIGTERM under torchrun, and corrupt checkpoints as one-line errors.
+across world sizes, SIGKILL at several points then the same command == an uninterrupted run (also
+with fresh rollouts per epoch, k=2 mixing and one optimizer across iterations), the NaN guard,
+SIGTERM under torchrun, and corrupt checkpoints as one-line errors.
 
 Every run is the tiny config of train_runs.py; the one-process uninterrupted run is shared with
 test_train.py. Faults are injected at exact points by tests/train_with_faults.py, which also runs the
@@ -245,6 +246,40 @@ def test_kill_mid_rollout_at_boundary_in_checkpoint_write_nan_and_sigterm_then_b
 
     assert run_in_process(*TINY, f"--out_dir={out}") == 0
     assert_exactly_like(out, out_dir)
+
+
+# every option that changes what an iteration trains on, or what it keeps across iterations: 16 prompts per
+# iteration, 2 epochs of fresh rollouts, k=2 mixing (16, 32, 48 pairs an epoch), one optimizer and schedule
+OPTIONS = ("--max_iterations=3", "--prompts_per_iteration=16", "--max_epochs=2", "--regenerate_per_epoch=True",
+           "--mix_previous_rollouts=2", "--optimizer_per_iteration=False", "--nll_weight=0.5", "--baseline_sft=False")
+# global steps: sft 1-6, spin 0 7-10, spin 1 11-18, spin 2 19-30 (epoch 0 19-24, epoch 1 25-30)
+
+
+def test_kill_at_a_boundary_and_mid_epoch_with_every_option_then_bit_exact(tmp_path):
+    """With regenerate_per_epoch, k=2 mixing, one optimizer across iterations and the nll anchor:
+    A. SIGKILL right after checkpoint 18 (end of SPIN 1)  -> the resume rolls out SPIN 2 with the
+       model at step 18, mixing in SPIN 1's and SPIN 0's first rollouts, and keeps the optimizer;
+    B. SIGKILL after step 28 (checkpoint 27: SPIN 2's second epoch, on its second rollout)
+    C. (this process) resumes from 27 with the saved pairs: identical to the uninterrupted run."""
+    reference = tmp_path / "uninterrupted"
+    proc = run_train(reference, *OPTIONS)
+    assert proc.returncode == 0, describe(proc)
+    out = tmp_path / "killed"
+    a = run_train(out, *OPTIONS, fault="kill_after_save:7")
+    assert a.returncode == -9, describe(a)
+    assert checkpoint_steps(out)[-1] == 18 and not (out / "iter_2").exists()
+    b = run_train(out, *OPTIONS, fault="kill_after_step:10")
+    assert b.returncode == -9, describe(b)
+    assert "step_00000018" in b.stdout and checkpoint_steps(out)[-1] == 27
+    assert run_in_process(*TINY, f"--out_dir={out}", *OPTIONS) == 0
+    assert [len(rollouts(reference, t)) for t in range(3)] == [32, 48, 64]  # 2 rollouts of 16, then 16, 32 mixed
+    for t in range(3):
+        assert rollouts(out, t) == rollouts(reference, t)
+    assert_same_weights(final_weights(out), final_weights(reference), what="final")
+    assert_same_weights(checkpoint_weights(out, 27), checkpoint_weights(reference, 27), what="checkpoint 27")
+    assert step_losses(out) == step_losses(reference)
+    ends = [[r for r in metrics(d) if r.get("event") == "phase_end"] for d in (out, reference)]
+    assert ends[0] == ends[1] and all("eval/kl_opponent" in r for r in ends[0] if r["phase"] == "spin")
 
 
 def test_nan_from_a_huge_learning_rate_is_a_one_line_error(tmp_path, capsys):

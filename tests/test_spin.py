@@ -1,6 +1,7 @@
-"""spin.py: the SPIN loss and its metrics against hand-worked numbers, log 2 at equal policies, the
-direction of a gradient step, which tokens the sequence log-probs sum over, and the rollout: the
-opponent's log-probs, its order, its seeding, stopping it, rescoring and the rollout file."""
+"""spin.py: the SPIN loss and its metrics against hand-worked numbers (with the nll_weight anchor), log 2
+at equal policies, the direction of a gradient step, which tokens the sequence log-probs sum over, the
+KL to the opponent (exact and top-k) against a direct computation, and the rollout: the opponent's
+log-probs, its order, its seeding, stopping it, rescoring and the rollout file."""
 
 import math
 
@@ -10,8 +11,8 @@ import torch
 from data import Example, collate, render_prompt, render_response, synthetic_conversations
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
-from spin import (RolloutSettings, pair_logps, per_iteration, read_rollouts, rescore, rollout, sequence_logps,
-                  spin_metrics, spin_terms, write_rollouts)
+from spin import (RolloutSettings, kl_per_token, opponent_top_k, pair_logps, per_iteration, read_rollouts, rescore,
+                  response_logprobs, rollout, sequence_logps, spin_metrics, spin_terms, write_rollouts)
 
 CPU = torch.device("cpu")
 
@@ -76,6 +77,46 @@ def test_logged_metrics_are_per_pair_means_with_the_margin():
                                     "rewards/generated": 0.0, "rewards/margins": 0.25, "rewards/accuracies": 0.5,
                                     "logps/real": -15.0, "logps/generated": -13.5})
     assert all(isinstance(v, float) for v in logged.values())
+
+
+# The anchor, by hand: real responses of 4 and 5 tokens, so per-token NLLs 10/4 = 2.5 and 20/5 = 4.0;
+# with nll_weight 0.5 the sigmoid losses above grow by 1.25 and 2.0.
+REAL_TOKENS = [4.0, 5.0]
+
+
+def test_nll_weight_adds_the_real_responses_per_token_nll():
+    t = torch.tensor
+    terms = spin_terms(t(POLICY_REAL), t(POLICY_GEN), t(OPPONENT_REAL), t(OPPONENT_GEN), beta=0.5,
+                       nll_weight=0.5, real_tokens=t(REAL_TOKENS))
+    losses, metrics = terms
+    assert losses.tolist() == pytest.approx([0.3132617 + 1.25, 0.9740770 + 2.0], abs=1e-6)
+    assert metrics["nll/real"].tolist() == [2.5, 4.0] and torch.equal(metrics["loss"], losses)
+    logged = spin_metrics(summed(metrics))  # per pair: mean loss 2.2686694, mean per-token NLL 3.25
+    assert logged["loss"] == pytest.approx((0.3132617 + 1.25 + 0.9740770 + 2.0) / 2, abs=1e-6)
+    assert logged["nll/real"] == 3.25
+    # weight 0 reports the NLL and leaves the loss the plain SPIN loss
+    plain, metrics = spin_terms(t(POLICY_REAL), t(POLICY_GEN), t(OPPONENT_REAL), t(OPPONENT_GEN), beta=0.5,
+                                real_tokens=t(REAL_TOKENS))
+    assert torch.equal(plain, hand_terms()[0]) and metrics["nll/real"].tolist() == [2.5, 4.0]
+
+
+def test_nll_weight_gradient_is_the_per_token_nll_gradient():
+    """d loss / d log p_θ(y|x) gains −nll_weight/|y|: the anchor raises the real response's log-prob."""
+    t = torch.tensor
+    real = t(POLICY_REAL, requires_grad=True)
+    losses, _ = spin_terms(real, t(POLICY_GEN), t(OPPONENT_REAL), t(OPPONENT_GEN), beta=0.5)
+    (plain,) = torch.autograd.grad(losses.sum(), real)
+    real = t(POLICY_REAL, requires_grad=True)
+    losses, _ = spin_terms(real, t(POLICY_GEN), t(OPPONENT_REAL), t(OPPONENT_GEN), beta=0.5, nll_weight=2.0,
+                           real_tokens=t(REAL_TOKENS))
+    (anchored,) = torch.autograd.grad(losses.sum(), real)
+    assert (anchored - plain).tolist() == pytest.approx([-2.0 / 4, -2.0 / 5])
+
+
+def test_nll_weight_without_lengths_is_an_error():
+    t = torch.tensor
+    with pytest.raises(ValueError, match="real_tokens"):
+        spin_terms(t(POLICY_REAL), t(POLICY_GEN), t(OPPONENT_REAL), t(OPPONENT_GEN), beta=0.5, nll_weight=1.0)
 
 
 def test_unknown_loss_type_is_an_error():
@@ -199,6 +240,66 @@ def test_gradient_step_raises_real_and_lowers_generated_logps():
     assert (after_gen < opponent_gen).all(), (after_gen - opponent_gen)
     assert after_losses.mean().item() < math.log(2)
     assert spin_metrics(summed(metrics))["rewards/accuracies"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# KL(policy ‖ opponent)
+
+
+def direct_kl(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:
+    """Σ_v p(v) log(p(v)/q(v)) per row, by torch's own kl_div."""
+    return torch.nn.functional.kl_div(q_logprobs, p_logprobs, log_target=True, reduction="none").sum(-1)
+
+
+def random_logprobs(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(rows, vocab, generator=g)).log_softmax(-1)
+
+
+def test_kl_with_the_whole_opponent_distribution_is_exact():
+    p, q = random_logprobs(20, 50, 0), random_logprobs(20, 50, 1)
+    kept = opponent_top_k(q, 50)
+    assert kept.keys() == {"logprobs"}
+    assert kl_per_token(p, kept).tolist() == pytest.approx(direct_kl(p, q).tolist(), abs=1e-5)
+    assert kl_per_token(p, opponent_top_k(p, 99)).abs().max() < 1e-6  # KL(p ‖ p) = 0
+
+
+def test_kl_with_the_top_k_by_hand():
+    # p = [0.2, 0.5, 0.3], q = [0.5, 0.3, 0.2]; q's top 1 is token 0: folded p = [0.2, 0.8], q = [0.5, 0.5]
+    #   folded KL = 0.2 ln(0.2/0.5) + 0.8 ln(0.8/0.5) = 0.1927448
+    #   exact KL  = 0.2 ln(0.2/0.5) + 0.5 ln(0.5/0.3) + 0.3 ln(0.3/0.2) = 0.1937949
+    p, q = torch.tensor([[0.2, 0.5, 0.3]]).log(), torch.tensor([[0.5, 0.3, 0.2]]).log()
+    kept = opponent_top_k(q, 1)
+    assert kept["ids"].tolist() == [[0]]
+    assert kl_per_token(p, kept).item() == pytest.approx(0.1927448, abs=1e-6)
+    assert direct_kl(p, q).item() == pytest.approx(0.1937949, abs=1e-6)
+
+
+def test_kl_with_the_top_k_is_a_lower_bound_that_tightens_with_k():
+    p, q = random_logprobs(30, 40, 2), random_logprobs(30, 40, 3)
+    exact = direct_kl(p, q)
+    previous = torch.zeros(30)
+    for k in (1, 4, 16, 39):
+        folded = kl_per_token(p, opponent_top_k(q, k))
+        assert (folded <= exact + 1e-5).all() and (folded >= previous - 1e-5).all(), k
+        previous = folded
+    # with k = V - 1 the "other tokens" outcome is a single token: folding loses nothing
+    assert previous.tolist() == pytest.approx(exact.tolist(), abs=1e-5)
+
+
+def test_response_logprobs_are_each_response_positions_next_token_distribution():
+    model = tiny_gpt()
+    with torch.no_grad():
+        rows = response_logprobs(model, PROMPTS, RESPONSES, pad_id=256, device=CPU)
+        expected = torch.cat([torch.log_softmax(model(torch.tensor([p + r]))[0], -1)[len(p) - 1:len(p) + len(r) - 1]
+                              for p, r in zip(PROMPTS, RESPONSES)])
+    assert rows.shape == (sum(map(len, RESPONSES)), 268)
+    assert (rows - expected).abs().max() < 1e-4
+    # gathered at the responses' tokens, they sum to the sequence log-probs
+    targets = torch.tensor([t for r in RESPONSES for t in r])
+    picked = rows.gather(-1, targets[:, None])[:, 0]
+    per_response = [picked[:4].sum().item(), picked[4:].sum().item()]
+    assert per_response == pytest.approx(by_hand_logps(model, PROMPTS, RESPONSES), abs=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------

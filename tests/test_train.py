@@ -1,6 +1,8 @@
 """train.py end to end on a tiny config/quick.py: outputs, exports, log 2 at each iteration's start,
-grad accumulation, save/load, kill-and-resume exactness, the opponent of each iteration, and the
-errors a user meets (resume=False, a changed config, a bad data file).
+grad accumulation, save/load, kill-and-resume exactness, the opponent of each iteration, the options
+(k previous iterations mixed in, fresh rollouts per epoch, one optimizer across iterations, the
+nll_weight anchor's normalisation), SPIN's dynamics against direct computations, the verdict's paired
+intervals, and the errors a user meets (resume=False, a changed config, a bad data file, bad values).
 
 The uninterrupted run is shared with test_distributed.py (train_runs.baseline); runs that must be
 bit-identical to it are subprocesses on one thread, the rest call main() in this process."""
@@ -14,8 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from data import Example, render_prompt, render_response
+from tokenizer import load_tokenizer
 
 from train_runs import (CHECKPOINT_STEPS, REPO, SPIN_STEPS, TINY, assert_same_weights, baseline, checkpoint_steps,
                         checkpoint_weights, child_env, describe, final_weights, metrics, rollouts, run_in_process,
@@ -23,7 +29,8 @@ from train_runs import (CHECKPOINT_STEPS, REPO, SPIN_STEPS, TINY, assert_same_we
 
 SPIN_KEYS = {"iteration", "epoch", "step", "loss", "rewards/real", "rewards/generated", "rewards/margins",
              "rewards/accuracies", "logps/real", "logps/generated", "lr", "grad_norm", "tokens_per_sec",
-             "gen_len_mean", "eos_rate"}
+             "gen_len_mean", "gen_len_p50", "gen_len_p90", "gen_len_max", "eos_rate", "dynamics/identical_frac",
+             "nll/real"}
 # bf16 round-off at the first step of an iteration: measured 2e-9 (the fp32 rounding of log 2) and rewards 0;
 # scoring with the bf16 sampling copy instead misses log 2 by 6e-5 to 2e-4, its rewards by 1e-4 to 5e-4
 BF16_LOG2_TOLERANCE = 1e-5
@@ -387,6 +394,164 @@ def test_block_size_defaults_to_the_models_context(tmp_path):
         context(init_from=pretrained, max_len=64, block_size=32)
 
 
+# SPIN's dynamics and the verdict
+
+
+def test_rollout_records_describe_the_opponents_generations(run):
+    out_dir, _ = run
+    records = {r["iteration"]: r for r in metrics(out_dir) if "rollout_seconds" in r}
+    assert sorted(records) == [0, 1]
+    for t, r in records.items():
+        pairs = rollouts(out_dir, t)
+        lengths = [p["generated_tokens"] for p in pairs]
+        assert r["gen_len_mean"] == pytest.approx(sum(lengths) / len(lengths))
+        assert r["gen_len_p50"] == pytest.approx(float(np.percentile(lengths, 50)))
+        assert r["gen_len_p90"] == pytest.approx(float(np.percentile(lengths, 90)))
+        assert r["gen_len_max"] == max(lengths) and r["eos_rate"] == pytest.approx(sum(p["eos"] for p in pairs) / 32)
+        assert r["dynamics/identical_frac"] == sum(p["generated_ids"] == p["real_ids"] for p in pairs) / 32
+    for r in metrics(out_dir):  # every SPIN step carries its iteration's rollout statistics
+        if r.get("phase") == "spin" and "loss" in r:
+            assert r["gen_len_p90"] == records[r["iteration"]]["gen_len_p90"]
+
+
+def test_identical_frac_counts_generations_equal_to_the_real_response():
+    from spin import Pair
+    from train import rollout_stats_of
+    same, other = [5, 6, 258], [5, 7, 258]
+    pairs = [Pair("t", [1], same, same, 0.0, 0.0, True), Pair("t", [1], same, other, 0.0, 0.0, True),
+             Pair("t", [1], same, same[:2], 0.0, 0.0, False), Pair("t", [1], other, other, 0.0, 0.0, True)]
+    stats = rollout_stats_of(pairs)
+    assert stats["dynamics/identical_frac"] == 0.5 and stats["eos_rate"] == 0.75
+    assert (stats["gen_len_mean"], stats["gen_len_p50"], stats["gen_len_max"]) == (2.75, 3.0, 3.0)
+
+
+def held_out_logprobs(model_dir, pairs: list[dict]) -> torch.Tensor:
+    """(N, V) next-token log-probs along each held-out real response, each sequence alone, in float64."""
+    from model import GPT
+    model = GPT.from_pretrained(str(model_dir)).eval()
+    rows = []
+    with torch.no_grad():
+        for p in pairs:
+            prompt, real = p["prompt_ids"], p["real_ids"]
+            logits = model(torch.tensor([prompt + real]))[0].double()
+            rows.append(torch.log_softmax(logits, -1)[len(prompt) - 1:len(prompt) + len(real) - 1])
+    return torch.cat(rows)
+
+
+def test_held_out_kl_to_the_opponent_equals_a_direct_computation(run):
+    """eval/kl_opponent at SPIN 0's end: KL(policy ‖ opponent) per held-out real-response token, the
+    policy at step 10 against the opponent at step 6, computed here from both saved models."""
+    out_dir, _ = run
+    end = next(r for r in metrics(out_dir) if r.get("event") == "phase_end" and r["phase"] == "spin")
+    pairs = rollouts(out_dir, 0, "eval_rollouts.jsonl")
+    steps = out_dir / "checkpoints"
+    policy = held_out_logprobs(steps / "step_00000010" / "model", pairs)
+    opponent = held_out_logprobs(steps / "step_00000006" / "model", pairs)
+    direct = (policy.exp() * (policy - opponent)).sum(-1).mean().item()
+    assert direct > 1e-4 and end["eval/kl_opponent"] == pytest.approx(direct, rel=1e-3)
+    assert (out_dir / "iter_0" / "opponent_eval.safetensors").exists()
+
+
+def test_held_out_log_prob_changes_equal_a_direct_computation(run):
+    """dynamics/delta_logps_*: the policy's summed log-probs of the held-out real and generated responses
+    at the iteration's end minus the opponent's; their difference times beta is the reward margin."""
+    out_dir, _ = run
+    end = next(r for r in metrics(out_dir) if r.get("event") == "phase_end" and r["phase"] == "spin")
+    pairs = rollouts(out_dir, 0, "eval_rollouts.jsonl")
+    real, generated = scored_by(out_dir / "checkpoints" / "step_00000010" / "model", pairs)
+    opponent_real, opponent_generated = stored_logps(pairs)
+    assert end["dynamics/delta_logps_real"] == pytest.approx((real - opponent_real).mean().item(), abs=1e-4)
+    assert end["dynamics/delta_logps_generated"] == pytest.approx((generated - opponent_generated).mean().item(),
+                                                                  abs=1e-4)
+    assert end["eval/reward_margin"] == pytest.approx(
+        0.1 * (end["dynamics/delta_logps_real"] - end["dynamics/delta_logps_generated"]), abs=1e-5)
+
+
+def test_kl_capture_keeps_the_top_k_that_fit_the_budget(monkeypatch):
+    """opponent_eval_logprobs keeps all V log-probs within kl_opponent_mb, else the top k that fit, and
+    held_out_kl lines its rows up with the policy's across batches: exact, and a lower bound."""
+    import train
+    from model import GPT, GPTConfig
+    tok = load_tokenizer("bytes")
+    examples = [Example(render_prompt(tok, [{"role": "user", "content": f"{k} distinct 2-digit numbers"}], "chatml"),
+                        render_response(tok, " ".join(["12"] * k), "chatml"), "t", [], "") for k in (1, 2, 3, 4, 5)]
+    data = train.RunData(tok, "chatml", [], tok.eos_id, [], examples, False)
+    config = GPTConfig(model_type="llama", vocab_size=268, block_size=96, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+    torch.manual_seed(0)
+    opponent, policy = GPT(config).eval(), GPT(config).eval()
+    rt = train.init_runtime(train.TrainConfig(device="cpu"))
+    monkeypatch.setattr(train, "LOGITS_PER_BATCH", 2 * 96 * 268)  # batches of 2 examples
+    n_tokens = sum(len(e.real_ids) for e in examples)
+    with torch.no_grad():
+        p, q = held_out_rows(policy, examples), held_out_rows(opponent, examples)
+    direct = (p.exp() * (p - q)).sum(-1).mean().item()
+    exact_cfg = train.TrainConfig(max_len=96, kl_opponent_mb=1.0)
+    kept = train.opponent_eval_logprobs(opponent, exact_cfg, data, rt)
+    assert kept.keys() == {"logprobs"} and kept["logprobs"].shape == (n_tokens, 268)
+    assert train.held_out_kl(policy, examples, kept, exact_cfg, tok.eos_id, rt) == pytest.approx(direct, rel=1e-4)
+    # room for 10 of 268 per token: value, id and the rest's mass take 12 * 10 + 4 bytes per token
+    top_cfg = train.TrainConfig(max_len=96, kl_opponent_mb=n_tokens * (12 * 10 + 4) / 2**20)
+    kept = train.opponent_eval_logprobs(opponent, top_cfg, data, rt)
+    assert kept["ids"].shape == (n_tokens, 10) and kept["rest"].shape == (n_tokens,)
+    bound = train.held_out_kl(policy, examples, kept, top_cfg, tok.eos_id, rt)
+    assert 0 < bound <= direct
+
+
+def held_out_rows(model, examples) -> torch.Tensor:
+    rows = []
+    for e in examples:
+        logits = model(torch.tensor([e.prompt_ids + e.real_ids]))[0]
+        rows.append(torch.log_softmax(logits, -1)[len(e.prompt_ids) - 1:len(e.prompt_ids) + len(e.real_ids) - 1])
+    return torch.cat(rows)
+
+
+def test_phase_ends_store_each_held_out_prompts_validity(run):
+    out_dir, _ = run
+    for r in metrics(out_dir):
+        if r.get("event") == "phase_end":
+            for name in ("sampled", "greedy"):
+                scores = r[f"per_prompt/valid_{name}"]
+                assert len(scores) == 8 and set(scores) <= {0, 1}
+                assert sum(scores) / 8 == r[f"eval/valid_{name}"]
+
+
+def test_t_quantiles_match_the_tables():
+    from train import t_quantile
+    table = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 7: 2.3646, 10: 2.2281, 30: 2.0423,
+             127: 1.9788}
+    for dof, value in table.items():
+        assert t_quantile(0.975, dof) == pytest.approx(value, rel=2e-3), dof
+
+
+def test_the_verdict_is_a_paired_interval_over_prompts():
+    """By hand: SPIN − SFT differences [0, 1, 0, 0, 0, 1, 0, 0]: mean 0.25, sd 0.46291, t(0.975, 7) 2.3646,
+    half-width 2.3646 x 0.46291 / sqrt(8) = 0.3870; SPIN − continued SFT all +1: 100 ± 0 points."""
+    from train import paired_interval, verdict
+    sft = [1, 0, 1, 1, 0, 0, 1, 0]
+    spin = [1, 1, 1, 1, 0, 1, 1, 0]
+    mean, half = paired_interval(spin, sft)
+    assert mean == 0.25 and half == pytest.approx(0.3870, abs=2e-4)
+    assert paired_interval([1], [0]) == (1.0, None)
+    history = [{"phase": "sft", "iteration": 0, "per_prompt/valid_sampled": sft, "per_prompt/valid_greedy": sft},
+               {"phase": "spin", "iteration": 0, "per_prompt/valid_sampled": sft, "per_prompt/valid_greedy": sft},
+               {"phase": "spin", "iteration": 1, "per_prompt/valid_sampled": spin, "per_prompt/valid_greedy": sft},
+               {"phase": "baseline", "iteration": 1, "per_prompt/valid_sampled": [0] * 8,
+                "per_prompt/valid_greedy": [1] * 8}]
+    assert verdict(history) == [
+        "SPIN iter 1 − SFT: valid@T=1 +25.0 ± 38.7 points (within noise), valid@greedy +0.0 ± 0.0 points "
+        "(within noise); paired over 8 held-out prompts, 95% intervals",
+        "SPIN iter 1 − cont. SFT iter 1: valid@T=1 +75.0 ± 38.7 points (SPIN higher), valid@greedy -50.0 ± 44.7 "
+        "points (SPIN lower); paired over 8 held-out prompts, 95% intervals"]
+    assert verdict(history[:1]) == []
+
+
+def test_the_summary_prints_the_verdict(run):
+    _, proc = run
+    for comparison in ("SPIN iter 1 − SFT: valid@T=1 ", "SPIN iter 1 − cont. SFT iter 1: valid@T=1 "):
+        line = next(line for line in proc.stdout.splitlines() if line.startswith(comparison))
+        assert "valid@greedy" in line and "paired over 8 held-out prompts, 95% intervals" in line
+
+
 # ----------------------------------------------------------------------------------------------
 # batch layout
 
@@ -427,23 +592,148 @@ def test_packed_and_unpacked_runs_end_alike(run, tmp_path):
         assert unpacked["eval/nll"] == pytest.approx(packed["eval/nll"], abs=1e-5)
 
 
-def test_mix_previous_rollouts_and_lr_per_iteration(tmp_path):
-    """mix_previous_rollouts trains iteration t on its own generations and those of t-1 (not older
-    ones), the latter rescored by the current opponent; lr may be one value per iteration."""
+def scored_by(model_dir, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (real, generated) summed log-probs of rollout records under the model saved in model_dir."""
+    from model import GPT
+    from spin import pair_logps
+    model = GPT.from_pretrained(str(model_dir)).eval()
+    with torch.no_grad():
+        return pair_logps(model, [p["prompt_ids"] for p in pairs], [p["real_ids"] for p in pairs],
+                          [p["generated_ids"] for p in pairs], 256, torch.device("cpu"))
+
+
+def stored_logps(pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor([p["opponent_real_logp"] for p in pairs]),
+            torch.tensor([p["opponent_generated_logp"] for p in pairs]))
+
+
+def assert_scored_by(model_dir, pairs: list[dict]) -> None:
+    """The pairs' opponent log-probs are those of the model in model_dir (to float32 batching noise)."""
+    for scored, stored in zip(scored_by(model_dir, pairs), stored_logps(pairs)):
+        assert (scored - stored).abs().max() < 1e-3
+
+
+def test_mix_previous_rollouts_k_and_lr_per_iteration(tmp_path):
+    """mix_previous_rollouts=2 trains iteration t on its own generations and the first rollouts of
+    t-1 and t-2 (as many as exist), all rescored by t's opponent; lr may be one value per iteration."""
     out = tmp_path / "mix"
     assert run_in_process(*TINY, f"--out_dir={out}", "--stage=spin", "--baseline_sft=False", "--max_iterations=3",
-                          "--mix_previous_rollouts=True", "--lr=[1e-3, 5e-4]", "--save_interval=0") == 0
+                          "--mix_previous_rollouts=2", "--lr=[1e-3, 5e-4]", "--save_interval=0") == 0
     it0, it1, it2 = (rollouts(out, t) for t in range(3))
-    assert (len(it0), len(it1), len(it2)) == (32, 64, 64)
-    assert [p["generated_ids"] for p in it2[32:]] == [p["generated_ids"] for p in it1[:32]]
-    assert [p["generated_ids"] for p in it1[32:]] == [p["generated_ids"] for p in it0]
-    # rescored under the new opponent, not copied
-    assert max(abs(a["opponent_real_logp"] - b["opponent_real_logp"]) for a, b in zip(it1[32:], it0)) > 1e-3
+    assert (len(it0), len(it1), len(it2)) == (32, 64, 96)
+    generated = lambda pairs: [p["generated_ids"] for p in pairs]  # noqa: E731
+    assert generated(it1[32:]) == generated(it0)
+    assert generated(it2[32:64]) == generated(it1[:32]) and generated(it2[64:]) == generated(it0)
+    # iteration 2's opponent is the model after iteration 1 (steps: 4 + 8, then 12), and it rescored t-2's too
+    assert_scored_by(out / "checkpoints" / "step_00000012" / "model", it2)
+    assert max(abs(a["opponent_real_logp"] - b["opponent_real_logp"]) for a, b in zip(it2[64:], it0)) > 1e-3
+    assert [r["step"] for r in metrics(out) if r.get("event") == "phase_end"] == [4, 12, 24]  # 32, 64, 96 pairs
     peak = {}
     for r in metrics(out):
         if r.get("phase") == "spin" and "lr" in r:
             peak[r["iteration"]] = max(peak.get(r["iteration"], 0.0), r["lr"])
     assert peak == pytest.approx({0: 1e-3, 1: 5e-4, 2: 5e-4})
+
+
+def record_training_pairs(monkeypatch) -> list[list[tuple]]:
+    """Patch train.forward_backward to record the generated responses each SPIN step trains on."""
+    import train
+    steps = []
+    real_forward_backward = train.forward_backward
+
+    def recording(model, kind, indices, pairs, *args):
+        if kind == "spin":
+            steps.append([tuple(pairs[i].generated_ids) for i in indices])
+        return real_forward_backward(model, kind, indices, pairs, *args)
+
+    monkeypatch.setattr(train, "forward_backward", recording)
+    return steps
+
+
+def test_regenerate_per_epoch_trains_each_epoch_on_a_new_rollout_by_the_opponent(tmp_path, monkeypatch):
+    """With regenerate_per_epoch each epoch of an iteration trains on fresh y' for the same prompts,
+    sampled and scored by the iteration's opponent (the model at its start), plus what is mixed in."""
+    out = tmp_path / "regenerate"
+    steps = record_training_pairs(monkeypatch)
+    assert run_in_process(*TINY, f"--out_dir={out}", "--stage=spin", "--baseline_sft=False", "--max_epochs=2",
+                          "--regenerate_per_epoch=True", "--mix_previous_rollouts=1", "--save_interval=0") == 0
+    it0, it1 = rollouts(out, 0), rollouts(out, 1)
+    assert (len(it0), len(it1)) == (64, 96)  # 2 blocks of 32; then 2 blocks and iteration 0's first block
+    for pairs in (it0, it1):
+        first, second = pairs[:32], pairs[32:64]
+        assert [p["prompt_ids"] for p in first] == [p["prompt_ids"] for p in second]
+        assert [p["real_ids"] for p in first] == [p["real_ids"] for p in second]
+        assert sum(a["generated_ids"] != b["generated_ids"] for a, b in zip(first, second)) >= 24
+    # iteration 1's opponent is the model after iteration 0 (8 steps), for both of its rollouts
+    assert_scored_by(out / "checkpoints" / "step_00000008" / "model", it1)
+    assert [p["generated_ids"] for p in it1[64:]] == [p["generated_ids"] for p in it0[:32]]
+    # epoch e trains on block e, each pair once; iteration 1's epochs also on the pairs mixed in
+    block = lambda pairs: {tuple(p["generated_ids"]) for p in pairs}  # noqa: E731
+    assert len(steps) == 8 + 16
+    used = lambda first, last: [g for step in steps[first:last] for g in step]  # noqa: E731
+    assert sorted(used(0, 4)) == sorted(tuple(p["generated_ids"]) for p in it0[:32])
+    assert sorted(used(4, 8)) == sorted(tuple(p["generated_ids"]) for p in it0[32:64])
+    assert set(used(8, 16)) == block(it1[:32]) | block(it1[64:]) and len(used(8, 16)) == 64
+    assert set(used(16, 24)) == block(it1[32:]) and len(used(16, 24)) == 64
+    assert {r["epoch"] for r in metrics(out) if r.get("phase") == "spin" and "loss" in r} == {0, 1}
+
+
+def test_one_optimizer_and_schedule_across_iterations(tmp_path, monkeypatch):
+    """optimizer_per_iteration=False: optimizers are made for SFT and the first SPIN and continued-SFT
+    iterations only, and the lr follows one schedule over all SPIN iterations (here of 4 and 8 steps,
+    with k=1 mixing), and the same one over the continued-SFT iterations."""
+    import train
+    made = []
+    real_make_optimizer = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda *a: made.append(a[2]) or real_make_optimizer(*a))
+    out = tmp_path / "one-optimizer"
+    assert run_in_process(*TINY, f"--out_dir={out}", "--optimizer_per_iteration=False", "--mix_previous_rollouts=1",
+                          "--save_interval=0") == 0
+    assert made == [2e-3, 2e-3, 1e-3, 2e-3]  # at start-up, then SFT, SPIN 0, continued SFT 0
+    cfg = train.TrainConfig(warmup_frac=0.1, lr_schedule="linear")  # config/quick.py's schedule
+    for phase, peak in (("spin", 1e-3), ("baseline", 2e-3)):
+        lrs = [r["lr"] for r in metrics(out) if r.get("phase") == phase and "lr" in r]
+        assert lrs == pytest.approx([train.get_lr(s, 12, peak, cfg) for s in range(12)]), phase
+    fresh = tmp_path / "fresh"
+    assert run_in_process(*TINY, f"--out_dir={fresh}", "--mix_previous_rollouts=1", "--save_interval=0") == 0
+    assert len(made) == 4 + 6
+    # both start SPIN from the same SFT model; the schedules and then the moments differ
+    assert step_losses(out)[7] == step_losses(fresh)[7] and step_losses(out)[12] != step_losses(fresh)[12]
+
+
+def test_nll_weight_is_normalised_by_the_steps_pairs(tmp_path):
+    """forward_backward's gradient with nll_weight is that of the mean over the step's pairs of the
+    SPIN loss plus nll_weight x the real response's per-token NLL, in one batch or micro-batches of 1."""
+    import torch.nn.functional as F
+
+    from model import GPT, GPTConfig
+    from spin import Pair, pair_logps
+    from train import RunData, TrainConfig, forward_backward, init_runtime
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(model_type="llama", vocab_size=268, block_size=96, n_layer=2, n_head=2, n_kv_head=1,
+                          n_embd=32))
+    pairs = [Pair("t", [257, 5, 6], [20, 21, 22, 258], [30, 258], -20.0, -9.0, True),
+             Pair("t", [257, 7], [23, 258], [31, 32, 33, 34, 35, 258], -8.0, -30.0, True),
+             Pair("t", [257, 8, 9, 10], [24, 25, 26, 27, 28, 258], [36, 258], -33.0, -10.0, True)]
+    data = RunData(None, "chatml", [258], 256, [], [], False)
+    rt = init_runtime(TrainConfig(device="cpu"))
+
+    def gradients(batch_size: int) -> list[torch.Tensor]:
+        cfg = TrainConfig(batch_size=batch_size, nll_weight=0.5, beta=0.1)
+        model.zero_grad()
+        forward_backward(model, "spin", [0, 1, 2], pairs, data, 0.1, cfg, rt)
+        return [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    real, generated = pair_logps(model, [p.prompt_ids for p in pairs], [p.real_ids for p in pairs],
+                                 [p.generated_ids for p in pairs], 256, torch.device("cpu"))
+    h = 0.1 * ((real - torch.tensor([-20.0, -8.0, -33.0])) - (generated - torch.tensor([-9.0, -30.0, -10.0])))
+    objective = (-F.logsigmoid(h) + 0.5 * -real / torch.tensor([4.0, 2.0, 6.0])).mean()
+    objective.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    for batch_size in (3, 1):
+        for got, want in zip(gradients(batch_size), expected):
+            assert (got - want).abs().max() < 1e-6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,6 +801,18 @@ def test_a_different_config_is_refused_unless_allowed(run, tmp_path, capsys):
     assert run_in_process(*TINY, f"--out_dir={out}", "--lr=2e-3", "--allow_config_change=True") == 0
     assert "| SPIN iter 1 | 14 |" in capsys.readouterr().out
     assert checkpoint_steps(out) == checkpoint_steps(out_dir)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--mix_previous_rollouts=True", "'mix_previous_rollouts' must be int"),
+    ("--mix_previous_rollouts=-1", "'mix_previous_rollouts' must be >= 0"),
+    ("--nll_weight=-0.5", "'nll_weight' must be >= 0"),
+    ("--kl_opponent_mb=-1", "'kl_opponent_mb' must be >= 0")])
+def test_bad_values_of_the_new_options_are_one_line_errors(tmp_path, capsys, override, message):
+    out = tmp_path / "never"
+    assert run_in_process(*TINY, f"--out_dir={out}", override) == 2
+    assert message in one_line_error(capsys)
+    assert not out.exists()
 
 
 def test_a_bad_data_file_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
