@@ -435,7 +435,8 @@ def export_hf_config(cfg: GPTConfig, dtype: torch.dtype, source: ModelSource | N
     if source is None or source.hf_config is None:
         return gpt_config_to_hf_config(cfg, dtype)
     config = dict(source.hf_config)
-    config["vocab_size"] = cfg.vocab_size  # grown when a chat template's markers were added
+    if "vocab_size" in config:
+        config["vocab_size"] = cfg.vocab_size  # grown when a chat template's markers were added
     keys = [k for k in DTYPE_KEYS if k in config] or ["dtype"]
     config.update(dict.fromkeys(keys, str(dtype).removeprefix("torch.")))
     return config

@@ -475,7 +475,7 @@ def test_kl_capture_keeps_the_top_k_that_fit_the_budget(monkeypatch):
     tok = load_tokenizer("bytes")
     examples = [Example(render_prompt(tok, [{"role": "user", "content": f"{k} distinct 2-digit numbers"}], "chatml"),
                         render_response(tok, " ".join(["12"] * k), "chatml"), "t", [], "") for k in (1, 2, 3, 4, 5)]
-    data = train.RunData(tok, "chatml", [], tok.eos_id, [], examples, False)
+    data = train.RunData(tok, "chatml", [], tok.eos_id, [], examples, False, None)
     config = GPTConfig(model_type="llama", vocab_size=268, block_size=96, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
     torch.manual_seed(0)
     opponent, policy = GPT(config).eval(), GPT(config).eval()
@@ -715,7 +715,7 @@ def test_nll_weight_is_normalised_by_the_steps_pairs(tmp_path):
     pairs = [Pair("t", [257, 5, 6], [20, 21, 22, 258], [30, 258], -20.0, -9.0, True),
              Pair("t", [257, 7], [23, 258], [31, 32, 33, 34, 35, 258], -8.0, -30.0, True),
              Pair("t", [257, 8, 9, 10], [24, 25, 26, 27, 28, 258], [36, 258], -33.0, -10.0, True)]
-    data = RunData(None, "chatml", [258], 256, [], [], False)
+    data = RunData(None, "chatml", [258], 256, [], [], False, None)
     rt = init_runtime(TrainConfig(device="cpu"))
 
     def gradients(batch_size: int) -> list[torch.Tensor]:
