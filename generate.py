@@ -117,14 +117,15 @@ def attention_mask(query_pos: torch.Tensor, n_keys: int) -> torch.Tensor:
     return (keys <= query_pos[..., None])[:, None]
 
 
-def prefill(model: GPT, prompt: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """Run one prompt (1, T) through the model into cache row `row` (1,), positions 0..T-1; returns the
-    last position's logits (1, V) fp32 (the other positions never reach the vocabulary). A fresh row sees
-    only its own keys, so this is the model's plain causal forward plus the cache writes. One prompt at a
-    time, so a row's numbers never depend on which prompts start with it."""
-    pos = torch.arange(prompt.shape[1], device=prompt.device)[None]  # (1, T)
-    h = model.hidden_states(prompt, pos, (row, pos))  # (1, T, C)
-    return model.lm_head(h[:, -1]).float()
+def prefill(model: GPT, prompts: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Run right-padded prompts (B, T) of `lengths` (B,) into cache rows `rows` (B,), positions 0..T-1, and
+    return each prompt's last logits (B, V) fp32 (the other positions never reach the vocabulary). A fresh
+    row sees only its own keys, so this is the model's plain causal forward plus the cache writes; a pad
+    after a prompt changes none of its numbers and leaves a key the decode steps mask, then overwrite."""
+    pos = torch.arange(prompts.shape[1], device=prompts.device).expand_as(prompts)  # (B, T)
+    h = model.hidden_states(prompts, pos, (rows, pos))  # (B, T, C)
+    last = h[torch.arange(len(rows), device=h.device), lengths - 1]  # (B, C)
+    return model.lm_head(last).float()
 
 
 def decode_logits(model: GPT, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -174,16 +175,24 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise UserError(f"top_p={top_p} must be in (0, 1] (or None for no top-p filter)")
 
 
-def _row_budgets(prompts: list[list[int]], max_new_tokens: int, max_len: int, limit: str) -> list[int]:
-    """How many tokens each row may add: prompt + new <= max_len (`limit` names where max_len comes from)."""
+def _row_budgets(prompts: list[list[int]], max_new_tokens: int | list[int], max_len: int, limit: str) -> list[int]:
+    """How many tokens each row may add: its max_new_tokens, and prompt + new <= max_len (`limit` names
+    where max_len comes from)."""
+    if isinstance(max_new_tokens, int):
+        max_new_tokens = [max_new_tokens] * len(prompts)
+    elif len(max_new_tokens) != len(prompts):
+        raise UserError(f"max_new_tokens is a list of {len(max_new_tokens)} for {len(prompts)} prompts; "
+                        f"give one per prompt or one int")
     budgets = []
-    for i, p in enumerate(prompts):
+    for i, (p, max_new) in enumerate(zip(prompts, max_new_tokens)):
+        if max_new < 0:
+            raise UserError(f"max_new_tokens={max_new} (prompt {i}) must be >= 0")
         if not p:
             raise UserError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
         if len(p) >= max_len:
             raise UserError(f"prompt {i} has {len(p)} tokens, which leaves no room in {limit}={max_len} tokens; "
                             f"shorten the prompt")
-        budgets.append(min(max_new_tokens, max_len - len(p)))
+        budgets.append(min(max_new, max_len - len(p)))
     return budgets
 
 
@@ -211,7 +220,7 @@ def _prompt_seeds(seed: int | list[int] | None, n: int) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | list[int], temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, eos_id: int | list[int] | None = None,
                     seed: int | list[int] | None = None, return_logprobs: bool = False,
                     compile: bool | str = False, batch_size: int | None = None, max_len: int | None = None,
@@ -225,7 +234,7 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int, t
         raise UserError(f"max_len={max_len} exceeds the model's block_size={block_size}; lower max_len")
     budgets = _row_budgets(prompts, max_new_tokens, max_len or block_size,
                            "block_size" if max_len is None else "max_len")
-    if not prompts or max_new_tokens == 0:
+    if not prompts or max(budgets) <= 0:
         for i in range(len(prompts)):
             yield i, [], [] if return_logprobs else None
         return
@@ -256,32 +265,39 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int, t
         logps = torch.zeros(n_rows, width, device=device) if return_logprobs else None
         draws = torch.zeros(n_rows, width, dtype=torch.float64, device=device) if seeds else None
         stop_ids = torch.tensor(stop, device=device, dtype=torch.long)
-        waiting = deque(range(len(prompts)))
+        for i in range(len(prompts)):
+            if budgets[i] == 0:
+                yield i, [], [] if return_logprobs else None
+        waiting = deque(i for i in range(len(prompts)) if budgets[i] > 0)
         row_prompt: list[int | None] = [None] * n_rows  # the prompt each row is answering
 
-        def start(r: int) -> None:
-            """Prefill the next waiting prompt into row r and sample its first token (or leave r idle)."""
-            if not waiting:
-                row_prompt[r] = None
-                return
-            i = row_prompt[r] = waiting.popleft()
-            row = rows[r:r + 1]
-            logits = prefill(model, torch.tensor([prompts[i]], device=device), row)  # (1, V)
-            if draws is not None:
-                draws[r, :budgets[i]] = torch.from_numpy(uniforms(seeds[i], budgets[i])).to(device)
-            first = sample_next(logits, temperature, top_k, top_p, None if draws is None else draws[r, :1])
-            token[r], pos[r], n_new[r], budget[r] = first[0], len(prompts[i]), 1, budgets[i]
-            new_tokens[r, 0] = first[0]
-            if logps is not None:
-                logps[r, 0] = token_logprobs_of(logits, first)[0]
-            done[r] = bool(torch.isin(first, stop_ids)[0]) or budgets[i] == 1
+        def start(free: list[int]) -> None:
+            """Prefill the next waiting prompts into the free rows and sample their first tokens; a row left
+            without a prompt marks time."""
+            for r in free:
+                row_prompt[r] = waiting.popleft() if waiting else None
+            started = [r for r in free if row_prompt[r] is not None]
+            for group in ([[r] for r in started] if independent_rows else [started] if started else []):
+                ids = [row_prompt[r] for r in group]
+                at = torch.tensor(group, device=device)
+                n = torch.tensor([len(prompts[i]) for i in ids], device=device)
+                longest = max(len(prompts[i]) for i in ids)
+                padded = torch.tensor([prompts[i] + [0] * (longest - len(prompts[i])) for i in ids], device=device)
+                logits = prefill(model, padded, n, at)  # (G, V)
+                if draws is not None:
+                    draws[at] = torch.from_numpy(np.stack([uniforms(seeds[i], width) for i in ids])).to(device)
+                first = sample_next(logits, temperature, top_k, top_p, None if draws is None else draws[at, 0])
+                row_budget = torch.tensor([budgets[i] for i in ids], device=device)
+                token[at], pos[at], n_new[at], budget[at], new_tokens[at, 0] = first, n, 1, row_budget, first
+                if logps is not None:
+                    logps[at, 0] = token_logprobs_of(logits, first)
+                done[at] = torch.isin(first, stop_ids) | (row_budget == 1)
 
         def finished() -> list[int]:
             flags = done.tolist()
             return [r for r in range(n_rows) if flags[r] and row_prompt[r] is not None]
 
-        for r in range(n_rows):
-            start(r)
+        start(list(range(n_rows)))
         if on_step is not None:
             on_step(token)
         step = 0
@@ -292,7 +308,7 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int, t
                         i = row_prompt[r]
                         out = _cut_rows([tokens], [budgets[i]], stop)[0]
                         yield i, out, logps[r, :len(out)].tolist() if logps is not None else None
-                        start(r)
+                    start(ended)
                 if all(i is None for i in row_prompt):
                     break
             row_draws = None if draws is None else draws.gather(1, n_new[:, None])[:, 0]  # (R,) draw n_new
@@ -312,13 +328,14 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int, t
         model.train(was_training)
 
 
-def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int | list[int], temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | list[int] | None = None,
              seed: int | list[int] | None = None, return_logprobs: bool = False, compile: bool | str = False,
              batch_size: int | None = None, max_len: int | None = None,
              on_step: Callable[[torch.Tensor], None] | None = None
              ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
-    """Sample up to max_new_tokens new tokens for each prompt (token-id lists of any lengths).
+    """Sample up to max_new_tokens new tokens (an int, or one per prompt) for each prompt (token-id lists
+    of any lengths).
 
     Returns the new tokens of each prompt, cut after the first token in eos_id (kept). temperature 0 is
     greedy. batch_size rows (default: all prompts) decode together; when a row's answer ends, the row
