@@ -1,13 +1,16 @@
-"""Batched KV-cached sampling (the SPIN rollout engine) and a chat command line.
+"""Batched KV-cached sampling with continuous batching (the SPIN rollout engine) and a chat command line.
 
 Design choices:
-- gpt-fast's structure: a static, preallocated KV cache (model.setup_kv_cache), one `prefill` over the
-  prompts, then `decode_one_token` steps whose shapes never change, so the step can be torch.compile'd
-  (CUDA graphs on the GPU) and does no per-row Python work.
-- Ragged prompts are left-padded to a common length P: every row writes the same cache slot each step,
-  its positions are slot - pad (so RoPE/learned positions equal those of the prompt alone) and the mask
-  hides its pad slots (and keys past a sliding window: `cache_mask`). Each row may generate until
-  prompt + new = block_size, so a row gives the same tokens in a batch as alone.
+- gpt-fast's structure: a static, preallocated KV cache (model.setup_kv_cache) of `batch_size` rows, a
+  `prefill` per prompt, then `decode_one_token` steps whose shapes never change, so the step can be
+  torch.compile'd (CUDA graphs on the GPU) and does no per-row Python work.
+- Continuous batching: a cache row whose prompt has ended takes the next prompt (a prefill of that row
+  alone) while the other rows keep decoding, so a batch never waits for its longest response.
+- Every row keeps its tokens at cache positions 0, 1, ...: its position is its cache index, its mask
+  (`attention_mask`, the one place masks are made) is "keys up to my position" (and, with a sliding
+  window, fewer than `window` positions back), and a row's numbers do
+  not depend on the other rows, on its row or on when it started. Sampling draws come from a per-prompt
+  SplitMix64 stream, so sampled answers are reproducible whatever the batch size or world size.
 - Sampling is temperature, then top-k, then top-p, as small pure functions; ties at a cut-off are kept.
 - `generate_ref` recomputes the whole sequence every step: the plain reference the tests compare against.
 
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import configurator
@@ -51,18 +56,49 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
+_U64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """One 63-bit seed from integers (SplitMix64's finaliser over them in turn): (seed, i) and (seed, i + 1)
+    give unrelated streams."""
+    h = 0
+    for value in values:
+        h = (h ^ (value & _U64)) + 0x9E3779B97F4A7C15 & _U64
+        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & _U64
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _U64
+        h ^= h >> 31
+    return h >> 1
+
+
+def uniforms(seed: int, n: int) -> np.ndarray:
+    """The first n draws of the SplitMix64 stream `seed` as float64 in (0, 1): draw t is a pure function of
+    (seed, t), the same on every device and in every batch."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic is meant to wrap
+        z = np.uint64(seed & _U64) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return ((z >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53  # 53 random bits, never 0 or 1
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) fp32 -> next tokens (B,); temperature 0 is greedy (argmax, first on ties)."""
+                draws: torch.Tensor | None) -> torch.Tensor:
+    """logits (B, V) fp32, draws (B,) float64 uniforms in (0, 1) -> next tokens (B,); temperature 0 is greedy
+    (argmax, first on ties, no draws needed). A row's token is the first whose cumulative probability
+    exceeds its draw (inverse CDF), so it depends on that row's logits and draw only."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:
-        logits = top_p_filter(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        logits = top_p_filter(logits, p=top_p)
+    cdf = torch.softmax(logits, dim=-1).cumsum(-1)  # (B, V)
+    total = cdf[:, -1:]
+    # just below the total, so the token found has cdf > target >= the previous cdf: probability > 0
+    target = torch.minimum((draws[:, None] * total).float(), torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
 
 
 def token_logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -74,35 +110,33 @@ def token_logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
 # the KV-cached forward passes
 
 
-def cache_mask(query_slots: torch.Tensor, key_slots: torch.Tensor, key_ok: torch.Tensor,
-               window: int | None) -> torch.Tensor:
-    """(B, 1, Tq, L) bool: query slots (Tq,) see the row's own keys (key_ok (B, L)) written so far and, with a
-    sliding window, fewer than `window` slots back (a row's positions are its slots minus its padding, so slot
-    distances are position distances). A pad query sees itself only: a fully masked row would give NaN, which
-    would then leak into the cache through its (masked, but NaN * 0 = NaN) values."""
-    back = query_slots[:, None] - key_slots[None, :]  # (Tq, L) how far back each key is
+def attention_mask(query_pos: torch.Tensor, n_keys: int, window: int | None = None) -> torch.Tensor:
+    """query_pos (B, T) -> (B, 1, T, n_keys) bool, True = may attend: a query sees the keys at cache
+    positions up to its own (a row's position is its cache index) and, with a sliding window, fewer than
+    `window` positions back. The decode step's mask; a prefill is the model's own causal (windowed)
+    attention."""
+    keys = torch.arange(n_keys, device=query_pos.device)  # (L,)
+    back = query_pos[..., None] - keys  # (B, T, L) how far back each key is
     seen = back >= 0 if window is None else (back >= 0) & (back < window)
-    return ((key_ok[:, None, :] & seen) | (back == 0))[:, None]
+    return seen[:, None]
 
 
-def prefill(model: GPT, tokens: torch.Tensor, pad_lens: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
-    """Run the left-padded prompts (B, P) through the model, filling cache slots 0..P-1.
-    Returns the last position's logits (B, V) fp32 (the other positions never reach the vocab)."""
-    B, P = tokens.shape
-    slots = torch.arange(P, device=tokens.device)  # (P,)
-    pos = (slots[None, :] - pad_lens[:, None]).clamp(min=0)  # (B, P)
-    key_slots = torch.arange(key_ok.shape[1], device=tokens.device)  # (L,)
-    mask = cache_mask(slots, key_slots, key_ok, model.config.sliding_window)  # (B, 1, P, L)
-    h = model.hidden_states(tokens, pos, slots, mask)  # (B, P, C)
-    return model.lm_head(h[:, -1]).float()  # (B, V)
+def prefill(model: GPT, prompts: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Run right-padded prompts (B, T) of `lengths` (B,) into cache rows `rows` (B,), positions 0..T-1, and
+    return each prompt's last logits (B, V) fp32 (the other positions never reach the vocabulary). A fresh
+    row sees only its own keys, so this is the model's plain causal forward plus the cache writes; a pad
+    after a prompt changes none of its numbers and leaves a key the decode steps mask, then overwrite."""
+    pos = torch.arange(prompts.shape[1], device=prompts.device).expand_as(prompts)  # (B, T)
+    h = model.hidden_states(prompts, pos, (rows, pos))  # (B, T, C)
+    last = h[torch.arange(len(rows), device=h.device), lengths - 1]  # (B, C)
+    return model.lm_head(last).float()
 
 
-def decode_logits(model: GPT, token: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
-                  key_ok: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
-    """One step for all rows: token, pos (B, 1), slot (1,) -> logits (B, V) fp32. Static shapes
-    (the slot is a tensor), so this is the function torch.compile captures."""
-    mask = cache_mask(slot, key_slots, key_ok, model.config.sliding_window)  # (B, 1, 1, L)
-    h = model.hidden_states(token, pos, slot, mask)  # (B, 1, C)
+def decode_logits(model: GPT, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """One step for every cache row: token, pos (B, 1) -> logits (B, V) fp32; each row writes its key at its
+    own position. Static shapes, so this is the function torch.compile captures."""
+    mask = attention_mask(pos, model.kv_caches[0].k.shape[2], model.config.sliding_window)  # (B, 1, 1, L)
+    h = model.hidden_states(token, pos, (None, pos), mask)  # (B, 1, C)
     return model.lm_head(h[:, -1]).float()
 
 
@@ -115,16 +149,15 @@ def compiled_decode(device_type: str, backend: str = "inductor") -> Callable:
     return torch.compile(decode_logits, backend=backend, fullgraph=True)
 
 
-def decode_one_token(model: GPT, token: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, key_ok: torch.Tensor,
-                     key_slots: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                     generator: torch.Generator | None,
+def decode_one_token(model: GPT, token: torch.Tensor, pos: torch.Tensor, temperature: float, top_k: int | None,
+                     top_p: float | None, draws: torch.Tensor | None,
                      compile: bool | str = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step: returns the next tokens (B,) and the step's raw logits (B, V)."""
     step = decode_logits
     if compile:
         step = compiled_decode(token.device.type, "inductor" if compile is True else compile)
-    logits = step(model, token, pos, slot, key_ok, key_slots)
-    return sample_next(logits, temperature, top_k, top_p, generator), logits
+    logits = step(model, token, pos)
+    return sample_next(logits, temperature, top_k, top_p, draws), logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,16 +179,24 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise UserError(f"top_p={top_p} must be in (0, 1] (or None for no top-p filter)")
 
 
-def _row_budgets(prompts: list[list[int]], max_new_tokens: int, block_size: int) -> list[int]:
-    """How many tokens each row may add: prompt + new <= block_size."""
+def _row_budgets(prompts: list[list[int]], max_new_tokens: int | list[int], max_len: int, limit: str) -> list[int]:
+    """How many tokens each row may add: its max_new_tokens, and prompt + new <= max_len (`limit` names
+    where max_len comes from)."""
+    if isinstance(max_new_tokens, int):
+        max_new_tokens = [max_new_tokens] * len(prompts)
+    elif len(max_new_tokens) != len(prompts):
+        raise UserError(f"max_new_tokens is a list of {len(max_new_tokens)} for {len(prompts)} prompts; "
+                        f"give one per prompt or one int")
     budgets = []
-    for i, p in enumerate(prompts):
+    for i, (p, max_new) in enumerate(zip(prompts, max_new_tokens)):
+        if max_new < 0:
+            raise UserError(f"max_new_tokens={max_new} (prompt {i}) must be >= 0")
         if not p:
             raise UserError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
-        if len(p) >= block_size:
-            raise UserError(f"prompt {i} has {len(p)} tokens, which leaves no room in the model's context of "
-                            f"block_size={block_size} tokens; shorten the prompt")
-        budgets.append(min(max_new_tokens, block_size - len(p)))
+        if len(p) >= max_len:
+            raise UserError(f"prompt {i} has {len(p)} tokens, which leaves no room in {limit}={max_len} tokens; "
+                            f"shorten the prompt")
+        budgets.append(min(max_new, max_len - len(p)))
     return budgets
 
 
@@ -172,85 +213,156 @@ def _cut_rows(new_tokens: list[list[int]], budgets: list[int], stop: list[int]) 
     return out
 
 
+def _prompt_seeds(seed: int | list[int] | None, n: int) -> list[int]:
+    if isinstance(seed, list):
+        if len(seed) != n:
+            raise UserError(f"seed is a list of {len(seed)} seeds for {n} prompts; give one per prompt")
+        return seed
+    if seed is None:  # the global RNG picks the base seed, so torch.manual_seed still reproduces a run
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return [mix_seed(seed, i) for i in range(n)]
+
+
 @torch.inference_mode()
-def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | list[int], temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, eos_id: int | list[int] | None = None,
+                    seed: int | list[int] | None = None, return_logprobs: bool = False,
+                    compile: bool | str = False, batch_size: int | None = None, max_len: int | None = None,
+                    on_step: Callable[[torch.Tensor], None] | None = None
+                    ) -> Iterator[tuple[int, list[int], list[float] | None]]:
+    """`generate`, yielding (prompt index, new tokens, their log-probs or None) as each prompt ends, in the
+    order they end. Closing the iterator early (a `break`) stops the work and frees the cache."""
+    _check_sampling(temperature, top_k, top_p)
+    block_size = model.config.block_size
+    if max_len is not None and max_len > block_size:
+        raise UserError(f"max_len={max_len} exceeds the model's block_size={block_size}; lower max_len")
+    budgets = _row_budgets(prompts, max_new_tokens, max_len or block_size,
+                           "block_size" if max_len is None else "max_len")
+    if not prompts or max(budgets) <= 0:
+        for i in range(len(prompts)):
+            yield i, [], [] if return_logprobs else None
+        return
+    stop = _as_id_list(eos_id)
+    seeds = _prompt_seeds(seed, len(prompts)) if temperature > 0 else None
+    n_rows = batch_size or len(prompts)
+    # the last sampled token is never fed back; a fixed max_len fixes the cache, whatever the prompts
+    cache_len = max_len - 1 if max_len else max(len(p) + b for p, b in zip(prompts, budgets)) - 1
+    if compile and not max_len:  # fewer distinct shapes -> fewer recompiles / CUDA graph captures across calls
+        cache_len = -(-cache_len // 128) * 128
+    last_pos = min(cache_len, block_size) - 1  # where rows without a prompt mark time (static shapes)
+    width = max(budgets) + 1  # per-row token buffers; the extra column takes the writes of idle rows
+    device = model.lm_head.weight.device
+    # a sync per step costs little on the CPU; on the GPU it would stall the queue of launches
+    check_every = 1 if device.type == "cpu" else 8
+
+    was_training = model.training
+    model.eval()
+    model.setup_kv_cache(n_rows, cache_len, reuse=bool(compile))
+    try:
+        rows = torch.arange(n_rows, device=device)
+        token = torch.zeros(n_rows, dtype=torch.long, device=device)  # (R,) the token each row feeds next
+        pos = torch.zeros(n_rows, dtype=torch.long, device=device)  # (R,) its position = its cache index
+        n_new = torch.zeros(n_rows, dtype=torch.long, device=device)  # (R,) tokens sampled in the row so far
+        budget = torch.zeros(n_rows, dtype=torch.long, device=device)
+        done = torch.ones(n_rows, dtype=torch.bool, device=device)
+        new_tokens = torch.zeros(n_rows, width, dtype=torch.long, device=device)
+        logps = torch.zeros(n_rows, width, device=device) if return_logprobs else None
+        draws = torch.zeros(n_rows, width, dtype=torch.float64, device=device) if seeds else None
+        stop_ids = torch.tensor(stop, device=device, dtype=torch.long)
+        for i in range(len(prompts)):
+            if budgets[i] == 0:
+                yield i, [], [] if return_logprobs else None
+        waiting = deque(i for i in range(len(prompts)) if budgets[i] > 0)
+        row_prompt: list[int | None] = [None] * n_rows  # the prompt each row is answering
+
+        def start(free: list[int]) -> None:
+            """Prefill the next waiting prompts into the free rows and sample their first tokens; a row left
+            without a prompt marks time."""
+            for r in free:
+                row_prompt[r] = waiting.popleft() if waiting else None
+            started = [r for r in free if row_prompt[r] is not None]
+            # one prompt per prefill: a row's numbers never depend on which prompts start beside it
+            for group in [[r] for r in started]:
+                ids = [row_prompt[r] for r in group]
+                at = torch.tensor(group, device=device)
+                n = torch.tensor([len(prompts[i]) for i in ids], device=device)
+                longest = max(len(prompts[i]) for i in ids)
+                padded = torch.tensor([prompts[i] + [0] * (longest - len(prompts[i])) for i in ids], device=device)
+                logits = prefill(model, padded, n, at)  # (G, V)
+                if draws is not None:
+                    draws[at] = torch.from_numpy(np.stack([uniforms(seeds[i], width) for i in ids])).to(device)
+                first = sample_next(logits, temperature, top_k, top_p, None if draws is None else draws[at, 0])
+                row_budget = torch.tensor([budgets[i] for i in ids], device=device)
+                token[at], pos[at], n_new[at], budget[at], new_tokens[at, 0] = first, n, 1, row_budget, first
+                if logps is not None:
+                    logps[at, 0] = token_logprobs_of(logits, first)
+                done[at] = torch.isin(first, stop_ids) | (row_budget == 1)
+
+        def finished() -> list[int]:
+            flags = done.tolist()
+            return [r for r in range(n_rows) if flags[r] and row_prompt[r] is not None]
+
+        start(list(range(n_rows)))
+        if on_step is not None:
+            on_step(token)
+        step = 0
+        while True:
+            if step % check_every == 0:
+                while ended := finished():  # a new prompt may end at its first token: check again
+                    for r, tokens in zip(ended, new_tokens[ended].tolist()):
+                        i = row_prompt[r]
+                        out = _cut_rows([tokens], [budgets[i]], stop)[0]
+                        yield i, out, logps[r, :len(out)].tolist() if logps is not None else None
+                    start(ended)
+                if all(i is None for i in row_prompt):
+                    break
+            row_draws = None if draws is None else draws.gather(1, n_new[:, None])[:, 0]  # (R,) draw n_new
+            token, logits = decode_one_token(model, token[:, None], pos[:, None], temperature, top_k, top_p,
+                                             row_draws, compile)
+            new_tokens[rows, n_new] = token
+            if logps is not None:
+                logps[rows, n_new] = token_logprobs_of(logits, token)
+            n_new = (n_new + 1).clamp_(max=width - 1)
+            pos = (pos + 1).clamp_(max=last_pos)
+            done |= torch.isin(token, stop_ids) | (n_new >= budget)
+            if on_step is not None:
+                on_step(token)
+            step += 1
+    finally:
+        model.clear_kv_cache()
+        model.train(was_training)
+
+
+def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int | list[int], temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | list[int] | None = None,
-             seed: int | None = None, return_logprobs: bool = False, compile: bool | str = False,
+             seed: int | list[int] | None = None, return_logprobs: bool = False, compile: bool | str = False,
+             batch_size: int | None = None, max_len: int | None = None,
              on_step: Callable[[torch.Tensor], None] | None = None
              ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
-    """Sample up to max_new_tokens new tokens for each prompt (token-id lists of any lengths).
+    """Sample up to max_new_tokens new tokens (an int, or one per prompt) for each prompt (token-id lists
+    of any lengths).
 
     Returns the new tokens of each prompt, cut after the first token in eos_id (kept). temperature 0 is
-    greedy; a seed makes sampling reproducible (a torch.Generator on the model's device; None uses the
-    global RNG). Each row stops at prompt + new = block_size; a prompt that fills the context is a
-    UserError. Rows that are done stop producing tokens and the loop ends when all are done.
+    greedy. batch_size rows (default: all prompts) decode together; when a row's answer ends, the row
+    takes the next waiting prompt (continuous batching). Each row stops at prompt + new = max_len
+    (default the model's block_size; a prompt that leaves no room is a UserError); given, max_len also
+    fixes the cache length, so that a row's numbers are the same whatever prompts it shares the call with.
+    seed: an int (prompt i draws from the stream mix_seed(seed, i)), one seed per prompt, or None (a base
+    seed from torch's global RNG); a prompt's sampled answer depends on its seed, not on batch_size.
     return_logprobs=True also returns, per new token, its log-prob under the model's UNMODIFIED
     distribution (log_softmax of the raw logits, before temperature, top-k and top-p).
     compile=True runs the decode step under torch.compile (CUDA graphs on the GPU) and keeps the KV
     cache on the model for the next call of the same shape; a string names another torch.compile
     backend (the tests' 'eager' checks the step is one graph without a C++ compile).
-    on_step(tokens (B,)) is called after every step (it costs a device sync; the CLI streams with it).
-    The model is left without a KV cache and in its train/eval mode.
+    on_step(tokens (batch_size,)) is called after the first tokens and after every step (it costs a
+    device sync; the CLI streams with it). The model is left without a KV cache and in its train/eval mode.
     """
-    _check_sampling(temperature, top_k, top_p)
-    budgets = _row_budgets(prompts, max_new_tokens, model.config.block_size)
-    steps = max(budgets)
-    stop = _as_id_list(eos_id)
-    if steps == 0:
-        return ([[] for _ in prompts], [[] for _ in prompts]) if return_logprobs else [[] for _ in prompts]
-    device = model.lm_head.weight.device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    cache_len = P + steps - 1  # the last sampled token is never fed back
-    if compile:  # fewer distinct shapes -> fewer recompiles / CUDA graph captures across calls
-        cache_len = -(-cache_len // 128) * 128
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-
-    was_training = model.training
-    model.eval()
-    model.setup_kv_cache(B, cache_len, reuse=bool(compile))
-    try:
-        tokens = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # (B, P) left-padded
-        pad_lens = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
-        key_slots = torch.arange(cache_len, device=device)  # (L,)
-        key_ok = key_slots[None, :] >= pad_lens[:, None]  # (B, L) slots that hold this row's tokens
-        budget = torch.tensor(budgets, device=device)  # (B,)
-        stop_ids = torch.tensor(stop, device=device, dtype=torch.long)
-        new_tokens = torch.zeros(B, steps, dtype=torch.long, device=device)
-        logps = torch.zeros(B, steps, device=device) if return_logprobs else None
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        # a sync per step costs little on the CPU; on the GPU it would stall the queue of launches
-        check_every = 1 if device.type == "cpu" else 8
-
-        logits = prefill(model, tokens, pad_lens, key_ok)
-        token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-        pos = torch.tensor([len(p) for p in prompts], device=device)[:, None]  # (B, 1) next token's position
-        # (1,) cache slot of the token fed back; its own tensor, as a moving view would change the compiled inputs
-        slot = torch.full((1,), P, device=device)
-        for t in range(steps):
-            if t > 0:
-                token, logits = decode_one_token(model, token[:, None], pos, slot, key_ok, key_slots,
-                                                 temperature, top_k, top_p, generator, compile)
-                slot = slot + 1
-                # rows past their budget keep running (static shapes) on a clamped, in-range position
-                pos = (pos + 1).clamp_(max=model.config.block_size - 1)
-            new_tokens[:, t] = token
-            if logps is not None:
-                logps[:, t] = token_logprobs_of(logits, token)
-            done |= torch.isin(token, stop_ids) | (budget <= t + 1)
-            if on_step is not None:
-                on_step(token)
-            if t + 1 < steps and (t + 1) % check_every == 0 and bool(done.all()):
-                break
-    finally:
-        model.clear_kv_cache()
-        model.train(was_training)
-    out = _cut_rows(new_tokens[:, :t + 1].tolist(), budgets, stop)
-    if not return_logprobs:
-        return out
-    return out, [row[:len(o)] for row, o in zip(logps.tolist(), out)]
+    out: list[list[int]] = [[] for _ in prompts]
+    out_logps: list[list[float]] = [[] for _ in prompts]
+    for i, tokens, logps in generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed,
+                                            return_logprobs, compile, batch_size, max_len, on_step):
+        out[i], out_logps[i] = tokens, logps
+    return (out, out_logps) if return_logprobs else out
 
 
 @torch.inference_mode()
@@ -260,7 +372,7 @@ def generate_ref(model: GPT, prompts: list[list[int]], max_new_tokens: int,
     Prompts of equal length run as one batch; ragged ones row by row."""
     if len({len(p) for p in prompts}) > 1:
         return [generate_ref(model, [p], max_new_tokens, eos_id)[0] for p in prompts]
-    budgets = _row_budgets(prompts, max_new_tokens, model.config.block_size)
+    budgets = _row_budgets(prompts, max_new_tokens, model.config.block_size, "block_size")
     stop = _as_id_list(eos_id)
     was_training = model.training
     model.eval()

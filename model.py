@@ -159,7 +159,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa"
 
 
 class KVCache(nn.Module):
-    """Static, preallocated per-layer cache: k, v (B, n_kv_head, max_len, head_dim)."""
+    """Static, preallocated per-layer cache: k, v (B, n_kv_head, max_len, head_dim), one row per sequence."""
 
     def __init__(self, batch_size: int, max_len: int, cfg: GPTConfig, device=None, dtype=torch.float32):
         super().__init__()
@@ -167,11 +167,25 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, D) at cache slots (T,) and return the whole cache."""
-        self.k.index_copy_(2, slots, k.to(self.k.dtype))
-        self.v.index_copy_(2, slots, v.to(self.v.dtype))
-        return self.k, self.v
+    def update(self, slots: tuple[torch.Tensor | None, torch.Tensor], k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, T, D) and return the keys and values the queries attend to.
+
+        slots = (rows, positions): rows None is a step of every cache row, row b's token t going to position
+        positions[b, t] (B, T); the whole cache comes back. rows (B,) is a prefill that starts those cache
+        rows afresh at positions 0..T-1 (positions unused): its queries see its own keys only, so k, v come back.
+        """
+        rows, positions = slots
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if rows is None:
+            index = positions[:, None, :, None].expand_as(k)  # (B, Hkv, T, D)
+            self.k.scatter_(2, index, k)
+            self.v.scatter_(2, index, v)
+            return self.k, self.v
+        T = k.shape[2]
+        self.k[:, :, :T].index_copy_(0, rows, k)
+        self.v[:, :, :T].index_copy_(0, rows, v)
+        return k, v
 
 
 class Norm(nn.Module):
@@ -207,7 +221,7 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(slots, k, v)  # (B, Hkv, max_len, D)
+            k, v = cache.update(slots, k, v)  # (B, Hkv, max_len or T, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
         y = attend(q, k, v, cfg.attention, mask, layout, cfg.sliding_window)  # (B, Hq, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
@@ -275,8 +289,8 @@ class GPT(nn.Module):
         """idx (B, T) -> final hidden states (B, T, C), after the last norm.
 
         pos (B, T) are the positions (default 0..T-1 for every row; packed rows: layout.positions). With
-        `setup_kv_cache` called, `slots` (T,) says where in the cache these tokens go and `mask` (B, 1, T, max_len)
-        which cache entries each query may see (sliding window included).
+        `setup_kv_cache` called, `slots` says where in the cache these tokens go (KVCache.update) and `mask`
+        (B, 1, T, keys) which of the keys it returns each query may see (sliding window included).
         """
         B, T = idx.shape
         if layout is not None:

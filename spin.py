@@ -16,9 +16,11 @@ Design choices:
 - The held-out KL(policy ‖ opponent) needs the opponent's next-token distributions after the opponent is
   gone: the rollout keeps them for the held-out real responses (all, or each position's top k and the
   rest of the mass as one outcome) and `kl_per_token` compares the policy's with them.
-- Rollouts are reproducible whatever the world size: prompts are sorted by length, cut into global
-  batches of `batch_size`, batch j runs on rank j % world with a seed derived from
-  (seed, iteration, j), and every rank ends up with the same list.
+- Rollouts are reproducible whatever the world size: prompts are sorted by length and dealt to the
+  ranks in turn; each rank samples its share with continuous batching (`batch_size` cache rows, a fixed
+  cache length), prompt i drawing from the seed (seed, iteration, i), and a row's numbers never depend on
+  the rows beside it (generate.py), so a prompt's answer is the same on any rank; every rank ends up with
+  the same list.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import collate
-from generate import generate
+from generate import generate_stream, mix_seed
 from packing import pack_documents, response_logps
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +204,7 @@ class RolloutSettings:
     max_len: int  # prompt + response; a batch's budget is max_len minus its longest prompt
     stop: list[int]  # token ids that end a generation
     pad_id: int
-    batch_size: int  # prompts per generate call, across all ranks' batches
+    batch_size: int  # cache rows sampled together on each rank (continuous batching); prompts per scoring batch
     seed: int
     device: torch.device
     temperature: float = 1.0
@@ -254,14 +256,10 @@ def opponent_logps(scorer, prompts: list[list[int]], real: list[list[int]], gene
     return torch.cat([r for r, _ in parts]), torch.cat([g for _, g in parts])
 
 
-def _sample_and_score(model, scorer, examples: list, s: RolloutSettings, seed: int) -> list[Pair]:
-    prompts = [e.prompt_ids for e in examples]
-    real = [e.real_ids for e in examples]
-    budget = min(s.max_new_tokens, s.max_len - max(len(p) for p in prompts))
-    with s.autocast or torch.autocast(s.device.type, enabled=False):
-        generated = generate(model, prompts, max(budget, 1), temperature=s.temperature, top_k=s.top_k,
-                             top_p=s.top_p, eos_id=s.stop, seed=seed, compile=s.compile)
-        real_logps, generated_logps = opponent_logps(scorer, prompts, real, generated, s)
+def _score(model, examples: list, generated: list[list[int]], s: RolloutSettings) -> list[Pair]:
+    """The pairs of examples and their generations, with both responses scored under `model`."""
+    prompts, real = [e.prompt_ids for e in examples], [e.real_ids for e in examples]
+    real_logps, generated_logps = opponent_logps(model, prompts, real, generated, s)
     return [Pair(e.source, p, r, g, rl.item(), gl.item(), bool(g) and g[-1] in s.stop)
             for e, p, r, g, rl, gl in zip(examples, prompts, real, generated, real_logps, generated_logps)]
 
@@ -271,17 +269,52 @@ def rollout(model, examples: list, settings: RolloutSettings, iteration: int,
             should_stop: Callable[[], bool] | None = None, scorer=None) -> list[Pair] | None:
     """Generate y' for every example's prompt with `model` (the opponent) and score the real and
     generated responses under `scorer` (default: `model`; train.py samples with a cheaper copy of the
-    opponent but scores with the opponent itself). Returns the pairs in the examples' order on every
-    rank, or None if `should_stop()` said to abort; progress(n) is called as n more prompts are done."""
+    opponent but scores with the opponent itself). Returns the pairs in the examples' order on every rank, or
+    None if `should_stop()` said to abort. Every `batch_size` finished prompts (and at the end) a rank scores
+    them, reports progress(n) for the n more prompts done on all ranks, and asks should_stop(), a collective:
+    every rank asks as often as the rank with the largest share."""
     s = settings
+    if not examples:
+        return []
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].prompt_ids), i))
-    batches = [order[i:i + s.batch_size] for i in range(0, len(order), s.batch_size)]
+    mine = order[s.rank::s.world_size]
+    checks = -(-len(order[0::s.world_size]) // s.batch_size)  # rank 0's share is the largest
+    # the same cache shape on every rank: as many rows as the whole rollout can fill, the longest row's length
+    rows = min(s.batch_size, len(order))
+    max_len = min(s.max_len, max(len(e.prompt_ids) for e in examples) + s.max_new_tokens)
+    local: list[tuple[int, Pair]] = []
+    done: list[tuple[int, list[int]]] = []  # finished, not yet scored: (example index, generated)
+    n_checked = 0
 
-    def sample_batch(j: int, indices: list[int]) -> list[Pair]:
-        seed = (s.seed * 1_000_003 + iteration * 7919 + j) % (2**63)
-        return _sample_and_score(model, scorer or model, [examples[i] for i in indices], s, seed)
+    def check() -> bool:
+        """Score what is done, report it, and whether to stop."""
+        nonlocal done, n_checked
+        if done:
+            pairs = _score(scorer or model, [examples[i] for i, _ in done], [g for _, g in done], s)
+            local.extend(zip([i for i, _ in done], pairs))
+            if progress is not None:
+                progress(len(done) * s.world_size)
+        done, n_checked = [], n_checked + 1
+        return should_stop is not None and should_stop()
 
-    return run_sharded(batches, sample_batch, s.rank, s.world_size, should_stop, progress)
+    # one autocast context around sampling and scoring (entering the same context twice would not restore it)
+    with s.autocast or torch.autocast(s.device.type, enabled=False):
+        stream = generate_stream(model, [examples[i].prompt_ids for i in mine], s.max_new_tokens,
+                                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, eos_id=s.stop,
+                                 seed=[mix_seed(s.seed, iteration, i) for i in mine], compile=s.compile,
+                                 batch_size=rows, max_len=max_len)
+        try:
+            for n_finished, (j, generated, _) in enumerate(stream, 1):
+                done.append((mine[j], generated))
+                if (len(done) == s.batch_size or n_finished == len(mine)) and check():
+                    return None
+        finally:
+            stream.close()
+        while n_checked < checks:  # a rank with a smaller share still answers every collective
+            if check():
+                return None
+    by_index = dict(_all_gather_lists(local, s.world_size))
+    return [by_index[i] for i in range(len(examples))]
 
 
 def rescore(model, pairs: list[Pair], settings: RolloutSettings) -> list[Pair]:

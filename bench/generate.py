@@ -1,12 +1,22 @@
-"""Benchmark generate.py: tokens/s of the KV-cached sampler against an uncached recompute and against
-transformers' generate on the same weights (our model saved with save_pretrained, loaded back by
-transformers), greedy, for several batch sizes, all in one run on one machine.
+"""Benchmark generate.py against transformers' generate on the same weights (our model saved with
+save_pretrained, loaded back by transformers), greedy, so every method produces the same tokens.
 
-Every repetition runs the contenders back to back, so a load change on a shared machine hits all of
-them; the figures are medians over repetitions. On a GPU it also measures the batch-1 decode step
-against the memory-bandwidth bound (weight + KV-cache bytes read per token / measured copy bandwidth).
+Three parts, all in one run on one machine:
+- step: the decode step (and tokens/s of a whole call) at several batch sizes, ours against transformers
+  and, at batch 1 on the CPU, an uncached recompute (generate_ref); identical greedy tokens are checked.
+- profile: where our decode step's time goes, per operator (torch.profiler; a call of N new tokens minus
+  a call of 1, divided by N - 1, so the prefill drops out).
+- long tail: prompts whose answers end at lengths drawn from a long-tailed law (Pareto, 8 to 256 tokens),
+  forced the same way on every side (a per-prompt max_new_tokens for us, a per-row stopping criterion for
+  transformers); tokens/s of continuous batching against static batches of the same size and against
+  transformers' generate on those static batches.
+Repetitions interleave the methods, so a load change on a shared machine hits all of them; figures are
+medians, and on the CPU the time is the process's CPU time (one thread), which other jobs inflate far less
+than wall time. On a GPU (--gpu, bf16, ours with compile=True: CUDA graphs) the step and long-tail parts run
+again, and the batch-1 decode step is set against the memory-bandwidth bound (weight + KV-cache bytes read
+per token / measured copy bandwidth).
 
-python bench/generate.py [--batch_sizes=[1,16,64]] [--reps=3] [--n_layer=4] [--n_embd=256] ...
+python bench/generate.py [--batch_sizes=[1,16,64]] [--reps=3] [--parts=[step,profile,long_tail]] [--gpu=True] ...
 """
 
 import os
@@ -26,41 +36,52 @@ from model import GPT, GPTConfig  # noqa: E402
 
 @dataclass
 class BenchConfig:
+    parts: list[str] = field(default_factory=lambda: ["step", "profile", "long_tail"])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 64])
-    new_tokens: int = 128
+    new_tokens: int = 64
     prompt_len: int = 32
     reps: int = 3
     n_layer: int = 4  # the model compared with transformers: GPT-2 shaped
     n_embd: int = 256
     n_head: int = 4
-    vocab_size: int = 50257
-    uncached_batch_sizes: list[int] | None = None  # None: [1] on the CPU (it is quadratic), all on a GPU
+    vocab_size: int = 4096
+    profile_batch: int = 16
+    long_tail_prompts: int = 64  # the long-tailed workload: this many prompts ...
+    long_tail_batch: int = 16  # ... through this many cache rows (and static batches of this size)
+    long_tail_min: int = 8  # answer lengths: Pareto(alpha=1) from long_tail_min, cut at long_tail_max
+    long_tail_max: int = 256
+    cpu: bool = True  # run the CPU part
     gpu: bool = True  # run the GPU part when CUDA is available
+    gpu_long_tail_prompts: int = 512
+    gpu_long_tail_batch: int = 64
     gpu_bound_layers: int = 36  # batch-1 bandwidth check on a larger model (GPT-2 large shaped) ...
     gpu_bound_embd: int = 1280  # ... where weight reads, not kernel launches, should dominate a step
     gpu_bound_heads: int = 20
     seed: int = 0
-    threads: int = 0  # CPU threads; 0 = torch's default (1 avoids thread-barrier stalls on a busy shared machine)
+    threads: int = 1  # CPU threads (1: comparable figures on a shared machine); 0 = torch's default
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+# ----------------------------------------------------------------------------------------------
+# timing and the contenders
 
 
 def timed(fn, device: torch.device) -> tuple[float, object]:
-    sync(device)
-    t0 = time.perf_counter()
+    """(seconds, result): CPU time of this process on the CPU, wall time (synchronised) on a GPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, out
+    t0 = time.process_time()
     out = fn()
-    sync(device)
-    return time.perf_counter() - t0, out
+    return time.process_time() - t0, out
 
 
 def make_model(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, n_layer: int, n_embd: int,
-               n_head: int) -> GPT:
+               n_head: int, block_size: int) -> GPT:
     torch.manual_seed(cfg.seed)
-    block = cfg.prompt_len + cfg.new_tokens
-    model = GPT(GPTConfig(model_type="gpt2", vocab_size=cfg.vocab_size, block_size=block, n_layer=n_layer,
+    model = GPT(GPTConfig(model_type="gpt2", vocab_size=cfg.vocab_size, block_size=block_size, n_layer=n_layer,
                           n_head=n_head, n_kv_head=n_head, n_embd=n_embd))
     return model.to(device, dtype).eval()
 
@@ -75,49 +96,168 @@ def hf_copy(model: GPT, device: torch.device, dtype: torch.dtype):
     return hf.to(device).eval()
 
 
-def hf_generate(hf, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+def hf_generate(hf, prompts: torch.Tensor, new_tokens: int | list[int]) -> list[list[int]]:
+    """transformers' greedy generate; a list of new_tokens ends each row at its own length (a per-row
+    stopping criterion: the row is done, the batch runs until its last row is, as with EOS)."""
+    import transformers
+
+    class RowLengths(transformers.StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return (input_ids.shape[1] - prompts.shape[1]) >= lengths
+
+    lengths = torch.tensor(new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(prompts),
+                           device=prompts.device)
+    longest = int(lengths.max())
     with torch.inference_mode():
-        out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
-    return out[:, prompts.shape[1]:].tolist()
+        out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=longest,
+                          min_new_tokens=None, eos_token_id=None, pad_token_id=0,
+                          stopping_criteria=transformers.StoppingCriteriaList([RowLengths()]))
+    return [row[:n] for row, n in zip(out[:, prompts.shape[1]:].tolist(), lengths.tolist())]
 
 
-def compare(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compile: bool) -> None:
-    """tokens/s of ours, uncached recompute and transformers, per batch size; medians of cfg.reps."""
-    model = make_model(cfg, device, dtype, cfg.n_layer, cfg.n_embd, cfg.n_head)
+def random_prompts(cfg: BenchConfig, n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (n, cfg.prompt_len), generator=generator)
+
+
+def median_ms(times: list[float]) -> float:
+    return statistics.median(times) * 1e3
+
+
+# ----------------------------------------------------------------------------------------------
+# the parts
+
+
+def step_part(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compile: bool) -> None:
+    """Decode step and whole-call tokens/s at each batch size: ours, transformers, (uncached)."""
+    model = make_model(cfg, device, dtype, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.prompt_len + cfg.new_tokens)
     hf = hf_copy(model, device, dtype)
-    uncached_sizes = cfg.uncached_batch_sizes
-    if uncached_sizes is None:
-        uncached_sizes = [1] if device.type == "cpu" else cfg.batch_sizes
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: GPT-2 shaped, {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size} "
-          f"({n_params / 1e6:.1f}M params), {dtype}; prompt {cfg.prompt_len} tokens, {cfg.new_tokens} new, "
-          f"greedy; ours compile={compile}; medians of {cfg.reps} reps")
-    print(f"{'batch':>5} {'ours tok/s':>11} {'uncached':>9} {'transformers':>13} {'ours/hf':>8} {'ours/uncached':>14}"
-          f"   ours/hf per rep")
+    N = cfg.new_tokens
+    print(f"-- decode step: GPT-2 shaped {cfg.n_layer} x {cfg.n_embd}, vocab {cfg.vocab_size}, {dtype}; prompt "
+          f"{cfg.prompt_len} tokens, {N} new, greedy; ours compile={compile}; medians of {cfg.reps} reps; "
+          f"step = (call of {N} new - call of 1) / {N - 1}")
+    print(f"{'batch':>5} {'ours step ms':>12} {'hf step ms':>10} {'hf/ours':>7} | {'ours tok/s':>10} "
+          f"{'hf tok/s':>9} {'ours/hf':>7} {'uncached':>9} | ours/hf tok/s per rep, greedy rows equal")
     g = torch.Generator().manual_seed(cfg.seed)
     for B in cfg.batch_sizes:
-        prompts = torch.randint(0, cfg.vocab_size, (B, cfg.prompt_len), generator=g)
+        prompts = random_prompts(cfg, B, g).to(device)
         prompt_lists = prompts.tolist()
-        prompts = prompts.to(device)
-        # warm-up: allocator, kernels, compile (excluded from the timings)
-        ours = generate(model, prompt_lists, cfg.new_tokens, temperature=0, compile=compile)
-        theirs = hf_generate(hf, prompts[:, :], cfg.new_tokens)
+        runs = {"ours": lambda n: generate(model, prompt_lists, n, temperature=0, compile=compile),
+                "hf": lambda n: hf_generate(hf, prompts, n)}
+        ours, theirs = runs["ours"](N), runs["hf"](N)  # warm-up (compile), and the tokens compared
         same = sum(a == b for a, b in zip(ours, theirs))
-        times = {"ours": [], "uncached": [], "hf": []}
+        times = {(name, n): [] for name in runs for n in (1, N)}
+        uncached = []
         for _ in range(cfg.reps):
-            times["ours"].append(timed(lambda: generate(model, prompt_lists, cfg.new_tokens, temperature=0,
-                                                        compile=compile), device)[0])
-            if B in uncached_sizes:
-                times["uncached"].append(timed(lambda: generate_ref(model, prompt_lists, cfg.new_tokens), device)[0])
-            times["hf"].append(timed(lambda: hf_generate(hf, prompts, cfg.new_tokens), device)[0])
-        tokens = B * cfg.new_tokens
-        rate = {k: tokens / statistics.median(v) if v else None for k, v in times.items()}
-        per_rep = " ".join(f"{h / o:.2f}" for o, h in zip(times["ours"], times["hf"]))
-        unc = f"{rate['uncached']:9.0f}" if rate["uncached"] else f"{'skipped':>9}"
-        ratio_unc = f"{rate['ours'] / rate['uncached']:14.1f}" if rate["uncached"] else f"{'-':>14}"
-        print(f"{B:5d} {rate['ours']:11.0f} {unc} {rate['hf']:13.0f} {rate['ours'] / rate['hf']:8.2f} {ratio_unc}"
-              f"   [{per_rep}]  (greedy rows equal to transformers: {same}/{B})", flush=True)
+            for name, run in runs.items():
+                for n in (N, 1):
+                    times[name, n].append(timed(lambda: run(n), device)[0])
+            if B == 1 and device.type == "cpu":
+                uncached.append(timed(lambda: generate_ref(model, prompt_lists, N), device)[0])
+        step = {name: (median_ms(times[name, N]) - median_ms(times[name, 1])) / (N - 1) for name in runs}
+        rate = {name: B * N / statistics.median(times[name, N]) for name in runs}
+        per_rep = " ".join(f"{h / o:.2f}" for o, h in zip(times["ours", N], times["hf", N]))
+        unc = f"{B * N / statistics.median(uncached):9.0f}" if uncached else f"{'-':>9}"
+        print(f"{B:5d} {step['ours']:12.3f} {step['hf']:10.3f} {step['hf'] / step['ours']:7.2f} | "
+              f"{rate['ours']:10.0f} {rate['hf']:9.0f} {rate['ours'] / rate['hf']:7.2f} {unc} | [{per_rep}] {same}/{B}",
+              flush=True)
+
+
+def profile_part(cfg: BenchConfig) -> None:
+    """Per-operator split of our CPU decode step at cfg.profile_batch (profiler time, which load inflates
+    unevenly: read the shares, and the step's CPU time from the step part)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = make_model(cfg, torch.device("cpu"), torch.float32, cfg.n_layer, cfg.n_embd, cfg.n_head,
+                       cfg.prompt_len + cfg.new_tokens)
+    prompts = random_prompts(cfg, cfg.profile_batch, torch.Generator().manual_seed(cfg.seed)).tolist()
+    N = cfg.new_tokens
+
+    def op_times(n: int) -> dict[str, tuple[float, int]]:
+        """Self time and calls per operator in a call of n new tokens, in us, plus two totals: the call's
+        wall time and the time inside top-level operators (the rest is Python between operators)."""
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            generate(model, prompts, n, temperature=0)
+            wall = (time.perf_counter() - t0) * 1e6
+        times = {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}
+        top_level = sum(e.cpu_time_total for e in prof.events() if e.cpu_parent is None)
+        return {**times, "(call)": (wall, 1), "(in operators)": (top_level, 1)}
+
+    generate(model, prompts, N, temperature=0)  # warm-up
+    per_step: dict[str, list[float]] = {}
+    calls: dict[str, float] = {}
+    for _ in range(cfg.reps):
+        full, one = op_times(N), op_times(1)
+        for op in full.keys() | one.keys():
+            (t_full, c_full), (t_one, c_one) = full.get(op, (0.0, 0)), one.get(op, (0.0, 0))
+            per_step.setdefault(op, []).append((t_full - t_one) / (N - 1) / 1e3)  # ms per step
+            calls[op] = (c_full - c_one) / (N - 1)
+    ms = {op: statistics.median(v) for op, v in per_step.items()}
+    wall, in_ops = ms.pop("(call)"), ms.pop("(in operators)")
+    total = sum(v for v in ms.values() if v > 0)
+    groups = {"matmuls (addmm, mm, bmm, baddbmm)": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm"),
+              "attention kernel (scaled_dot_product_*)": ("aten::_scaled_dot_product", "aten::scaled_dot_product")}
+    print(f"-- profile of our decode step, batch {cfg.profile_batch} (profiler wall times, medians of {cfg.reps}): "
+          f"{wall:.3f} ms per step, of which {wall - in_ops:.3f} ms ({(wall - in_ops) / wall:.0%}) Python between "
+          f"operators and {total:.3f} ms operator self time:")
+    rest = total
+    for name, prefixes in groups.items():
+        t = sum(v for op, v in ms.items() if op.startswith(prefixes) and v > 0)
+        rest -= t
+        print(f"   {name:<42} {t:7.3f} ms  {t / total:5.1%}")
+    print(f"   {'other operators':<42} {rest:7.3f} ms  {rest / total:5.1%}; the largest:")
+    others = sorted(((v, op) for op, v in ms.items()
+                     if not any(op.startswith(p) for ps in groups.values() for p in ps)), reverse=True)
+    for v, op in others[:12]:
+        print(f"      {op:<45} {v:7.3f} ms  {calls[op]:5.1f} calls/step")
+
+
+def long_tail_lengths(cfg: BenchConfig, n: int) -> list[int]:
+    """Pareto(alpha=1) answer lengths: P(length > x) = long_tail_min / x, cut at long_tail_max."""
+    u = torch.rand(n, generator=torch.Generator().manual_seed(cfg.seed + 1), dtype=torch.float64)
+    return (cfg.long_tail_min / u).floor().clamp(max=cfg.long_tail_max).long().tolist()
+
+
+def long_tail_part(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compile: bool, n_prompts: int,
+                   batch: int) -> None:
+    """tokens/s on the long-tailed workload: continuous batching, static batches, transformers. Compiled, every
+    call gets the same cache (max_len), so one captured step serves them all."""
+    model = make_model(cfg, device, dtype, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.prompt_len + cfg.long_tail_max)
+    hf = hf_copy(model, device, dtype)
+    prompts = random_prompts(cfg, n_prompts, torch.Generator().manual_seed(cfg.seed + 2)).to(device)
+    prompt_lists = prompts.tolist()
+    lengths = long_tail_lengths(cfg, n_prompts)
+    chunks = [slice(i, i + batch) for i in range(0, n_prompts, batch)]
+    max_len = cfg.prompt_len + cfg.long_tail_max if compile else None
+
+    def static(chunk_run) -> list[list[int]]:
+        return [row for c in chunks for row in chunk_run(c)]
+
+    runs = {
+        "continuous": lambda: generate(model, prompt_lists, lengths, temperature=0, batch_size=batch,
+                                       max_len=max_len, compile=compile),
+        "static": lambda: static(lambda c: generate(model, prompt_lists[c], lengths[c], temperature=0,
+                                                    max_len=max_len, compile=compile)),
+        "transformers": lambda: static(lambda c: hf_generate(hf, prompts[c], lengths[c])),
+    }
+    outputs = {name: run() for name, run in runs.items()}  # warm-up, and the tokens compared
+    same = sum(a == b == c for a, b, c in zip(*outputs.values()))
+    tokens = sum(lengths)
+    static_steps = sum(max(lengths[c]) for c in chunks)
+    times = {name: [] for name in runs}
+    for _ in range(cfg.reps):
+        for name, run in runs.items():
+            times[name].append(timed(run, device)[0])
+    rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+    print(f"-- long tail: {n_prompts} prompts of {cfg.prompt_len} tokens, answers of {tokens} tokens in all "
+          f"(Pareto lengths {min(lengths)}..{max(lengths)}, median {statistics.median(lengths):.0f}, mean "
+          f"{tokens / n_prompts:.1f}), {batch} rows; static batches need {static_steps} steps, "
+          f"{tokens / (static_steps * batch):.0%} of their row-steps useful; medians of {cfg.reps} reps")
+    for name in runs:
+        per_rep = " ".join(f"{t:.2f}" for t in times[name])
+        print(f"   {name:<13} {rate[name]:8.0f} tok/s  ({rate[name] / rate['transformers']:.2f}x transformers, "
+              f"{rate[name] / rate['static']:.2f}x static)  s per rep [{per_rep}]", flush=True)
+    print(f"   same tokens on all three sides: {same}/{n_prompts} prompts")
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -131,7 +271,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 
 def bandwidth_bound(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> None:
     """Batch-1 decode time per token against (weights + live KV cache bytes) / copy bandwidth."""
-    model = make_model(cfg, device, dtype, cfg.gpu_bound_layers, cfg.gpu_bound_embd, cfg.gpu_bound_heads)
+    model = make_model(cfg, device, dtype, cfg.gpu_bound_layers, cfg.gpu_bound_embd, cfg.gpu_bound_heads,
+                       cfg.prompt_len + cfg.new_tokens)
     bandwidth = copy_bandwidth(device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     mean_context = cfg.prompt_len + cfg.new_tokens / 2
@@ -148,24 +289,37 @@ def bandwidth_bound(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) 
         step_s = (full - one) / (cfg.new_tokens - 1)
         print(f"batch-1 decode, {cfg.gpu_bound_layers} layers x {cfg.gpu_bound_embd} ({weight_bytes / 1e6:.0f} MB "
               f"weights), compile={compile}: {step_s * 1e6:.0f} us/token; bound {bound_s * 1e6:.0f} us "
-              f"at {bandwidth / 1e9:.0f} GB/s copy bandwidth -> {bound_s / step_s:.0%} of the bound")
+              f"at {bandwidth / 1e9:.0f} GB/s copy bandwidth -> {bound_s / step_s:.0%} of the bound", flush=True)
 
 
 def main(argv: list[str]) -> None:
     cfg = configurator.load_config(BenchConfig, argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    print("== CPU (fp32)")
-    compare(cfg, torch.device("cpu"), torch.float32, compile=False)
+    load = os.getloadavg()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average {load[0]:.1f} "
+          f"{load[1]:.1f} {load[2]:.1f}")
+    cpu = torch.device("cpu")
+    if cfg.cpu:
+        print("== CPU (fp32, times are this process's CPU seconds)")
+        if "step" in cfg.parts:
+            step_part(cfg, cpu, torch.float32, compile=False)
+        if "profile" in cfg.parts:
+            profile_part(cfg)
+        if "long_tail" in cfg.parts:
+            long_tail_part(cfg, cpu, torch.float32, False, cfg.long_tail_prompts, cfg.long_tail_batch)
     if not (cfg.gpu and torch.cuda.is_available()):
         print("== GPU: skipped (CUDA is not available)")
         return
     device = torch.device("cuda")
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    print(f"== GPU: {torch.cuda.get_device_name()} ({dtype})")
-    compare(cfg, device, dtype, compile=True)
-    bandwidth_bound(cfg, device, dtype)
+    print(f"== GPU: {torch.cuda.get_device_name()} ({dtype}, wall times)")
+    if "step" in cfg.parts:
+        step_part(cfg, device, dtype, compile=True)
+        bandwidth_bound(cfg, device, dtype)
+    if "long_tail" in cfg.parts:
+        long_tail_part(cfg, device, dtype, True, cfg.gpu_long_tail_prompts, cfg.gpu_long_tail_batch)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -130,8 +130,9 @@ if [ "$DRY_RUN" = 1 ]; then
   run_step attention 120 "check|TFLOP" "$PY" bench/attention.py --quick
   run_step logprob 30 "GPU|skipped" "$PY" bench/logprob.py --gpu
   run_step iteration 180 "TOTAL" "$PY" bench/iteration.py --device=cpu --peer=no --reps=1 --n=64 --threads=1
-  run_step generate 120 "^ *[0-9]+ " "$PY" bench/generate.py --batch_sizes=[1,4] --new_tokens=8 --prompt_len=8 \
-    --reps=1 --n_layer=2 --n_embd=64 --vocab_size=512
+  run_step generate 120 "^ *[0-9]+ |continuous" "$PY" bench/generate.py --batch_sizes=[1,4] --new_tokens=8 \
+    --prompt_len=8 --reps=1 --n_layer=2 --n_embd=64 --vocab_size=512 --profile_batch=4 --long_tail_prompts=12 \
+    --long_tail_batch=4 --long_tail_max=40
   run_step memory 120 "^\| (rollout|training) " "$PY" bench/memory.py --device=cpu --n_layer=2 --n_embd=64 \
     --n_head=4 --n_kv_head=4 --prompts=8 --rollout_batch_size=4 --batch_size=2
   run_step train-compiled 60 "passed|skipped|failed" "$PY" -m pytest tests/test_cuda.py -rs -k "train_py"
@@ -140,7 +141,8 @@ else
   run_step attention 75 "^\| (64|128) \|" "$PY" bench/attention.py --quick
   run_step logprob 45 "ratios" "$PY" bench/logprob.py --gpu
   run_step iteration 80 "TOTAL" "$PY" bench/iteration.py --device=cuda --reps=1 --iterations=2
-  run_step generate 120 "^ *[0-9]+ |us/token" "$PY" bench/generate.py --batch_sizes=[1,16,64] --reps=2
+  run_step generate 150 "^ *[0-9]+ |us/token|continuous" "$PY" bench/generate.py --cpu=False --reps=2 \
+    --gpu_long_tail_prompts=256
   run_step memory 90 "^\| (rollout|training) " "$PY" bench/memory.py --device=cuda
   run_step train-compiled 180 "passed|skipped|failed" "$PY" -m pytest tests/test_cuda.py -rs -k "train_py"
 fi

@@ -266,7 +266,8 @@ def check_model_attention() -> None:
 
 def check_compiled_decode() -> None:
     """generate(compile=True) on the GPU (torch.compile, CUDA graphs) gives eager's greedy tokens: exactly in
-    fp32, and in bf16 the same first tokens and log-probs within bf16 noise."""
+    fp32, with continuous batching too, and in bf16 the same first tokens and log-probs within bf16 noise;
+    compiled sampling is reproducible for a seed."""
     import generate as gen
     from generate import generate, generate_ref
     from model import GPT, GPTConfig
@@ -291,6 +292,11 @@ def check_compiled_decode() -> None:
     compiled = generate(model, others, 40, temperature=0, compile=True, on_step=record_cache)
     assert compiled == generate(model, others, 40, temperature=0)
     assert all(cache is caches_in_use[0] for cache in caches_in_use)
+    # continuous batching: 2 cache rows for 4 prompts, each refill an eager prefill into the rows the captured
+    # graph replays on; the step's shapes never change
+    assert generate(model, prompts, 40, temperature=0, compile=True, batch_size=2) == eager
+    sampled = dict(temperature=1.0, top_k=50, seed=3, batch_size=3, max_len=64, compile=True)
+    assert generate(model, prompts, 24, **sampled) == generate(model, prompts, 24, **sampled)
     # bf16: rounding may flip a near-tie, after which the rows rightly differ; up to the first difference
     # the compiled step must give eager's log-probs, and most rows must agree for a good while
     model = model.to(torch.bfloat16)

@@ -6,12 +6,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import generate as gen
 from configurator import UserError
-from generate import generate, generate_ref, sample_next, top_k_filter, top_p_filter
+from generate import generate, generate_ref, mix_seed, sample_next, top_k_filter, top_p_filter, uniforms
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
@@ -117,14 +118,33 @@ def test_top_p_filter_keeps_the_smallest_nucleus():
 
 def test_sample_next_draws_only_from_the_filtered_set():
     logits = torch.tensor([0.0, 2.0, 1.0, 3.0, -1.0, 2.5]).expand(4000, 6)
-    g = torch.Generator().manual_seed(0)
-    assert set(sample_next(logits, 1.0, 3, None, g).tolist()) == {1, 3, 5}
+    draws = torch.from_numpy(uniforms(0, 4000))
+    assert set(sample_next(logits, 1.0, 3, None, draws).tolist()) == {1, 3, 5}
     # probs ~ [.02,.16,.06,.44,.01,.27]: the nucleus for 0.75 is {3, 5, 1}, then top_k=2 leaves {3, 5}
-    assert set(sample_next(logits, 1.0, None, 0.75, g).tolist()) == {1, 3, 5}
-    assert set(sample_next(logits, 1.0, 2, 0.75, g).tolist()) == {3, 5}
-    assert set(sample_next(logits, 0.0, None, None, g).tolist()) == {3}
+    assert set(sample_next(logits, 1.0, None, 0.75, draws).tolist()) == {1, 3, 5}
+    assert set(sample_next(logits, 1.0, 2, 0.75, draws).tolist()) == {3, 5}
+    assert set(sample_next(logits, 0.0, None, None, None).tolist()) == {3}
     # a high temperature flattens the distribution before top-p: more tokens make the nucleus
-    assert set(sample_next(logits, 100.0, None, 0.75, g).tolist()) == {0, 1, 2, 3, 5}
+    assert set(sample_next(logits, 100.0, None, 0.75, draws).tolist()) == {0, 1, 2, 3, 5}
+    # draws at the very ends of (0, 1) pick the first and the last token of positive probability
+    edges = torch.tensor([2.0**-53, 1 - 2.0**-53], dtype=torch.float64)
+    assert sample_next(logits[:2], 1.0, 3, None, edges).tolist() == [1, 5]
+
+
+def test_sampled_tokens_follow_the_softmax():
+    logits = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0, -3.0]).expand(200_000, 6)
+    for temperature in (1.0, 0.5):
+        tokens = sample_next(logits, temperature, None, None, torch.from_numpy(uniforms(7, 200_000)))
+        freq = torch.bincount(tokens, minlength=6) / 200_000
+        # 5 standard deviations of a frequency estimated from 200k draws is at most 0.0056
+        assert torch.allclose(freq, torch.softmax(logits[0] / temperature, -1), atol=0.0056)
+
+
+def test_uniforms_are_a_pure_function_of_seed_and_index():
+    a = uniforms(3, 1000)
+    assert np.array_equal(a[:10], uniforms(3, 10)) and not np.array_equal(a, uniforms(4, 1000))
+    assert 0 < a.min() and a.max() < 1 and abs(a.mean() - 0.5) < 0.03
+    assert mix_seed(3, 0) != mix_seed(3, 1) and mix_seed(3, 1) == mix_seed(3, 1) and 0 <= mix_seed(-1, 2**70) < 2**63
 
 
 def test_eos_cuts_each_row_and_stops_the_batch():
@@ -145,7 +165,7 @@ def test_eos_cuts_each_row_and_stops_the_batch():
     out = generate(model, PROMPTS[:2], 16, temperature=0, eos_id=eos_ids)
     hook.remove()
     assert out[0] == free[0][:2] and out[1] == free[1][:free[1].index(free[1][2]) + 1]
-    assert len(calls) == max(len(out[0]), len(out[1]))  # prefill + one step per further token
+    assert len(calls) == 2 + max(len(out[0]), len(out[1])) - 1  # a prefill per prompt, a step per further token
 
 
 def test_max_length_respected():
@@ -160,6 +180,89 @@ def test_max_length_respected():
         generate(model, [[1], list(range(32))], 4)
     with pytest.raises(UserError, match="prompt 0 is empty"):
         generate(model, [[]], 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# continuous batching
+
+
+def random_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 12, (n,), generator=g).tolist()
+    return [torch.randint(1, 97, (length,), generator=g).tolist() for length in lengths]
+
+
+def static_steps(lengths: list[int], rows: int) -> int:
+    """Decode steps of batches of `rows` prompts, each running until its longest answer ends."""
+    return sum(max(lengths[i:i + rows]) - 1 for i in range(0, len(lengths), rows))
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_continuous_batching_greedy_equals_each_prompt_alone(model_type):
+    model = tiny_model(model_type)
+    prompts = random_prompts(11)
+    free = [generate(model, [p], 20, temperature=0)[0] for p in prompts]
+    eos = [free[0][3], free[1][9]]  # two stop tokens that end the rows at many different steps
+    alone = [generate_ref(model, [p], 20, eos_id=eos)[0] for p in prompts]
+    lengths = [len(a) for a in alone]
+    assert len(set(lengths)) >= 4 and 20 in lengths and min(lengths) < 5
+    for rows in (1, 3, 4, 11):
+        steps = []
+        out = generate(model, prompts, 20, temperature=0, eos_id=eos, batch_size=rows, on_step=steps.append)
+        assert out == alone, f"batch_size={rows}"
+        decode_steps = len(steps) - 1  # on_step also sees the first tokens, which come from the prefills
+        lower_bound = max(max(lengths) - 1, -(-sum(n - 1 for n in lengths) // rows))
+        assert lower_bound <= decode_steps <= static_steps(lengths, rows)
+        if 1 < rows < len(prompts):  # a row that ends takes the next prompt: fewer steps than static batches
+            assert decode_steps < static_steps(lengths, rows)
+    assert model.kv_caches is None
+
+
+def test_sampled_answers_depend_on_the_prompt_and_its_seed_only():
+    model = tiny_model("llama")
+    prompts = random_prompts(9, seed=1)
+    seeds = [mix_seed(5, i) for i in range(9)]
+    kwargs = dict(temperature=1.0, top_k=40, top_p=0.95, eos_id=list(range(1, 97, 8)), batch_size=3, max_len=40)
+    a = generate(model, prompts, 16, seed=seeds, **kwargs)
+    assert len({len(row) for row in a}) > 2  # answers of many lengths: rows were refilled at many steps
+    assert a == generate(model, prompts, 16, seed=seeds, **kwargs)
+    assert a == generate(model, prompts, 16, seed=5, **kwargs)  # an int seed gives prompt i mix_seed(seed, i)
+    # any share of the prompts, in any order (one rank's in spin.rollout), gets the same answers
+    assert generate(model, prompts[1::2], 16, seed=seeds[1::2], **kwargs) == a[1::2]
+    assert generate(model, prompts[::-1], 16, seed=seeds[::-1], **kwargs) == a[::-1]
+    assert a != generate(model, prompts, 16, seed=6, **kwargs)
+    torch.manual_seed(0)  # seed None: the base seed comes from torch's global RNG
+    b = generate(model, prompts, 16, **kwargs)
+    torch.manual_seed(0)
+    assert b == generate(model, prompts, 16, **kwargs) != a
+    with pytest.raises(UserError, match="2 seeds for 9 prompts"):
+        generate(model, prompts, 16, seed=[1, 2])
+
+
+def test_stream_yields_answers_as_they_end_and_stops_when_closed():
+    model = tiny_model("gpt2").train()
+    prompts = random_prompts(6, seed=2)
+    free = [generate(model, [p], 12, temperature=0)[0] for p in prompts]
+    eos = free[2][1]
+    ends = [i for i, _, _ in gen.generate_stream(model, prompts, 12, temperature=0, eos_id=eos, batch_size=6)]
+    lengths = [len(generate(model, [p], 12, temperature=0, eos_id=eos)[0]) for p in prompts]
+    assert sorted(ends) == list(range(6)) and [lengths[i] for i in ends] == sorted(lengths)
+    stream = gen.generate_stream(model, prompts, 12, temperature=0, batch_size=2)
+    next(stream)
+    assert model.kv_caches is not None and not model.training
+    stream.close()  # what a `break` out of the loop does
+    assert model.kv_caches is None and model.training
+
+
+def test_max_len_caps_each_row():
+    model = tiny_model("gpt2", block_size=32)
+    prompts = [list(range(1, 15)), [3, 4, 5]]
+    assert [len(r) for r in generate(model, prompts, 100, temperature=0, max_len=20)] == [6, 17]
+    assert generate(model, prompts, 4, temperature=0, max_len=20) == generate(model, prompts, 4, temperature=0)
+    with pytest.raises(UserError, match="max_len=40 exceeds the model's block_size=32"):
+        generate(model, prompts, 4, max_len=40)
+    with pytest.raises(UserError, match="prompt 0 has 14 tokens, which leaves no room in max_len=14"):
+        generate(model, prompts, 4, max_len=14)
 
 
 def test_seed_reproducible():
@@ -205,6 +308,9 @@ def test_compiled_decode_step_matches():
     assert all(cache is caches_in_use[0] for cache in caches_in_use)
     assert gen.compiled_decode.cache_info().currsize == 1
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for every step and call
+    # continuous batching: 2 rows for 4 prompts, refilled between steps; the step keeps its static shapes
+    assert generate(model, PROMPTS, 10, temperature=0, compile="eager", batch_size=2) == expected
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one more for the 2-row shape
     torch._dynamo.reset()
 
 

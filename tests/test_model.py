@@ -41,12 +41,19 @@ def test_kv_cache_forward_matches_full_forward():
         idx = torch.randint(0, 50, (2, 12))
         with torch.no_grad():
             full = model(idx)
-            model.setup_kv_cache(2, 16)
-            causal = torch.ones(16, 16, dtype=torch.bool).tril()
-            slots = torch.arange(8)
-            first = model(idx[:, :8], slots=slots, mask=causal[None, None, :8].expand(2, 1, 8, 16))
-            steps = [model(idx[:, t:t + 1], pos=torch.full((2, 1), t), slots=torch.tensor([t]),
-                           mask=causal[None, None, t:t + 1].expand(2, 1, 1, 16)) for t in range(8, 12)]
+            model.setup_kv_cache(3, 16)  # rows 2 and 0 of a 3-row cache; row 1 stays empty
+            keys = torch.arange(16)
+            pos = torch.arange(8)[None].expand(2, 8)
+            causal = (keys[:8] <= pos[..., None])[:, None]  # (2, 1, 8, 8): a prefill sees its own keys only
+            first = model(idx[:, :8], pos=pos, slots=(torch.tensor([2, 0]), pos), mask=causal)
+            steps = []
+            for t in range(8, 12):
+                # a step of every row: row 1 marks time at position 0, the others go on at position t
+                step_pos = torch.tensor([[t], [0], [t]])
+                step_idx = torch.stack([idx[1, t:t + 1], idx[0, t:t + 1], idx[0, t:t + 1]])
+                logits = model(step_idx, pos=step_pos, slots=(None, step_pos),
+                               mask=(keys <= step_pos[..., None])[:, None])
+                steps.append(logits[[2, 0]])
             model.clear_kv_cache()
         assert torch.allclose(torch.cat([first] + steps, 1), full, atol=1e-5)
 

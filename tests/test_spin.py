@@ -4,12 +4,14 @@ KL to the opponent (exact and top-k) against a direct computation, and the rollo
 log-probs, its order, its seeding, stopping it, rescoring and the rollout file."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from data import Example, collate, render_prompt, render_response, synthetic_conversations
 from model import GPT, GPTConfig
+import spin
 from tokenizer import load_tokenizer
 from spin import (RolloutSettings, kl_per_token, opponent_top_k, pair_logps, per_iteration, read_rollouts, rescore,
                   response_logprobs, rollout, sequence_logps, spin_metrics, spin_terms, write_rollouts)
@@ -362,6 +364,27 @@ def test_rollout_stops_when_asked(setup):
     done = []
     assert rollout(model, examples, settings, 2, progress=done.append, should_stop=lambda: len(done) == 2) is None
     assert done == [3, 3]  # two of the three batches ran
+
+
+def test_each_ranks_share_gets_the_one_rank_answers(setup, pairs, monkeypatch):
+    """2 ranks without processes: rank r samples its share (every 2nd prompt by length) and its answers are
+    the one-rank answers; both ranks ask should_stop() equally often (a collective)."""
+    _, model, examples, settings = setup
+    for rank in (0, 1):
+        shared = {}
+
+        def gather(local, world_size):  # the other rank's pairs: the one-rank ones
+            shared.update(local)
+            return local + [(i, p) for i, p in enumerate(pairs) if i not in shared]
+
+        monkeypatch.setattr(spin, "_all_gather_lists", gather)
+        asked = []
+        out = rollout(model, examples, replace(settings, rank=rank, world_size=2), 2,
+                      should_stop=lambda: asked.append(1) and False)
+        assert len(shared) == (4, 3)[rank] and len(asked) == 2  # shares of 4 and 3 prompts, batch_size 3
+        assert [p.generated_ids for p in out] == [p.generated_ids for p in pairs]
+        assert [p.opponent_generated_logp for p in out] == pytest.approx([p.opponent_generated_logp for p in pairs],
+                                                                         abs=1e-5)
 
 
 def test_rescore_recomputes_the_opponent_logps_under_another_model(setup, pairs):
