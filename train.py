@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -61,6 +62,7 @@ from data import BatchOrder, Example, check_answer, examples_from_messages, load
 from generate import generate
 from memory_plan import MemoryPlan, describe_plan, plan_memory, plan_warning
 from model import ATTENTION_IMPLS, GPT, SCRATCH_MODEL_TYPES, GPTConfig
+from plot import plot_runs
 from spin import (Pair, RolloutSettings, kl_per_token, opponent_top_k, pair_terms, per_iteration, read_rollouts,
                   rescore, response_logprobs, rollout, sequence_logps, spin_metrics, write_rollouts)
 from templates import ChatFormat, chat_format, missing_tokens, resolve_template, response_text, stop_ids, strip_stop
@@ -156,6 +158,7 @@ class TrainConfig:
     log_interval: int = 10
     save_interval: int = 0  # steps between mid-iteration checkpoints (0 = only at phase ends)
     keep_checkpoints: int = 2
+    plot: bool = True  # out_dir/metrics.png at the end of the run (plot.py), when matplotlib is installed
     # --- distributed ---------------------------------------------------------------------------
     activation_checkpointing: bool = False
 
@@ -199,7 +202,7 @@ def config_fingerprint(cfg: TrainConfig, world_size: int) -> dict:
     """The settings a resumed run must share with the run that wrote the checkpoint. The batch counts
     as its global size, so a run may resume at another world size or micro-batch split."""
     ignore = {"out_dir", "resume", "allow_config_change", "log_interval", "eval_interval", "save_interval",
-              "keep_checkpoints", "compile", "device", "batch_size", "grad_accum", "kl_opponent_mb",
+              "keep_checkpoints", "compile", "device", "batch_size", "grad_accum", "kl_opponent_mb", "plot",
               "pack_pairs"}  # packing changes float round-off only
     fingerprint = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
     fingerprint["global_batch"] = cfg.batch_size * cfg.grad_accum * world_size
@@ -1354,8 +1357,22 @@ def main(argv: list[str]) -> None:
     print0(f"total time {time.time() - t_run:.0f}s")
     if metrics_file is not None:
         metrics_file.close()
+        if cfg.plot:
+            write_plot(cfg.out_dir)
     if rt.world_size > 1:
         dist.destroy_process_group()
+
+
+def write_plot(out_dir: str) -> None:
+    """out_dir/metrics.png (plot.py) when matplotlib is importable; it is not a dependency, so without it one
+    line says how to get the picture. The run is done by now: a plot that fails is reported, not raised."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"plot: pip install matplotlib, then python plot.py {out_dir}")
+        return
+    try:
+        print(f"plot: {plot_runs([out_dir], os.path.join(out_dir, 'metrics.png'))}")
+    except Exception as e:  # noqa: BLE001 - the weights and metrics are written; the picture is a convenience
+        print(f"plot: not written ({type(e).__name__}: {e}); try python plot.py {out_dir}")
 
 
 if __name__ == "__main__":

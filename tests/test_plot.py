@@ -83,3 +83,23 @@ def test_missing_matplotlib_is_a_one_line_hint(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2 and "pip install matplotlib" in proc.stderr and proc.stderr.count("\n") == 1
     assert not (out_dir / "metrics.png").exists()
+
+
+def test_train_py_draws_metrics_png_at_the_end_of_a_run(tmp_path, capsys, monkeypatch):
+    """train.py writes out_dir/metrics.png when matplotlib is importable, and says how to get it when not."""
+    import importlib.util
+
+    from train_runs import TINY, run_in_process
+    out_dir = tmp_path / "run"
+    args = (*TINY, f"--out_dir={out_dir}", "--max_iterations=1", "--save_interval=0", "--plot=True")
+    assert run_in_process(*args) == 0
+    png = (out_dir / "metrics.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and f"plot: {out_dir / 'metrics.png'}" in capsys.readouterr().out
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else
+                        real_find_spec(name, *a))
+    out_dir = tmp_path / "without"
+    assert run_in_process(*args[:-2], f"--out_dir={out_dir}", "--plot=True") == 0
+    assert not (out_dir / "metrics.png").exists()
+    assert f"plot: pip install matplotlib, then python plot.py {out_dir}" in capsys.readouterr().out

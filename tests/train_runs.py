@@ -31,7 +31,8 @@ TINY = [str(REPO / "config" / "quick.py"), "--n_layer=2", "--n_head=2", "--n_kv_
         "--save_interval=3", "--keep_checkpoints=100", "--lr=1e-3", "--batch_size=8",
         # pinned, so retuning config/quick.py cannot change these tests' numerics (beta 1 makes the 1e-5
         # comparisons across batch splits fail: Adam magnifies summation-order differences)
-        "--beta=0.1", "--baseline_lr=0", "--sft_lr=2e-3"]
+        "--beta=0.1", "--baseline_lr=0", "--sft_lr=2e-3",
+        "--plot=False"]  # one test draws metrics.png (test_plot.py); the others need not pay for matplotlib
 # global steps of the tiny run: sft 1-6, spin 0 7-10, spin 1 11-14, baseline 0 15-18, baseline 1 19-22
 SPIN_STEPS = {0: (7, 10), 1: (11, 14)}
 CHECKPOINT_STEPS = [3, 6, 9, 10, 12, 14, 15, 18, 21, 22]
