@@ -44,4 +44,4 @@ temperature = 1.0
 batch_size = 32
 grad_accum = 1
 eval_samples = 128
-log_interval = 20
+log_interval = 8  # every SPIN iteration (16 steps) logs twice, so plot.py draws its curve
