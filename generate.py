@@ -97,7 +97,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     exceeds its draw (inverse CDF), so it depends on that row's logits and draw only."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    if temperature != 1:  # x / 1 == x: skip the op and its (B, V) copy
+        logits = logits / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:
