@@ -176,8 +176,7 @@ class KVCache(nn.Module):
         rows afresh at positions 0..T-1 (positions unused): its queries see its own keys only, so k, v come back.
         """
         rows, positions = slots
-        if k.dtype != self.k.dtype:
-            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if rows is None:
             index = positions[:, None, :, None].expand_as(k)  # (B, Hkv, T, D)
             self.k.scatter_(2, index, k)
@@ -225,8 +224,7 @@ class Attention(nn.Module):
             k, v = cache.update(slots, k, v)  # (B, Hkv, max_len or T, D)
             if mask is not None and mask.shape[-1] < k.shape[2]:  # the sampler attends to the filled part only
                 k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
-            if k.dtype != q.dtype:
-                k, v = k.to(q.dtype), v.to(q.dtype)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         y = attend(q, k, v, cfg.attention, mask, layout, cfg.sliding_window)  # (B, Hq, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
