@@ -12,8 +12,8 @@ Design choices:
   its row or on when it started. Sampling draws come from a per-prompt SplitMix64 stream, so sampled
   answers are reproducible whatever the batch size or world size.
 - Uncompiled, a step attends only to the filled part of the cache (up to the last live row's position, in
-  blocks of KEY_BLOCK): the keys cut off are masked for every live row, and a test checks the cut changes
-  no bit. Compiled, the step attends to the whole cache (static shapes).
+  blocks of KEY_BLOCK): the keys cut off are masked for every live row, and a test checks (on the CPU)
+  that the cut changes no bit. Compiled, the step attends to the whole cache (static shapes).
 - Sampling is temperature, then top-k, then top-p, as small pure functions; ties at a cut-off are kept.
 - `generate_ref` recomputes the whole sequence every step: the plain reference the tests compare against.
 
