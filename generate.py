@@ -8,9 +8,12 @@ Design choices:
   alone) while the other rows keep decoding, so a batch never waits for its longest response.
 - Every row keeps its tokens at cache positions 0, 1, ...: its position is its cache index, its mask
   (`attention_mask`, the one place masks are made) is "keys up to my position" (and, with a sliding
-  window, fewer than `window` positions back), and a row's numbers do
-  not depend on the other rows, on its row or on when it started. Sampling draws come from a per-prompt
-  SplitMix64 stream, so sampled answers are reproducible whatever the batch size or world size.
+  window, fewer than `window` positions back), and a row's numbers do not depend on the other rows, on
+  its row or on when it started. Sampling draws come from a per-prompt SplitMix64 stream, so sampled
+  answers are reproducible whatever the batch size or world size.
+- Uncompiled, a step attends only to the filled part of the cache (up to the last live row's position, in
+  blocks of KEY_BLOCK): the keys cut off are masked for every live row, and a test checks (on the CPU)
+  that the cut changes no bit. Compiled, the step attends to the whole cache (static shapes).
 - Sampling is temperature, then top-k, then top-p, as small pure functions; ties at a cut-off are kept.
 - `generate_ref` recomputes the whole sequence every step: the plain reference the tests compare against.
 
@@ -32,6 +35,11 @@ import configurator
 from checkpoint import load_for_chat
 from configurator import UserError
 from model import GPT
+
+# an uncompiled decode step attends to the cache up to its last live row, in blocks of this many positions: a
+# multiple of the CPU's vector width (8 or 16 floats), so the live keys fill whole vectors in SDPA's softmax and
+# the cut changes no bit (cuts of 4-12 keys did change the last bits)
+KEY_BLOCK = 32
 
 # ----------------------------------------------------------------------------------------------
 # sampling: small pure functions on (B, V) logits
@@ -89,7 +97,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     exceeds its draw (inverse CDF), so it depends on that row's logits and draw only."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    if temperature != 1:  # x / 1 == x: skip the op and its (B, V) copy
+        logits = logits / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:
@@ -110,15 +119,21 @@ def token_logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
 # the KV-cached forward passes
 
 
-def attention_mask(query_pos: torch.Tensor, n_keys: int, window: int | None = None) -> torch.Tensor:
-    """query_pos (B, T) -> (B, 1, T, n_keys) bool, True = may attend: a query sees the keys at cache
-    positions up to its own (a row's position is its cache index) and, with a sliding window, fewer than
-    `window` positions back. The decode step's mask; a prefill is the model's own causal (windowed)
-    attention."""
-    keys = torch.arange(n_keys, device=query_pos.device)  # (L,)
-    back = query_pos[..., None] - keys  # (B, T, L) how far back each key is
-    seen = back >= 0 if window is None else (back >= 0) & (back < window)
-    return seen[:, None]
+def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """query_pos (B, T), key_pos (L,) the cache positions attended -> (B, 1, T, L) bool, True = may attend: a
+    query sees the keys at cache positions up to its own (a row's position is its cache index) and, with a
+    sliding window, fewer than `window` positions back. The decode step's mask; a prefill is the model's own
+    causal (windowed) attention."""
+    query = query_pos[:, None, :, None]  # (B, 1, T, 1)
+    seen = key_pos <= query  # (B, 1, T, L)
+    return seen if window is None else seen & (key_pos > query - window)
+
+
+def live_keys(cache_len: int, last_live_pos: int, block: int) -> int:
+    """How many cache positions a decode step attends to: up to the last live row's position, rounded up to a
+    multiple of `block` (fewer distinct shapes), at most the cache. The positions cut off are masked for every
+    live row, so its numbers do not change: a masked key weighs exactly 0."""
+    return min(cache_len, -(-(last_live_pos + 1) // block) * block)
 
 
 def prefill(model: GPT, prompts: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -132,10 +147,11 @@ def prefill(model: GPT, prompts: torch.Tensor, lengths: torch.Tensor, rows: torc
     return model.lm_head(last).float()
 
 
-def decode_logits(model: GPT, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def decode_logits(model: GPT, token: torch.Tensor, pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
     """One step for every cache row: token, pos (B, 1) -> logits (B, V) fp32; each row writes its key at its
-    own position. Static shapes, so this is the function torch.compile captures."""
-    mask = attention_mask(pos, model.kv_caches[0].k.shape[2], model.config.sliding_window)  # (B, 1, 1, L)
+    own position and attends to the cache positions key_pos (L,) = 0..L-1 (the filled part, or the whole
+    cache: static shapes, the function torch.compile captures)."""
+    mask = attention_mask(pos, key_pos, model.config.sliding_window)  # (B, 1, 1, L)
     h = model.hidden_states(token, pos, (None, pos), mask)  # (B, 1, C)
     return model.lm_head(h[:, -1]).float()
 
@@ -149,14 +165,14 @@ def compiled_decode(device_type: str, backend: str = "inductor") -> Callable:
     return torch.compile(decode_logits, backend=backend, fullgraph=True)
 
 
-def decode_one_token(model: GPT, token: torch.Tensor, pos: torch.Tensor, temperature: float, top_k: int | None,
-                     top_p: float | None, draws: torch.Tensor | None,
+def decode_one_token(model: GPT, token: torch.Tensor, pos: torch.Tensor, key_pos: torch.Tensor, temperature: float,
+                     top_k: int | None, top_p: float | None, draws: torch.Tensor | None,
                      compile: bool | str = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step: returns the next tokens (B,) and the step's raw logits (B, V)."""
     step = decode_logits
     if compile:
         step = compiled_decode(token.device.type, "inductor" if compile is True else compile)
-    logits = step(model, token, pos)
+    logits = step(model, token, pos, key_pos)
     return sample_next(logits, temperature, top_k, top_p, draws), logits
 
 
@@ -274,6 +290,10 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | 
                 yield i, [], [] if return_logprobs else None
         waiting = deque(i for i in range(len(prompts)) if budgets[i] > 0)
         row_prompt: list[int | None] = [None] * n_rows  # the prompt each row is answering
+        # a live row's position at decode step s is row_offset + s, known here without reading `pos` back
+        row_offset = [0] * n_rows
+        key_pos = torch.arange(cache_len, device=device)  # (L,) the cache positions a step may attend to
+        step = 0
 
         def start(free: list[int]) -> None:
             """Prefill the next waiting prompts into the free rows and sample their first tokens; a row left
@@ -293,6 +313,8 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | 
                     draws[at] = torch.from_numpy(np.stack([uniforms(seeds[i], width) for i in ids])).to(device)
                 first = sample_next(logits, temperature, top_k, top_p, None if draws is None else draws[at, 0])
                 row_budget = torch.tensor([budgets[i] for i in ids], device=device)
+                for r, i in zip(group, ids):
+                    row_offset[r] = len(prompts[i]) - step
                 token[at], pos[at], n_new[at], budget[at], new_tokens[at, 0] = first, n, 1, row_budget, first
                 if logps is not None:
                     logps[at, 0] = token_logprobs_of(logits, first)
@@ -305,7 +327,7 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | 
         start(list(range(n_rows)))
         if on_step is not None:
             on_step(token)
-        step = 0
+        n_keys = cache_len
         while True:
             if step % check_every == 0:
                 while ended := finished():  # a new prompt may end at its first token: check again
@@ -316,15 +338,21 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | 
                     start(ended)
                 if all(i is None for i in row_prompt):
                     break
+                # rows found done late (check_every > 1) count as live: the cut is only ever too wide
+                last_live_offset = max(row_offset[r] for r in range(n_rows) if row_prompt[r] is not None)
+            if not compile:  # compiled, the step keeps its static shapes
+                n_keys = live_keys(cache_len, last_live_offset + step, KEY_BLOCK)
             row_draws = None if draws is None else draws.gather(1, n_new[:, None])[:, 0]  # (R,) draw n_new
-            token, logits = decode_one_token(model, token[:, None], pos[:, None], temperature, top_k, top_p,
-                                             row_draws, compile)
+            token, logits = decode_one_token(model, token[:, None], pos[:, None], key_pos[:n_keys], temperature,
+                                             top_k, top_p, row_draws, compile)
             new_tokens[rows, n_new] = token
             if logps is not None:
                 logps[rows, n_new] = token_logprobs_of(logits, token)
-            n_new = (n_new + 1).clamp_(max=width - 1)
-            pos = (pos + 1).clamp_(max=last_pos)
-            done |= torch.isin(token, stop_ids) | (n_new >= budget)
+            n_new.add_(1).clamp_(max=width - 1)
+            pos.add_(1).clamp_(max=last_pos)
+            done |= n_new >= budget
+            if stop:
+                done |= torch.isin(token, stop_ids)
             if on_step is not None:
                 on_step(token)
             step += 1

@@ -222,6 +222,8 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(slots, k, v)  # (B, Hkv, max_len or T, D)
+            if mask is not None and mask.shape[-1] < k.shape[2]:  # the sampler attends to the filled part only
+                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
             k, v = k.to(q.dtype), v.to(q.dtype)
         y = attend(q, k, v, cfg.attention, mask, layout, cfg.sliding_window)  # (B, Hq, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))

@@ -19,6 +19,7 @@ per token / measured copy bandwidth).
 python bench/generate.py [--batch_sizes=[1,16,64]] [--reps=3] [--parts=[step,profile,long_tail]] [--gpu=True] ...
 """
 
+import contextlib
 import os
 import statistics
 import sys
@@ -162,54 +163,103 @@ def step_part(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compil
               flush=True)
 
 
+# the step's parts, each a function the profile wraps in a labelled range: (label, module, attribute)
+STEP_PARTS = (("matmuls (nn.Linear)", torch.nn.Linear, "forward"),
+              ("attention (model.attend)", "model", "attend"),
+              ("KV-cache writes (KVCache.update)", "model.KVCache", "update"),
+              ("mask building (generate.attention_mask)", "generate", "attention_mask"),
+              ("sampling (generate.sample_next)", "generate", "sample_next"))
+
+
+@contextlib.contextmanager
+def labelled_parts():
+    """Wrap each of STEP_PARTS in torch.profiler.record_function(label) while profiling, so a part's
+    inclusive time (its operators, their Python glue) is read from its label."""
+    import importlib
+
+    from torch.profiler import record_function
+
+    def owner_of(where):
+        if not isinstance(where, str):
+            return where
+        module, _, cls = where.partition(".")
+        owner = importlib.import_module(module)
+        return getattr(owner, cls) if cls else owner
+
+    saved = []
+    for label, where, name in STEP_PARTS:
+        owner = owner_of(where)
+        original = getattr(owner, name)
+
+        def wrapped(*args, _original=original, _label=label, **kwargs):
+            with record_function(_label):
+                return _original(*args, **kwargs)
+
+        saved.append((owner, name, original))
+        setattr(owner, name, wrapped)
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
 def profile_part(cfg: BenchConfig) -> None:
-    """Per-operator split of our CPU decode step at cfg.profile_batch (profiler time, which load inflates
-    unevenly: read the shares, and the step's CPU time from the step part)."""
+    """Split of our CPU decode step at cfg.profile_batch into its parts (STEP_PARTS, each part's inclusive
+    profiler time) and the rest (norms, GELU, embeddings, residual adds, the loop's bookkeeping, Python).
+    Profiler times are inflated by its per-operator cost and by load: read the shares, and the step's CPU
+    time from the step part."""
     from torch.profiler import ProfilerActivity, profile
 
     model = make_model(cfg, torch.device("cpu"), torch.float32, cfg.n_layer, cfg.n_embd, cfg.n_head,
                        cfg.prompt_len + cfg.new_tokens)
     prompts = random_prompts(cfg, cfg.profile_batch, torch.Generator().manual_seed(cfg.seed)).tolist()
     N = cfg.new_tokens
+    labels = [label for label, _, _ in STEP_PARTS]
 
-    def op_times(n: int) -> dict[str, tuple[float, int]]:
-        """Self time and calls per operator in a call of n new tokens, in us, plus two totals: the call's
-        wall time and the time inside top-level operators (the rest is Python between operators)."""
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+    def part_times(n: int) -> dict[str, float]:
+        """Inclusive time per part in a call of n new tokens (us), plus the call's wall time, and self time
+        per operator outside the parts."""
+        with labelled_parts(), profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
             generate(model, prompts, n, temperature=0)
             wall = (time.perf_counter() - t0) * 1e6
-        times = {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}
-        top_level = sum(e.cpu_time_total for e in prof.events() if e.cpu_parent is None)
-        return {**times, "(call)": (wall, 1), "(in operators)": (top_level, 1)}
+        events = prof.events()
+        times = {label: 0.0 for label in labels}
+        for e in events:
+            if e.name in times:
+                times[e.name] += e.cpu_time_total
+
+        def in_part(e) -> bool:
+            while e is not None:
+                if e.name in times:
+                    return True
+                e = e.cpu_parent
+            return False
+
+        for e in events:
+            if e.name not in times and not in_part(e):
+                times["op " + e.name] = times.get("op " + e.name, 0.0) + e.self_cpu_time_total
+        return {**times, "(call)": wall}
 
     generate(model, prompts, N, temperature=0)  # warm-up
     per_step: dict[str, list[float]] = {}
-    calls: dict[str, float] = {}
     for _ in range(cfg.reps):
-        full, one = op_times(N), op_times(1)
-        for op in full.keys() | one.keys():
-            (t_full, c_full), (t_one, c_one) = full.get(op, (0.0, 0)), one.get(op, (0.0, 0))
-            per_step.setdefault(op, []).append((t_full - t_one) / (N - 1) / 1e3)  # ms per step
-            calls[op] = (c_full - c_one) / (N - 1)
-    ms = {op: statistics.median(v) for op, v in per_step.items()}
-    wall, in_ops = ms.pop("(call)"), ms.pop("(in operators)")
-    total = sum(v for v in ms.values() if v > 0)
-    groups = {"matmuls (addmm, mm, bmm, baddbmm)": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm"),
-              "attention kernel (scaled_dot_product_*)": ("aten::_scaled_dot_product", "aten::scaled_dot_product")}
-    print(f"-- profile of our decode step, batch {cfg.profile_batch} (profiler wall times, medians of {cfg.reps}): "
-          f"{wall:.3f} ms per step, of which {wall - in_ops:.3f} ms ({(wall - in_ops) / wall:.0%}) Python between "
-          f"operators and {total:.3f} ms operator self time:")
-    rest = total
-    for name, prefixes in groups.items():
-        t = sum(v for op, v in ms.items() if op.startswith(prefixes) and v > 0)
-        rest -= t
-        print(f"   {name:<42} {t:7.3f} ms  {t / total:5.1%}")
-    print(f"   {'other operators':<42} {rest:7.3f} ms  {rest / total:5.1%}; the largest:")
-    others = sorted(((v, op) for op, v in ms.items()
-                     if not any(op.startswith(p) for ps in groups.values() for p in ps)), reverse=True)
-    for v, op in others[:12]:
-        print(f"      {op:<45} {v:7.3f} ms  {calls[op]:5.1f} calls/step")
+        full, one = part_times(N), part_times(1)
+        for key in full.keys() | one.keys():
+            per_step.setdefault(key, []).append((full.get(key, 0.0) - one.get(key, 0.0)) / (N - 1) / 1e3)
+    ms = {key: statistics.median(v) for key, v in per_step.items()}
+    wall = ms.pop("(call)")
+    print(f"-- profile of our decode step, batch {cfg.profile_batch}, greedy (profiler wall time, medians of "
+          f"{cfg.reps}): {wall:.3f} ms per step")
+    rest = wall
+    for label in labels:
+        rest -= ms[label]
+        print(f"   {label:<42} {ms[label]:7.3f} ms  {ms[label] / wall:5.1%}")
+    print(f"   {'the rest (model ops, loop, Python)':<42} {rest:7.3f} ms  {rest / wall:5.1%}; its largest operators:")
+    others = sorted(((v, key[3:]) for key, v in ms.items() if key.startswith("op ")), reverse=True)
+    for v, op in others[:8]:
+        print(f"      {op:<45} {v:7.3f} ms")
 
 
 def long_tail_lengths(cfg: BenchConfig, n: int) -> list[int]:

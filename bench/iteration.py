@@ -10,6 +10,7 @@
 - The peer is CPU-only: with --device=cuda only ours runs (bf16 autocast, compiled, first iteration compiles).
 
 python bench/iteration.py [--reps=3] [--threads=2] [--peer=auto|yes|no] [--peer_mode=functions|script] [--device=cpu]
+                          [--peer_python=/path/to/venv/bin/python]  (the peer's packages in another environment)
                           [--pack_pairs=False]  (ours unpacked: the reference path, for comparison)
 """
 
@@ -50,6 +51,7 @@ class BenchConfig:
     reps: int = 3  # runs of each side, alternating ours / peer
     peer: str = "auto"  # 'auto' (when trl is importable and the peer script is found) | 'yes' | 'no'
     peer_script: str = ""  # '' = shared/bench/peer_spin_iteration.py in or beside the repository
+    peer_python: str = ""  # the interpreter of the peer's runs ('' = this one): one with trl and datasets
     peer_mode: str = "functions"  # 'functions': the peer's own functions, its precompute=True path only (its TOTAL);
     # 'script': the unmodified script, which also runs a precompute=False epoch (twice the time, same TOTAL)
     device: str = "cpu"  # 'cpu' | 'cuda' (ours only)
@@ -342,10 +344,10 @@ def worker(side: str, cfg: BenchConfig) -> None:
     print("RESULT " + json.dumps(record))
 
 
-def run_worker(side: str, argv: list[str], threads: int) -> dict:
+def run_worker(side: str, argv: list[str], threads: int, python: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--worker={side}", *argv], capture_output=True,
+    out = subprocess.run([python, os.path.abspath(__file__), f"--worker={side}", *argv], capture_output=True,
                          text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
@@ -359,7 +361,14 @@ def peer_available(cfg: BenchConfig) -> tuple[bool, str]:
         return False, "peer=no"
     if cfg.device != "cpu":
         return False, "the peer runs on the CPU only"
-    missing = [m for m in ("trl", "transformers", "datasets", "tokenizers") if importlib.util.find_spec(m) is None]
+    modules = ("trl", "transformers", "datasets", "tokenizers")
+    if cfg.peer_python:
+        if not os.access(cfg.peer_python, os.X_OK):
+            raise UserError(f"--peer_python={cfg.peer_python!r} is not an executable; give a Python interpreter")
+        probe = "import importlib.util as u; print(' '.join(m for m in %r if u.find_spec(m) is None))" % (modules,)
+        missing = subprocess.run([cfg.peer_python, "-c", probe], capture_output=True, text=True).stdout.split()
+    else:
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
     path = find_peer(cfg)
     reason = (f"{', '.join(missing)} not installed (pip install -r bench/requirements-peer.txt)" if missing
               else "" if path else f"peer script not found ({cfg.peer_script or ' or '.join(PEER_CANDIDATES)})")
@@ -408,6 +417,21 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def per_token_line(results: dict[str, list[dict]]) -> str:
+    """Wall clock per training token on each side: the same count on both (per pair: prompt + real response and
+    prompt + generated response, each side's own tokenizer; ours packs the prompt once, the count does not
+    follow), so the ratio is the wall-clock ratio corrected for the two tokenizations' lengths."""
+    tokens = {s: results[s][-1].get("train_tokens") for s in ("ours", "peer")}
+    if not all(tokens.values()):
+        return "per-token ratio: the peer's run does not report its training tokens"
+    total = {s: statistics.median(r["total_s"] for r in results[s]) for s in tokens}
+    per_token = {s: total[s] / tokens[s] * 1e3 for s in tokens}  # ms per training token
+    return (f"per training token (prompt + response, both sequences of a pair; ours {tokens['ours']:.0f}, peer "
+            f"{tokens['peer']:.0f} tokens): ours {per_token['ours']:.3f} ms, peer {per_token['peer']:.3f} ms -> "
+            f"peer/ours {per_token['peer'] / per_token['ours']:.2f}x per token "
+            f"(wall clock {total['peer'] / total['ours']:.2f}x)")
+
+
 def main(argv: list[str]) -> None:
     side = next((a.split("=", 1)[1] for a in argv if a.startswith("--worker=")), None)
     argv = [a for a in argv if not a.startswith("--worker=")]
@@ -424,7 +448,8 @@ def main(argv: list[str]) -> None:
     for rep in range(cfg.reps):
         for s in ("ours", "peer") if with_peer else ("ours",):
             load = os.getloadavg()[0]
-            record = run_worker(s, argv, cfg.threads)
+            python = cfg.peer_python if s == "peer" and cfg.peer_python else sys.executable
+            record = run_worker(s, argv, cfg.threads, python)
             record["load_before"] = load
             results[s].append(record)
             other = f"{record['other_cpu_s']:.0f}" if record.get("other_cpu_s") is not None else "?"
@@ -445,8 +470,9 @@ def main(argv: list[str]) -> None:
     if results["peer"]:
         ratio = statistics.median(r["total_s"] for r in results["peer"]) / statistics.median(
             r["total_s"] for r in results["ours"])
-        print(f"peer/ours total: {ratio:.2f}x (goal >= 1.5: {'met' if ratio >= 1.5 else 'MISSED'}); per rep: "
+        print(f"peer/ours total: {ratio:.2f}x (goal >= 2.0: {'met' if ratio >= 2.0 else 'MISSED'}); per rep: "
               + " ".join(f"{p['total_s'] / o['total_s']:.2f}" for o, p in zip(results["ours"], results["peer"])))
+        print(per_token_line(results))
     if cfg.json_out:
         with open(cfg.json_out, "w") as f:
             json.dump({"config": asdict(cfg), **results}, f, indent=1)

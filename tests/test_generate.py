@@ -218,6 +218,32 @@ def test_continuous_batching_greedy_equals_each_prompt_alone(model_type):
     assert model.kv_caches is None
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_attending_to_the_live_keys_only_changes_no_token(model_type, monkeypatch):
+    # blocks of 16 positions and a long fixed cache: the steps attend to several widths short of the cache
+    model = tiny_model(model_type)
+    if model_type == "llama":
+        model.config.sliding_window = 6  # the window's half of the mask, on the cut keys too
+    prompts = random_prompts(9, seed=3)
+    free = [generate(model, [p], 40, temperature=0)[0] for p in prompts]
+    eos = [free[0][4], free[2][11]]
+    alone = [generate_ref(model, [p], 40, eos_id=eos)[0] for p in prompts]
+    assert len({len(a) for a in alone}) >= 3
+    widths = []
+    mask_of = gen.attention_mask
+    monkeypatch.setattr(gen, "attention_mask", lambda q, k, w=None: widths.append(len(k)) or mask_of(q, k, w))
+    monkeypatch.setattr(gen, "KEY_BLOCK", 16)
+    kwargs = dict(eos_id=eos, batch_size=3, max_len=60)
+    assert generate(model, prompts, 40, temperature=0, **kwargs) == alone
+    assert {16, 32} <= set(widths) <= {16, 32, 48, 59}
+    # sampled tokens and their log-probs: the same bits with the cut as over the whole cache
+    sampled = generate(model, prompts, 40, temperature=1.0, seed=3, return_logprobs=True, **kwargs)
+    monkeypatch.setattr(gen, "KEY_BLOCK", 10**6)
+    widths.clear()
+    assert generate(model, prompts, 40, temperature=1.0, seed=3, return_logprobs=True, **kwargs) == sampled
+    assert set(widths) == {59}
+
+
 def test_sampled_answers_depend_on_the_prompt_and_its_seed_only():
     model = tiny_model("llama")
     prompts = random_prompts(9, seed=1)
