@@ -239,6 +239,69 @@ def _prompt_seeds(seed: int | list[int] | None, n: int) -> list[int]:
     return [mix_seed(seed, i) for i in range(n)]
 
 
+@dataclass
+class Rows:
+    """The sampler's state, one entry per cache row (R rows, W = the longest budget + 1)."""
+    token: torch.Tensor  # (R,) the token each row feeds next
+    pos: torch.Tensor  # (R,) its position = its cache index
+    n_new: torch.Tensor  # (R,) tokens sampled in the row so far
+    budget: torch.Tensor  # (R,) tokens the row may sample
+    done: torch.Tensor  # (R,) bool: the row's answer has ended
+    new_tokens: torch.Tensor  # (R, W) the row's answer so far; the extra column takes the writes of idle rows
+    logps: torch.Tensor | None  # (R, W) their log-probs, when asked for
+    draws: torch.Tensor | None  # (R, W) float64: the row's prompt's uniforms, when sampling
+    prompt: list[int | None]  # the prompt each row is answering (None: the row marks time)
+    offset: list[int]  # a live row's position at decode step s is offset + s, known without reading `pos` back
+
+
+def _empty_rows(n_rows: int, width: int, device: torch.device, return_logprobs: bool, sampled: bool) -> Rows:
+    def zeros(*shape, dtype=torch.long):
+        return torch.zeros(*shape, dtype=dtype, device=device)
+    return Rows(zeros(n_rows), zeros(n_rows), zeros(n_rows), zeros(n_rows), torch.ones(n_rows, dtype=torch.bool,
+                device=device), zeros(n_rows, width), zeros(n_rows, width, dtype=torch.float32) if return_logprobs
+                else None, zeros(n_rows, width, dtype=torch.float64) if sampled else None, [None] * n_rows,
+                [0] * n_rows)
+
+
+def _cache_len(prompts: list[list[int]], budgets: list[int], max_len: int | None, compile: bool | str) -> int:
+    """Cache positions a call needs: the last sampled token is never fed back; a fixed max_len fixes the
+    cache whatever the prompts; compiled, lengths round up to 128 (fewer recompiles / CUDA graph captures)."""
+    if max_len:
+        return max_len - 1
+    cache_len = max(len(p) + b for p, b in zip(prompts, budgets)) - 1
+    return -(-cache_len // 128) * 128 if compile else cache_len
+
+
+def _start_rows(model: GPT, rows: Rows, free: list[int], waiting: deque, prompts: list[list[int]],
+                budgets: list[int], seeds: list[int] | None, step: int, stop_ids: torch.Tensor, temperature: float,
+                top_k: int | None, top_p: float | None) -> None:
+    """Prefill the next waiting prompts into the free rows and sample their first tokens; a row left without
+    a prompt marks time. One prompt per prefill: a row's numbers never depend on which prompts start beside
+    it."""
+    width = rows.new_tokens.shape[1]
+    for r in free:
+        rows.prompt[r] = waiting.popleft() if waiting else None
+    for r in [r for r in free if rows.prompt[r] is not None]:
+        i = rows.prompt[r]
+        at = torch.tensor([r], device=rows.token.device)
+        logits = prefill(model, torch.tensor([prompts[i]], device=at.device), torch.tensor([len(prompts[i])],
+                         device=at.device), at)  # (1, V)
+        if rows.draws is not None:
+            rows.draws[r] = torch.from_numpy(uniforms(seeds[i], width)).to(at.device)
+        first = sample_next(logits, temperature, top_k, top_p, None if rows.draws is None else rows.draws[at, 0])
+        rows.offset[r] = len(prompts[i]) - step
+        rows.token[r], rows.pos[r], rows.n_new[r], rows.budget[r] = first[0], len(prompts[i]), 1, budgets[i]
+        rows.new_tokens[r, 0] = first[0]
+        if rows.logps is not None:
+            rows.logps[r, 0] = token_logprobs_of(logits, first)[0]
+        rows.done[r] = bool(torch.isin(first, stop_ids)[0]) or budgets[i] == 1
+
+
+def _finished_rows(rows: Rows) -> list[int]:
+    flags = rows.done.tolist()
+    return [r for r, flag in enumerate(flags) if flag and rows.prompt[r] is not None]
+
+
 @torch.inference_mode()
 def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | list[int], temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, eos_id: int | list[int] | None = None,
@@ -254,19 +317,16 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | 
         raise UserError(f"max_len={max_len} exceeds the model's block_size={block_size}; lower max_len")
     budgets = _row_budgets(prompts, max_new_tokens, max_len or block_size,
                            "block_size" if max_len is None else "max_len")
-    if not prompts or max(budgets) <= 0:
-        for i in range(len(prompts)):
+    for i in range(len(prompts)):
+        if budgets[i] == 0:
             yield i, [], [] if return_logprobs else None
+    if not prompts or max(budgets) <= 0:
         return
     stop = _as_id_list(eos_id)
     seeds = _prompt_seeds(seed, len(prompts)) if temperature > 0 else None
     n_rows = batch_size or len(prompts)
-    # the last sampled token is never fed back; a fixed max_len fixes the cache, whatever the prompts
-    cache_len = max_len - 1 if max_len else max(len(p) + b for p, b in zip(prompts, budgets)) - 1
-    if compile and not max_len:  # fewer distinct shapes -> fewer recompiles / CUDA graph captures across calls
-        cache_len = -(-cache_len // 128) * 128
+    cache_len = _cache_len(prompts, budgets, max_len, compile)
     last_pos = min(cache_len, block_size) - 1  # where rows without a prompt mark time (static shapes)
-    width = max(budgets) + 1  # per-row token buffers; the extra column takes the writes of idle rows
     device = model.lm_head.weight.device
     # a sync per step costs little on the CPU; on the GPU it would stall the queue of launches
     check_every = 1 if device.type == "cpu" else 8
@@ -275,86 +335,44 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | 
     model.eval()
     model.setup_kv_cache(n_rows, cache_len, reuse=bool(compile))
     try:
-        rows = torch.arange(n_rows, device=device)
-        token = torch.zeros(n_rows, dtype=torch.long, device=device)  # (R,) the token each row feeds next
-        pos = torch.zeros(n_rows, dtype=torch.long, device=device)  # (R,) its position = its cache index
-        n_new = torch.zeros(n_rows, dtype=torch.long, device=device)  # (R,) tokens sampled in the row so far
-        budget = torch.zeros(n_rows, dtype=torch.long, device=device)
-        done = torch.ones(n_rows, dtype=torch.bool, device=device)
-        new_tokens = torch.zeros(n_rows, width, dtype=torch.long, device=device)
-        logps = torch.zeros(n_rows, width, device=device) if return_logprobs else None
-        draws = torch.zeros(n_rows, width, dtype=torch.float64, device=device) if seeds else None
+        rows = _empty_rows(n_rows, max(budgets) + 1, device, return_logprobs, seeds is not None)
+        all_rows = torch.arange(n_rows, device=device)
         stop_ids = torch.tensor(stop, device=device, dtype=torch.long)
-        for i in range(len(prompts)):
-            if budgets[i] == 0:
-                yield i, [], [] if return_logprobs else None
-        waiting = deque(i for i in range(len(prompts)) if budgets[i] > 0)
-        row_prompt: list[int | None] = [None] * n_rows  # the prompt each row is answering
-        # a live row's position at decode step s is row_offset + s, known here without reading `pos` back
-        row_offset = [0] * n_rows
         key_pos = torch.arange(cache_len, device=device)  # (L,) the cache positions a step may attend to
-        step = 0
-
-        def start(free: list[int]) -> None:
-            """Prefill the next waiting prompts into the free rows and sample their first tokens; a row left
-            without a prompt marks time."""
-            for r in free:
-                row_prompt[r] = waiting.popleft() if waiting else None
-            started = [r for r in free if row_prompt[r] is not None]
-            # one prompt per prefill: a row's numbers never depend on which prompts start beside it
-            for group in [[r] for r in started]:
-                ids = [row_prompt[r] for r in group]
-                at = torch.tensor(group, device=device)
-                n = torch.tensor([len(prompts[i]) for i in ids], device=device)
-                longest = max(len(prompts[i]) for i in ids)
-                padded = torch.tensor([prompts[i] + [0] * (longest - len(prompts[i])) for i in ids], device=device)
-                logits = prefill(model, padded, n, at)  # (G, V)
-                if draws is not None:
-                    draws[at] = torch.from_numpy(np.stack([uniforms(seeds[i], width) for i in ids])).to(device)
-                first = sample_next(logits, temperature, top_k, top_p, None if draws is None else draws[at, 0])
-                row_budget = torch.tensor([budgets[i] for i in ids], device=device)
-                for r, i in zip(group, ids):
-                    row_offset[r] = len(prompts[i]) - step
-                token[at], pos[at], n_new[at], budget[at], new_tokens[at, 0] = first, n, 1, row_budget, first
-                if logps is not None:
-                    logps[at, 0] = token_logprobs_of(logits, first)
-                done[at] = torch.isin(first, stop_ids) | (row_budget == 1)
-
-        def finished() -> list[int]:
-            flags = done.tolist()
-            return [r for r in range(n_rows) if flags[r] and row_prompt[r] is not None]
-
-        start(list(range(n_rows)))
+        start = functools.partial(_start_rows, model, rows, waiting=deque(i for i in range(len(prompts))
+                                  if budgets[i] > 0), prompts=prompts, budgets=budgets, seeds=seeds,
+                                  stop_ids=stop_ids, temperature=temperature, top_k=top_k, top_p=top_p)
+        start(list(range(n_rows)), step=0)
         if on_step is not None:
-            on_step(token)
-        n_keys = cache_len
+            on_step(rows.token)
+        step, n_keys = 0, cache_len
         while True:
             if step % check_every == 0:
-                while ended := finished():  # a new prompt may end at its first token: check again
-                    for r, tokens in zip(ended, new_tokens[ended].tolist()):
-                        i = row_prompt[r]
+                while ended := _finished_rows(rows):  # a new prompt may end at its first token: check again
+                    for r, tokens in zip(ended, rows.new_tokens[ended].tolist()):
+                        i = rows.prompt[r]
                         out = _cut_rows([tokens], [budgets[i]], stop)[0]
-                        yield i, out, logps[r, :len(out)].tolist() if logps is not None else None
-                    start(ended)
-                if all(i is None for i in row_prompt):
+                        yield i, out, rows.logps[r, :len(out)].tolist() if rows.logps is not None else None
+                    start(ended, step=step)
+                if all(i is None for i in rows.prompt):
                     break
                 # rows found done late (check_every > 1) count as live: the cut is only ever too wide
-                last_live_offset = max(row_offset[r] for r in range(n_rows) if row_prompt[r] is not None)
+                last_live_offset = max(rows.offset[r] for r in range(n_rows) if rows.prompt[r] is not None)
             if not compile:  # compiled, the step keeps its static shapes
                 n_keys = live_keys(cache_len, last_live_offset + step, KEY_BLOCK)
-            row_draws = None if draws is None else draws.gather(1, n_new[:, None])[:, 0]  # (R,) draw n_new
-            token, logits = decode_one_token(model, token[:, None], pos[:, None], key_pos[:n_keys], temperature,
-                                             top_k, top_p, row_draws, compile)
-            new_tokens[rows, n_new] = token
-            if logps is not None:
-                logps[rows, n_new] = token_logprobs_of(logits, token)
-            n_new.add_(1).clamp_(max=width - 1)
-            pos.add_(1).clamp_(max=last_pos)
-            done |= n_new >= budget
+            row_draws = None if rows.draws is None else rows.draws.gather(1, rows.n_new[:, None])[:, 0]  # (R,)
+            rows.token, logits = decode_one_token(model, rows.token[:, None], rows.pos[:, None], key_pos[:n_keys],
+                                                  temperature, top_k, top_p, row_draws, compile)
+            rows.new_tokens[all_rows, rows.n_new] = rows.token
+            if rows.logps is not None:
+                rows.logps[all_rows, rows.n_new] = token_logprobs_of(logits, rows.token)
+            rows.n_new.add_(1).clamp_(max=rows.new_tokens.shape[1] - 1)
+            rows.pos.add_(1).clamp_(max=last_pos)
+            rows.done |= rows.n_new >= rows.budget
             if stop:
-                done |= torch.isin(token, stop_ids)
+                rows.done |= torch.isin(rows.token, stop_ids)
             if on_step is not None:
-                on_step(token)
+                on_step(rows.token)
             step += 1
     finally:
         model.clear_kv_cache()
