@@ -8,8 +8,9 @@ Design choices:
   the root and two blocks; autocast: its cached casts of every block's weights) and one micro-batch's
   activations. A rollout holds the master weights, one compute-dtype copy of the weights to sample
   with (none where the model samples itself), the KV cache of rollout_batch_size x max_len tokens, and
-  the temporaries of a forward over rollout_batch_size sequences (the prefill; the scoring, which runs
-  in two halves of its 2 x rollout_batch_size sequences); gradients and optimizer state are freed first.
+  the temporaries of its largest forward: the scoring's, in quarters of its 2 x rollout_batch_size
+  sequences (spin.SCORING_CHUNKS; the prefill runs one prompt at a time); gradients and optimizer state
+  are freed first.
 - Activations count what autograd saves per token and layer, as measured on nanospin's blocks
   (tests/test_memory_plan.py checks the count against the saved tensors); activation checkpointing
   keeps one block input per layer and recomputes one block at a time.
@@ -116,7 +117,7 @@ class MemoryPlan:
     activations: int  # one micro-batch's, saved for the backward
     rollout_weights: int  # the compute-dtype copy the rollout samples with (0: the model samples itself)
     kv_cache: int  # rollout_batch_size x max_len tokens
-    rollout_forward: int  # a forward over rollout_batch_size sequences of max_len: prefill, or half the scoring
+    rollout_forward: int  # a scoring forward: rollout_batch_size / 2 sequences of max_len
 
     @property
     def training(self) -> int:
@@ -152,7 +153,7 @@ def plan_memory(cfg: GPTConfig, world_size: int, fsdp: bool, on_gpu: bool, compu
         step_weights=step_weights,
         activations=activation_bytes(cfg, train_sequences * max_len, e, residual, activation_checkpointing),
         rollout_weights=rollout_weights, kv_cache=kv_cache_bytes(cfg, rollout_batch_size, max_len, cache),
-        rollout_forward=forward_bytes(cfg, rollout_batch_size * max_len, e, residual))
+        rollout_forward=forward_bytes(cfg, max(1, rollout_batch_size // 2) * max_len, e, residual))
 
 
 def size(n: float) -> str:

@@ -245,14 +245,18 @@ def run_sharded(batches: list[list[int]], run_batch: Callable[[int, list[int]], 
     return [by_index[i] for i in range(len(by_index))]
 
 
+SCORING_CHUNKS = 4  # a rollout batch's pairs are scored in this many forwards (memory_plan.py counts one)
+
+
 def opponent_logps(scorer, prompts: list[list[int]], real: list[list[int]], generated: list[list[int]],
                    s: RolloutSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scorer's (B,) log-probs of the real and the generated responses, without grad, in two halves of the
-    batch: each forward holds B sequences, as many as the sampling's, so scoring needs no more memory."""
-    half = max(1, (len(prompts) + 1) // 2)
+    """The scorer's (B,) log-probs of the real and the generated responses, without grad, in SCORING_CHUNKS
+    chunks of the batch: each forward holds at most B/2 sequences (fewer rows when packed), so its temporaries
+    stay small beside the weights and the KV cache the rollout holds."""
+    chunk = max(1, -(-len(prompts) // SCORING_CHUNKS))
     with torch.no_grad():
-        parts = [pair_logps(scorer, prompts[i:i + half], real[i:i + half], generated[i:i + half], s.pad_id, s.device,
-                            s.pack_pairs) for i in range(0, len(prompts), half)]
+        parts = [pair_logps(scorer, prompts[i:i + chunk], real[i:i + chunk], generated[i:i + chunk], s.pad_id,
+                            s.device, s.pack_pairs) for i in range(0, len(prompts), chunk)]
     return torch.cat([r for r, _ in parts]), torch.cat([g for _, g in parts])
 
 

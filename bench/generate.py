@@ -60,6 +60,7 @@ class BenchConfig:
     gpu_bound_heads: int = 20
     seed: int = 0
     threads: int = 1  # CPU threads (1: comparable figures on a shared machine); 0 = torch's default
+    cpu_compile: bool = False  # the CPU step part again with ours compiled (inductor's C++ kernels; needs a compiler)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,6 +355,8 @@ def main(argv: list[str]) -> None:
         print("== CPU (fp32, times are this process's CPU seconds)")
         if "step" in cfg.parts:
             step_part(cfg, cpu, torch.float32, compile=False)
+            if cfg.cpu_compile:
+                step_part(cfg, cpu, torch.float32, compile=True)
         if "profile" in cfg.parts:
             profile_part(cfg)
         if "long_tail" in cfg.parts:
