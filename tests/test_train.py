@@ -336,8 +336,8 @@ def test_a_bf16_model_trained_and_exported_comes_back_as_it_came_in(tmp_path):
     source = tmp_path / "mistral"
     hf_config = bf16_mistral_dir(source)
     out = tmp_path / "run"
-    # block_size: the window, as long as nanospin refuses a longer context with a window (checkpoint.py)
-    run = (*TINY, f"--out_dir={out}", f"--init_from={source}", "--tokenizer=auto", "--block_size=4096",
+    # block_size 0 (TrainConfig's default): the model's 32k context, its 4096 window; max_len caps the sequences
+    run = (*TINY, f"--out_dir={out}", f"--init_from={source}", "--tokenizer=auto", "--block_size=0",
            "--stage=spin", "--baseline_sft=False", "--max_iterations=1", "--synthetic_train=16", "--save_interval=0")
     assert run_in_process(*run) == 0
     final = out / "final"
@@ -347,7 +347,8 @@ def test_a_bf16_model_trained_and_exported_comes_back_as_it_came_in(tmp_path):
     exported, original = ckpt.read_safetensors_dir(str(final)), ckpt.read_safetensors_dir(str(source))
     assert {t.dtype for t in exported.values()} == {torch.bfloat16}
     assert any(not torch.equal(exported[k], original[k]) for k in original)  # trained, not copied
-    ours = ckpt.load_pretrained(str(final), block_size=4096).eval()
+    ours = ckpt.load_pretrained(str(final)).eval()
+    assert (ours.config.block_size, ours.config.sliding_window) == (32768, 4096)
     theirs = AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32).eval()
     idx = torch.randint(0, 700, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
