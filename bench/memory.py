@@ -198,7 +198,7 @@ def report(cfg: MemoryBenchConfig, ranks: list[dict], world_size: int) -> str:
 
 def main(argv: list[str]) -> None:
     sys.path.insert(0, REPO)
-    from configurator import load_config, run_main  # noqa: F401
+    from configurator import load_config
     cfg = load_config(MemoryBenchConfig, argv)
     nproc = cfg.nproc or (2 if cfg.device == "cpu" else 1)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "TQDM_DISABLE": "1",

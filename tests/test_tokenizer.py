@@ -19,7 +19,7 @@ import tiktoken.registry
 
 import tokenizer
 from configurator import UserError
-from hf_tokenizers import (CHATML_JINJA, HELD_OUT, HF_SPECIALS, SP_STYLES, TRAIN_CORPUS, fuzz_texts, real_dir,
+from hf_tokenizers import (CHATML_JINJA, HELD_OUT, HF_SPECIALS, SP_STYLES, fuzz_texts, real_dir,
                            sentencepiece_hf_tokenizer, sentencepiece_pieces, train_hf_tokenizer, varied_texts,
                            write_sentencepiece_model)
 
