@@ -225,22 +225,13 @@ def _all_gather_lists(local: list, world_size: int) -> list:
     return [item for part in gathered for item in part]
 
 
-def run_sharded(batches: list[list[int]], run_batch: Callable[[int, list[int]], list], rank: int, world_size: int,
-                should_stop: Callable[[], bool] | None = None,
-                progress: Callable[[int], None] | None = None) -> list | None:
-    """Run run_batch(j, batch_j) on rank j % world_size; batch_j lists item indices and run_batch returns
-    one result per index. Every rank gets all results, in item order 0..n-1; None if should_stop()."""
+def run_sharded(batches: list[list[int]], run_batch: Callable[[list[int]], list], rank: int,
+                world_size: int) -> list:
+    """Run run_batch(batch_j) on rank j % world_size; batch_j lists item indices and run_batch returns one
+    result per index. Every rank gets all results, in item order 0..n-1."""
     local = []
-    for first in range(0, len(batches), world_size):
-        # every rank runs the same number of rounds: should_stop() is a collective
-        if should_stop is not None and should_stop():
-            return None
-        j = first + rank
-        if j >= len(batches):
-            continue
-        local += zip(batches[j], run_batch(j, batches[j]))
-        if progress is not None:
-            progress(len(batches[j]) * world_size)
+    for batch in batches[rank::world_size]:
+        local += zip(batch, run_batch(batch))
     by_index = dict(_all_gather_lists(local, world_size))
     return [by_index[i] for i in range(len(by_index))]
 
@@ -327,7 +318,7 @@ def rescore(model, pairs: list[Pair], settings: RolloutSettings) -> list[Pair]:
     s = settings
     batches = [list(range(i, min(i + s.batch_size, len(pairs)))) for i in range(0, len(pairs), s.batch_size)]
 
-    def score_batch(j: int, indices: list[int]) -> list[Pair]:
+    def score_batch(indices: list[int]) -> list[Pair]:
         batch = [pairs[i] for i in indices]
         prompts, real = [p.prompt_ids for p in batch], [p.real_ids for p in batch]
         generated = [p.generated_ids for p in batch]

@@ -215,6 +215,19 @@ def quick_spin(tmp_path, data: str, *overrides: str) -> int:
                           f"--out_dir={tmp_path / 'out'}", *overrides)
 
 
+def test_iteration_0_trains_on_the_datas_generated_responses_scored_by_the_opponent(tmp_path, capsys):
+    """Without real tokenizer files (the zephyr test above needs them): SPIN's 'generated' are iteration 0's
+    y', written to iter_0/rollouts.jsonl like a rollout's, scored by the opponent (first loss log 2)."""
+    data = write_jsonl(tmp_path / "spin.jsonl", spin_records(generated=True))
+    assert quick_spin(tmp_path, data) == 0
+    assert "y' are the data's 'generated' responses" in capsys.readouterr().out
+    given = {f"Maybe {i}?" for i in range(len(CHATS))}
+    pairs = rollouts(tmp_path / "out", 0)
+    assert len(pairs) == 4 and all(p["generated"] in given and p["eos"] for p in pairs)
+    assert all(math.isfinite(p["opponent_generated_logp"]) and p["opponent_generated_logp"] < 0 for p in pairs)
+    assert next(r for r in metrics(tmp_path / "out") if "loss" in r)["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_regenerate_iteration_0_samples_instead_of_the_data(tmp_path):
     data = write_jsonl(tmp_path / "spin.jsonl", spin_records(generated=True))
     assert quick_spin(tmp_path, data, "--regenerate_iteration_0=True") == 0
