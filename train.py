@@ -42,7 +42,6 @@ import math
 import os
 import shutil
 import signal
-import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -63,6 +62,7 @@ from generate import generate
 from memory_plan import MemoryPlan, describe_plan, plan_memory, plan_warning
 from model import ATTENTION_IMPLS, GPT, SCRATCH_MODEL_TYPES, GPTConfig
 from plot import plot_runs
+from seeds import mean_ci
 from spin import (Pair, RolloutSettings, kl_per_token, opponent_top_k, pair_terms, per_iteration, read_rollouts,
                   rescore, response_logprobs, rollout, sequence_logps, spin_metrics, write_rollouts)
 from templates import ChatFormat, chat_format, missing_tokens, resolve_template, response_text, stop_ids, strip_stop
@@ -1174,27 +1174,11 @@ def summary_table(history: list[dict]) -> str:
     return "\n".join(lines + verdict(history))
 
 
-def t_quantile(p: float, dof: int) -> float:
-    """The p-quantile of Student's t with dof degrees of freedom: exact for 1 and 2; from 3 on the
-    Cornish-Fisher expansion in 1/dof (Abramowitz & Stegun 26.7.5), within 0.2% at p = 0.975."""
-    if dof == 1:
-        return math.tan(math.pi * (p - 0.5))
-    if dof == 2:
-        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
-    z = statistics.NormalDist().inv_cdf(p)
-    terms = [(z**3 + z) / 4, (5 * z**5 + 16 * z**3 + 3 * z) / 96, (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
-             (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160]
-    return z + sum(term / dof ** (i + 1) for i, term in enumerate(terms))
-
-
 def paired_interval(a: list[float], b: list[float]) -> tuple[float, float | None]:
     """The mean of the paired differences a_i − b_i and the half-width of its 95% Student t interval
-    (None for a single pair)."""
-    differences = [x - y for x, y in zip(a, b, strict=True)]
-    mean = statistics.fmean(differences)
-    if len(differences) < 2:
-        return mean, None
-    return mean, t_quantile(0.975, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
+    (seeds.mean_ci; None for a single pair)."""
+    mean, lower, _ = mean_ci([x - y for x, y in zip(a, b, strict=True)])
+    return mean, None if lower is None else mean - lower
 
 
 def verdict(history: list[dict]) -> list[str]:

@@ -116,11 +116,25 @@ def masked_cases():
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,T,D,packed,window,dtype,model_layout,seed", masked_cases())
-def test_masked_kernels_match_the_masked_reference(B, Hq, Hkv, T, D, packed, window, dtype, model_layout, seed):
+def test_masked_kernels_match_the_masked_reference(B, Hq, Hkv, T, D, packed, window, dtype, model_layout, seed,
+                                                   monkeypatch):
     q, k, v, grad_out = make_inputs(B, Hq, Hkv, T, D, dtype, model_layout, seed)
     layout = random_layout(B, T, seed) if packed else None
     mask = visible_mask(layout, T, window, q.device)
-    got = outputs_and_grads(attention, q, k, v, grad_out, True, layout=layout, window=window)
+    launched = []
+    real_launch = attention_module.launch
+
+    def recording_launch(kernel, *args, **meta):
+        launched.append((kernel.__name__, meta.get("PACKED"), meta.get("WINDOWED")))
+        return real_launch(kernel, *args, **meta)
+
+    with monkeypatch.context() as patched:  # the masked kernels themselves, never a fallback to SDPA
+        patched.setattr(attention_module, "launch", recording_launch)
+        patched.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: pytest.fail("fell back to SDPA"))
+        got = outputs_and_grads(attention, q, k, v, grad_out, True, layout=layout, window=window)
+    flags = (packed, window is not None and window < T)  # a window as long as the row is no window
+    assert {name for name, *_ in launched} == {"_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_kernel"}
+    assert all((p, w) == flags for name, p, w in launched if name != "_attn_bwd_delta_kernel"), launched
     want = outputs_and_grads(attention_ref, q, k, v, grad_out, True, dtype=torch.float64, mask=mask)
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):

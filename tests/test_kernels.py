@@ -8,8 +8,9 @@ import sys
 
 import pytest
 import torch
-import triton
-import triton.language as tl
+
+triton = pytest.importorskip("triton")  # where triton is not installed this file skips instead of failing to import
+import triton.language as tl  # noqa: E402
 
 from configurator import UserError
 from kernels import launch, triton_interprets

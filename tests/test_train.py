@@ -517,7 +517,7 @@ def test_phase_ends_store_each_held_out_prompts_validity(run):
 
 
 def test_t_quantiles_match_the_tables():
-    from train import t_quantile
+    from seeds import t_quantile  # the verdict's intervals use it (train.paired_interval via seeds.mean_ci)
     table = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 7: 2.3646, 10: 2.2281, 30: 2.0423,
              127: 1.9788}
     for dof, value in table.items():
