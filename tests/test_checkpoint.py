@@ -216,12 +216,19 @@ def test_save_model_dir_keeps_the_source_config_and_files_in_the_dtype_asked(tmp
 
 
 def test_export_config_from_scratch_describes_the_model(tmp_path):
+    """From scratch, config.json is nanospin's description of the model: read back, the same GPTConfig. From a
+    source directory (here one whose config.json names the older 'torch_dtype'), the source's own fields with
+    only the dtype key it uses rewritten."""
     model = tiny_gpt()
-    assert checkpoint.export_hf_config(model.config, torch.float32) == checkpoint.gpt_config_to_hf_config(
-        model.config, torch.float32)
-    source = checkpoint.ModelSource(None, {"model_type": "llama", "torch_dtype": "float32"}, torch.float32)
-    assert checkpoint.export_hf_config(model.config, torch.bfloat16, source) == {"model_type": "llama",
-                                                                                "torch_dtype": "bfloat16"}
+    exported = checkpoint.export_hf_config(model.config, torch.float32, checkpoint.read_model_source(None))
+    assert checkpoint.hf_config_to_gpt_config(exported) == model.config
+    source_dir = tmp_path / "src"
+    model.save_pretrained(str(source_dir))
+    config = json.loads((source_dir / "config.json").read_text())
+    config["torch_dtype"] = config.pop("dtype")
+    (source_dir / "config.json").write_text(json.dumps(config))
+    source = checkpoint.read_model_source(str(source_dir))
+    assert checkpoint.export_hf_config(model.config, torch.bfloat16, source) == {**config, "torch_dtype": "bfloat16"}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -262,6 +262,24 @@ def test_sentencepiece_tiktoken_path_equals_the_plain_merge_loop(sp_trained):
         assert tok.encode(text) == expected, repr(text)
 
 
+def test_sentencepiece_split_pattern_cuts_short_pieces_unless_a_merge_crosses_a_space():
+    """The regex keeps tiktoken's pieces short (a word, or a run of spaces and a word); only merges that put a
+    space after another character force the slow pattern of whole runs of merged characters."""
+    split = tokenizer.sentencepiece_split_pattern(["▁a", "ab"], "▁", split=True)
+    runs = tokenizer.sentencepiece_split_pattern(["▁a", "ab", "▁▁"], "▁", split=False)
+    crossing = tokenizer.sentencepiece_split_pattern(["▁a", "ab", "a▁"], "▁", split=False)
+    assert split.startswith(r"\x{2581}[") and runs.startswith(r"\x{2581}+[") and crossing.startswith("[")
+    for pattern, text, pieces in ((split, "▁ab▁▁a", ["▁ab", "▁", "▁a"]), (runs, "▁ab▁▁a", ["▁ab", "▁▁a"]),
+                                  (crossing, "▁ab▁▁a", ["▁ab▁▁a"])):
+        assert tiktoken_pieces(pattern, text) == pieces
+
+
+def tiktoken_pieces(pattern: str, text: str) -> list[str]:
+    """The pieces tiktoken's split regex cuts `text` into (its hex escapes spelled for Python's re)."""
+    python_pattern = re.sub(r"\\x\{([0-9a-f]+)\}", lambda m: re.escape(chr(int(m.group(1), 16))), pattern)
+    return re.findall(python_pattern, text)
+
+
 def test_sentencepiece_ignore_merges_emits_whole_words(tmp_path):
     sentencepiece_hf_tokenizer(tmp_path, "always-split", "spm")
     spec = json.loads((tmp_path / "tokenizer.json").read_text())
@@ -399,6 +417,7 @@ def test_real_llama2_tokenizer_json_ids_equal_tokenizers(real_llama2):
         assert tok.encode(text) == hf_ids(hf, text), repr(text)
         if "▁" not in text:
             assert tok.decode(tok.encode(text)) == text
+    assert tok.enc._pat_str.startswith(r"\x{2581}+[")  # Llama-2 keeps the short pieces, not the slow pattern
 
 
 def test_real_llama2_tokenizer_model_equals_its_tokenizer_json(real_llama2, tmp_path):
