@@ -7,10 +7,10 @@ Design choices:
 - Continuous batching: a cache row whose prompt has ended takes the next prompt (a prefill of that row
   alone) while the other rows keep decoding, so a batch never waits for its longest response.
 - Every row keeps its tokens at cache positions 0, 1, ...: its position is its cache index, its mask
-  (`attention_mask`, the one place masks are made) is "keys up to my position" (and, with a sliding
-  window, fewer than `window` positions back), and a row's numbers do not depend on the other rows, on
-  its row or on when it started. Sampling draws come from a per-prompt SplitMix64 stream, so sampled
-  answers are reproducible whatever the batch size or world size.
+  (`attention_mask`, the decode step's mask; a prefill uses the model's own causal one) is "keys up to my
+  position" (and, with a sliding window, fewer than `window` positions back), and a row's numbers do not
+  depend on the other rows, on its row or on when it started. Sampling draws come from a per-prompt
+  SplitMix64 stream, so sampled answers do not depend on the prompts beside them or on the world size.
 - Uncompiled, a step attends only to the filled part of the cache (up to the last live row's position, in
   blocks of KEY_BLOCK): the keys cut off are masked for every live row, and a test checks (on the CPU)
   that the cut changes no bit. Compiled, the step attends to the whole cache (static shapes).
@@ -40,6 +40,9 @@ from model import GPT
 # multiple of the CPU's vector width (8 or 16 floats), so the live keys fill whole vectors in SDPA's softmax and
 # the cut changes no bit (cuts of 4-12 keys did change the last bits)
 KEY_BLOCK = 32
+# decode steps between reading which rows are done (a host sync): every step costs little on the CPU; on the
+# GPU a sync per step would stall the queue of launches, and a row found done late only marks time
+CHECK_EVERY = {"cpu": 1, "default": 8}
 
 # ----------------------------------------------------------------------------------------------
 # sampling: small pure functions on (B, V) logits
@@ -294,7 +297,7 @@ def _start_rows(model: GPT, rows: Rows, free: list[int], waiting: deque, prompts
         rows.new_tokens[r, 0] = first[0]
         if rows.logps is not None:
             rows.logps[r, 0] = token_logprobs_of(logits, first)[0]
-        rows.done[r] = bool(torch.isin(first, stop_ids)[0]) or budgets[i] == 1
+        rows.done[r] = torch.isin(first, stop_ids)[0] | (budgets[i] == 1)  # no host sync
 
 
 def _finished_rows(rows: Rows) -> list[int]:
@@ -328,8 +331,7 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | 
     cache_len = _cache_len(prompts, budgets, max_len, compile)
     last_pos = min(cache_len, block_size) - 1  # where rows without a prompt mark time (static shapes)
     device = model.lm_head.weight.device
-    # a sync per step costs little on the CPU; on the GPU it would stall the queue of launches
-    check_every = 1 if device.type == "cpu" else 8
+    check_every = CHECK_EVERY.get(device.type, CHECK_EVERY["default"])
 
     was_training = model.training
     model.eval()

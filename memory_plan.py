@@ -9,7 +9,7 @@ Design choices:
   activations. A rollout holds the master weights, one compute-dtype copy of the weights to sample
   with (none where the model samples itself), the KV cache of rollout_batch_size x max_len tokens, and
   the temporaries of its largest forward: the scoring's, in quarters of its 2 x rollout_batch_size
-  sequences (spin.SCORING_CHUNKS; the prefill runs one prompt at a time); gradients and optimizer state
+  sequences (SCORING_CHUNKS; the prefill runs one prompt at a time); gradients and optimizer state
   are freed first.
 - Activations count what autograd saves per token and layer, as measured on nanospin's blocks
   (tests/test_memory_plan.py checks the count against the saved tensors); activation checkpointing
@@ -25,6 +25,7 @@ import torch
 from model import GPTConfig
 
 GIB = 1 << 30
+SCORING_CHUNKS = 4  # spin.opponent_logps scores a rollout batch's pairs in this many forwards; the plan counts one
 OPTIMIZER_STATES = {"adamw": 2, "rmsprop": 1}  # fp32 tensors per parameter: AdamW's two moments, RMSprop's square
 FIT_FRACTION = 0.9  # of the GPU's memory; the rest goes to the CUDA context and the allocator's fragmentation
 
@@ -117,7 +118,7 @@ class MemoryPlan:
     activations: int  # one micro-batch's, saved for the backward
     rollout_weights: int  # the compute-dtype copy the rollout samples with (0: the model samples itself)
     kv_cache: int  # rollout_batch_size x max_len tokens
-    rollout_forward: int  # a scoring forward: rollout_batch_size / 2 sequences of max_len
+    rollout_forward: int  # a scoring forward: 2 x rollout_batch_size / SCORING_CHUNKS sequences of max_len
 
     @property
     def training(self) -> int:
@@ -153,7 +154,7 @@ def plan_memory(cfg: GPTConfig, world_size: int, fsdp: bool, on_gpu: bool, compu
         step_weights=step_weights,
         activations=activation_bytes(cfg, train_sequences * max_len, e, residual, activation_checkpointing),
         rollout_weights=rollout_weights, kv_cache=kv_cache_bytes(cfg, rollout_batch_size, max_len, cache),
-        rollout_forward=forward_bytes(cfg, max(1, rollout_batch_size // 2) * max_len, e, residual))
+        rollout_forward=forward_bytes(cfg, max(1, 2 * rollout_batch_size // SCORING_CHUNKS) * max_len, e, residual))
 
 
 def size(n: float) -> str:

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import UserError
-from packing import RowLayout, visible_mask
+from packing import RowLayout, sdpa_mask
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")  # the Hugging Face families loaded and saved
 # the block styles a model built from scratch takes: Qwen2 and Mistral are Llama blocks plus what only a
@@ -125,16 +125,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
-def attention_mask(layout: RowLayout | None, T: int, window: int | None,
-                   device: torch.device) -> torch.Tensor | None:
-    """The boolean mask (B or 1, 1, T, T) SDPA needs for packed rows or a window shorter than the rows (positions
-    are never further apart than a row is long); None where plain causal attention is the same."""
-    window = window if window is not None and window < T else None
-    if layout is None and window is None:
-        return None
-    return visible_mask(layout, T, window, device)
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa", mask: torch.Tensor | None = None,
            layout: RowLayout | None = None, window: int | None = None) -> torch.Tensor:
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Hq, Tq, D).
@@ -147,8 +137,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa"
     if mask is None and impl == "triton":
         from kernels.attention import attention
         return attention(q, k, v, causal=True, layout=layout, window=window)
-    if mask is None:
-        mask = attention_mask(layout, q.shape[2], window, q.device)
+    if mask is None:  # GPT.hidden_states passes it in (once for every layer); made here for other callers
+        mask = sdpa_mask(layout, q.shape[2], window, q.device)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -308,8 +298,8 @@ class GPT(nn.Module):
             x = x + self.wpe(pos)
         else:
             rope = rope_cos_sin(self.config, pos, x.dtype)
-        if slots is None and mask is None and self.config.attention == "sdpa":  # one mask for every layer
-            mask = attention_mask(layout, T, self.config.sliding_window, idx.device)
+        if mask is None and self.config.attention == "sdpa":  # one mask for every layer (a prefill's too)
+            mask = sdpa_mask(layout, T, self.config.sliding_window, idx.device)
         caches = self.kv_caches if slots is not None else None
         for i, block in enumerate(self.blocks):
             x = block(x, rope, caches[i] if caches else None, slots, mask, layout)

@@ -152,3 +152,12 @@ def visible_mask(layout: RowLayout | None, T: int, window: int | None, device: t
     if window is not None:
         visible = visible & (positions[:, :, None] - positions[:, None, :] < window)
     return visible[:, None]
+
+
+def sdpa_mask(layout: RowLayout | None, T: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """The boolean mask (B or 1, 1, T, T) SDPA needs for packed rows or a window shorter than the rows (positions
+    are never further apart than a row is long); None where plain causal attention is the same."""
+    window = window if window is not None and window < T else None
+    if layout is None and window is None:
+        return None
+    return visible_mask(layout, T, window, device)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from data import collate
 from generate import generate_stream, mix_seed
+from memory_plan import SCORING_CHUNKS
 from packing import pack_documents, response_logps
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ class Pair:
 class RolloutSettings:
     """How the opponent samples and scores, and where: this process's rank of world_size, its device."""
     max_new_tokens: int
-    max_len: int  # prompt + response; a batch's budget is max_len minus its longest prompt
+    max_len: int  # prompt + response: each prompt may add max_len minus its own length
     stop: list[int]  # token ids that end a generation
     pad_id: int
     batch_size: int  # cache rows sampled together on each rank (continuous batching); prompts per scoring batch
@@ -236,9 +237,6 @@ def run_sharded(batches: list[list[int]], run_batch: Callable[[list[int]], list]
     return [by_index[i] for i in range(len(by_index))]
 
 
-SCORING_CHUNKS = 4  # a rollout batch's pairs are scored in this many forwards (memory_plan.py counts one)
-
-
 def opponent_logps(scorer, prompts: list[list[int]], real: list[list[int]], generated: list[list[int]],
                    s: RolloutSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """The scorer's (B,) log-probs of the real and the generated responses, without grad, in SCORING_CHUNKS
@@ -255,8 +253,9 @@ def _score(model, examples: list, generated: list[list[int]], s: RolloutSettings
     """The pairs of examples and their generations, with both responses scored under `model`."""
     prompts, real = [e.prompt_ids for e in examples], [e.real_ids for e in examples]
     real_logps, generated_logps = opponent_logps(model, prompts, real, generated, s)
-    return [Pair(e.source, p, r, g, rl.item(), gl.item(), bool(g) and g[-1] in s.stop)
-            for e, p, r, g, rl, gl in zip(examples, prompts, real, generated, real_logps, generated_logps)]
+    return [Pair(e.source, p, r, g, rl, gl, bool(g) and g[-1] in s.stop)  # one device-to-host copy each, below
+            for e, p, r, g, rl, gl in zip(examples, prompts, real, generated, real_logps.tolist(),
+                                          generated_logps.tolist())]
 
 
 def rollout(model, examples: list, settings: RolloutSettings, iteration: int,
@@ -299,9 +298,9 @@ def rollout(model, examples: list, settings: RolloutSettings, iteration: int,
                                  seed=[mix_seed(s.seed, iteration, i) for i in mine], compile=s.compile,
                                  batch_size=rows, max_len=max_len)
         try:
-            for n_finished, (j, generated, _) in enumerate(stream, 1):
+            for j, generated, _ in stream:
                 done.append((mine[j], generated))
-                if (len(done) == s.batch_size or n_finished == len(mine)) and check():
+                if len(done) == s.batch_size and check():
                     return None
         finally:
             stream.close()
@@ -324,8 +323,8 @@ def rescore(model, pairs: list[Pair], settings: RolloutSettings) -> list[Pair]:
         generated = [p.generated_ids for p in batch]
         with s.autocast or torch.autocast(s.device.type, enabled=False):
             real_logps, generated_logps = opponent_logps(model, prompts, real, generated, s)
-        return [replace(p, opponent_real_logp=r.item(), opponent_generated_logp=g.item())
-                for p, r, g in zip(batch, real_logps, generated_logps)]
+        return [replace(p, opponent_real_logp=r, opponent_generated_logp=g)
+                for p, r, g in zip(batch, real_logps.tolist(), generated_logps.tolist())]
 
     return run_sharded(batches, score_batch, s.rank, s.world_size)
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from configurator import UserError
 from kernels import interpret_requested, jit, launch, tl, triton, triton_runs_on
-from packing import RowLayout, visible_mask
+from packing import RowLayout, sdpa_mask
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 LOG2_E = 1.4426950408889634
@@ -565,7 +565,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if uses_triton(q):
         return _TritonAttention.apply(q, k, v, causal, scale, _token_ids_tensor(layout, q.device), window)
     gqa = q.shape[1] != k.shape[1]
-    if layout is None and window is None:
+    mask = sdpa_mask(layout, q.shape[2], window, q.device)  # (B or 1, 1, T, T) or None
+    if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
-    mask = visible_mask(layout, q.shape[2], window, q.device)  # (B or 1, 1, T, T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

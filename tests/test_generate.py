@@ -244,6 +244,27 @@ def test_attending_to_the_live_keys_only_changes_no_token(model_type, monkeypatc
     assert set(widths) == {59}
 
 
+def test_checking_for_ended_rows_every_8_steps_as_on_a_gpu_changes_no_answer(monkeypatch):
+    """On a GPU the loop reads which rows are done every 8 steps: a row found done late marks time, its next
+    prompt starts late, and the live-key cut counts it as live; none of that changes an answer."""
+    model = tiny_model("llama")
+    prompts = random_prompts(9, seed=3)
+    free = [generate(model, [p], 40, temperature=0)[0] for p in prompts]
+    eos = [free[0][4], free[2][11]]
+    alone = [generate_ref(model, [p], 40, eos_id=eos)[0] for p in prompts]
+    kwargs = dict(eos_id=eos, batch_size=3, max_len=60)
+    monkeypatch.setattr(gen, "KEY_BLOCK", 16)
+    sampled = generate(model, prompts, 40, temperature=1.0, seed=3, return_logprobs=True, **kwargs)
+    steps = {}
+    for every in (1, 8):
+        monkeypatch.setattr(gen, "CHECK_EVERY", {"cpu": every, "default": every})
+        counted = []
+        assert generate(model, prompts, 40, temperature=0, on_step=counted.append, **kwargs) == alone
+        assert generate(model, prompts, 40, temperature=1.0, seed=3, return_logprobs=True, **kwargs) == sampled
+        steps[every] = len(counted)
+    assert steps[8] > steps[1]  # rows really were found done late
+
+
 def test_sampled_answers_depend_on_the_prompt_and_its_seed_only():
     model = tiny_model("llama")
     prompts = random_prompts(9, seed=1)
