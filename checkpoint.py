@@ -416,8 +416,6 @@ class ModelSource:
 
 # files beside the weights that describe the model to other tools: copied into every export unchanged
 MODEL_COMPANION_FILES = ("generation_config.json",)
-# a Hugging Face tokenizer's files that Tokenizer.save does not copy along itself
-TOKENIZER_COMPANION_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
 DTYPE_KEYS = ("dtype", "torch_dtype")  # transformers >= 4.56 writes the first, older versions the second
 
 
@@ -442,18 +440,14 @@ def export_hf_config(cfg: GPTConfig, dtype: torch.dtype, source: ModelSource | N
     return config
 
 
-def copy_companion_files(path: str, source: ModelSource | None, tokenizer: Tokenizer | None) -> None:
-    """The source directory's generation_config.json, and the rest of its tokenizer's files when the
-    tokenizer is that directory's, into `path` byte for byte."""
+def copy_companion_files(path: str, source: ModelSource | None) -> None:
+    """The source directory's generation_config.json into `path` byte for byte (the tokenizer's own files
+    travel with Tokenizer.save)."""
     if source is None or source.dir is None:
         return
-    names = list(MODEL_COMPANION_FILES)
-    source_dir = os.path.abspath(source.dir)
-    if tokenizer is not None and any(os.path.dirname(os.path.abspath(f)) == source_dir for f in tokenizer.source_files):
-        names += TOKENIZER_COMPANION_FILES
-    for name in names:
-        if os.path.isfile(os.path.join(source_dir, name)):
-            shutil.copyfile(os.path.join(source_dir, name), os.path.join(path, name))
+    for name in MODEL_COMPANION_FILES:
+        if os.path.isfile(os.path.join(source.dir, name)):
+            shutil.copyfile(os.path.join(source.dir, name), os.path.join(path, name))
 
 
 def model_from_state(cfg: GPTConfig, state: dict[str, torch.Tensor], device=None,
@@ -538,7 +532,7 @@ def save_model_dir(path: str, state: dict[str, torch.Tensor], cfg: GPTConfig, to
         with open(os.path.join(path, "nanospin.json"), "w") as f:
             template = format_config(chat_format(chat_template)) if chat_template else None
             json.dump({"chat_template": template, "tokenizer": tokenizer.name}, f, indent=2, ensure_ascii=False)
-    copy_companion_files(path, source, tokenizer)
+    copy_companion_files(path, source)
 
 
 def export_model(path: str, model, cfg: GPTConfig, tokenizer, chat_template: ChatFormat | str, rank: int,

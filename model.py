@@ -344,6 +344,10 @@ class GPT(nn.Module):
     def clear_kv_cache(self) -> None:
         self.kv_caches = None
 
+    def release_kv_caches(self) -> None:
+        """Drop the cache and the one kept for reuse (a compiled decode's), whose memory training needs back."""
+        self.kv_caches = self.kept_kv_caches = None
+
     # --- accounting --------------------------------------------------------------------------
 
     def num_params(self, non_embedding: bool = True) -> int:

@@ -92,7 +92,9 @@ KNOWN_TIKTOKEN_FILES = {
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>", "<|eot_id|>")
 SAVED_TOKENIZER_FILE = "nanospin_tokenizer.json"
 SAVED_RANKS_FILE = "tokenizer.tiktoken"
-HF_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model")
+# a Hugging Face tokenizer's files, which save() copies along byte for byte (the first that exists is the one read)
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model", "vocab.json",
+            "merges.txt", "special_tokens_map.json", "added_tokens.json")
 TOKENIZER_HELP = ("give 'bytes', a tiktoken encoding name, a Hugging Face tokenizer directory (tokenizer.json; or "
                   "vocab.json + merges.txt), a SentencePiece tokenizer.model or a tiktoken BPE file")
 

@@ -163,12 +163,14 @@ class TrainConfig:
     activation_checkpointing: bool = False
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the dtype keys' names
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Values the type system cannot catch, as one-line errors naming the key."""
     choices = {"stage": ("sft", "spin", "sft+spin"), "loss_type": ("sigmoid", "hinge"),
                "optimizer": ("adamw", "rmsprop"), "lr_schedule": ("linear", "cosine", "constant"),
-               "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16"),
-               "export_dtype": ("auto", "float32", "bfloat16", "float16"),
+               "device": ("auto", "cpu", "cuda"), "dtype": ("auto", *DTYPES), "export_dtype": ("auto", *DTYPES),
                "attention": ATTENTION_IMPLS, "model_type": SCRATCH_MODEL_TYPES}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -276,8 +278,7 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
             torch.cuda.set_device(local_rank)
     use_cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    compute_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-                     "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    compute_dtype = DTYPES.get(cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)  # or auto
     fsdp = world_size > 1
     # single process: fp32 master weights under autocast; FSDP: its mixed-precision policy instead
     autocast = (torch.autocast(device.type, dtype=compute_dtype)
@@ -629,7 +630,7 @@ def model_for_sampling(model: GPT, rt: Runtime) -> Iterator[GPT]:
         try:
             yield sampler
         finally:
-            sampler.kept_kv_caches = None
+            sampler.release_kv_caches()
             if sampler is not model and not rt.fsdp:
                 sampler.to("meta")
     if rt.device.type == "cuda":
@@ -646,9 +647,14 @@ def sampler_of(model: GPT, rt: Runtime) -> GPT:
                   for name, p in model.named_parameters()}
         return ckpt.model_from_state(model.config, params)
     if rt.device.type == "cuda" and rt.compute_dtype != torch.float32:
-        params = {name: p.detach() for name, p in model.named_parameters()}  # tied weights once
-        return ckpt.model_from_state(model.config, params, rt.device, rt.compute_dtype)
+        return compute_dtype_copy(model, rt.device, rt.compute_dtype)
     return model
+
+
+def compute_dtype_copy(model: GPT, device: torch.device, dtype: torch.dtype) -> GPT:
+    """A copy of the model's weights in `dtype` on `device` (tied embeddings stay tied), to sample with."""
+    params = {name: p.detach() for name, p in model.named_parameters()}  # tied weights once
+    return ckpt.model_from_state(model.config, params, device, dtype)
 
 
 @contextmanager
@@ -1141,7 +1147,7 @@ def export_dtype(cfg: TrainConfig, source: ckpt.ModelSource) -> torch.dtype:
     """The dtype of out_dir/final's weights: export_dtype, or for 'auto' the one the model came in."""
     if cfg.export_dtype == "auto":
         return source.dtype
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.export_dtype]
+    return DTYPES[cfg.export_dtype]
 
 
 def export_models(cfg: TrainConfig, rank: int, model: GPT, data: RunData, kind: str,

@@ -580,6 +580,9 @@ def test_a_directory_of_vocab_json_and_merges_txt_is_gpt2_byte_level_bpe(tmp_pat
     assert tok.eos_id == 0 and tok.specials == {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
     for text in varied_texts():
         assert tok.encode(text) == hf_ids(hf, text), repr(text)
+    tok.save(str(tmp_path / "saved"))  # an export carries the files Hugging Face reads, byte for byte
+    for name in ("vocab.json", "merges.txt"):
+        assert (tmp_path / "saved" / name).read_bytes() == (tmp_path / "pair" / name).read_bytes()
 
 
 @pytest.mark.parametrize("files, message", [

@@ -209,10 +209,9 @@ def first_spin_steps(out_dir) -> list[dict]:
 
 
 def bf16_copy(model, rt):
-    """What train.sampler_of samples with on a GPU in bf16: a bf16 copy of the fp32 weights."""
-    import checkpoint as ckpt
-    return ckpt.model_from_state(model.config, {n: p.detach() for n, p in model.named_parameters()},
-                                 dtype=torch.bfloat16)
+    """What train.sampler_of samples with on a GPU in bf16 (train.compute_dtype_copy), here on the CPU."""
+    import train
+    return train.compute_dtype_copy(model, torch.device("cpu"), torch.bfloat16)
 
 
 def test_sampling_leaves_no_kv_cache_and_no_copy_behind(monkeypatch):
@@ -233,6 +232,8 @@ def test_sampling_leaves_no_kv_cache_and_no_copy_behind(monkeypatch):
     monkeypatch.setattr(train, "sampler_of", bf16_copy)  # as on one GPU in bf16
     with train.model_for_sampling(model, rt) as copy:
         assert copy is not model and generate(copy, [[1, 2, 3]], 4, compile="eager")
+        assert {p.dtype for p in copy.parameters()} == {torch.bfloat16} and copy.lm_head.weight is copy.wte.weight
+        assert torch.equal(copy.wte.weight, model.wte.weight.to(torch.bfloat16))
     assert all(p.is_meta for p in copy.parameters()) and copy.kept_kv_caches is None
     assert not any(p.is_meta for p in model.parameters())
 
