@@ -25,6 +25,7 @@ Design choices:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -40,6 +41,13 @@ class RowLayout:
 
     def to(self, device: torch.device) -> RowLayout:
         return RowLayout(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+
+    @functools.cached_property
+    def kernel_ids(self) -> torch.Tensor:
+        """(B, 4, T) int32 as the Triton attention kernels read them: document start, document end, segment,
+        position; made once per layout, for every layer of a forward and its backward."""
+        parts = (self.doc_starts, self.doc_ends, self.segments, self.positions)
+        return torch.stack([part.to(torch.int32) for part in parts], dim=1).contiguous()
 
 
 @dataclass

@@ -54,12 +54,13 @@ def jit(fn: Callable) -> Callable:
 
 def launch(kernel, grid: tuple, *args, **meta) -> None:
     """kernel[grid](*args, **meta) for a kernel made by `jit`, in the mode TRITON_INTERPRET asks for now."""
-    where = f"{kernel.fn.__module__.replace('.', '/')}.py:{kernel.__name__}"
-    if interpret_requested() and not triton_interprets():
-        raise UserError(f"TRITON_INTERPRET=1 was set after triton was first imported, so the interpreter cannot run "
-                        f"{where}; set it before anything imports triton (the shell, or the top of the script or "
-                        f"conftest.py)")
-    if not interpret_requested() and triton_interprets():
+    requested, interprets = interpret_requested(), triton_interprets()
+    if requested != interprets:  # the error names the kernel; built only then, not on every launch
+        where = f"{kernel.fn.__module__.replace('.', '/')}.py:{kernel.__name__}"
+        if requested:
+            raise UserError(f"TRITON_INTERPRET=1 was set after triton was first imported, so the interpreter cannot "
+                            f"run {where}; set it before anything imports triton (the shell, or the top of the script "
+                            f"or conftest.py)")
         raise UserError(f"triton was first imported with TRITON_INTERPRET=1, so {where} can only be interpreted, not "
                         f"compiled for the GPU; run it in a process that imports triton with TRITON_INTERPRET unset")
     kernel[grid](*args, **meta)

@@ -19,6 +19,7 @@ of packed rows (documents and segments, packing.py) and of a sliding window.
 
 from __future__ import annotations  # the kernels' tl.constexpr annotations stay unevaluated without triton
 
+import functools
 import math
 
 import torch
@@ -454,12 +455,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _token_ids_tensor(layout: RowLayout | None, device: torch.device) -> torch.Tensor:
-    """(B, 4, T) int32 ids the kernels read for packed rows: document start, document end, segment, position
-    (a one-element placeholder, never read, for unpacked rows)."""
-    if layout is None:
-        return torch.zeros(1, dtype=torch.int32, device=device)
-    parts = (layout.doc_starts, layout.doc_ends, layout.segments, layout.positions)
-    return torch.stack([part.to(torch.int32) for part in parts], dim=1).contiguous()
+    """(B, 4, T) int32 ids the kernels read for packed rows (RowLayout.kernel_ids, made once per layout), or for
+    unpacked rows a one-element placeholder, never read."""
+    return _unpacked_placeholder(device) if layout is None else layout.kernel_ids
+
+
+@functools.cache
+def _unpacked_placeholder(device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def _mask_flags(causal: bool, ids: torch.Tensor, window: int | None) -> dict:
