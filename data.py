@@ -26,9 +26,7 @@ import numpy as np
 import torch
 
 from configurator import UserError
-# templates.py's rendering and decoding, also importable from here with the datasets they make
-from templates import (ROLES, TEMPLATES, ChatFormat, chat_format, end_of_turn_id, message_error,  # noqa: F401
-                       render_prompt, render_response, resolve_template, response_text, stop_ids, strip_stop)
+from templates import ChatFormat, chat_format, end_of_turn_id, message_error, render_prompt, render_response
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------

@@ -218,7 +218,8 @@ def one_iteration(model, examples, stop: list[int], pad_id: int, cfg: BenchConfi
 
 
 def run_ours(cfg: BenchConfig) -> dict:
-    from data import examples_from_messages, stop_ids
+    from data import examples_from_messages
+    from templates import stop_ids
     from generate import generate
     from model import GPT, GPTConfig
 

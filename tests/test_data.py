@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import templates
 from configurator import UserError, run_main
 from hf_tokenizers import real_dir
 from tokenizer import load_tokenizer
@@ -26,14 +27,14 @@ def test_collate_targets_cover_exactly_the_response():
     assert targets.tolist() == [[-100, -100, 4, 5, 99], [8, 99, -100, -100, -100]]
 
 
-@pytest.mark.parametrize("template", data.TEMPLATES)
+@pytest.mark.parametrize("template", templates.TEMPLATES)
 def test_rendered_batch_masks_include_end_of_turn_and_exclude_prompt(template):
     tok = load_tokenizer("bytes")
     convs = data.synthetic_conversations(4, seed=3)
     examples, _ = data.examples_from_messages(convs, tok, template, max_len=128, max_prompt_len=96)
     input_ids, targets = data.collate([e.prompt_ids for e in examples], [e.real_ids for e in examples],
                                       tok.eos_id)
-    eot = data.end_of_turn_id(tok, template)
+    eot = templates.end_of_turn_id(tok, template)
     for row, e in enumerate(examples):
         kept = targets[row][targets[row] != -100].tolist()
         assert kept == e.real_ids and kept[-1] == eot
@@ -115,9 +116,10 @@ def test_nemo_header_speakers_load_as_the_roles_inside(tmp_path):
     for line, e in zip(nemo_header_records(512), examples):
         turns = json.loads(line)["conversations"]
         roles = ["user" if t["from"] == header("user") else "assistant" for t in turns]
-        assert [m["role"] for m in e.prompt_messages] == roles[:-1]  # an empty 'system' adds no system turn
+        # an empty 'system' adds no system turn; each message keeps its turn's text
+        assert e.prompt_messages == [{"role": r, "content": t["value"]} for r, t in zip(roles, turns)][:-1]
         assert e.real_text == turns[-1]["value"]
-        assert e.prompt_ids == data.render_prompt(tok, e.prompt_messages, "llama3")[-384:]
+        assert e.prompt_ids == templates.render_prompt(tok, e.prompt_messages, "llama3")[-384:]
 
 
 def test_speaker_roles():
@@ -147,7 +149,7 @@ def test_example_keeps_its_source_line_text_and_prompt_messages(tmp_path):
 def test_spin_format_keeps_its_generated_response(tmp_path):
     tok = load_tokenizer("bytes")
     (example,), _ = data.load_examples(files_in_every_format(tmp_path)["spin"], tok, "chatml", 64, 48)
-    assert example.generated_ids == data.render_response(tok, "five", "chatml")
+    assert example.generated_ids == templates.render_response(tok, "five", "chatml")
 
 
 def test_json_list_records_are_named_by_their_line(tmp_path):
@@ -280,14 +282,14 @@ TRUNCATION_CASES = [[{"role": "user", "content": "u" * 10}, {"role": "assistant"
 def test_long_prompt_keeps_its_end():
     tok = load_tokenizer("bytes")
     examples, _ = data.examples_from_messages(TRUNCATION_CASES, tok, "plain", max_len=40, max_prompt_len=30)
-    assert examples[1].prompt_ids == data.render_prompt(tok, TRUNCATION_CASES[1][:1], "plain")[-30:]
-    assert examples[1].real_ids == data.render_response(tok, "a" * 5, "plain")
+    assert examples[1].prompt_ids == templates.render_prompt(tok, TRUNCATION_CASES[1][:1], "plain")[-30:]
+    assert examples[1].real_ids == templates.render_response(tok, "a" * 5, "plain")
 
 
 def test_cut_response_loses_its_end_of_turn():
     tok = load_tokenizer("bytes")
     examples, _ = data.examples_from_messages(TRUNCATION_CASES, tok, "plain", max_len=40, max_prompt_len=30)
-    assert examples[2].real_ids == data.render_response(tok, "a" * 40, "plain")[: 40 - len(examples[2].prompt_ids)]
+    assert examples[2].real_ids == templates.render_response(tok, "a" * 40, "plain")[: 40 - len(examples[2].prompt_ids)]
     assert examples[2].real_ids[-1] != tok.eos_id
     assert examples[0].real_ids[-1] == tok.eos_id
 
@@ -484,7 +486,7 @@ def test_a_repeated_prompt_rarely_repeats_its_answer():
 def test_checker_finds_the_prompt_inside_a_rendered_conversation():
     tok = load_tokenizer("bytes")
     user, assistant = data.synthetic_conversations(1, seed=6)[0]
-    rendered = tok.decode(data.render_prompt(tok, [user], "chatml"))
+    rendered = tok.decode(templates.render_prompt(tok, [user], "chatml"))
     assert data.check_answer(rendered, assistant["content"])["valid"] == 1.0
 
 

@@ -9,7 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from data import Example, collate, render_prompt, render_response, synthetic_conversations
+from data import Example, collate, synthetic_conversations
+from templates import render_prompt, render_response
 from model import GPT, GPTConfig
 import spin
 from tokenizer import load_tokenizer

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import Example, render_prompt, render_response
+from data import Example
+from templates import render_prompt, render_response
 from tokenizer import load_tokenizer
 
 from train_runs import (CHECKPOINT_STEPS, REPO, SPIN_STEPS, TINY, assert_same_weights, baseline, checkpoint_steps,
@@ -69,7 +70,7 @@ def test_lr_schedules():
 
 def test_save_load_gives_identical_next_step(tmp_path):
     import checkpoint as ckpt
-    from data import render_prompt, render_response
+    from templates import render_prompt, render_response
     from model import GPT, GPTConfig
     from spin import sequence_logps
     from tokenizer import load_tokenizer
