@@ -15,30 +15,13 @@ Design choices:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from configurator import UserError, run_main
+from seeds import read_metrics
 
 HINT = "plot.py needs matplotlib, which nanospin does not install: pip install matplotlib"
-
-
-def read_metrics(out_dir: str) -> list[dict]:
-    """metrics.jsonl's records (a line cut short by a kill is skipped)."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise UserError(f"'{path}' not found: pass train.py out_dirs (each holds a metrics.jsonl)")
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    if not records:
-        raise UserError(f"'{path}' has no records yet")
-    return records
 
 
 def run_label(out_dirs: list[str], out_dir: str) -> str:
@@ -205,7 +188,11 @@ def plot_runs(out_dirs: list[str], path: str) -> str:
         import matplotlib.ticker
     except ImportError:
         raise UserError(HINT) from None
-    runs = {d: split_run(read_metrics(d)) for d in out_dirs}
+    records = {d: read_metrics(d) for d in out_dirs}
+    for d, rs in records.items():
+        if not rs:
+            raise UserError(f"'{os.path.join(d, 'metrics.jsonl')}' has no records yet")
+    runs = {d: split_run(rs) for d, rs in records.items()}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(4, 3, figsize=(16, 17))
     panels = dict(zip(PANELS, axes.flat))

@@ -92,21 +92,25 @@ def phase_label(phase: str, iteration: int) -> str:
     return {"sft": "SFT", "spin": f"SPIN iter {iteration}", "baseline": f"continued SFT iter {iteration}"}[phase]
 
 
-def phase_ends(out_dir: str) -> dict[tuple[str, int], dict]:
-    """{(phase, iteration): the phase-end record} of one run (the last one wins if a phase repeats)."""
+def read_metrics(out_dir: str) -> list[dict]:
+    """One run's metrics.jsonl records (a line cut short by a kill is skipped); plot.py reads runs with it too."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise UserError(f"'{path}' not found: '{out_dir}' is not a train.py out_dir (pass the seed_N directories)")
-    ends = {}
+        raise UserError(f"'{path}' not found: '{out_dir}' is not a train.py out_dir (pass the directories that hold "
+                        f"a metrics.jsonl, e.g. seed_N)")
+    records = []
     with open(path) as f:
         for line in f:
             try:
-                record = json.loads(line)
+                records.append(json.loads(line))
             except json.JSONDecodeError:  # a line cut short by a kill
                 continue
-            if record.get("event") == "phase_end":
-                ends[(record["phase"], record["iteration"])] = record
-    return ends
+    return records
+
+
+def phase_ends(out_dir: str) -> dict[tuple[str, int], dict]:
+    """{(phase, iteration): the phase-end record} of one run (the last one wins if a phase repeats)."""
+    return {(r["phase"], r["iteration"]): r for r in read_metrics(out_dir) if r.get("event") == "phase_end"}
 
 
 def summarize(out_dirs: list[str]) -> dict:
