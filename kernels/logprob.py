@@ -147,11 +147,15 @@ def _mm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
         torch.mm(a, b, out=out)
 
 
+def default_slice_bytes(n_rows: int, vocab: int, logit_bytes: int) -> int:
+    """The logits slice's size when not given: an eighth of the full logits keeps memory far below the naive
+    path's; the 1 GiB cap and 32 MiB floor keep the slices few and their matmuls large (memory_plan.py counts it)."""
+    return min(max(n_rows * vocab * logit_bytes // 8, 32 << 20), 1 << 30)
+
+
 def _cols_per_slice(n_rows: int, vocab: int, logit_bytes: int, chunk_bytes: int | None) -> int:
     if chunk_bytes is None:
-        # an eighth of the full logits keeps memory far below the naive path's; the 1 GiB cap and
-        # 32 MiB floor keep the slices few and their matmuls large
-        chunk_bytes = min(max(n_rows * vocab * logit_bytes // 8, 32 << 20), 1 << 30)
+        chunk_bytes = default_slice_bytes(n_rows, vocab, logit_bytes)
     max_cols = max(1, chunk_bytes // max(1, n_rows * logit_bytes))
     if max_cols >= 128:
         max_cols -= max_cols % 128  # slice widths that keep the logits' rows aligned for the matmuls
