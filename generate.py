@@ -11,9 +11,9 @@ Design choices:
   position" (and, with a sliding window, fewer than `window` positions back), and a row's numbers do not
   depend on the other rows, on its row or on when it started. Sampling draws come from a per-prompt
   SplitMix64 stream, so sampled answers do not depend on the prompts beside them or on the world size.
-- Uncompiled, a step attends only to the filled part of the cache (up to the last live row's position, in
-  blocks of KEY_BLOCK): the keys cut off are masked for every live row, and a test checks (on the CPU)
-  that the cut changes no bit. Compiled, the step attends to the whole cache (static shapes).
+- A step always attends to the whole cache (masked past each row's position). Attending only to its filled
+  part would save a little, but the width would then depend on the other rows, and SDPA's CPU reductions
+  change their last bits with the width on some CPUs (AMD EPYC): a prompt's y' would depend on its neighbours.
 - Sampling is temperature, then top-k, then top-p, as small pure functions; ties at a cut-off are kept.
 - `generate_ref` recomputes the whole sequence every step: the plain reference the tests compare against.
 
@@ -36,10 +36,6 @@ from checkpoint import load_for_chat
 from configurator import UserError
 from model import GPT
 
-# an uncompiled decode step attends to the cache up to its last live row, in blocks of this many positions: a
-# multiple of the CPU's vector width (8 or 16 floats), so the live keys fill whole vectors in SDPA's softmax and
-# the cut changes no bit (cuts of 4-12 keys did change the last bits)
-KEY_BLOCK = 32
 # decode steps between reading which rows are done (a host sync): every step costs little on the CPU; on the
 # GPU a sync per step would stall the queue of launches, and a row found done late only marks time
 CHECK_EVERY = {"cpu": 1, "default": 8}
@@ -132,13 +128,6 @@ def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int |
     return seen if window is None else seen & (key_pos > query - window)
 
 
-def live_keys(cache_len: int, last_live_pos: int, block: int) -> int:
-    """How many cache positions a decode step attends to: up to the last live row's position, rounded up to a
-    multiple of `block` (fewer distinct shapes), at most the cache. The positions cut off are masked for every
-    live row, so its numbers do not change: a masked key weighs exactly 0."""
-    return min(cache_len, -(-(last_live_pos + 1) // block) * block)
-
-
 def prefill(model: GPT, prompts: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Run right-padded prompts (B, T) of `lengths` (B,) into cache rows `rows` (B,), positions 0..T-1, and
     return each prompt's last logits (B, V) fp32 (the other positions never reach the vocabulary). A fresh
@@ -152,8 +141,8 @@ def prefill(model: GPT, prompts: torch.Tensor, lengths: torch.Tensor, rows: torc
 
 def decode_logits(model: GPT, token: torch.Tensor, pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
     """One step for every cache row: token, pos (B, 1) -> logits (B, V) fp32; each row writes its key at its
-    own position and attends to the cache positions key_pos (L,) = 0..L-1 (the filled part, or the whole
-    cache: static shapes, the function torch.compile captures)."""
+    own position and attends to the whole cache, key_pos (L,) = 0..L-1 (static shapes: the function
+    torch.compile captures)."""
     mask = attention_mask(pos, key_pos, model.config.sliding_window)  # (B, 1, 1, L)
     h = model.hidden_states(token, pos, (None, pos), mask)  # (B, 1, C)
     return model.lm_head(h[:, -1]).float()
@@ -254,7 +243,6 @@ class Rows:
     logps: torch.Tensor | None  # (R, W) their log-probs, when asked for
     draws: torch.Tensor | None  # (R, W) float64: the row's prompt's uniforms, when sampling
     prompt: list[int | None]  # the prompt each row is answering (None: the row marks time)
-    offset: list[int]  # a live row's position at decode step s is offset + s, known without reading `pos` back
 
 
 def _empty_rows(n_rows: int, width: int, device: torch.device, return_logprobs: bool, sampled: bool) -> Rows:
@@ -262,8 +250,7 @@ def _empty_rows(n_rows: int, width: int, device: torch.device, return_logprobs: 
         return torch.zeros(*shape, dtype=dtype, device=device)
     return Rows(zeros(n_rows), zeros(n_rows), zeros(n_rows), zeros(n_rows), torch.ones(n_rows, dtype=torch.bool,
                 device=device), zeros(n_rows, width), zeros(n_rows, width, dtype=torch.float32) if return_logprobs
-                else None, zeros(n_rows, width, dtype=torch.float64) if sampled else None, [None] * n_rows,
-                [0] * n_rows)
+                else None, zeros(n_rows, width, dtype=torch.float64) if sampled else None, [None] * n_rows)
 
 
 def _cache_len(prompts: list[list[int]], budgets: list[int], max_len: int | None, compile: bool | str) -> int:
@@ -276,7 +263,7 @@ def _cache_len(prompts: list[list[int]], budgets: list[int], max_len: int | None
 
 
 def _start_rows(model: GPT, rows: Rows, free: list[int], waiting: deque, prompts: list[list[int]],
-                budgets: list[int], seeds: list[int] | None, step: int, stop_ids: torch.Tensor, temperature: float,
+                budgets: list[int], seeds: list[int] | None, stop_ids: torch.Tensor, temperature: float,
                 top_k: int | None, top_p: float | None) -> None:
     """Prefill the next waiting prompts into the free rows and sample their first tokens; a row left without
     a prompt marks time. One prompt per prefill: a row's numbers never depend on which prompts start beside
@@ -292,7 +279,6 @@ def _start_rows(model: GPT, rows: Rows, free: list[int], waiting: deque, prompts
         if rows.draws is not None:
             rows.draws[r] = torch.from_numpy(uniforms(seeds[i], width)).to(at.device)
         first = sample_next(logits, temperature, top_k, top_p, None if rows.draws is None else rows.draws[at, 0])
-        rows.offset[r] = len(prompts[i]) - step
         rows.token[r], rows.pos[r], rows.n_new[r], rows.budget[r] = first[0], len(prompts[i]), 1, budgets[i]
         rows.new_tokens[r, 0] = first[0]
         if rows.logps is not None:
@@ -344,10 +330,10 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | 
         start = functools.partial(_start_rows, model, rows, waiting=deque(i for i in range(len(prompts))
                                   if budgets[i] > 0), prompts=prompts, budgets=budgets, seeds=seeds,
                                   stop_ids=stop_ids, temperature=temperature, top_k=top_k, top_p=top_p)
-        start(list(range(n_rows)), step=0)
+        start(list(range(n_rows)))
         if on_step is not None:
             on_step(rows.token)
-        step, n_keys = 0, cache_len
+        step = 0
         while True:
             if step % check_every == 0:
                 while ended := _finished_rows(rows):  # a new prompt may end at its first token: check again
@@ -355,15 +341,11 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | 
                         i = rows.prompt[r]
                         out = _cut_rows([tokens], [budgets[i]], stop)[0]
                         yield i, out, rows.logps[r, :len(out)].tolist() if rows.logps is not None else None
-                    start(ended, step=step)
+                    start(ended)
                 if all(i is None for i in rows.prompt):
                     break
-                # rows found done late (check_every > 1) count as live: the cut is only ever too wide
-                last_live_offset = max(rows.offset[r] for r in range(n_rows) if rows.prompt[r] is not None)
-            if not compile:  # compiled, the step keeps its static shapes
-                n_keys = live_keys(cache_len, last_live_offset + step, KEY_BLOCK)
             row_draws = None if rows.draws is None else rows.draws.gather(1, rows.n_new[:, None])[:, 0]  # (R,)
-            rows.token, logits = decode_one_token(model, rows.token[:, None], rows.pos[:, None], key_pos[:n_keys],
+            rows.token, logits = decode_one_token(model, rows.token[:, None], rows.pos[:, None], key_pos,
                                                   temperature, top_k, top_p, row_draws, compile)
             rows.new_tokens[all_rows, rows.n_new] = rows.token
             if rows.logps is not None:
