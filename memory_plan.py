@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.logprob import default_slice_bytes
+from spin_kernels.logprob import default_slice_bytes
 from model import GPTConfig
 
 GIB = 1 << 30
@@ -81,7 +81,7 @@ def layer_activation_bytes(cfg: GPTConfig, compute_bytes: int, residual_bytes: i
 
 
 def logits_slice_bytes(tokens: int, vocab_size: int) -> int:
-    """The fused log-prob's logits of one vocabulary slice (kernels/logprob.py), fp32 (never more than all)."""
+    """The fused log-prob's logits of one vocabulary slice (spin_kernels/logprob.py), fp32 (never more than all)."""
     return min(tokens * vocab_size * 4, default_slice_bytes(tokens, vocab_size, 4))
 
 

@@ -4,11 +4,11 @@ Design choices:
 - One nn.Module and one dataclass; the family only switches small pieces (LayerNorm or RMSNorm, GELU
   or SwiGLU MLP, learned positions or RoPE, biases), so the forward pass reads the same for all.
 - q, k and v come from one fused projection; grouped-query attention never repeats k/v in memory.
-- Attention goes through `attend`, which picks 'sdpa' (PyTorch) or 'triton' (kernels/attention.py). It is causal,
+- Attention goes through `attend`, which picks 'sdpa' (PyTorch) or 'triton' (spin_kernels/attention.py). It is causal,
   and also masked to packed rows' documents (a RowLayout from packing.py: a prompt run once for the responses
   scored against it) and to a sliding window (Mistral's), measured on positions so packed rows stay right.
 - `forward(idx)` returns logits; `token_logprobs(idx, targets, layout)` returns per-token log-probs through
-  the fused log-prob kernel (kernels/logprob.py) from the final hidden states, so the (B, T, vocab)
+  the fused log-prob kernel (spin_kernels/logprob.py) from the final hidden states, so the (B, T, vocab)
   logits never exist in training.
 - An optional static KV cache (KVCache) plus per-row positions and an attention mask make the same
   forward serve generate.py's prefill and decode steps.
@@ -135,7 +135,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa"
     """
     gqa = q.shape[1] != k.shape[1]
     if mask is None and impl == "triton":
-        from kernels.attention import attention
+        from spin_kernels.attention import attention
         return attention(q, k, v, causal=True, layout=layout, window=window)
     if mask is None:  # GPT.hidden_states passes it in (once for every layer); made here for other callers
         mask = sdpa_mask(layout, q.shape[2], window, q.device)
@@ -314,7 +314,7 @@ class GPT(nn.Module):
                        layout: RowLayout | None = None) -> torch.Tensor:
         """idx, targets (B, T) -> log p(targets) (B, T) fp32, 0 where targets == -100; layout: packed rows.
         Through the fused log-prob kernel from the final hidden states, so the (B, T, V) logits never exist."""
-        from kernels.logprob import token_logprobs
+        from spin_kernels.logprob import token_logprobs
         h = self.hidden_states(idx, layout=layout)  # (B, T, C)
         B, T, C = h.shape
         logps = token_logprobs(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T))

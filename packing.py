@@ -10,7 +10,7 @@ first token) and its positions continue from the prompt: len(prompt)-1, len(prom
 prompt + response, so RoPE and learned positions, and thus every log-prob, equal the unpacked ones.
 
 Design choices:
-- The mask rule (`visible_mask`, the spec that kernels/attention.py implements): query i may attend to key j iff
+- The mask rule (`visible_mask`, the spec that spin_kernels/attention.py implements): query i may attend to key j iff
   both are in the same document, j <= i in the row, and j is in the prompt segment or in i's own segment; with a
   sliding window also position_i - position_j < window. Every token sees itself, so no row of the mask is empty:
   padding tokens are one-token documents of their own.

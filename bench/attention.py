@@ -1,4 +1,4 @@
-"""Benchmark kernels/attention.py against PyTorch SDPA's flash backend: causal, bf16, B=4, H=16; and packed rows
+"""Benchmark spin_kernels/attention.py against PyTorch SDPA's flash backend: causal, bf16, B=4, H=16; and packed rows
 (the document mask of packing.py, SPIN-shaped documents) against SDPA with the same boolean mask.
 
 Usage: python bench/attention.py [--quick] [--compile-check]
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 import torch.nn.functional as F
 
-# kernels.attention is imported inside the functions: TRITON_INTERPRET must be settled (in main)
+# spin_kernels.attention is imported inside the functions: TRITON_INTERPRET must be settled (in main)
 # before triton is first imported, since triton builds its own helpers for one mode at import.
 
 BATCH, HEADS = 4, 16
@@ -72,7 +72,7 @@ def time_impl(impl, q, k, v, grad_out, backward: bool, reps: int) -> float:
 
 def max_difference(q, k, v, grad_out) -> float:
     """Largest max|triton - sdpa| / max|sdpa| over the output and the three gradients (bf16: ~1e-2)."""
-    from kernels.attention import attention
+    from spin_kernels.attention import attention
     results = []
     for impl in (attention, sdpa_flash):
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -84,7 +84,7 @@ def max_difference(q, k, v, grad_out) -> float:
 
 def bench_gpu(quick: bool) -> None:
     import triton
-    from kernels.attention import attention, uses_triton
+    from spin_kernels.attention import attention, uses_triton
     head_dims = (64, 128)
     lengths = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192)
     reps = 5 if quick else 20
@@ -124,7 +124,7 @@ def bench_packed_gpu(quick: bool, doc_len: int = 512) -> None:
     """Packed rows: the Triton kernels (document mask, blocks outside a query block's document skipped) against
     SDPA with the same boolean mask (what model.py's attention='sdpa' runs; PyTorch picks the backend that takes
     a mask), and the plain causal kernel over the whole row (the work the mask saves)."""
-    from kernels.attention import attention
+    from spin_kernels.attention import attention
     from packing import visible_mask
     lengths = (2048, 8192) if quick else (1024, 2048, 4096, 8192)
     reps = 5 if quick else 20
@@ -168,7 +168,7 @@ def bench_packed_gpu(quick: bool, doc_len: int = 512) -> None:
 
 def check_interpreter() -> None:
     """No GPU: run the kernels once in the Triton interpreter on a tiny shape, compared with the spec."""
-    from kernels.attention import attention, attention_ref, uses_triton
+    from spin_kernels.attention import attention, attention_ref, uses_triton
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 45, 32, generator=gen, requires_grad=True)  # (B, Hq, T, D)
     k, v = (torch.randn(1, 2, 45, 32, generator=gen, requires_grad=True) for _ in range(2))  # (B, Hkv, T, D)
@@ -234,7 +234,7 @@ MASKS = {"causal": dict(CAUSAL=True, PACKED=False, WINDOWED=False),  # the kerne
 
 
 def compile_check() -> None:
-    import kernels.attention as attention_module
+    import spin_kernels.attention as attention_module
     print("bf16 kernels compiled for sm_90 (no GPU needed); spills = local memory per thread")
     print("| kernel | D | mask | shared memory | tensor cores | registers | spills |")
     print("|---|---|---|---|---|---|---|")

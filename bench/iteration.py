@@ -237,7 +237,7 @@ def run_ours(cfg: BenchConfig) -> dict:
     if compile and device.type == "cuda":
         model.compile()  # train.py's compile=True on a GPU
     # untimed one-time initialisation, as the peer's warm-up generate does (and its imports of transformers and
-    # trl, which load torch._dynamo): a tiny generate, a scored forward (imports kernels/logprob.py), and an
+    # trl, which load torch._dynamo): a tiny generate, a scored forward (imports spin_kernels/logprob.py), and an
     # optimizer, whose first construction imports torch._dynamo (~1 s; train.py makes one at startup)
     import spin
     from train import TrainConfig, make_optimizer

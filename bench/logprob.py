@@ -1,4 +1,4 @@
-"""Benchmark: token_logprobs (kernels/logprob.py) against the naive path, forward + backward.
+"""Benchmark: token_logprobs (spin_kernels/logprob.py) against the naive path, forward + backward.
 
 GPU, bf16: peak extra memory = torch.cuda.max_memory_allocated() minus what the inputs hold, and
 the median time of 10 runs timed with CUDA events. CPU, fp32: peak resident memory (ru_maxrss) of
@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from kernels.logprob import token_logprobs, token_logprobs_ref, uses_triton
+from spin_kernels.logprob import token_logprobs, token_logprobs_ref, uses_triton
 
 GPU_CASES = [(8192, 768, 50304), (16384, 2048, 128256)]  # (N tokens, C, V)
 CPU_CASE = (4096, 256, 32000)

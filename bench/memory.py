@@ -105,8 +105,8 @@ def warm_up(device: str) -> None:
     sampler's code paths) with a tiny model, so the baseline holds it and the phases hold only the run's data."""
     import torch
 
-    import kernels.attention  # noqa: F401
-    import kernels.logprob  # noqa: F401
+    import spin_kernels.attention  # noqa: F401
+    import spin_kernels.logprob  # noqa: F401
     from generate import generate
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16)).to(device)

@@ -1,7 +1,7 @@
 """Test setup shared by every module.
 
 Triton builds its own kernel helpers (tl.sum, tl.max) for one mode, compiled or interpreted, when it is
-first imported, and the kernels can only run in that mode (kernels/__init__.py). So TRITON_INTERPRET=1
+first imported, and the kernels can only run in that mode (spin_kernels/__init__.py). So TRITON_INTERPRET=1
 is set and triton imported here, before any test module or test: were triton first imported by a test
 that runs with the variable unset (model.py imports the kernels lazily), the interpreter could not run
 the kernel tests after it. The kernels read the variable at call time: only tests marked `triton` keep

@@ -1,4 +1,4 @@
-"""kernels/attention.py: the Triton kernels (run by the interpreter on CPU) against the float64 spec.
+"""spin_kernels/attention.py: the Triton kernels (run by the interpreter on CPU) against the float64 spec.
 
 Shapes are odd on purpose (T = 1, 77, 130 against 32..128-wide tiles), both GQA 4:1 and 1:1, causal
 and not, and most cases use strided views of a fused projection, the layout model.py passes in. The masks of
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.attention as attention_module
+import spin_kernels.attention as attention_module
 from configurator import UserError
-from kernels.attention import attention, attention_ref, uses_triton
+from spin_kernels.attention import attention, attention_ref, uses_triton
 from packing import RowLayout, visible_mask
 
 pytestmark = pytest.mark.triton  # conftest.py keeps TRITON_INTERPRET=1 for these tests

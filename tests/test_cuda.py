@@ -4,7 +4,7 @@ sliding windows), packed pairs equal to unpacked ones, the compiled decode step,
 Skipped without a CUDA device (the CI machine). Each check runs in a fresh Python process with
 TRITON_INTERPRET unset: conftest.py sets it and imports Triton, and a Triton imported in interpreter
 mode cannot compile for the GPU (its own helpers were built for the interpreter), so in the pytest
-process kernels/__init__.py:launch would refuse to run the kernels. Every check also asserts that its
+process spin_kernels/__init__.py:launch would refuse to run the kernels. Every check also asserts that its
 fast path really ran, compiled.
 
 On a GPU: python -m pytest tests/test_cuda.py   (bench/gpu_check.sh runs it with the benchmarks)
@@ -72,8 +72,8 @@ def relative_error(actual: torch.Tensor, ref: torch.Tensor) -> float:
 
 def record_launches(kernel_module) -> list:
     """The names of the Triton kernels kernel_module launches from now on, compiled for the GPU."""
-    import kernels
-    assert not kernels.triton_interprets(), "triton was imported in interpreter mode"
+    import spin_kernels
+    assert not spin_kernels.triton_interprets(), "triton was imported in interpreter mode"
     launched = []
     real_launch = kernel_module.launch
 
@@ -85,12 +85,12 @@ def record_launches(kernel_module) -> list:
 
 
 def check_attention() -> None:
-    """Forward and backward of kernels/attention.py against the float64 spec, with PyTorch SDPA in the
+    """Forward and backward of spin_kernels/attention.py against the float64 spec, with PyTorch SDPA in the
     same dtype as the yardstick: the kernel may be at most twice as far off as SDPA (or within a floor)."""
     import torch.nn.functional as F
 
-    import kernels.attention as attention_module
-    from kernels.attention import attention, attention_ref, uses_triton
+    import spin_kernels.attention as attention_module
+    from spin_kernels.attention import attention, attention_ref, uses_triton
     launched = record_launches(attention_module)
     shapes = [(2, 8, 8, 256, 64, True), (1, 8, 2, 333, 128, True), (2, 4, 4, 130, 32, False), (1, 4, 1, 1, 16, True),
               (1, 16, 4, 1000, 64, True)]  # (B, Hq, Hkv, T, D, causal): ragged tails, GQA, one token
@@ -123,8 +123,8 @@ def check_masked_attention() -> None:
     float64 spec with the same mask, with SDPA given that mask in the same dtype as the yardstick."""
     import torch.nn.functional as F
 
-    import kernels.attention as attention_module
-    from kernels.attention import attention, attention_ref
+    import spin_kernels.attention as attention_module
+    from spin_kernels.attention import attention, attention_ref
     from packing import RowLayout, pack_documents, visible_mask
     launched = record_launches(attention_module)
     gen = torch.Generator().manual_seed(0)
@@ -173,7 +173,7 @@ def check_packed_pairs() -> None:
     """SPIN pairs scored packed (one row per pair, several pairs a row) and unpacked, on the GPU: log-probs and
     every parameter gradient, with attention='triton' (the packed kernels must run) and 'sdpa'; in fp32 tightly,
     and under bf16 autocast within bf16 noise."""
-    import kernels.attention as attention_module
+    import spin_kernels.attention as attention_module
     from model import GPT, GPTConfig
     from spin import pair_logps
     launched = record_launches(attention_module)
@@ -214,8 +214,8 @@ def check_packed_pairs() -> None:
 def check_logprob() -> None:
     """token_logprobs in bf16 (several vocabulary slices) against the float64 spec, with the naive path in
     bf16 as the yardstick, forward and both gradients; the Triton kernels must have been compiled."""
-    import kernels.logprob as logprob_module
-    from kernels.logprob import token_logprobs, token_logprobs_ref, uses_triton
+    import spin_kernels.logprob as logprob_module
+    from spin_kernels.logprob import token_logprobs, token_logprobs_ref, uses_triton
     launched = record_launches(logprob_module)
     N, C, V = 3000, 512, 50304
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -244,7 +244,7 @@ def check_logprob() -> None:
 
 def check_model_attention() -> None:
     """The model in bf16 with attention='triton' against attention='sdpa', same weights: loss and gradients."""
-    import kernels.attention as attention_module
+    import spin_kernels.attention as attention_module
     from model import GPT, GPTConfig
     launched = record_launches(attention_module)
     torch.manual_seed(0)

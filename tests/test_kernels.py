@@ -1,4 +1,4 @@
-"""kernels/__init__.py, what both kernel files share: without triton they import and take the PyTorch
+"""spin_kernels/__init__.py, what both kernel files share: without triton they import and take the PyTorch
 paths; with it, kernels run only in the mode triton was first imported in (conftest.py imports it to
 interpret), and asking for the other mode is a UserError that says how to fix it, never a fallback."""
 
@@ -13,9 +13,9 @@ triton = pytest.importorskip("triton")  # where triton is not installed this fil
 import triton.language as tl  # noqa: E402
 
 from configurator import UserError
-from kernels import launch, triton_interprets
-from kernels.attention import _attn_fwd_kernel, attention
-from kernels.logprob import token_logprobs
+from spin_kernels import launch, triton_interprets
+from spin_kernels.attention import _attn_fwd_kernel, attention
+from spin_kernels.logprob import token_logprobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,8 +23,8 @@ WITHOUT_TRITON = """
 import sys
 sys.modules["triton"] = None  # as on macOS: `import triton` fails
 import torch
-import kernels.attention as attention_module
-import kernels.logprob as logprob_module
+import spin_kernels.attention as attention_module
+import spin_kernels.logprob as logprob_module
 q = torch.randn(1, 4, 9, 16)  # (B, Hq, T, D)
 k, v = torch.randn(2, 1, 2, 9, 16)  # (B, Hkv, T, D)
 assert not attention_module.uses_triton(q)

@@ -1,12 +1,12 @@
-"""kernels/logprob.py against its float64 reference, on both CPU paths: the Triton kernels in the
+"""spin_kernels/logprob.py against its float64 reference, on both CPU paths: the Triton kernels in the
 interpreter and the plain-PyTorch chunked path. Each test pins its path by setting TRITON_INTERPRET
 (read at call time) and by making the other path raise, so a silent fallback fails the test."""
 
 import pytest
 import torch
 
-import kernels.logprob as lp
-from kernels.logprob import token_logprobs, token_logprobs_ref, uses_triton
+import spin_kernels.logprob as lp
+from spin_kernels.logprob import token_logprobs, token_logprobs_ref, uses_triton
 
 pytestmark = pytest.mark.triton
 

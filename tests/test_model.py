@@ -71,7 +71,7 @@ def test_param_count_and_flops():
 def test_triton_attention_path_matches_sdpa(monkeypatch):
     """model.py's attention='triton' under the interpreter: the same logits and gradients as SDPA,
     and the Triton kernels really ran (SDPA is made to fail for the triton model)."""
-    import kernels.attention as ka
+    import spin_kernels.attention as ka
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=61, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     ref = GPT(cfg)

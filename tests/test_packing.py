@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.attention as attention_module
+import spin_kernels.attention as attention_module
 from model import GPT, GPTConfig
 from packing import first_fit_rows, pack_documents, response_logps
 from spin import pair_logps, sequence_logps

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import kernels.attention as attention_module
+import spin_kernels.attention as attention_module
 from generate import generate
 from model import GPT
 from tokenizer import load_tokenizer

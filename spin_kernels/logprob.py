@@ -12,7 +12,7 @@ Design choices:
   grad_weight once and adds to an fp32 grad_hidden. 4 matmuls against the naive path's 3, paid for
   by never writing and re-reading the naive path's fp32 (N, V) tensors.
 - Matmuls stay in torch (fp32 accumulation); log-sum-exp and softmax math in fp32.
-- Backends (TRITON_INTERPRET read at call time, see kernels/__init__.py): CUDA -> Triton kernels; CPU
+- Backends (TRITON_INTERPRET read at call time, see spin_kernels/__init__.py): CUDA -> Triton kernels; CPU
   with TRITON_INTERPRET=1 -> the same kernels in the interpreter; otherwise, or without triton, the
   same sliced algorithm in plain PyTorch.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations  # the kernels' tl.constexpr annotations stay
 import torch
 from torch import Tensor
 
-from kernels import jit, launch, tl, triton, triton_runs_on
+from spin_kernels import jit, launch, tl, triton, triton_runs_on
 
 IGNORE_INDEX = -100
 

@@ -12,7 +12,7 @@ of packed rows (documents and segments, packing.py) and of a sliding window.
 - Each loop over blocks runs in three stages: masked blocks at the window's far edge, blocks every row sees
   whole (no mask), masked causal-diagonal and tail blocks: three calls of one @jit inner-loop helper
   (_attn_fwd_inner, _attn_bwd_dq_inner, _attn_bwd_dkdv_inner). In packed rows every visited block is masked.
-- Dispatch (TRITON_INTERPRET read at call time, see kernels/__init__.py): CUDA -> Triton; CPU with
+- Dispatch (TRITON_INTERPRET read at call time, see spin_kernels/__init__.py): CUDA -> Triton; CPU with
   TRITON_INTERPRET=1 -> the same kernels interpreted (fp32/fp16 only: the interpreter's bf16 dot is
   wrong); otherwise, no triton, or head dim not in 16/32/64/128 -> SDPA (with the boolean mask where needed).
 """
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import UserError
-from kernels import interpret_requested, jit, launch, tl, triton, triton_runs_on
+from spin_kernels import interpret_requested, jit, launch, tl, triton, triton_runs_on
 from packing import RowLayout, sdpa_mask
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
@@ -534,7 +534,7 @@ def uses_triton(q: torch.Tensor) -> bool:
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: RowLayout | None,
                   window: int | None) -> None:
-    where = "kernels/attention.py:attention"
+    where = "spin_kernels/attention.py:attention"
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise UserError(f"attention wants q (B, Hq, T, D) and k, v (B, Hkv, T, D); got q {tuple(q.shape)}, "
                         f"k {tuple(k.shape)}, v {tuple(v.shape)} ({where}); check the caller's reshapes")
