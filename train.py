@@ -852,7 +852,7 @@ def run_rollout(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, iterat
     t0 = time.time()
     from_data = iteration == 0 and not cfg.regenerate_iteration_0  # SPIN's own data files may bring y'
     # the sampler may be a cheaper copy; the opponent's log-probs are the model's own, on the numerical path
-    # its log-probs take in training (weights, autocast, kernels), so each iteration starts at loss log 2
+    # its log-probs take in training (weights, autocast, kernels), so each iteration starts at zero rewards
     with model_for_sampling(model, rt) as sampler:
         given = pairs_from_data(prompts, data.stop) if from_data else None
         if given is not None:  # the opponent scores the data's y' as it scores its own samples

@@ -452,7 +452,8 @@ def test_cli(tmp_path, capsys, monkeypatch):
     import configurator
 
     saved_chat_model(tmp_path / "m")
-    args = [f"--model={tmp_path / 'm'}", "--prompt=hello", "--max_new_tokens=8", "--seed=0", "--device=cpu"]
+    args = [f"--model={tmp_path / 'm'}", "--prompt=hello", "--max_new_tokens=8", "--seed=0", "--device=cpu",
+            "--min_p=0.05"]
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
     assert r.stdout.endswith("\n") and len(r.stdout) >= 1
@@ -469,3 +470,8 @@ def test_cli(tmp_path, capsys, monkeypatch):
         configurator.run_main(gen.main, [f"--model={tmp_path / 'm'}", "--prompt=" + "long " * 40])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "block_size=128" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_info:  # a bad sampling value is refused before any model is looked for
+        configurator.run_main(gen.main, [f"--model={tmp_path / 'nope'}", "--prompt=hi", "--min_p=2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err == "error: config key 'min_p' must be in [0, 1] (None: no min-p filter), got 2.0\n"
