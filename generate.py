@@ -403,8 +403,8 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int | list[in
     each token is drawn (default: temperature 1, no filter; GREEDY: argmax). batch_size rows (default: all
     prompts) decode together; when a row's answer ends, the row takes the next waiting prompt (continuous
     batching). Each row stops at prompt + new = max_len (default the model's block_size; a prompt that
-    leaves no room is a UserError); given, max_len also
-    fixes the cache length, so that a row's numbers are the same whatever prompts it shares the call with.
+    leaves no room is a UserError); given, max_len also fixes the cache length, so that a row's numbers
+    are the same whatever prompts it shares the call with.
     seed: an int (prompt i draws from the stream mix_seed(seed, i)), one seed per prompt, or None (a base
     seed from torch's global RNG); a prompt's sampled answer depends on its seed, not on batch_size.
     return_logprobs=True also returns, per new token, its log-prob under the model's UNMODIFIED
