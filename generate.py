@@ -14,14 +14,18 @@ Design choices:
 - A step always attends to the whole cache (masked past each row's position). Attending only to its filled
   part would save a little, but the width would then depend on the other rows, and SDPA's CPU reductions
   change their last bits with the width on some CPUs (AMD EPYC): a prompt's y' would depend on its neighbours.
-- Sampling is temperature, then top-k, then top-p, as small pure functions; ties at a cut-off are kept.
+- How a token is drawn is one `Sampling` value (temperature, top_k, top_p, min_p), checked when it is made and
+  passed whole from the config to the rollout to every step. Temperature, then top-k, then top-p, then min-p
+  (Hugging Face's order), as small pure functions; ties at a cut-off are kept.
 - `generate_ref` recomputes the whole sequence every step: the plain reference the tests compare against.
 
-CLI: python generate.py --model=<HF dir | nanospin checkpoint or out_dir> [--prompt="..."] [--temperature=0.7 ...]
+CLI: python generate.py --model=<HF dir | nanospin checkpoint or out_dir> [--prompt="..."] [--temperature=0.7]
+     [--top_k=...] [--top_p=...] [--min_p=...]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections import deque
@@ -41,7 +45,35 @@ from model import GPT
 CHECK_EVERY = {"cpu": 1, "default": 8}
 
 # ----------------------------------------------------------------------------------------------
-# sampling: small pure functions on (B, V) logits
+# sampling: what to draw from, and small pure functions on (B, V) logits
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn. Checked when made: the fields are config keys of train.py and generate.py
+    under the same names, so a bad value is a UserError naming its key before any data or model is built."""
+    temperature: float = 1.0  # 0 = greedy (argmax; the filters then change nothing)
+    top_k: int | None = None  # keep the k most likely tokens (and any tied with the k-th)
+    top_p: float | None = None  # keep the smallest most-likely set whose probability sums to >= top_p
+    min_p: float | None = None  # keep the tokens at least min_p times as likely as the most likely one
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UserError(f"config key 'temperature' must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"config key 'top_k' must be >= 1 (None: no top-k filter), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"config key 'top_p' must be in (0, 1] (None: no top-p filter), got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise UserError(f"config key 'min_p' must be in [0, 1] (None: no min-p filter), got {self.min_p}")
+
+
+GREEDY = Sampling(temperature=0.0)
+
+
+def sampling_of(cfg) -> Sampling:
+    """The Sampling of a config that has its fields as keys (train.py's, generate.py's): checks them."""
+    return Sampling(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Sampling)})
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -61,6 +93,13 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     n_keep = ((torch.cumsum(sorted_probs, dim=-1) < p).sum(-1, keepdim=True) + 1).clamp(max=logits.shape[-1])
     threshold = sorted_probs.gather(-1, n_keep - 1)  # (B, 1) probability of the last token kept
     return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Min-p (as vLLM and Hugging Face): keep the tokens whose probability is >= min_p times the row's largest
+    (the most likely token always stays); -inf elsewhere. The bar moves with the model's confidence."""
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    return logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
 
 
 _U64 = (1 << 64) - 1
@@ -89,19 +128,20 @@ def uniforms(seed: int, n: int) -> np.ndarray:
     return ((z >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53  # 53 random bits, never 0 or 1
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                draws: torch.Tensor | None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, sampling: Sampling, draws: torch.Tensor | None) -> torch.Tensor:
     """logits (B, V) fp32, draws (B,) float64 uniforms in (0, 1) -> next tokens (B,); temperature 0 is greedy
     (argmax, first on ties, no draws needed). A row's token is the first whose cumulative probability
     exceeds its draw (inverse CDF), so it depends on that row's logits and draw only."""
-    if temperature == 0:
+    if sampling.temperature == 0:
         return logits.argmax(-1)
-    if temperature != 1:  # x / 1 == x: skip the op and its (B, V) copy
-        logits = logits / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and top_p < 1.0:
-        logits = top_p_filter(logits, p=top_p)
+    if sampling.temperature != 1:  # x / 1 == x: skip the op and its (B, V) copy
+        logits = logits / sampling.temperature
+    if sampling.top_k is not None:
+        logits = top_k_filter(logits, sampling.top_k)
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        logits = top_p_filter(logits, sampling.top_p)
+    if sampling.min_p:  # None or 0 keeps every token
+        logits = min_p_filter(logits, sampling.min_p)
     cdf = torch.softmax(logits, dim=-1).cumsum(-1)  # (B, V)
     total = cdf[:, -1:]
     # just below the total, so the token found has cdf > target >= the previous cdf: probability > 0
@@ -157,15 +197,14 @@ def compiled_decode(device_type: str, backend: str = "inductor") -> Callable:
     return torch.compile(decode_logits, backend=backend, fullgraph=True)
 
 
-def decode_one_token(model: GPT, token: torch.Tensor, pos: torch.Tensor, key_pos: torch.Tensor, temperature: float,
-                     top_k: int | None, top_p: float | None, draws: torch.Tensor | None,
-                     compile: bool | str = False) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_one_token(model: GPT, token: torch.Tensor, pos: torch.Tensor, key_pos: torch.Tensor, sampling: Sampling,
+                     draws: torch.Tensor | None, compile: bool | str = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step: returns the next tokens (B,) and the step's raw logits (B, V)."""
     step = decode_logits
     if compile:
         step = compiled_decode(token.device.type, "inductor" if compile is True else compile)
     logits = step(model, token, pos, key_pos)
-    return sample_next(logits, temperature, top_k, top_p, draws), logits
+    return sample_next(logits, sampling, draws), logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,15 +215,6 @@ def _as_id_list(eos_id: int | list[int] | None) -> list[int]:
     if eos_id is None:
         return []
     return [eos_id] if isinstance(eos_id, int) else list(eos_id)
-
-
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise UserError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k={top_k} must be >= 1 (or None for no top-k filter)")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"top_p={top_p} must be in (0, 1] (or None for no top-p filter)")
 
 
 def _row_budgets(prompts: list[list[int]], max_new_tokens: int | list[int], max_len: int, limit: str) -> list[int]:
@@ -263,8 +293,7 @@ def _cache_len(prompts: list[list[int]], budgets: list[int], max_len: int | None
 
 
 def _start_rows(model: GPT, rows: Rows, free: list[int], waiting: deque, prompts: list[list[int]],
-                budgets: list[int], seeds: list[int] | None, stop_ids: torch.Tensor, temperature: float,
-                top_k: int | None, top_p: float | None) -> None:
+                budgets: list[int], seeds: list[int] | None, stop_ids: torch.Tensor, sampling: Sampling) -> None:
     """Prefill the next waiting prompts into the free rows and sample their first tokens; a row left without
     a prompt marks time. One prompt per prefill: a row's numbers never depend on which prompts start beside
     it."""
@@ -278,7 +307,7 @@ def _start_rows(model: GPT, rows: Rows, free: list[int], waiting: deque, prompts
                          device=at.device), at)  # (1, V)
         if rows.draws is not None:
             rows.draws[r] = torch.from_numpy(uniforms(seeds[i], width)).to(at.device)
-        first = sample_next(logits, temperature, top_k, top_p, None if rows.draws is None else rows.draws[at, 0])
+        first = sample_next(logits, sampling, None if rows.draws is None else rows.draws[at, 0])
         rows.token[r], rows.pos[r], rows.n_new[r], rows.budget[r] = first[0], len(prompts[i]), 1, budgets[i]
         rows.new_tokens[r, 0] = first[0]
         if rows.logps is not None:
@@ -292,15 +321,14 @@ def _finished_rows(rows: Rows) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | list[int], temperature: float = 1.0,
-                    top_k: int | None = None, top_p: float | None = None, eos_id: int | list[int] | None = None,
+def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | list[int], *,
+                    sampling: Sampling = Sampling(), eos_id: int | list[int] | None = None,
                     seed: int | list[int] | None = None, return_logprobs: bool = False,
                     compile: bool | str = False, batch_size: int | None = None, max_len: int | None = None,
                     on_step: Callable[[torch.Tensor], None] | None = None
                     ) -> Iterator[tuple[int, list[int], list[float] | None]]:
     """`generate`, yielding (prompt index, new tokens, their log-probs or None) as each prompt ends, in the
     order they end. Closing the iterator early (a `break`) stops the work and frees the cache."""
-    _check_sampling(temperature, top_k, top_p)
     block_size = model.config.block_size
     if max_len is not None and max_len > block_size:
         raise UserError(f"max_len={max_len} exceeds the model's block_size={block_size}; lower max_len")
@@ -312,7 +340,7 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | 
     if not prompts or max(budgets) <= 0:
         return
     stop = _as_id_list(eos_id)
-    seeds = _prompt_seeds(seed, len(prompts)) if temperature > 0 else None
+    seeds = _prompt_seeds(seed, len(prompts)) if sampling.temperature > 0 else None
     n_rows = batch_size or len(prompts)
     cache_len = _cache_len(prompts, budgets, max_len, compile)
     last_pos = min(cache_len, block_size) - 1  # where rows without a prompt mark time (static shapes)
@@ -329,7 +357,7 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | 
         key_pos = torch.arange(cache_len, device=device)  # (L,) the cache positions a step may attend to
         start = functools.partial(_start_rows, model, rows, waiting=deque(i for i in range(len(prompts))
                                   if budgets[i] > 0), prompts=prompts, budgets=budgets, seeds=seeds,
-                                  stop_ids=stop_ids, temperature=temperature, top_k=top_k, top_p=top_p)
+                                  stop_ids=stop_ids, sampling=sampling)
         start(list(range(n_rows)))
         if on_step is not None:
             on_step(rows.token)
@@ -345,8 +373,8 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | 
                 if all(i is None for i in rows.prompt):
                     break
             row_draws = None if rows.draws is None else rows.draws.gather(1, rows.n_new[:, None])[:, 0]  # (R,)
-            rows.token, logits = decode_one_token(model, rows.token[:, None], rows.pos[:, None], key_pos,
-                                                  temperature, top_k, top_p, row_draws, compile)
+            rows.token, logits = decode_one_token(model, rows.token[:, None], rows.pos[:, None], key_pos, sampling,
+                                                  row_draws, compile)
             rows.new_tokens[all_rows, rows.n_new] = rows.token
             if rows.logps is not None:
                 rows.logps[all_rows, rows.n_new] = token_logprobs_of(logits, rows.token)
@@ -363,24 +391,24 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | 
         model.train(was_training)
 
 
-def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int | list[int], temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | list[int] | None = None,
-             seed: int | list[int] | None = None, return_logprobs: bool = False, compile: bool | str = False,
-             batch_size: int | None = None, max_len: int | None = None,
+def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int | list[int], *, sampling: Sampling = Sampling(),
+             eos_id: int | list[int] | None = None, seed: int | list[int] | None = None, return_logprobs: bool = False,
+             compile: bool | str = False, batch_size: int | None = None, max_len: int | None = None,
              on_step: Callable[[torch.Tensor], None] | None = None
              ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """Sample up to max_new_tokens new tokens (an int, or one per prompt) for each prompt (token-id lists
     of any lengths).
 
-    Returns the new tokens of each prompt, cut after the first token in eos_id (kept). temperature 0 is
-    greedy. batch_size rows (default: all prompts) decode together; when a row's answer ends, the row
-    takes the next waiting prompt (continuous batching). Each row stops at prompt + new = max_len
-    (default the model's block_size; a prompt that leaves no room is a UserError); given, max_len also
-    fixes the cache length, so that a row's numbers are the same whatever prompts it shares the call with.
+    Returns the new tokens of each prompt, cut after the first token in eos_id (kept). `sampling` says how
+    each token is drawn (default: temperature 1, no filter; GREEDY: argmax). batch_size rows (default: all
+    prompts) decode together; when a row's answer ends, the row takes the next waiting prompt (continuous
+    batching). Each row stops at prompt + new = max_len (default the model's block_size; a prompt that
+    leaves no room is a UserError); given, max_len also fixes the cache length, so that a row's numbers
+    are the same whatever prompts it shares the call with.
     seed: an int (prompt i draws from the stream mix_seed(seed, i)), one seed per prompt, or None (a base
     seed from torch's global RNG); a prompt's sampled answer depends on its seed, not on batch_size.
     return_logprobs=True also returns, per new token, its log-prob under the model's UNMODIFIED
-    distribution (log_softmax of the raw logits, before temperature, top-k and top-p).
+    distribution (log_softmax of the raw logits, before temperature and the filters).
     compile=True runs the decode step under torch.compile (CUDA graphs on the GPU) and keeps the KV
     cache on the model for the next call of the same shape; a string names another torch.compile
     backend (the tests' 'eager' checks the step is one graph without a C++ compile).
@@ -389,8 +417,9 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int | list[in
     """
     out: list[list[int]] = [[] for _ in prompts]
     out_logps: list[list[float]] = [[] for _ in prompts]
-    for i, tokens, logps in generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed,
-                                            return_logprobs, compile, batch_size, max_len, on_step):
+    for i, tokens, logps in generate_stream(model, prompts, max_new_tokens, sampling=sampling, eos_id=eos_id, seed=seed,
+                                            return_logprobs=return_logprobs, compile=compile, batch_size=batch_size,
+                                            max_len=max_len, on_step=on_step):
         out[i], out_logps[i] = tokens, logps
     return (out, out_logps) if return_logprobs else out
 
@@ -429,6 +458,7 @@ class GenerateConfig:
     temperature: float = 0.7  # 0 = greedy
     top_k: int | None = None
     top_p: float | None = 0.9
+    min_p: float | None = None  # e.g. 0.05: drop tokens under 5% of the most likely one's probability
     seed: int | None = None
     device: str = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
     dtype: str = "auto"  # 'auto' (bf16 on a GPU, fp32 on the CPU) | 'float32' | 'bfloat16' | 'float16'
@@ -459,8 +489,8 @@ def stream_answer(model: GPT, tok, prompt_ids: list[int], cfg: GenerateConfig, t
             print(text[len(printed):], end="", flush=True)
             printed = text
 
-    new = generate(model, [prompt_ids], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop or None,
-                   seed, compile=cfg.compile, on_step=on_step)[0]
+    new = generate(model, [prompt_ids], cfg.max_new_tokens, sampling=sampling_of(cfg), eos_id=stop or None, seed=seed,
+                   compile=cfg.compile, on_step=on_step)[0]
     text = text_of(new)
     if text.startswith(printed):
         print(text[len(printed):], end="")
@@ -513,6 +543,7 @@ def parse_args(argv: list[str]) -> GenerateConfig:
     cfg = configurator.load_config(GenerateConfig, argv)
     if not cfg.model:
         raise UserError("no model given; pass --model=<a Hugging Face model dir, nanospin checkpoint or out_dir>")
+    sampling_of(cfg)  # a bad temperature or filter fails here, before the model loads
     return cfg
 
 

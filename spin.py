@@ -8,6 +8,11 @@ Design choices:
   differ (train.py samples with a compute-dtype copy where that is cheaper and scores with the model).
 - Log-probs are summed over response tokens, end-of-turn included, through the model's fused
   log-prob path (the [tokens, vocab] logits never exist).
+- A loss is one entry of LOSSES: a function of the two unscaled log-ratios (policy minus opponent, for the
+  real and the generated response) and β, applied inside as torchtune's DPOLoss and TRL apply it, so a loss
+  copied from either needs no rescaling; the entry also says whether its log-probs are length-averaged.
+  When an iteration starts the policy is the opponent, so every loss starts at zero rewards (log 2 only
+  for sigmoid).
 - By default (pack=True) a pair is scored in one packed row, its prompt run once for the real and the
   generated response, several pairs to a row (packing.py); pack=False is the unpacked reference: a padded
   row per prompt + response (data.collate).
@@ -29,14 +34,14 @@ import json
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import collate
-from generate import generate_stream, mix_seed
+from generate import Sampling, generate_stream, mix_seed
 from memory_plan import SCORING_CHUNKS
 from packing import pack_documents, response_logps
 
@@ -44,28 +49,62 @@ from packing import pack_documents, response_logps
 # the loss
 
 
+def sigmoid_loss(real_ratio: torch.Tensor, generated_ratio: torch.Tensor, beta: float) -> torch.Tensor:
+    """SPIN's logistic loss −log σ(h), h = β·r_real − β·r_generated (the logged rewards' difference, bit for
+    bit: β multiplies each ratio before they are subtracted)."""
+    return -F.logsigmoid(beta * real_ratio - beta * generated_ratio)
+
+
+def hinge_loss(real_ratio: torch.Tensor, generated_ratio: torch.Tensor, beta: float) -> torch.Tensor:
+    """max(0, 1 − h), h as in sigmoid_loss."""
+    return torch.relu(1 - (beta * real_ratio - beta * generated_ratio))
+
+
+def ipo_loss(real_ratio: torch.Tensor, generated_ratio: torch.Tensor, beta: float) -> torch.Tensor:
+    """IPO (Azar et al. 2023) in TRL's form: (Δ − 1/(2β))², Δ = r_real − r_generated. A square: it pulls Δ to
+    1/(2β) and no further, where the logistic loss keeps pushing the margin up."""
+    return (real_ratio - generated_ratio - 1 / (2 * beta)) ** 2
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A pair loss: fn(r_real (B,), r_generated (B,), β) -> (B,), on unscaled log-ratios r = log p_θ − log p_θt."""
+    fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    # the ratios are of per-token log-probs (each response's sums divided by its length, policy and opponent)
+    length_averaged: bool = False
+
+
+LOSSES = {"sigmoid": Loss(sigmoid_loss), "hinge": Loss(hinge_loss), "ipo": Loss(ipo_loss, length_averaged=True)}
+
+
 def spin_terms(policy_real_logps: torch.Tensor, policy_generated_logps: torch.Tensor,
                opponent_real_logps: torch.Tensor, opponent_generated_logps: torch.Tensor, beta: float,
-               loss_type: str = "sigmoid", nll_weight: float = 0.0,
-               real_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               loss_type: str = "sigmoid", nll_weight: float = 0.0, real_tokens: torch.Tensor | None = None,
+               generated_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair (B,) losses, and the metrics of each pair by name, (B,) each, without grad.
 
-    h = β[(log p_θ(y|x) − log p_θt(y|x)) − (log p_θ(y'|x) − log p_θt(y'|x))];
-    'sigmoid': ℓ(h) = log(1 + e^{−h}) = −log σ(h);  'hinge': max(0, 1 − h).
-    With `real_tokens` (B,), the real responses' lengths, each pair also reports `nll/real`, its real
-    response's per-token NLL −log p_θ(y|x)/|y|, and the loss adds nll_weight times it (an anchor on the
-    real response, as RPO adds): train.py divides the summed losses by the pairs of the step, so the
-    anchor enters the update as nll_weight × the mean over pairs of each pair's per-token NLL.
+    The log-probs are (B,) sums over each response. LOSSES[loss_type] gets the log-ratios
+    r_real = log p_θ(y|x) − log p_θt(y|x) and r_generated (the same for y'), of per-token log-probs when the
+    entry is length_averaged (then `real_tokens` and `generated_tokens` (B,), the responses' lengths, are
+    needed); the rewards are β·r_real and β·r_generated, zero when the policy is the opponent.
+    With `real_tokens`, each pair also reports `nll/real`, its real response's per-token NLL
+    −log p_θ(y|x)/|y|, and the loss adds nll_weight times it (an anchor on the real response, as RPO adds):
+    train.py divides the summed losses by the pairs of the step, so the anchor enters the update as
+    nll_weight × the mean over pairs of each pair's per-token NLL.
     """
-    real_rewards = beta * (policy_real_logps - opponent_real_logps)  # (B,)
-    generated_rewards = beta * (policy_generated_logps - opponent_generated_logps)  # (B,)
-    h = real_rewards - generated_rewards
-    if loss_type == "sigmoid":
-        losses = -F.logsigmoid(h)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - h)
+    if loss_type not in LOSSES:
+        raise ValueError(f"loss_type '{loss_type}' is unknown; use one of {', '.join(LOSSES)}")
+    loss = LOSSES[loss_type]
+    if loss.length_averaged:
+        if real_tokens is None or generated_tokens is None:
+            raise ValueError(f"loss_type '{loss_type}' needs real_tokens and generated_tokens, the responses' lengths")
+        real_ratio = policy_real_logps / real_tokens - opponent_real_logps / real_tokens  # (B,)
+        generated_ratio = policy_generated_logps / generated_tokens - opponent_generated_logps / generated_tokens
     else:
-        raise ValueError(f"loss_type '{loss_type}' is unknown; use 'sigmoid' or 'hinge'")
+        real_ratio = policy_real_logps - opponent_real_logps  # (B,)
+        generated_ratio = policy_generated_logps - opponent_generated_logps  # (B,)
+    losses = loss.fn(real_ratio, generated_ratio, beta)
+    real_rewards, generated_rewards = beta * real_ratio, beta * generated_ratio  # (B,) each
     real_nll = None if real_tokens is None else -policy_real_logps / real_tokens  # (B,)
     if nll_weight:
         if real_nll is None:
@@ -136,7 +175,9 @@ def pair_terms(model, pairs: list[Pair], beta: float, loss_type: str, pad_id: in
     opponent_real = torch.tensor([p.opponent_real_logp for p in pairs], device=device)
     opponent_generated = torch.tensor([p.opponent_generated_logp for p in pairs], device=device)
     real_tokens = torch.tensor([float(len(p.real_ids)) for p in pairs], device=device)
-    return spin_terms(real, generated, opponent_real, opponent_generated, beta, loss_type, nll_weight, real_tokens)
+    generated_tokens = torch.tensor([float(len(p.generated_ids)) for p in pairs], device=device)
+    return spin_terms(real, generated, opponent_real, opponent_generated, beta, loss_type, nll_weight, real_tokens,
+                      generated_tokens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,9 +249,7 @@ class RolloutSettings:
     batch_size: int  # cache rows sampled together on each rank (continuous batching); prompts per scoring batch
     seed: int
     device: torch.device
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
+    sampling: Sampling = field(default_factory=Sampling)  # checked when made (generate.Sampling)
     compile: bool = False  # torch.compile the decode step
     autocast: AbstractContextManager | None = None  # the context the forwards run under; None = no autocast
     pack_pairs: bool = True  # score each pair in one packed row (False: the unpacked reference)
@@ -293,10 +332,9 @@ def rollout(model, examples: list, settings: RolloutSettings, iteration: int,
 
     # one autocast context around sampling and scoring (entering the same context twice would not restore it)
     with s.autocast or torch.autocast(s.device.type, enabled=False):
-        stream = generate_stream(model, [examples[i].prompt_ids for i in mine], s.max_new_tokens,
-                                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, eos_id=s.stop,
-                                 seed=[mix_seed(s.seed, iteration, i) for i in mine], compile=s.compile,
-                                 batch_size=rows, max_len=max_len)
+        stream = generate_stream(model, [examples[i].prompt_ids for i in mine], s.max_new_tokens, sampling=s.sampling,
+                                 eos_id=s.stop, seed=[mix_seed(s.seed, iteration, i) for i in mine],
+                                 compile=s.compile, batch_size=rows, max_len=max_len)
         try:
             for j, generated, _ in stream:
                 done.append((mine[j], generated))

@@ -21,7 +21,7 @@ Design choices:
   all-gather, never a full fp32 state dict); the previous optimizer state is freed before it.
 - The opponent's log-probs are scored by the model itself, on the numerical path its log-probs take in
   training (weights, autocast, kernels): a cheaper copy may sample, never score, so each iteration's
-  first step has loss log 2 and zero rewards.
+  first step has zero rewards (and loss log 2 with the sigmoid loss).
 - At start a per-rank memory plan (memory_plan.py) is printed, with a warning when it cannot fit.
 - SPIN's dynamics are logged per iteration: the rollout's length and EOS distribution and share of
   y' = y, and at evaluations the held-out log-prob changes and KL(policy ‖ opponent) per token; the
@@ -58,12 +58,12 @@ from tqdm import tqdm
 import checkpoint as ckpt
 from configurator import UserError, config_to_json, load_config, run_main
 from data import BatchOrder, Example, check_answer, examples_from_messages, load_examples, synthetic_split
-from generate import generate
+from generate import GREEDY, Sampling, generate, sampling_of
 from memory_plan import MemoryPlan, describe_plan, plan_memory, plan_warning
 from model import ATTENTION_IMPLS, GPT, SCRATCH_MODEL_TYPES, GPTConfig
 from plot import plot_runs
 from seeds import mean_ci
-from spin import (Pair, RolloutSettings, kl_per_token, opponent_top_k, pair_terms, per_iteration, read_rollouts,
+from spin import (LOSSES, Pair, RolloutSettings, kl_per_token, opponent_top_k, pair_terms, per_iteration, read_rollouts,
                   rescore, response_logprobs, rollout, sequence_logps, spin_metrics, write_rollouts)
 from templates import ChatFormat, chat_format, missing_tokens, resolve_template, response_text, stop_ids, strip_stop
 from tokenizer import Tokenizer, add_special_tokens, load_tokenizer
@@ -130,7 +130,7 @@ class TrainConfig:
     nll_weight: float = 0.0  # + nll_weight x the real response's per-token NLL in each pair's loss (RPO-style)
     regenerate_iteration_0: bool = False  # sample iteration 0's y' even when the data brings SPIN's 'generated'
     beta: float | list[float] = 0.1  # a float, or one per iteration (the last repeats)
-    loss_type: str = "sigmoid"  # 'sigmoid' | 'hinge'
+    loss_type: str = "sigmoid"  # 'sigmoid' | 'hinge' | 'ipo' (spin.LOSSES)
     lr: float | list[float] = 5e-7  # SPIN's peak learning rate: a float, or one per iteration (the last repeats)
     # --- rollout -----------------------------------------------------------------------------------
     rollout_batch_size: int = 64
@@ -138,6 +138,7 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None  # keep tokens at least min_p times as likely as the most likely one (after top-p)
     # --- optimisation ----------------------------------------------------------------------------
     batch_size: int = 8  # micro-batch per rank; one optimizer step = batch_size * grad_accum * world size
     grad_accum: int = 1
@@ -168,7 +169,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def check_config(cfg: TrainConfig) -> None:
     """Values the type system cannot catch, as one-line errors naming the key."""
-    choices = {"stage": ("sft", "spin", "sft+spin"), "loss_type": ("sigmoid", "hinge"),
+    sampling_of(cfg)  # temperature, top_k, top_p, min_p: a bad one fails here, naming its key
+    choices = {"stage": ("sft", "spin", "sft+spin"), "loss_type": tuple(LOSSES),
                "optimizer": ("adamw", "rmsprop"), "lr_schedule": ("linear", "cosine", "constant"),
                "device": ("auto", "cpu", "cuda"), "dtype": ("auto", *DTYPES), "export_dtype": ("auto", *DTYPES),
                "attention": ATTENTION_IMPLS, "model_type": SCRATCH_MODEL_TYPES}
@@ -189,11 +191,13 @@ def check_config(cfg: TrainConfig) -> None:
     for key in ("beta", "lr"):
         if isinstance(getattr(cfg, key), list) and not getattr(cfg, key):
             raise UserError(f"config key '{key}' is an empty list; give a float or one value per iteration")
+    if any(beta <= 0 for beta in (cfg.beta if isinstance(cfg.beta, list) else [cfg.beta])):
+        raise UserError(f"config key 'beta' must be > 0 (each entry of a list), got {cfg.beta}")
     if cfg.baseline_sft and cfg.stage != "sft+spin":
         raise UserError("baseline_sft=True needs stage='sft+spin' (it continues SFT from the SFT model)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device='cuda' but no CUDA GPU is visible; use --device=cpu")
-    for key in ("temperature", "mix_previous_rollouts", "nll_weight", "kl_opponent_mb"):
+    for key in ("mix_previous_rollouts", "nll_weight", "kl_opponent_mb"):
         if getattr(cfg, key) < 0:
             raise UserError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)}")
     if cfg.chat_template != "auto":
@@ -706,9 +710,8 @@ def rollout_settings(cfg: TrainConfig, rt: Runtime, data: RunData) -> RolloutSet
     """How and where the opponent samples the iteration's responses (see spin.rollout)."""
     return RolloutSettings(max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, stop=data.stop, pad_id=data.pad_id,
                            batch_size=cfg.rollout_batch_size, seed=cfg.seed, device=rt.device,
-                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                           compile=cfg.compile and rt.device.type == "cuda", autocast=rt.autocast,
-                           pack_pairs=cfg.pack_pairs, rank=rt.rank, world_size=rt.world_size)
+                           sampling=sampling_of(cfg), compile=cfg.compile and rt.device.type == "cuda",
+                           autocast=rt.autocast, pack_pairs=cfg.pack_pairs, rank=rt.rank, world_size=rt.world_size)
 
 
 def prompts_for_iteration(examples: list[Example], cfg: TrainConfig, iteration: int) -> list[Example]:
@@ -849,7 +852,7 @@ def run_rollout(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, iterat
     t0 = time.time()
     from_data = iteration == 0 and not cfg.regenerate_iteration_0  # SPIN's own data files may bring y'
     # the sampler may be a cheaper copy; the opponent's log-probs are the model's own, on the numerical path
-    # its log-probs take in training (weights, autocast, kernels), so each iteration starts at loss log 2
+    # its log-probs take in training (weights, autocast, kernels), so each iteration starts at zero rewards
     with model_for_sampling(model, rt) as sampler:
         given = pairs_from_data(prompts, data.stop) if from_data else None
         if given is not None:  # the opponent scores the data's y' as it scores its own samples
@@ -1090,13 +1093,13 @@ def checker_scores(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData) -> 
     often an answer equals the real one, and per_prompt/valid_*: each prompt's validity (0/1), for the
     paired intervals of the summary."""
     examples, tok, template = data.eval_examples, data.tok, data.template
-    temperatures = {"greedy": 0.0, "sampled": 1.0}
-    answers_by_name = {name: [] for name in temperatures}
+    samplings = {"greedy": GREEDY, "sampled": Sampling(temperature=1.0)}
+    answers_by_name = {name: [] for name in samplings}
     with model_for_sampling(model, rt) as sampler, rt.autocast:
-        for name, temperature in temperatures.items():
+        for name, sampling in samplings.items():
             for i in range(0, len(examples), cfg.rollout_batch_size):
                 prompts = [e.prompt_ids for e in examples[i:i + cfg.rollout_batch_size]]
-                answers_by_name[name] += generate(sampler, prompts, cfg.max_new_tokens, temperature=temperature,
+                answers_by_name[name] += generate(sampler, prompts, cfg.max_new_tokens, sampling=sampling,
                                                   eos_id=data.stop, seed=cfg.seed + 17 + i)
     out = {}
     for name, answers in answers_by_name.items():

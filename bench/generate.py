@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import configurator  # noqa: E402
-from generate import generate, generate_ref  # noqa: E402
+from generate import GREEDY, generate, generate_ref  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
@@ -143,7 +143,7 @@ def step_part(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compil
     for B in cfg.batch_sizes:
         prompts = random_prompts(cfg, B, g).to(device)
         prompt_lists = prompts.tolist()
-        runs = {"ours": lambda n: generate(model, prompt_lists, n, temperature=0, compile=compile),
+        runs = {"ours": lambda n: generate(model, prompt_lists, n, sampling=GREEDY, compile=compile),
                 "hf": lambda n: hf_generate(hf, prompts, n)}
         ours, theirs = runs["ours"](N), runs["hf"](N)  # warm-up (compile), and the tokens compared
         same = sum(a == b for a, b in zip(ours, theirs))
@@ -223,7 +223,7 @@ def profile_part(cfg: BenchConfig) -> None:
         per operator outside the parts."""
         with labelled_parts(), profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
-            generate(model, prompts, n, temperature=0)
+            generate(model, prompts, n, sampling=GREEDY)
             wall = (time.perf_counter() - t0) * 1e6
         events = prof.events()
         times = {label: 0.0 for label in labels}
@@ -243,7 +243,7 @@ def profile_part(cfg: BenchConfig) -> None:
                 times["op " + e.name] = times.get("op " + e.name, 0.0) + e.self_cpu_time_total
         return {**times, "(call)": wall}
 
-    generate(model, prompts, N, temperature=0)  # warm-up
+    generate(model, prompts, N, sampling=GREEDY)  # warm-up
     per_step: dict[str, list[float]] = {}
     for _ in range(cfg.reps):
         full, one = part_times(N), part_times(1)
@@ -285,9 +285,9 @@ def long_tail_part(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, c
         return [row for c in chunks for row in chunk_run(c)]
 
     runs = {
-        "continuous": lambda: generate(model, prompt_lists, lengths, temperature=0, batch_size=batch,
+        "continuous": lambda: generate(model, prompt_lists, lengths, sampling=GREEDY, batch_size=batch,
                                        max_len=max_len, compile=compile),
-        "static": lambda: static(lambda c: generate(model, prompt_lists[c], lengths[c], temperature=0,
+        "static": lambda: static(lambda c: generate(model, prompt_lists[c], lengths[c], sampling=GREEDY,
                                                     max_len=max_len, compile=compile)),
         "transformers": lambda: static(lambda c: hf_generate(hf, prompts[c], lengths[c])),
     }
@@ -331,11 +331,11 @@ def bandwidth_bound(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) 
     bound_s = (weight_bytes + cache_bytes) / bandwidth
     prompt = [list(range(1, cfg.prompt_len + 1))]
     for compile in (False, True):
-        generate(model, prompt, cfg.new_tokens, temperature=0, compile=compile)  # warm-up / compile
+        generate(model, prompt, cfg.new_tokens, sampling=GREEDY, compile=compile)  # warm-up / compile
         # decode time per token = (time for N new tokens - time for 1 new token) / (N - 1): no prefill
-        one = statistics.median(timed(lambda: generate(model, prompt, 1, temperature=0, compile=compile),
+        one = statistics.median(timed(lambda: generate(model, prompt, 1, sampling=GREEDY, compile=compile),
                                       device)[0] for _ in range(cfg.reps))
-        full = statistics.median(timed(lambda: generate(model, prompt, cfg.new_tokens, temperature=0,
+        full = statistics.median(timed(lambda: generate(model, prompt, cfg.new_tokens, sampling=GREEDY,
                                                         compile=compile), device)[0] for _ in range(cfg.reps))
         step_s = (full - one) / (cfg.new_tokens - 1)
         print(f"batch-1 decode, {cfg.gpu_bound_layers} layers x {cfg.gpu_bound_embd} ({weight_bytes / 1e6:.0f} MB "

@@ -139,6 +139,7 @@ def one_iteration(model, examples, stop: list[int], pad_id: int, cfg: BenchConfi
     """Rollout (sampling + the opponent's log-probs) then one epoch of SPIN steps, as train.py runs them."""
     import spin
     from data import BatchOrder
+    from generate import Sampling
     from train import TrainConfig, get_lr, make_optimizer
 
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -164,7 +165,7 @@ def one_iteration(model, examples, stop: list[int], pad_id: int, cfg: BenchConfi
     try:
         settings = spin.RolloutSettings(max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, stop=stop,
                                         pad_id=pad_id, batch_size=cfg.rollout_batch_size, seed=cfg.seed, device=device,
-                                        temperature=1.0, compile=compile, autocast=autocast,
+                                        sampling=Sampling(temperature=1.0), compile=compile, autocast=autocast,
                                         pack_pairs=cfg.pack_pairs)
         pairs = spin.rollout(opponent, examples, settings, iteration)
     finally:

@@ -271,7 +271,7 @@ def check_compiled_decode() -> None:
     fp32, with continuous batching too, and in bf16 the same first tokens and log-probs within bf16 noise;
     compiled sampling is reproducible for a seed."""
     import generate as gen
-    from generate import generate, generate_ref
+    from generate import GREEDY, Sampling, generate, generate_ref
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(model_type="llama", vocab_size=500, block_size=256, n_layer=2, n_head=4, n_kv_head=2,
@@ -281,29 +281,29 @@ def check_compiled_decode() -> None:
             p.add_(torch.randn_like(p) * 0.3)
     model = model.cuda().eval()
     prompts = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3], [42], [7, 7, 7, 60, 61]]
-    eager = generate(model, prompts, 40, temperature=0)
+    eager = generate(model, prompts, 40, sampling=GREEDY)
     assert eager == generate_ref(model, prompts, 40)
     caches_in_use = []  # held, so a freed cache's memory cannot come back as a "reused" one
 
     def record_cache(token):
         caches_in_use.append(model.kv_caches[0])
 
-    assert generate(model, prompts, 40, temperature=0, compile=True, on_step=record_cache) == eager
+    assert generate(model, prompts, 40, sampling=GREEDY, compile=True, on_step=record_cache) == eager
     assert gen.compiled_decode.cache_info().currsize >= 1
     others = [p[::-1] for p in prompts]  # same shapes: replays the captured graph on new inputs
-    compiled = generate(model, others, 40, temperature=0, compile=True, on_step=record_cache)
-    assert compiled == generate(model, others, 40, temperature=0)
+    compiled = generate(model, others, 40, sampling=GREEDY, compile=True, on_step=record_cache)
+    assert compiled == generate(model, others, 40, sampling=GREEDY)
     assert all(cache is caches_in_use[0] for cache in caches_in_use)
     # continuous batching: 2 cache rows for 4 prompts, each refill an eager prefill into the rows the captured
     # graph replays on; the step's shapes never change
-    assert generate(model, prompts, 40, temperature=0, compile=True, batch_size=2) == eager
-    sampled = dict(temperature=1.0, top_k=50, seed=3, batch_size=3, max_len=64, compile=True)
+    assert generate(model, prompts, 40, sampling=GREEDY, compile=True, batch_size=2) == eager
+    sampled = dict(sampling=Sampling(temperature=1.0, top_k=50), seed=3, batch_size=3, max_len=64, compile=True)
     assert generate(model, prompts, 24, **sampled) == generate(model, prompts, 24, **sampled)
     # bf16: rounding may flip a near-tie, after which the rows rightly differ; up to the first difference
     # the compiled step must give eager's log-probs, and most rows must agree for a good while
     model = model.to(torch.bfloat16)
-    eager, eager_lp = generate(model, prompts, 16, temperature=0, return_logprobs=True)
-    compiled, compiled_lp = generate(model, prompts, 16, temperature=0, compile=True, return_logprobs=True)
+    eager, eager_lp = generate(model, prompts, 16, sampling=GREEDY, return_logprobs=True)
+    compiled, compiled_lp = generate(model, prompts, 16, sampling=GREEDY, compile=True, return_logprobs=True)
     common = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(eager, compiled)]
     for row, n in enumerate(common):
         assert all(abs(a - b) < 0.1 for a, b in zip(eager_lp[row][:n], compiled_lp[row][:n])), f"row {row}"

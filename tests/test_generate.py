@@ -12,7 +12,8 @@ import torch
 
 import generate as gen
 from configurator import UserError
-from generate import generate, generate_ref, mix_seed, sample_next, top_k_filter, top_p_filter, uniforms
+from generate import (GREEDY, Sampling, generate, generate_ref, min_p_filter, mix_seed, sample_next, top_k_filter,
+                      top_p_filter, uniforms)
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
@@ -36,9 +37,9 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3], [42], [7, 7, 7, 60, 61]]
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_cached_greedy_equals_uncached_and_ragged_equals_alone(model_type):
     model = tiny_model(model_type)
-    batch = generate(model, PROMPTS, 24, temperature=0)
+    batch = generate(model, PROMPTS, 24, sampling=GREEDY)
     assert batch == generate_ref(model, PROMPTS, 24)
-    assert batch == [generate(model, [p], 24, temperature=0)[0] for p in PROMPTS]
+    assert batch == [generate(model, [p], 24, sampling=GREEDY)[0] for p in PROMPTS]
     assert all(len(row) == 24 for row in batch)
     assert len({tuple(row) for row in batch}) == len(PROMPTS)  # the rows really differ
     assert model.kv_caches is None
@@ -46,10 +47,10 @@ def test_cached_greedy_equals_uncached_and_ragged_equals_alone(model_type):
 
 def test_model_state_restored():
     model = tiny_model("llama").train()
-    generate(model, PROMPTS, 3, temperature=0)
+    generate(model, PROMPTS, 3, sampling=GREEDY)
     assert model.training and model.kv_caches is None
     model.eval()
-    generate(model, PROMPTS, 3, temperature=0)
+    generate(model, PROMPTS, 3, sampling=GREEDY)
     assert not model.training
 
 
@@ -79,7 +80,7 @@ def test_greedy_parity_with_transformers(tmp_path, model_type):
         # eos_token_id=None: HF never stops early, so both produce exactly 20 tokens
         expected = hf.generate(ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=20,
                                eos_token_id=None, pad_token_id=0)[:, P:].tolist()
-    assert generate(model, prompts, 20, temperature=0) == expected
+    assert generate(model, prompts, 20, sampling=GREEDY) == expected
 
 
 def test_top_k_filter_keeps_the_k_largest_and_ties():
@@ -93,6 +94,10 @@ def test_top_k_filter_keeps_the_k_largest_and_ties():
     assert kept(3) == [[1, 2, 3], [2, 3, 4]]
     assert kept(5) == kept(9) == [[0, 1, 2, 3, 4]] * 2
     assert torch.equal(top_k_filter(logits, 3)[0, [1, 2, 3]], logits[0, [1, 2, 3]])  # kept logits untouched
+    # a tie at the cut below the top: the k-th largest and every token equal to it stay, nothing smaller
+    tie = torch.tensor([[0.5, 2.0, 1.0, 0.0, 1.0]])
+    assert [torch.isfinite(top_k_filter(tie, k)[0]).nonzero().flatten().tolist() for k in (1, 2, 3, 4)] == [
+        [1], [1, 2, 4], [1, 2, 4], [0, 1, 2, 4]]
 
 
 def test_top_p_filter_keeps_the_smallest_nucleus():
@@ -116,25 +121,89 @@ def test_top_p_filter_keeps_the_smallest_nucleus():
     assert torch.isfinite(top_p_filter(logits, 0.6)).tolist() == [[True, True, False], [False, True, True]]
 
 
+# binary fractions in a shuffled order: their fp32 softmax is exact, so the prefix sums of the sorted
+# probabilities are exactly 0.5, 0.75, 0.875, 0.9375, 1 and each filter can be put on its exact boundary
+EXACT_PROBS = [0.125, 0.5, 0.0625, 0.25, 0.0625]  # by probability: tokens 1, 3, 0, then 2 and 4 (tied)
+
+
+def exact_logits() -> torch.Tensor:
+    logits = torch.tensor(EXACT_PROBS, dtype=torch.float64).log().float()[None]  # (1, 5)
+    assert torch.softmax(logits, -1)[0].tolist() == EXACT_PROBS  # the boundaries below rest on this
+    return logits
+
+
+def kept_by(filtered: torch.Tensor) -> list[int]:
+    return torch.isfinite(filtered[0]).nonzero().flatten().tolist()
+
+
+def test_top_p_at_a_prefix_sum_equal_to_p_keeps_the_smallest_set():
+    """A prefix sum that equals p exactly already reaches p: the token after it is not kept."""
+    logits = exact_logits()
+    step = 2.0**-20  # far above fp32's spacing at 0.75, so p +- step are other fp32 numbers than p
+    assert kept_by(top_p_filter(logits, 0.5)) == [1]
+    assert kept_by(top_p_filter(logits, 0.5 + step)) == [1, 3]
+    assert kept_by(top_p_filter(logits, 0.75 - step)) == [1, 3]
+    assert kept_by(top_p_filter(logits, 0.75)) == [1, 3]
+    assert kept_by(top_p_filter(logits, 0.75 + step)) == [0, 1, 3]
+    assert kept_by(top_p_filter(logits, 0.875)) == [0, 1, 3]
+    assert kept_by(top_p_filter(logits, 0.875 + step)) == [0, 1, 2, 3, 4]  # the 4th token, and the one tied with it
+
+
+def test_min_p_keeps_tokens_at_exactly_min_p_times_the_top():
+    """min-p's bar is min_p x the largest probability, inclusive: a token exactly on it stays."""
+    logits = exact_logits()
+    step = 2.0**-20
+    assert kept_by(min_p_filter(logits, 1.0)) == [1]  # only the most likely token
+    assert kept_by(min_p_filter(logits, 0.5 + step)) == [1]
+    assert kept_by(min_p_filter(logits, 0.5)) == [1, 3]  # 0.25 = 0.5 x 0.5
+    assert kept_by(min_p_filter(logits, 0.25)) == [0, 1, 3]  # 0.125 = 0.25 x 0.5
+    assert kept_by(min_p_filter(logits, 0.125 + step)) == [0, 1, 3]
+    assert kept_by(min_p_filter(logits, 0.125)) == [0, 1, 2, 3, 4]
+    assert kept_by(min_p_filter(logits, 0.0)) == [0, 1, 2, 3, 4]
+    # rows are filtered independently, each against its own largest probability
+    rows = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]]).log()
+    assert torch.isfinite(min_p_filter(rows, 0.5)).tolist() == [[True, True, False], [False, True, True]]
+
+
+def test_min_p_runs_after_temperature_and_top_p():
+    """Hugging Face's order, temperature -> top-k -> top-p -> min-p. On probabilities (.4, .3, .2, .1) top-p
+    0.75 keeps {0, 1, 2} and min-p 0.45 then keeps all three (0.2 >= 0.45 x 0.4); min-p first would keep
+    {0, 1, 2}, renormalised to (.44, .33, .22), and top-p would then stop at {0, 1}."""
+    draws = torch.from_numpy(uniforms(0, 4000))
+    logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().expand(4000, 4)
+    assert set(sample_next(logits, Sampling(top_p=0.75, min_p=0.45), draws).tolist()) == {0, 1, 2}
+    assert set(sample_next(logits, Sampling(min_p=0.3), draws).tolist()) == {0, 1, 2}
+    # temperature 2 before min-p: probabilities ~ (.33, .28, .23, .16), all above 0.3 x .33
+    assert set(sample_next(logits, Sampling(temperature=2.0, min_p=0.3), draws).tolist()) == {0, 1, 2, 3}
+
+
+def test_bad_sampling_values_are_errors_naming_the_key():
+    for kwargs, key in [(dict(temperature=-0.1), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
+                        (dict(top_p=1.5), "top_p"), (dict(min_p=-0.1), "min_p"), (dict(min_p=1.5), "min_p")]:
+        with pytest.raises(UserError, match=f"config key '{key}'"):
+            Sampling(**kwargs)
+    assert Sampling(top_p=1.0, min_p=0.0, top_k=1) and GREEDY.temperature == 0
+
+
 def test_sample_next_draws_only_from_the_filtered_set():
     logits = torch.tensor([0.0, 2.0, 1.0, 3.0, -1.0, 2.5]).expand(4000, 6)
     draws = torch.from_numpy(uniforms(0, 4000))
-    assert set(sample_next(logits, 1.0, 3, None, draws).tolist()) == {1, 3, 5}
+    assert set(sample_next(logits, Sampling(top_k=3), draws).tolist()) == {1, 3, 5}
     # probs ~ [.02,.16,.06,.44,.01,.27]: the nucleus for 0.75 is {3, 5, 1}, then top_k=2 leaves {3, 5}
-    assert set(sample_next(logits, 1.0, None, 0.75, draws).tolist()) == {1, 3, 5}
-    assert set(sample_next(logits, 1.0, 2, 0.75, draws).tolist()) == {3, 5}
-    assert set(sample_next(logits, 0.0, None, None, None).tolist()) == {3}
+    assert set(sample_next(logits, Sampling(top_p=0.75), draws).tolist()) == {1, 3, 5}
+    assert set(sample_next(logits, Sampling(top_k=2, top_p=0.75), draws).tolist()) == {3, 5}
+    assert set(sample_next(logits, GREEDY, None).tolist()) == {3}
     # a high temperature flattens the distribution before top-p: more tokens make the nucleus
-    assert set(sample_next(logits, 100.0, None, 0.75, draws).tolist()) == {0, 1, 2, 3, 5}
+    assert set(sample_next(logits, Sampling(temperature=100.0, top_p=0.75), draws).tolist()) == {0, 1, 2, 3, 5}
     # draws at the very ends of (0, 1) pick the first and the last token of positive probability
     edges = torch.tensor([2.0**-53, 1 - 2.0**-53], dtype=torch.float64)
-    assert sample_next(logits[:2], 1.0, 3, None, edges).tolist() == [1, 5]
+    assert sample_next(logits[:2], Sampling(top_k=3), edges).tolist() == [1, 5]
 
 
 def test_sampled_tokens_follow_the_softmax():
     logits = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0, -3.0]).expand(200_000, 6)
     for temperature in (1.0, 0.5):
-        tokens = sample_next(logits, temperature, None, None, torch.from_numpy(uniforms(7, 200_000)))
+        tokens = sample_next(logits, Sampling(temperature=temperature), torch.from_numpy(uniforms(7, 200_000)))
         freq = torch.bincount(tokens, minlength=6) / 200_000
         # 5 standard deviations of a frequency estimated from 200k draws is at most 0.0056
         assert torch.allclose(freq, torch.softmax(logits[0] / temperature, -1), atol=0.0056)
@@ -149,10 +218,10 @@ def test_uniforms_are_a_pure_function_of_seed_and_index():
 
 def test_eos_cuts_each_row_and_stops_the_batch():
     model = tiny_model("llama")
-    free = generate(model, PROMPTS[:2], 16, temperature=0)
+    free = generate(model, PROMPTS[:2], 16, sampling=GREEDY)
     # an EOS that row 0 produces first at some step s >= 2 and row 1 later or never
     s, eos = next((s, t) for s, t in enumerate(free[0]) if s >= 2 and t not in free[0][:s] + free[1][:s + 2])
-    out = generate(model, PROMPTS[:2], 16, temperature=0, eos_id=eos)
+    out = generate(model, PROMPTS[:2], 16, sampling=GREEDY, eos_id=eos)
     assert out[0] == free[0][:s + 1]  # cut after the EOS, the EOS kept
     cut = free[1].index(eos) + 1 if eos in free[1] else 16
     assert out[1] == free[1][:cut]  # the other row goes on
@@ -162,7 +231,7 @@ def test_eos_cuts_each_row_and_stops_the_batch():
     eos_ids = [free[0][1], free[1][2]]
     calls = []
     hook = model.lm_head.register_forward_hook(lambda *_: calls.append(1))
-    out = generate(model, PROMPTS[:2], 16, temperature=0, eos_id=eos_ids)
+    out = generate(model, PROMPTS[:2], 16, sampling=GREEDY, eos_id=eos_ids)
     hook.remove()
     assert out[0] == free[0][:2] and out[1] == free[1][:free[1].index(free[1][2]) + 1]
     assert len(calls) == 2 + max(len(out[0]), len(out[1])) - 1  # a prefill per prompt, a step per further token
@@ -171,9 +240,9 @@ def test_eos_cuts_each_row_and_stops_the_batch():
 def test_max_length_respected():
     model = tiny_model("gpt2", block_size=32)
     prompts = [list(range(1, 21)), [3, 4, 5, 6, 7]]
-    out = generate(model, prompts, 100, temperature=0)
+    out = generate(model, prompts, 100, sampling=GREEDY)
     assert [len(r) for r in out] == [12, 27]  # prompt + new == block_size for each row
-    assert out == [generate(model, [p], 100, temperature=0)[0] for p in prompts]
+    assert out == [generate(model, [p], 100, sampling=GREEDY)[0] for p in prompts]
     assert out == generate_ref(model, prompts, 100)
     assert generate(model, prompts, 0) == [[], []]
     with pytest.raises(UserError, match="prompt 1 has 32 tokens"):
@@ -201,14 +270,14 @@ def static_steps(lengths: list[int], rows: int) -> int:
 def test_continuous_batching_greedy_equals_each_prompt_alone(model_type):
     model = tiny_model(model_type)
     prompts = random_prompts(11)
-    free = [generate(model, [p], 20, temperature=0)[0] for p in prompts]
+    free = [generate(model, [p], 20, sampling=GREEDY)[0] for p in prompts]
     eos = [free[0][3], free[1][9]]  # two stop tokens that end the rows at many different steps
     alone = [generate_ref(model, [p], 20, eos_id=eos)[0] for p in prompts]
     lengths = [len(a) for a in alone]
     assert len(set(lengths)) >= 4 and 20 in lengths and min(lengths) < 5
     for rows in (1, 3, 4, 11):
         steps = []
-        out = generate(model, prompts, 20, temperature=0, eos_id=eos, batch_size=rows, on_step=steps.append)
+        out = generate(model, prompts, 20, sampling=GREEDY, eos_id=eos, batch_size=rows, on_step=steps.append)
         assert out == alone, f"batch_size={rows}"
         decode_steps = len(steps) - 1  # on_step also sees the first tokens, which come from the prefills
         lower_bound = max(max(lengths) - 1, -(-sum(n - 1 for n in lengths) // rows))
@@ -226,7 +295,7 @@ def test_every_step_attends_to_the_whole_cache_so_neighbours_change_no_bit(model
     if model_type == "llama":
         model.config.sliding_window = 6  # the window's half of the mask too
     prompts = random_prompts(9, seed=3)
-    free = [generate(model, [p], 40, temperature=0)[0] for p in prompts]
+    free = [generate(model, [p], 40, sampling=GREEDY)[0] for p in prompts]
     eos = [free[0][4], free[2][11]]
     alone = [generate_ref(model, [p], 40, eos_id=eos)[0] for p in prompts]
     assert len({len(a) for a in alone}) >= 3
@@ -234,14 +303,14 @@ def test_every_step_attends_to_the_whole_cache_so_neighbours_change_no_bit(model
     mask_of = gen.attention_mask
     monkeypatch.setattr(gen, "attention_mask", lambda q, k, w=None: widths.append(len(k)) or mask_of(q, k, w))
     kwargs = dict(eos_id=eos, batch_size=3, max_len=60)
-    assert generate(model, prompts, 40, temperature=0, **kwargs) == alone
+    assert generate(model, prompts, 40, sampling=GREEDY, **kwargs) == alone
     assert set(widths) == {59}
-    sampled = generate(model, prompts, 40, temperature=1.0, seed=3, return_logprobs=True, **kwargs)
+    sampled = generate(model, prompts, 40, seed=3, return_logprobs=True, **kwargs)
     for share in (prompts[::2], prompts[::-1], prompts[4:5]):  # other neighbours, other rows, other start steps
         at = [prompts.index(p) for p in share]
         want = ([sampled[0][i] for i in at], [sampled[1][i] for i in at])
         seeds = [gen.mix_seed(3, i) for i in at]
-        assert generate(model, share, 40, temperature=1.0, seed=seeds, return_logprobs=True, **kwargs) == want
+        assert generate(model, share, 40, seed=seeds, return_logprobs=True, **kwargs) == want
 
 
 def test_checking_for_ended_rows_every_8_steps_as_on_a_gpu_changes_no_answer(monkeypatch):
@@ -249,17 +318,17 @@ def test_checking_for_ended_rows_every_8_steps_as_on_a_gpu_changes_no_answer(mon
     prompt starts late; none of that changes an answer."""
     model = tiny_model("llama")
     prompts = random_prompts(9, seed=3)
-    free = [generate(model, [p], 40, temperature=0)[0] for p in prompts]
+    free = [generate(model, [p], 40, sampling=GREEDY)[0] for p in prompts]
     eos = [free[0][4], free[2][11]]
     alone = [generate_ref(model, [p], 40, eos_id=eos)[0] for p in prompts]
     kwargs = dict(eos_id=eos, batch_size=3, max_len=60)
-    sampled = generate(model, prompts, 40, temperature=1.0, seed=3, return_logprobs=True, **kwargs)
+    sampled = generate(model, prompts, 40, seed=3, return_logprobs=True, **kwargs)
     steps = {}
     for every in (1, 8):
         monkeypatch.setattr(gen, "CHECK_EVERY", {"cpu": every, "default": every})
         counted = []
-        assert generate(model, prompts, 40, temperature=0, on_step=counted.append, **kwargs) == alone
-        assert generate(model, prompts, 40, temperature=1.0, seed=3, return_logprobs=True, **kwargs) == sampled
+        assert generate(model, prompts, 40, sampling=GREEDY, on_step=counted.append, **kwargs) == alone
+        assert generate(model, prompts, 40, seed=3, return_logprobs=True, **kwargs) == sampled
         steps[every] = len(counted)
     assert steps[8] > steps[1]  # rows really were found done late
 
@@ -268,7 +337,8 @@ def test_sampled_answers_depend_on_the_prompt_and_its_seed_only():
     model = tiny_model("llama")
     prompts = random_prompts(9, seed=1)
     seeds = [mix_seed(5, i) for i in range(9)]
-    kwargs = dict(temperature=1.0, top_k=40, top_p=0.95, eos_id=list(range(1, 97, 8)), batch_size=3, max_len=40)
+    kwargs = dict(sampling=Sampling(top_k=40, top_p=0.95, min_p=0.05), eos_id=list(range(1, 97, 8)), batch_size=3,
+                  max_len=40)
     a = generate(model, prompts, 16, seed=seeds, **kwargs)
     assert len({len(row) for row in a}) > 2  # answers of many lengths: rows were refilled at many steps
     assert a == generate(model, prompts, 16, seed=seeds, **kwargs)
@@ -288,12 +358,12 @@ def test_sampled_answers_depend_on_the_prompt_and_its_seed_only():
 def test_stream_yields_answers_as_they_end_and_stops_when_closed():
     model = tiny_model("gpt2").train()
     prompts = random_prompts(6, seed=2)
-    free = [generate(model, [p], 12, temperature=0)[0] for p in prompts]
+    free = [generate(model, [p], 12, sampling=GREEDY)[0] for p in prompts]
     eos = free[2][1]
-    ends = [i for i, _, _ in gen.generate_stream(model, prompts, 12, temperature=0, eos_id=eos, batch_size=6)]
-    lengths = [len(generate(model, [p], 12, temperature=0, eos_id=eos)[0]) for p in prompts]
+    ends = [i for i, _, _ in gen.generate_stream(model, prompts, 12, sampling=GREEDY, eos_id=eos, batch_size=6)]
+    lengths = [len(generate(model, [p], 12, sampling=GREEDY, eos_id=eos)[0]) for p in prompts]
     assert sorted(ends) == list(range(6)) and [lengths[i] for i in ends] == sorted(lengths)
-    stream = gen.generate_stream(model, prompts, 12, temperature=0, batch_size=2)
+    stream = gen.generate_stream(model, prompts, 12, sampling=GREEDY, batch_size=2)
     next(stream)
     assert model.kv_caches is not None and not model.training
     stream.close()  # what a `break` out of the loop does
@@ -303,8 +373,8 @@ def test_stream_yields_answers_as_they_end_and_stops_when_closed():
 def test_max_len_caps_each_row():
     model = tiny_model("gpt2", block_size=32)
     prompts = [list(range(1, 15)), [3, 4, 5]]
-    assert [len(r) for r in generate(model, prompts, 100, temperature=0, max_len=20)] == [6, 17]
-    assert generate(model, prompts, 4, temperature=0, max_len=20) == generate(model, prompts, 4, temperature=0)
+    assert [len(r) for r in generate(model, prompts, 100, sampling=GREEDY, max_len=20)] == [6, 17]
+    assert generate(model, prompts, 4, sampling=GREEDY, max_len=20) == generate(model, prompts, 4, sampling=GREEDY)
     with pytest.raises(UserError, match="max_len=40 exceeds the model's block_size=32"):
         generate(model, prompts, 4, max_len=40)
     with pytest.raises(UserError, match="prompt 0 has 14 tokens, which leaves no room in max_len=14"):
@@ -313,16 +383,17 @@ def test_max_len_caps_each_row():
 
 def test_seed_reproducible():
     model = tiny_model("llama")
-    kwargs = dict(temperature=1.0, top_k=50, top_p=0.95)
+    kwargs = dict(sampling=Sampling(top_k=50, top_p=0.95))
     a = generate(model, PROMPTS, 16, seed=1, **kwargs)
     assert a == generate(model, PROMPTS, 16, seed=1, **kwargs)
     assert a != generate(model, PROMPTS, 16, seed=2, **kwargs)
-    assert a != generate(model, PROMPTS, 16, temperature=0)
+    assert a != generate(model, PROMPTS, 16, sampling=GREEDY)
 
 
 def test_logprobs_are_the_unmodified_model_logprobs():
     model = tiny_model("llama")
-    out, logps = generate(model, PROMPTS, 12, temperature=0.7, top_k=10, seed=0, return_logprobs=True)
+    out, logps = generate(model, PROMPTS, 12, sampling=Sampling(temperature=0.7, top_k=10), seed=0,
+                          return_logprobs=True)
     for prompt, new, lp in zip(PROMPTS, out, logps):
         assert len(lp) == len(new) == 12
         seq = torch.tensor([prompt + new])
@@ -339,23 +410,23 @@ def test_compiled_decode_step_matches():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # reset() keeps them; count only this test's graphs
     model = tiny_model("llama")
-    expected = generate(model, PROMPTS, 10, temperature=0)
+    expected = generate(model, PROMPTS, 10, sampling=GREEDY)
     caches_in_use = []  # held, so a freed cache's memory cannot come back as a "reused" one
 
     def record_cache(token):
         caches_in_use.append(model.kv_caches[0])
 
-    assert generate(model, PROMPTS, 10, temperature=0, compile="eager", on_step=record_cache) == expected
+    assert generate(model, PROMPTS, 10, sampling=GREEDY, compile="eager", on_step=record_cache) == expected
     assert model.kv_caches is None
     # a second call of the same shape runs on the same cache buffers (CUDA graphs need fixed addresses)
     others = [p[::-1] for p in PROMPTS]
-    compiled = generate(model, others, 10, temperature=0, compile="eager", on_step=record_cache)
-    assert compiled == generate(model, others, 10, temperature=0)
+    compiled = generate(model, others, 10, sampling=GREEDY, compile="eager", on_step=record_cache)
+    assert compiled == generate(model, others, 10, sampling=GREEDY)
     assert all(cache is caches_in_use[0] for cache in caches_in_use)
     assert gen.compiled_decode.cache_info().currsize == 1
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for every step and call
     # continuous batching: 2 rows for 4 prompts, refilled between steps; the step keeps its static shapes
-    assert generate(model, PROMPTS, 10, temperature=0, compile="eager", batch_size=2) == expected
+    assert generate(model, PROMPTS, 10, sampling=GREEDY, compile="eager", batch_size=2) == expected
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one more for the 2-row shape
     torch._dynamo.reset()
 
@@ -381,7 +452,8 @@ def test_cli(tmp_path, capsys, monkeypatch):
     import configurator
 
     saved_chat_model(tmp_path / "m")
-    args = [f"--model={tmp_path / 'm'}", "--prompt=hello", "--max_new_tokens=8", "--seed=0", "--device=cpu"]
+    args = [f"--model={tmp_path / 'm'}", "--prompt=hello", "--max_new_tokens=8", "--seed=0", "--device=cpu",
+            "--min_p=0.05"]
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
     assert r.stdout.endswith("\n") and len(r.stdout) >= 1
@@ -398,3 +470,8 @@ def test_cli(tmp_path, capsys, monkeypatch):
         configurator.run_main(gen.main, [f"--model={tmp_path / 'm'}", "--prompt=" + "long " * 40])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "block_size=128" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_info:  # a bad sampling value is refused before any model is looked for
+        configurator.run_main(gen.main, [f"--model={tmp_path / 'nope'}", "--prompt=hi", "--min_p=2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err == "error: config key 'min_p' must be in [0, 1] (None: no min-p filter), got 2.0\n"

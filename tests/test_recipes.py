@@ -176,7 +176,8 @@ def test_zephyr_recipe_on_llama2_tokenizer_files_trains_on_spins_generated_respo
                    "--temperature=0", "--device=cpu"])
     model, tok, template = load_for_chat(str(out_dir / "final"))
     prompt = templates.render_prompt(tok, [{"role": "user", "content": "Question 1: what is 1 + 1?"}], template)
-    new = generate.generate(model, [prompt], 6, 0.0, None, None, templates.stop_ids(tok, template), 0)[0]
+    new = generate.generate(model, [prompt], 6, sampling=generate.GREEDY, eos_id=templates.stop_ids(tok, template),
+                            seed=0)[0]
     assert capsys.readouterr().out == templates.response_text(tok, new, template) + "\n"
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import spin_kernels.attention as attention_module
-from generate import generate
+from generate import GREEDY, generate
 from model import GPT
 from tokenizer import load_tokenizer
 
@@ -68,8 +68,8 @@ def test_kv_cached_greedy_generation_equals_transformers_past_the_window(tmp_pat
     with torch.no_grad():  # each prompt alone: no padding for transformers to handle
         expected = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=30, eos_token_id=None,
                                 pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    assert [generate(model, [p], 30, temperature=0)[0] for p in prompts] == expected
-    assert generate(model, prompts, 30, temperature=0) == expected  # ragged: left-padded in one batch
+    assert [generate(model, [p], 30, sampling=GREEDY)[0] for p in prompts] == expected
+    assert generate(model, prompts, 30, sampling=GREEDY) == expected  # ragged: left-padded in one batch
 
 
 def test_generate_cli_opens_a_mistral_v01_style_directory(tmp_path):

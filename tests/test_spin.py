@@ -1,7 +1,8 @@
-"""spin.py: the SPIN loss and its metrics against hand-worked numbers (with the nll_weight anchor), log 2
-at equal policies, the direction of a gradient step, which tokens the sequence log-probs sum over, the
-KL to the opponent (exact and top-k) against a direct computation, and the rollout: the opponent's
-log-probs, its order, its seeding, stopping it, rescoring and the rollout file."""
+"""spin.py: the SPIN loss and its metrics against hand-worked numbers (with the nll_weight anchor), IPO
+against TRL's formula, zero rewards at equal policies (log 2 for sigmoid), the direction of a gradient step,
+which tokens the sequence log-probs sum over, the KL to the opponent (exact and top-k) against a direct
+computation, and the rollout: the opponent's log-probs, its order, its seeding, stopping it, rescoring and the
+rollout file."""
 
 import math
 from dataclasses import replace
@@ -14,8 +15,9 @@ from templates import render_prompt, render_response
 from model import GPT, GPTConfig
 import spin
 from tokenizer import load_tokenizer
-from spin import (RolloutSettings, kl_per_token, opponent_top_k, pair_logps, per_iteration, read_rollouts, rescore,
-                  response_logprobs, rollout, sequence_logps, spin_metrics, spin_terms, write_rollouts)
+from spin import (LOSSES, RolloutSettings, kl_per_token, opponent_top_k, pair_logps, pair_terms, per_iteration,
+                  read_rollouts, rescore, response_logprobs, rollout, sequence_logps, spin_metrics, spin_terms,
+                  write_rollouts)
 
 CPU = torch.device("cpu")
 
@@ -122,20 +124,63 @@ def test_nll_weight_without_lengths_is_an_error():
         spin_terms(t(POLICY_REAL), t(POLICY_GEN), t(OPPONENT_REAL), t(OPPONENT_GEN), beta=0.5, nll_weight=1.0)
 
 
-def test_unknown_loss_type_is_an_error():
-    with pytest.raises(ValueError, match="loss_type"):
-        hand_terms("ipo")
+def test_unknown_loss_type_is_an_error_listing_the_losses():
+    with pytest.raises(ValueError, match="loss_type 'dpo' is unknown; use one of sigmoid, hinge, ipo"):
+        hand_terms("dpo")
 
 
-@pytest.mark.parametrize("loss_type, expected", [("sigmoid", math.log(2)), ("hinge", 1.0)])
-def test_loss_is_log2_when_policy_equals_opponent(loss_type, expected):
+# each loss at equal policies (Δ = 0), as a function of β: a new entry of spin.LOSSES adds its value here
+LOSS_AT_EQUAL_POLICIES = {"sigmoid": lambda beta: math.log(2), "hinge": lambda beta: 1.0,
+                          "ipo": lambda beta: 1 / (2 * beta) ** 2}
+
+
+@pytest.mark.parametrize("loss_type", list(LOSSES))
+def test_rewards_are_zero_when_policy_equals_opponent(loss_type):
+    """When an iteration starts the policy is the opponent: every loss sees zero rewards (sigmoid's loss is
+    then log 2)."""
     torch.manual_seed(0)
     real, gen = -50 * torch.rand(16), -50 * torch.rand(16)
+    real_tokens, generated_tokens = torch.randint(1, 40, (16,)).float(), torch.randint(1, 40, (16,)).float()
     for beta in (0.01, 0.1, 5.0):
-        losses, metrics = spin_terms(real, gen, real.clone(), gen.clone(), beta, loss_type)
-        assert losses.tolist() == pytest.approx([expected] * 16, abs=1e-7)
+        losses, metrics = spin_terms(real, gen, real.clone(), gen.clone(), beta, loss_type, real_tokens=real_tokens,
+                                     generated_tokens=generated_tokens)
+        assert losses.tolist() == pytest.approx([LOSS_AT_EQUAL_POLICIES[loss_type](beta)] * 16, rel=1e-7)
+        assert not metrics["rewards/real"].any() and not metrics["rewards/generated"].any()
         logged = spin_metrics(summed(metrics))
         assert logged["rewards/margins"] == 0.0 and logged["rewards/accuracies"] == 0.0
+
+
+def test_ipo_is_trls_formula_over_length_averaged_logps(setup, pairs):
+    """IPO on real pairs scored by another policy, against TRL's ipo loss written out here: log-probs averaged
+    over each response's tokens (the policy's and the opponent's), logits = (chosen − rejected) − (ref_chosen −
+    ref_rejected), loss = (logits − 1/(2β))², rewards β·(logp − ref_logp)."""
+    tok = setup[0]
+    policy, beta = tiny_gpt(seed=5, model_type="gpt2"), 0.3
+    with torch.no_grad():
+        losses, metrics = pair_terms(policy, pairs, beta, "ipo", tok.eos_id, CPU)
+        real, gen = pair_logps(policy, [p.prompt_ids for p in pairs], [p.real_ids for p in pairs],
+                               [p.generated_ids for p in pairs], tok.eos_id, CPU)
+    real_len = torch.tensor([len(p.real_ids) for p in pairs], dtype=torch.float64)
+    gen_len = torch.tensor([len(p.generated_ids) for p in pairs], dtype=torch.float64)
+    assert (real_len != gen_len).any()  # the averaging matters
+    chosen, rejected = real.double() / real_len, gen.double() / gen_len
+    ref_chosen = torch.tensor([p.opponent_real_logp for p in pairs], dtype=torch.float64) / real_len
+    ref_rejected = torch.tensor([p.opponent_generated_logp for p in pairs], dtype=torch.float64) / gen_len
+    logits = (chosen - rejected) - (ref_chosen - ref_rejected)
+    assert logits.abs().min() > 1e-3  # the policy differs from the opponent
+    want = (logits - 1 / (2 * beta)) ** 2
+    assert losses.double().tolist() == pytest.approx(want.tolist(), rel=1e-5)
+    assert metrics["rewards/real"].double().tolist() == pytest.approx((beta * (chosen - ref_chosen)).tolist(),
+                                                                       rel=1e-4, abs=1e-6)
+    assert metrics["rewards/generated"].double().tolist() == pytest.approx((beta * (rejected - ref_rejected)).tolist(),
+                                                                            rel=1e-4, abs=1e-6)
+
+
+def test_a_length_averaged_loss_without_lengths_is_an_error():
+    t = torch.tensor
+    with pytest.raises(ValueError, match="generated_tokens"):
+        spin_terms(t(POLICY_REAL), t(POLICY_GEN), t(OPPONENT_REAL), t(OPPONENT_GEN), beta=0.5, loss_type="ipo",
+                   real_tokens=t(REAL_TOKENS))
 
 
 def test_summed_micro_batches_give_the_whole_batch_metrics():

@@ -1,8 +1,9 @@
-"""train.py end to end on a tiny config/quick.py: outputs, exports, log 2 at each iteration's start,
-grad accumulation, save/load, kill-and-resume exactness, the opponent of each iteration, the options
-(k previous iterations mixed in, fresh rollouts per epoch, one optimizer across iterations, the
-nll_weight anchor's normalisation), SPIN's dynamics against direct computations, the verdict's paired
-intervals, and the errors a user meets (resume=False, a changed config, a bad data file, bad values).
+"""train.py end to end on a tiny config/quick.py: outputs, exports, zero rewards at each iteration's start
+(log 2 with the sigmoid loss, 1/(4β²) with IPO), grad accumulation, save/load, kill-and-resume exactness,
+the opponent of each iteration, the options (k previous iterations mixed in, fresh rollouts per epoch, one
+optimizer across iterations, the nll_weight anchor's normalisation), SPIN's dynamics against direct
+computations, the verdict's paired intervals, and the errors a user meets (resume=False, a changed config, a
+bad data file, bad values, a bad sampling value at start-up).
 
 The uninterrupted run is shared with test_distributed.py (train_runs.baseline); runs that must be
 bit-identical to it are subprocesses on one thread, the rest call main() in this process."""
@@ -191,9 +192,9 @@ def test_progress_bars_are_drawn_on_a_terminal_by_rank_0(monkeypatch):
         bar.close()
 
 
-def test_each_iteration_starts_at_log2(run):
+def test_each_iteration_starts_at_zero_rewards(run):
     """policy == opponent when an iteration starts, and the opponent's log-probs took the policy's numerical
-    path, so its first step's loss is log 2 and its rewards 0, up to fp32 round-off."""
+    path, so its first step's rewards are 0 and its sigmoid loss log 2, up to fp32 round-off."""
     out_dir, _ = run
     records = {r["step"]: r for r in metrics(out_dir) if r.get("phase") == "spin" and "loss" in r}
     for first, last in SPIN_STEPS.values():
@@ -240,9 +241,9 @@ def test_sampling_leaves_no_kv_cache_and_no_copy_behind(monkeypatch):
 
 
 @pytest.mark.parametrize("sampler", ["the model", "a bf16 copy"])
-def test_each_iteration_starts_at_log2_under_bf16_autocast(tmp_path, monkeypatch, sampler):
+def test_each_iteration_starts_at_zero_rewards_under_bf16_autocast(tmp_path, monkeypatch, sampler):
     """--dtype=bfloat16 on the CPU trains fp32 weights under bf16 autocast. The opponent's log-probs take that
-    same path, so each iteration still starts at log 2 with zero rewards, also when the rollout samples with a
+    same path, so each iteration still starts at zero rewards (loss log 2), also when the rollout samples with a
     bf16 copy as it does on a GPU: a copy may sample, never score."""
     import train
     if sampler == "a bf16 copy":
@@ -256,6 +257,33 @@ def test_each_iteration_starts_at_log2_under_bf16_autocast(tmp_path, monkeypatch
         assert abs(record["loss"] - math.log(2)) <= BF16_LOG2_TOLERANCE, record
         assert abs(record["rewards/real"]) <= BF16_REWARD_TOLERANCE, record
         assert abs(record["rewards/generated"]) <= BF16_REWARD_TOLERANCE, record
+
+
+def test_ipo_iterations_start_at_zero_rewards_and_move_away(tmp_path):
+    """loss_type='ipo' through the whole run: the loss over per-token log-probs (the opponent's sums on disk
+    divided by the response lengths) starts each iteration at zero rewards, where it is (1/(2β))², and falls."""
+    out = tmp_path / "ipo"
+    assert run_in_process(*TINY, f"--out_dir={out}", "--loss_type=ipo", "--stage=spin", "--baseline_sft=False",
+                          "--save_interval=0") == 0
+    records = [r for r in metrics(out) if r.get("phase") == "spin" and "loss" in r and "event" not in r]
+    firsts = first_spin_steps(out)
+    assert len(firsts) == 2
+    for record in firsts:
+        assert record["loss"] == pytest.approx(1 / (2 * 0.1) ** 2, rel=1e-6), record
+        assert abs(record["rewards/real"]) <= 1e-7 and abs(record["rewards/generated"]) <= 1e-7, record
+        last = max((r for r in records if r["iteration"] == record["iteration"]), key=lambda r: r["step"])
+        assert last["loss"] < record["loss"] - 1e-3 and last["rewards/margins"] > 0
+
+
+def test_a_bad_top_p_fails_at_start_up_before_anything_is_built(tmp_path):
+    """A bad sampling value is a one-line error naming its key before data, model or out_dir are made, not at
+    the first rollout after the whole SFT phase."""
+    out = tmp_path / "never"
+    r = subprocess.run([sys.executable, "train.py", "config/quick.py", "--top_p=1.5", f"--out_dir={out}"], cwd=REPO,
+                       env=child_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, describe(r)
+    assert r.stderr == "error: config key 'top_p' must be in (0, 1] (None: no top-p filter), got 1.5\n"
+    assert r.stdout == "" and not out.exists()  # not even the runtime line main prints first
 
 
 def test_final_export_loads_in_nanospin_and_transformers(run):
@@ -810,7 +838,11 @@ def test_a_different_config_is_refused_unless_allowed(run, tmp_path, capsys):
     ("--mix_previous_rollouts=True", "'mix_previous_rollouts' must be int"),
     ("--mix_previous_rollouts=-1", "'mix_previous_rollouts' must be >= 0"),
     ("--nll_weight=-0.5", "'nll_weight' must be >= 0"),
-    ("--kl_opponent_mb=-1", "'kl_opponent_mb' must be >= 0")])
+    ("--kl_opponent_mb=-1", "'kl_opponent_mb' must be >= 0"),
+    ("--loss_type=dpo", "'loss_type' is 'dpo'; use one of ('sigmoid', 'hinge', 'ipo')"),
+    ("--beta=[0.1, 0]", "'beta' must be > 0"),
+    ("--min_p=1.5", "'min_p' must be in [0, 1]"),
+    ("--temperature=-1", "'temperature' must be >= 0")])
 def test_bad_values_of_the_new_options_are_one_line_errors(tmp_path, capsys, override, message):
     out = tmp_path / "never"
     assert run_in_process(*TINY, f"--out_dir={out}", override) == 2
