@@ -72,12 +72,14 @@ def _barrier() -> None:
 
 
 def read_json(file: str):
-    """The JSON value in `file`; invalid JSON is a UserError naming file:line."""
-    with open(file) as f:
+    """The JSON value in `file`; invalid JSON (or not text at all) is a UserError naming file:line."""
+    with open(file, encoding="utf-8") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
             raise UserError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{file}:1: not UTF-8 text, so not JSON") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -842,6 +844,15 @@ def list_checkpoints(out_dir: str) -> list[str]:
     return [os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n, "state.json"))]
 
 
+def _remedy(path: str) -> str:
+    """What to do about checkpoint `path` when it cannot be used: resume from the one before it, or start over."""
+    root, name = os.path.split(os.path.abspath(path))
+    earlier = sorted(n for n in os.listdir(root) if n.startswith("step_") and n < name)
+    if earlier:
+        return f"delete the checkpoint directory '{path}' to resume from '{os.path.join(root, earlier[-1])}'"
+    return "it is the run's only checkpoint: pass --resume=restart to start the run over"
+
+
 _STATE_KEYS = ("files", "run_inputs", "rollouts_of", "metrics", "rng")
 
 
@@ -851,12 +862,10 @@ def read_state(path: str) -> dict:
         with open(file) as f:
             state = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"checkpoint state '{file}' is unreadable ({e}); delete that checkpoint directory to "
-                        f"resume from the one before it") from None
+        raise UserError(f"checkpoint state '{file}' is unreadable ({e}); {_remedy(path)}") from None
     if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
         raise UserError(f"checkpoint state '{file}' records no file digests (an older nanospin's, or damaged), so "
-                        f"the checkpoint cannot be checked; delete that checkpoint directory to resume from the one "
-                        f"before it, or pass --resume=restart to start over")
+                        f"the checkpoint cannot be checked; {_remedy(path)}")
     return state
 
 
@@ -867,8 +876,7 @@ def verify_checkpoint(path: str) -> dict:
     naming the file and what to do: nothing is read before its digest matches."""
     state = read_state(path)
     for name, digest in state["files"].items():
-        _check_file(os.path.join(path, name), digest,
-                    f"delete the checkpoint directory '{path}' to resume from the one before it")
+        _check_file(os.path.join(path, name), digest, _remedy(path))
     out_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     for name, digest in state["run_inputs"].items():
         if name != state["rollouts_of"]:
@@ -892,8 +900,7 @@ def resume_point(out_dir: str) -> str | None:
     latest = os.path.join(root, names[-1])
     if not os.path.isfile(os.path.join(latest, "state.json")):
         raise UserError(f"checkpoint '{latest}' has no state.json, so it is incomplete (a checkpoint is renamed "
-                        f"into place only when whole: something else removed it); delete that directory to "
-                        f"resume from the one before it, or pass --resume=restart to start over")
+                        f"into place only when whole: something else removed it); {_remedy(latest)}")
     verify_checkpoint(latest)
     return latest
 
@@ -943,9 +950,6 @@ def load_checkpoint(path: str, model, optimizer, cfg: GPTConfig) -> dict:
     records is verified; return state.json."""
     state = verify_checkpoint(path)
     model_dir = os.path.join(path, "model")
-    if not os.path.isdir(model_dir):
-        raise UserError(f"checkpoint '{path}' has no model/ directory; it is incomplete, delete it to resume "
-                        f"from the one before it")
     # read at this run's context: a checkpoint keeps its source's (a longer one is no reason to refuse it)
     saved = hf_config_to_gpt_config(read_hf_config(model_dir), block_size=cfg.block_size,
                                     where=os.path.join(model_dir, "config.json"))
@@ -998,9 +1002,6 @@ def load_optimizer(path: str, model, optimizer) -> None:
     """The optimizer state of checkpoint `path` into `optimizer`, each rank reading the slices of the saved
     shards that overlap its own (any world size)."""
     optim_dir = os.path.join(path, "optimizer")
-    if not os.path.isfile(os.path.join(optim_dir, "index.json")):
-        raise UserError(f"checkpoint '{path}' has no optimizer/index.json; it is incomplete, delete it to resume "
-                        f"from the one before it")
     index = read_json(os.path.join(optim_dir, "index.json"))
     osd = get_optimizer_state_dict(model, optimizer)  # this run's layout, filled in below
     try:
@@ -1025,8 +1026,8 @@ def load_optimizer(path: str, model, optimizer) -> None:
                     else:
                         entries[name] = index["values"][key]
     except (KeyError, TypeError, ValueError, SafetensorError) as e:
-        raise UserError(f"cannot read the optimizer state in '{optim_dir}' ({type(e).__name__}: {e}); delete "
-                        f"that checkpoint directory to resume from the one before it") from None
+        raise UserError(f"cannot read the optimizer state in '{optim_dir}' ({type(e).__name__}: {e}); "
+                        f"{_remedy(path)}") from None
     osd["param_groups"] = _param_groups(index["param_groups"], osd["param_groups"], optim_dir)
     set_optimizer_state_dict(model, optimizer, osd)
 
@@ -1051,7 +1052,7 @@ def _fill(value: torch.Tensor, key: str, pieces: list, where: str) -> None:
         covered += part.numel()
     if covered != target.numel():
         raise UserError(f"the saved shards of '{key}' in '{where}' cover {covered} of this rank's {target.numel()} "
-                        f"values; the checkpoint is incomplete, delete it to resume from the one before it")
+                        f"values; {_remedy(os.path.dirname(where))}")
 
 
 _SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
