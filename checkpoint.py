@@ -58,7 +58,7 @@ from torch.distributed.tensor import DTensor
 # the offset of a rank's shard in the full tensor, as torch.distributed.checkpoint computes it
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from configurator import UserError, disk_error
+from configurator import DISK_ERRNOS, UserError, disk_error
 from templates import ChatFormat, chat_format, format_config, resolve_template
 from tokenizer import Tokenizer, load_tokenizer
 from model import GPT, SUPPORTED_MODEL_TYPES, GPTConfig
@@ -601,7 +601,7 @@ def _attempt(write, path: str) -> str | None:
         write()
     except Exception as e:  # noqa: BLE001 - only disk errors are kept, the rest re-raised
         os_error = _as_os_error(e, path)
-        if os_error is None:
+        if os_error is None or os_error.errno not in DISK_ERRNOS:
             raise
         return disk_error(os_error)
     return None

@@ -9,8 +9,6 @@ and run main() in this process; kills and signals are subprocesses (tests/train_
 import errno
 import json
 import os
-import pickle
-import shutil
 import signal
 import types
 
@@ -21,11 +19,9 @@ import checkpoint
 import train
 from configurator import run_main
 from spin import read_rollouts
-from train_runs import (TINY, assert_same_weights, baseline, checkpoint_steps, checkpoint_weights, describe, metrics,
-                        rollouts, run_in_process, run_train)
+from train_runs import (HOSTILE, TINY, assert_same_weights, baseline, checkpoint_steps, checkpoint_weights, copy_up_to,
+                        describe, metrics, plant, records, rollouts, run_in_process, run_train)
 from train_with_faults import no_unpickling
-
-TIMING = {"tokens_per_sec", "rollout_seconds", "mfu"}  # the only fields two identical runs may log differently
 
 
 @pytest.fixture(scope="module")
@@ -33,45 +29,11 @@ def run(tmp_path_factory):
     return baseline(tmp_path_factory)
 
 
-def records(out_dir) -> list[dict]:
-    """metrics.jsonl without its timings: two runs of the same steps log the same records, in the same order."""
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics(out_dir)]
-
-
-def copy_up_to(out_dir, dst, step: int):
-    """The run as it stood when checkpoint `step` was its latest (later checkpoints removed)."""
-    shutil.copytree(out_dir, dst)
-    for path in (dst / "checkpoints").glob("step_*"):
-        if int(path.name.removeprefix("step_")) > step:
-            shutil.rmtree(path)
-    return dst
-
-
-class Plant:
-    """Unpickling this creates `marker`: the proof that a file ran code."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
-def plant(path, marker) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps(Plant(marker)))
-
-
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("error: "), err
     assert not any(line.startswith("Traceback") for line in err), err
     return err[-1]
-
-
-# where torch.distributed.checkpoint, torch.load and transformers' Trainer would look for pickles
-HOSTILE = ("optimizer/.metadata", "optimizer/__0_0.distcp", "model/pytorch_model.bin", "model/training_args.bin",
-           "rng_state.pth", "optimizer.pt")
 
 
 # ----------------------------------------------------------------------------------------------
