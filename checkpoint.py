@@ -13,47 +13,57 @@ Design choices:
   keys unknown to nanospin), only the dtype updated; its companion files (generation_config.json, the
   tokenizer's) copied unchanged; the exported product in the dtype it came in, while a run checkpoint's
   model/ keeps the fp32 master weights, so a resume is exact.
-- A run checkpoint is a directory `out_dir/checkpoints/step_XXXXXXXX/` holding
+- A run checkpoint is a directory `out_dir/checkpoints/step_XXXXXXXX/` of tensors and JSON only (a
+  run directory someone hands you never runs code, so nothing in it is ever unpickled):
     model/          full weights as a model directory (above), so any checkpoint also works with
                     generate.py and transformers;
-    optimizer/      the optimizer state through torch.distributed.checkpoint, sharded per rank and
-                    loadable at another world size;
-    state.json      loop position (phase, step, data order), RNG states, the resolved config;
+    optimizer/      one safetensors file per rank (its shard of each FSDP-sharded tensor, with the
+                    shard's place in the full tensor) and index.json: any world size reads its slices;
+    state.json      loop position (phase, step, data order), RNG states, the resolved config, and the
+                    sha256 of every file above and of out_dir's files a resume reads (iter_*/, sft/,
+                    metrics.jsonl so far): a file that differs is a one-line error, never used;
     rollouts.jsonl  the current iteration's pairs, so a mid-iteration resume never regenerates.
   It is written under a temporary name and renamed when complete; older ones are deleted only after
-  that, so the previous checkpoint stays valid until the new one is whole.
+  that, so the previous checkpoint stays valid until the new one is whole. A disk error (full,
+  read-only) removes the partial directory and is one line on every rank.
+- The latest checkpoint is the one a run resumes from: when it is incomplete or damaged the run stops
+  and says so (`resume_point`), it never quietly falls back; metrics.jsonl is cut to what it held when
+  that checkpoint was saved, so it always reads as one run's records in order.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
-import warnings
+import tempfile
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
+# the offset of a rank's shard in the full tensor, as torch.distributed.checkpoint computes it
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from configurator import UserError
+from configurator import DISK_ERRNOS, UserError, disk_error
 from templates import ChatFormat, chat_format, format_config, resolve_template
 from tokenizer import Tokenizer, load_tokenizer
 from model import GPT, SUPPORTED_MODEL_TYPES, GPTConfig
 
 CHECKPOINTS = "checkpoints"
-# what torch.distributed.checkpoint warns on every save and load without a process group; one process is our intent
-_DCP_ONE_PROCESS_WARNING = (r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent "
-                            r"is to (save|load) in a single process")
 
 
 def _barrier() -> None:
@@ -61,13 +71,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _read_json(file: str):
-    """The JSON value in `file`; invalid JSON is a UserError naming file:line."""
-    with open(file) as f:
+def read_json(file: str):
+    """The JSON value in `file`; invalid JSON (or not text at all) is a UserError naming file:line."""
+    with open(file, encoding="utf-8") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
             raise UserError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{file}:1: not UTF-8 text, so not JSON") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +93,7 @@ def read_hf_config(path: str) -> dict:
                         f"(config.json + *.safetensors) or a nanospin checkpoint directory")
     if not os.path.isfile(config_path):
         raise UserError(f"'{path}' has no config.json; it is not a Hugging Face model directory")
-    return _read_json(config_path)
+    return read_json(config_path)
 
 
 def _rope_settings(hf: dict, where: str) -> tuple[float, dict | None]:
@@ -195,7 +207,7 @@ def safetensors_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
-        names = sorted(set(_read_json(index)["weight_map"].values()))
+        names = sorted(set(read_json(index)["weight_map"].values()))
     elif os.path.isfile(single):
         names = ["model.safetensors"]
     else:
@@ -396,7 +408,7 @@ def read_chat_template(model_dir: str) -> str | dict | None:
     file = os.path.join(model_dir, "nanospin.json")
     if not os.path.isfile(file):
         return None
-    meta = _read_json(file)
+    meta = read_json(file)
     if not isinstance(meta, dict):
         raise UserError(f"{file}:1: expected a JSON object with a 'chat_template' key")
     return meta.get("chat_template")
@@ -538,15 +550,192 @@ def save_model_dir(path: str, state: dict[str, torch.Tensor], cfg: GPTConfig, to
 def export_model(path: str, model, cfg: GPTConfig, tokenizer, chat_template: ChatFormat | str, rank: int,
                  dtype: torch.dtype | None = None, source: ModelSource | None = None) -> None:
     """Rank 0 writes the full weights to `path` atomically (temporary directory, then rename), in dtype
-    (None: the master weights' own) and, with a source, as the model came in (`save_model_dir`)."""
+    (None: the master weights' own) and, with a source, as the model came in (`save_model_dir`). A disk
+    error is a UserError on every rank, the temporary directory removed."""
     state = full_model_state(model)
+    error = None
     if rank == 0:
         tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model_dir(tmp, state, cfg, tokenizer, chat_template, dtype=dtype, source=source)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    _barrier()
+
+        def write() -> None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_model_dir(tmp, state, cfg, tokenizer, chat_template, dtype=dtype, source=source)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+
+        error = _attempt(write, tmp)
+        if error:
+            shutil.rmtree(tmp, ignore_errors=True)
+    error = _first_error(error)
+    if error:
+        raise UserError(f"cannot export the model to '{path}': {error}")
+
+
+# ----------------------------------------------------------------------------------------------
+# disk errors: one line on every rank, never half a directory
+
+
+def _as_os_error(e: Exception, path: str) -> OSError | None:
+    """The OSError behind a failed write: the exception itself, or the one safetensors' writer names only in
+    its message ('... No space left on device (os error 28)'); None for anything else (a bug: raised)."""
+    if isinstance(e, OSError):
+        return e if e.filename else OSError(e.errno, e.strerror, path)
+    found = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, SafetensorError) else None
+    if found is None:
+        return None
+    number = int(found.group(1))
+    return OSError(number, os.strerror(number), path)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file; a disk error is raised as the OSError it is (safetensors names it only in words)."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        raise (_as_os_error(e, path) or e) from None
+
+
+def _attempt(write, path: str) -> str | None:
+    """Run write(); a disk error is returned as its one-line description (`disk_error`), anything else raised."""
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001 - only disk errors are kept, the rest re-raised
+        os_error = _as_os_error(e, path)
+        if os_error is None or os_error.errno not in DISK_ERRNOS:
+            raise
+        return disk_error(os_error)
+    return None
+
+
+_ERROR_BYTES = 1024  # a message crosses between ranks in a fixed-size buffer
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _first_error(error: str | None) -> str | None:
+    """The error of the lowest rank that had one, on every rank (None when none had): a collective, so a rank
+    that failed a write never leaves the others waiting in a barrier."""
+    if not dist.is_initialized():
+        return error
+    device, world = _collective_device(), dist.get_world_size()
+    first = torch.tensor([dist.get_rank() if error else world], device=device)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    if first.item() == world:
+        return None
+    message = torch.zeros(_ERROR_BYTES, dtype=torch.uint8)
+    if error:
+        encoded = error.encode()[:_ERROR_BYTES]
+        message[:len(encoded)] = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
+    message = message.to(device)
+    dist.broadcast(message, src=int(first.item()))
+    return bytes(message.cpu().tolist()).rstrip(b"\0").decode(errors="replace")
+
+
+def _sum_over_ranks(value: int) -> int:
+    if not dist.is_initialized():
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def _check_free_space(path: str, needed: int) -> None:
+    """ENOSPC before the first byte is written when the disk holding `path` has fewer than `needed` bytes free."""
+    stat = os.statvfs(path)
+    free = stat.f_bavail * stat.f_frsize
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (the checkpoint needs {needed / 2**20:.1f} MiB, "
+                                    f"{free / 2**20:.1f} MiB are free)", path)
+
+
+def probe_out_dir(out_dir: str) -> None:
+    """A one-line error, before data and model are built, when out_dir cannot be written: it is a file, or the
+    disk refuses a small file (read-only, no permission, full). The probe is made in out_dir, or where it will
+    be created, and removed, so a run that stops here leaves nothing behind."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out_dir '{out_dir}' is a file, not a directory; use another --out_dir")
+    where = os.path.abspath(out_dir)
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise UserError(f"out_dir '{out_dir}' cannot be created: '{where}' is a file; use another --out_dir")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".nanospin-write-probe-", dir=where)
+        try:
+            os.write(fd, b"nanospin")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as e:
+        raise UserError(f"out_dir '{out_dir}' cannot be written: {disk_error(_as_os_error(e, where))}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# file hashes: every file a resume reads is checked against the one its checkpoint saw
+
+
+def file_digest(path: str) -> dict:
+    """{'bytes': size, 'sha256': hex} of a file. Cached by (size, mtime, inode): a file hashed at one save is
+    not read again at the next unless it was rewritten."""
+    st = os.stat(path)
+    size, sha256 = _digest(path, st.st_size, st.st_mtime_ns, st.st_ino)
+    return {"bytes": size, "sha256": sha256}
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(path: str, size: int, mtime_ns: int, inode: int) -> tuple[int, str]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return size, h.hexdigest()
+
+
+def _digests_under(root: str, relative_to: str) -> dict[str, dict]:
+    """{path relative to `relative_to`: digest} of every file under `root`."""
+    found = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            file = os.path.join(folder, name)
+            found[os.path.relpath(file, relative_to)] = file_digest(file)
+    return dict(sorted(found.items()))
+
+
+# what of out_dir a resume reads besides its checkpoint: the iterations' rollouts, held-out rollouts and the
+# opponent's held-out log-probs, and the SFT model the continued-SFT baseline starts from
+_RUN_INPUTS = re.compile(r"(iter_\d+|sft)")
+
+
+def run_inputs(out_dir: str) -> dict[str, dict]:
+    """The digests of the files in out_dir's iter_*/ and sft/ (temporary ones excluded)."""
+    found = {}
+    for name in sorted(os.listdir(out_dir)):
+        if _RUN_INPUTS.fullmatch(name) and os.path.isdir(os.path.join(out_dir, name)):
+            found.update({k: v for k, v in _digests_under(os.path.join(out_dir, name), out_dir).items()
+                          if not k.endswith(".tmp")})
+    return found
+
+
+def _check_file(file: str, digest: dict, fix: str) -> None:
+    """A one-line error naming `file` and `fix` unless it is the file `digest` describes."""
+    if not os.path.isfile(file):
+        raise UserError(f"'{file}' is missing; {fix}")
+    actual = file_digest(file)
+    if actual != digest:
+        how = (f"{actual['bytes']} bytes where {digest['bytes']} were saved: cut short or appended to"
+               if actual["bytes"] != digest["bytes"] else "its sha256 differs: edited or replaced")
+        raise UserError(f"'{file}' is not the file its checkpoint saved ({how}); {fix}")
+
+
+def _prefix_digest(path: str, size: int) -> dict | None:
+    """The digest of the first `size` bytes of `path`; None when it is shorter or missing."""
+    if not os.path.isfile(path) or os.path.getsize(path) < size:
+        return None
+    with open(path, "rb") as f:
+        return {"bytes": size, "sha256": hashlib.sha256(f.read(size)).hexdigest()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -578,29 +767,72 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, cfg:
                     chat_template: ChatFormat | str, rollouts_path: str | None, rank: int, keep: int = 2,
                     source: ModelSource | None = None) -> str:
     """Write checkpoint `step` (all ranks call this) and return its path. Its model/ holds the fp32 master
-    weights whatever the source's dtype (a resume restores them exactly), with the source's config.json."""
+    weights whatever the source's dtype (a resume restores them exactly), with the source's config.json;
+    its state.json, written last, `state` with the RNG states and the digests of every file of the
+    checkpoint, of out_dir's files a resume reads (`run_inputs`) and of metrics.jsonl as it stands.
+    A disk error on any rank is a UserError on every rank, the partial directory removed."""
     root = os.path.join(out_dir, CHECKPOINTS)
     final = os.path.join(root, f"step_{step:08d}")
     tmp = os.path.join(root, f"tmp-step_{step:08d}")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
+    # the collectives first: a rank that fails a write later must not leave the others in one
     weights = full_model_state(model)
-    _dcp(dcp.save, {"optimizer": get_optimizer_state_dict(model, optimizer)}, os.path.join(tmp, "optimizer"))
-    if rank == 0:
-        save_model_dir(os.path.join(tmp, "model"), weights, cfg, tokenizer, chat_template, source=source)
-        if rollouts_path is not None:
-            shutil.copyfile(rollouts_path, os.path.join(tmp, "rollouts.jsonl"))
+    shard, layout, index = optimizer_shard(model, optimizer, rank)
+    nbytes = sum(t.numel() * t.element_size() for t in (*shard.values(), *weights.values()))
+    if rank == 0 and rollouts_path is not None:
+        nbytes += os.path.getsize(rollouts_path)
+    needed = _sum_over_ranks(nbytes)
+    shard_file = os.path.join(tmp, "optimizer", f"rank_{rank:05d}.safetensors")
+
+    def begin() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "optimizer"))
+        _check_free_space(tmp, needed)
+
+    def write_parts() -> None:
+        save_tensors(shard, shard_file, metadata={"layout": json.dumps(layout)})
+        if rank == 0:
+            save_model_dir(os.path.join(tmp, "model"), weights, cfg, tokenizer, chat_template, source=source)
+            if rollouts_path is not None:
+                shutil.copyfile(rollouts_path, os.path.join(tmp, "rollouts.jsonl"))
+            with open(os.path.join(tmp, "optimizer", "index.json"), "w") as f:
+                json.dump({**index, "files": [f"rank_{r:05d}.safetensors" for r in range(_world_size())]}, f)
+
+    def finish() -> None:
+        metrics = os.path.join(out_dir, METRICS)
+        saved = {**state, "rng": rng_state(), "files": _digests_under(tmp, tmp), "run_inputs": run_inputs(out_dir),
+                 "metrics": file_digest(metrics) if os.path.isfile(metrics) else {"bytes": 0, "sha256": _EMPTY_SHA},
+                 "rollouts_of": rollouts_path and os.path.relpath(rollouts_path, out_dir)}
         with open(os.path.join(tmp, "state.json"), "w") as f:  # written last: its presence marks a whole checkpoint
-            json.dump({**state, "rng": rng_state()}, f)
-        if os.path.exists(final):  # the same step saved again (a resumed run that saves at the same place)
-            shutil.rmtree(final)
+            json.dump(saved, f)
+        if os.path.exists(final):  # the same step saved again: the old one goes aside first, never half-deleted
+            os.replace(final, os.path.join(root, f"old-step_{step:08d}"))
         os.replace(tmp, final)
-        for old in list_checkpoints(out_dir)[:-keep]:
+
+    error = _first_error(_attempt(begin, tmp) if rank == 0 else None)
+    if not error:
+        error = _first_error(_attempt(write_parts, tmp))
+    if not error:
+        error = _first_error(_attempt(finish, tmp) if rank == 0 else None)
+    if error:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        before = list_checkpoints(out_dir)
+        raise UserError(f"cannot save checkpoint '{final}': {error}; then run the same command again: it resumes "
+                        f"from {repr(before[-1]) if before else 'the start'}")
+    if rank == 0:
+        leftovers = [os.path.join(root, n) for n in os.listdir(root) if n.startswith(("tmp-step_", "old-step_"))]
+        for old in list_checkpoints(out_dir)[:-keep] + leftovers:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+METRICS = "metrics.jsonl"
+_EMPTY_SHA = hashlib.sha256(b"").hexdigest()
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def list_checkpoints(out_dir: str) -> list[str]:
@@ -612,23 +844,112 @@ def list_checkpoints(out_dir: str) -> list[str]:
     return [os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n, "state.json"))]
 
 
+def _remedy(path: str) -> str:
+    """What to do about checkpoint `path` when it cannot be used: resume from the one before it, or start over."""
+    root, name = os.path.split(os.path.abspath(path))
+    earlier = sorted(n for n in os.listdir(root) if n.startswith("step_") and n < name)
+    if earlier:
+        return f"delete the checkpoint directory '{path}' to resume from '{os.path.join(root, earlier[-1])}'"
+    return "it is the run's only checkpoint: pass --resume=restart to start the run over"
+
+
+_STATE_KEYS = ("files", "run_inputs", "rollouts_of", "metrics", "rng")
+
+
 def read_state(path: str) -> dict:
     file = os.path.join(path, "state.json")
     try:
         with open(file) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"checkpoint state '{file}' is unreadable ({e}); delete that checkpoint directory to "
-                        f"resume from the one before it") from None
+            state = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint state '{file}' is unreadable ({e}); {_remedy(path)}") from None
+    if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
+        raise UserError(f"checkpoint state '{file}' records no file digests (an older nanospin's, or damaged), so "
+                        f"the checkpoint cannot be checked; {_remedy(path)}")
+    return state
+
+
+def verify_checkpoint(path: str) -> dict:
+    """state.json of checkpoint `path`, once every file it records is as it was saved: the checkpoint's own,
+    out_dir's files the run reads on (`run_inputs`; the iteration's rollouts.jsonl excepted, which the resume
+    restores from the checkpoint's copy) and metrics.jsonl up to where it stood. Otherwise a one-line error
+    naming the file and what to do: nothing is read before its digest matches."""
+    state = read_state(path)
+    for name, digest in state["files"].items():
+        _check_file(os.path.join(path, name), digest, _remedy(path))
+    out_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    for name, digest in state["run_inputs"].items():
+        if name != state["rollouts_of"]:
+            _check_file(os.path.join(out_dir, name), digest,
+                        f"restore it, or pass --resume=restart to start the run over")
+    metrics = os.path.join(out_dir, METRICS)
+    if state["metrics"]["bytes"] and _prefix_digest(metrics, state["metrics"]["bytes"]) != state["metrics"]:
+        raise UserError(f"'{metrics}' does not begin with the {state['metrics']['bytes']} bytes checkpoint "
+                        f"'{path}' saw (missing, cut short or edited); restore it, or pass --resume=restart to "
+                        f"start the run over")
+    return state
+
+
+def resume_point(out_dir: str) -> str | None:
+    """The checkpoint a run in out_dir continues from, verified (`verify_checkpoint`); None when out_dir has
+    none. The latest is the one: when it is incomplete or damaged the error says so, it is never skipped."""
+    root = os.path.join(out_dir, CHECKPOINTS)
+    names = sorted(n for n in os.listdir(root) if n.startswith("step_")) if os.path.isdir(root) else []
+    if not names:
+        return None
+    latest = os.path.join(root, names[-1])
+    if not os.path.isfile(os.path.join(latest, "state.json")):
+        raise UserError(f"checkpoint '{latest}' has no state.json, so it is incomplete (a checkpoint is renamed "
+                        f"into place only when whole: something else removed it); {_remedy(latest)}")
+    verify_checkpoint(latest)
+    return latest
+
+
+# what a run writes to out_dir; --resume=restart removes these and nothing else
+RUN_FILES = (CHECKPOINTS, "final", "final.tmp", "sft", "sft.tmp", METRICS, "metrics.png", "config.json")
+
+
+def run_files(out_dir: str) -> list[str]:
+    """The names in out_dir a run wrote (RUN_FILES and iter_*/)."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(n for n in os.listdir(out_dir) if n in RUN_FILES or re.fullmatch(r"iter_\d+", n))
+
+
+def start_over(out_dir: str, rank: int) -> list[str]:
+    """Remove what an earlier run wrote to out_dir (`run_files`; rank 0, every rank waits) and return the names."""
+    names = run_files(out_dir)
+    if rank == 0:
+        for name in names:
+            path = os.path.join(out_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    _barrier()
+    return names
+
+
+def open_metrics(out_dir: str, rank: int, checkpoint: str | None):
+    """Rank 0's metrics.jsonl, to append to, holding exactly the records written before `checkpoint` was
+    (none for a start from step 0): a resumed run's replayed steps, and a rollout it redoes, are logged
+    once, so the file reads as one run's records in order. None on other ranks."""
+    if rank != 0:
+        return None
+    path = os.path.join(out_dir, METRICS)
+    kept = b""
+    size = read_state(checkpoint)["metrics"]["bytes"] if checkpoint is not None else 0
+    if size:
+        with open(path, "rb") as f:  # its first bytes were checked by verify_checkpoint
+            kept = f.read(size)
+    with open(path + ".tmp", "wb") as f:
+        f.write(kept)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
 
 
 def load_checkpoint(path: str, model, optimizer, cfg: GPTConfig) -> dict:
-    """Load weights, optimizer and RNG into the (possibly FSDP-sharded) model; return state.json."""
-    state = read_state(path)
+    """Load weights, optimizer and RNG into the (possibly FSDP-sharded) model once every file the checkpoint
+    records is verified; return state.json."""
+    state = verify_checkpoint(path)
     model_dir = os.path.join(path, "model")
-    if not os.path.isdir(model_dir):
-        raise UserError(f"checkpoint '{path}' has no model/ directory; it is incomplete, delete it to resume "
-                        f"from the one before it")
     # read at this run's context: a checkpoint keeps its source's (a longer one is no reason to refuse it)
     saved = hf_config_to_gpt_config(read_hf_config(model_dir), block_size=cfg.block_size,
                                     where=os.path.join(model_dir, "config.json"))
@@ -641,33 +962,107 @@ def load_checkpoint(path: str, model, optimizer, cfg: GPTConfig) -> dict:
                         f"model settings or use another out_dir")
     load_weights(model, model_dir)
     load_optimizer(path, model, optimizer)
-    if "rng" in state:
-        set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     return state
 
 
+# ----------------------------------------------------------------------------------------------
+# optimizer state: one safetensors file per rank and a JSON index, loadable at any world size
+
+
+def _local_place(value: torch.Tensor) -> tuple[torch.Tensor, list[int], bool]:
+    """(the part of `value` this rank holds, its offset in the full tensor, whether it is a shard)."""
+    if isinstance(value, DTensor) and any(p.is_shard() for p in value.placements):
+        _, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+        return value.to_local(), list(offset), True
+    return (value.to_local() if isinstance(value, DTensor) else value), [0] * value.dim(), False
+
+
+def optimizer_shard(model, optimizer, rank: int) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """This rank's part of the optimizer state (keys '<parameter>/<name>'): its shard of every FSDP-sharded
+    tensor, and on rank 0 the tensors every rank holds whole; their full shapes and offsets (the layout); and
+    on rank 0 the index: the parameter groups' settings and any value that is not a tensor, as JSON."""
+    osd = get_optimizer_state_dict(model, optimizer)  # keyed by parameter name, so any world size can load it
+    shard, layout, values = {}, {}, {}
+    for param, entries in osd["state"].items():
+        for name, value in entries.items():
+            key = f"{param}/{name}"
+            if not torch.is_tensor(value):
+                values[key] = value
+                continue
+            local, offset, sharded = _local_place(value)
+            if sharded or rank == 0:
+                shard[key] = local.detach().to("cpu").contiguous()
+                layout[key] = {"shape": list(value.shape), "offset": offset}
+    index = {"param_groups": osd["param_groups"], "values": values} if rank == 0 else {}
+    return shard, layout, index
+
+
 def load_optimizer(path: str, model, optimizer) -> None:
+    """The optimizer state of checkpoint `path` into `optimizer`, each rank reading the slices of the saved
+    shards that overlap its own (any world size)."""
     optim_dir = os.path.join(path, "optimizer")
-    if not os.path.isdir(optim_dir):
-        raise UserError(f"checkpoint '{path}' has no optimizer/ directory; it is incomplete, delete it to resume "
-                        f"from the one before it")
-    optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    index = read_json(os.path.join(optim_dir, "index.json"))
+    osd = get_optimizer_state_dict(model, optimizer)  # this run's layout, filled in below
     try:
-        _dcp(dcp.load, optim_state, optim_dir)
-    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        # its first line only names the failing ranks; the cause is on the last
-        cause = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
-        raise UserError(f"cannot read the optimizer state in '{optim_dir}' ({cause[0][:200]}); delete that "
-                        f"checkpoint directory to resume from the one before it") from None
-    set_optimizer_state_dict(model, optimizer, optim_state["optimizer"])
+        with ExitStack() as stack:
+            pieces: dict[str, list] = {}  # key -> [(open file, its layout entry)]
+            for name in index["files"]:
+                f = stack.enter_context(safe_open(os.path.join(optim_dir, name), "pt"))
+                for key, place in json.loads(f.metadata()["layout"]).items():
+                    pieces.setdefault(key, []).append((f, place))
+            expected = {f"{p}/{n}" for p, entries in osd["state"].items() for n in entries}
+            saved = set(pieces) | set(index["values"])
+            if saved != expected:
+                key = sorted(saved ^ expected)[0]
+                raise UserError(f"the optimizer state in '{optim_dir}' does not fit this run's optimizer "
+                                f"('{key}' is {'missing' if key in expected else 'unexpected'}); resume with "
+                                f"the checkpoint's optimizer and model settings")
+            for param, entries in osd["state"].items():
+                for name, value in entries.items():
+                    key = f"{param}/{name}"
+                    if torch.is_tensor(value):
+                        _fill(value, key, pieces[key], optim_dir)
+                    else:
+                        entries[name] = index["values"][key]
+    except (KeyError, TypeError, ValueError, SafetensorError) as e:
+        raise UserError(f"cannot read the optimizer state in '{optim_dir}' ({type(e).__name__}: {e}); "
+                        f"{_remedy(path)}") from None
+    osd["param_groups"] = _param_groups(index["param_groups"], osd["param_groups"], optim_dir)
+    set_optimizer_state_dict(model, optimizer, osd)
 
 
-def _dcp(save_or_load, state: dict, path: str) -> None:
-    """dcp.save or dcp.load of `state` at `path`. Without a process group it is DCP's one-process path,
-    minus the warning that says so on every call."""
-    if dist.is_initialized():
-        save_or_load(state, checkpoint_id=path)
-        return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_DCP_ONE_PROCESS_WARNING, category=UserWarning)
-        save_or_load(state, checkpoint_id=path, no_dist=True)
+def _fill(value: torch.Tensor, key: str, pieces: list, where: str) -> None:
+    """This rank's part of tensor `key` copied from the saved pieces that overlap it (boxes in the full tensor)."""
+    target, offset, _ = _local_place(value)
+    covered = 0
+    for f, place in pieces:
+        saved = f.get_slice(key)
+        if place["shape"] != list(value.shape) or saved.get_dtype() != _SAFETENSORS_NAMES.get(value.dtype):
+            raise UserError(f"'{key}' in '{where}' is {saved.get_dtype()} {place['shape']}, this run's optimizer "
+                            f"holds {value.dtype} {list(value.shape)}; resume with the checkpoint's settings")
+        lo = [max(a, b) for a, b in zip(offset, place["offset"])]
+        hi = [min(a + n, b + m) for a, n, b, m in zip(offset, target.shape, place["offset"], saved.get_shape())]
+        if any(low >= high for low, high in zip(lo, hi)):
+            continue
+        part = saved[tuple(slice(low - b, high - b) for low, high, b in zip(lo, hi, place["offset"]))] \
+            if target.dim() else f.get_tensor(key)
+        with torch.no_grad():
+            target[tuple(slice(low - a, high - a) for low, high, a in zip(lo, hi, offset))].copy_(part)
+        covered += part.numel()
+    if covered != target.numel():
+        raise UserError(f"the saved shards of '{key}' in '{where}' cover {covered} of this rank's {target.numel()} "
+                        f"values; {_remedy(os.path.dirname(where))}")
+
+
+_SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL", torch.uint8: "U8"}
+
+
+def _param_groups(saved: list[dict], current: list[dict], where: str) -> list[dict]:
+    """The saved groups' settings for the optimizer's groups; JSON's lists become the tuples it holds (betas)."""
+    if [g["params"] for g in saved] != [g["params"] for g in current]:
+        raise UserError(f"the parameter groups in '{where}' are not this run's; resume with the checkpoint's "
+                        f"model and optimizer settings")
+    return [{k: tuple(v) if isinstance(mine.get(k), tuple) else v for k, v in group.items()}
+            for group, mine in zip(saved, current)]

@@ -8,7 +8,8 @@ Design choices:
 - Types come from the dataclass annotations; ints are accepted where floats are expected, and
   command-line values are parsed by the type they must have (`--lr=1` is a float, `--out_dir=1`
   a string).
-- Errors meant for people are `UserError`s; the scripts print them as one line and exit with 2.
+- Errors meant for people are `UserError`s; the scripts print them as one line and exit with 2. So
+  are the disk's own errors (full, read-only, no permission): the path, the errno's words, what to do.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import errno
 import json
 import os
 import runpy
@@ -29,12 +31,33 @@ class UserError(Exception):
     """A mistake in the user's input (config, data, paths): printed as one line, exit code 2."""
 
 
+# what a disk says when it cannot take a write (or give a read): the user's to fix, not a bug
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def disk_error(e: OSError) -> str:
+    """One line for a disk's OSError: the path, the errno's words ("No space left on device"), what to do."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on that disk or use another directory"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "make it writable (check its permissions) or use another directory"
+    else:
+        fix = "check that disk"
+    words = e.strerror or os.strerror(e.errno or 0)
+    return f"'{e.filename}': {words}; {fix}" if e.filename else f"{words}; {fix}"
+
+
 def run_main(main, *args) -> None:
-    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+    """Run a script's main(); a UserError or a disk error becomes one line on stderr and exit code 2."""
     try:
         main(*args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        print(f"error: {disk_error(e)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from configurator import UserError
 from data import collate
 from generate import Sampling, generate_stream, mix_seed
 from memory_plan import SCORING_CHUNKS
@@ -390,10 +391,15 @@ def write_rollouts(path: str, pairs: list[Pair], decode, decode_response=None) -
 
 
 def read_rollouts(path: str) -> list[Pair]:
+    """The pairs write_rollouts wrote; a line that is not one (garbage, cut short) is an error naming path:line."""
     pairs = []
     with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            pairs.append(Pair(r["source"], r["prompt_ids"], r["real_ids"], r["generated_ids"],
-                              r["opponent_real_logp"], r["opponent_generated_logp"], r["eos"]))
+        for number, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+                pairs.append(Pair(r["source"], r["prompt_ids"], r["real_ids"], r["generated_ids"],
+                                  r["opponent_real_logp"], r["opponent_generated_logp"], r["eos"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{path}:{number}: not a rollout record ({type(e).__name__}: {e}); the file is "
+                                f"damaged: restore it, or start the run over with --resume=restart") from None
     return pairs

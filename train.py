@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
@@ -78,7 +78,9 @@ class TrainConfig:
     # --- I/O -------------------------------------------------------------------------------------
     out_dir: str = "out"
     init_from: str = "scratch"  # 'scratch', a Hugging Face model directory, or a nanospin checkpoint/out_dir
-    resume: bool | str = "auto"  # 'auto': continue from out_dir's latest checkpoint; False: refuse a non-empty out_dir
+    # 'auto': continue from out_dir's latest checkpoint (none yet: start at step 0); True: the same, but a checkpoint
+    # must exist; False: refuse a non-empty out_dir; 'restart': delete what a run wrote there, then start at step 0
+    resume: bool | str = "auto"
     allow_config_change: bool = False  # resume an out_dir whose saved config differs from this one
     tokenizer: str = "auto"  # 'auto' (the model directory's, or 'bytes' from scratch), 'bytes', 'gpt2', a path...
     tokenizer_pattern: str | None = None  # the split regex of a tiktoken BPE file no known encoding matches
@@ -177,8 +179,8 @@ def check_config(cfg: TrainConfig) -> None:
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"config key '{key}' is {getattr(cfg, key)!r}; use one of {allowed}")
-    if cfg.resume not in ("auto", True, False):
-        raise UserError(f"config key 'resume' is {cfg.resume!r}; use 'auto', True or False")
+    if cfg.resume not in ("auto", True, False, "restart"):
+        raise UserError(f"config key 'resume' is {cfg.resume!r}; use 'auto', True, False or 'restart'")
     positive = ("batch_size", "grad_accum", "rollout_batch_size", "max_new_tokens", "max_len", "max_prompt_len",
                 "max_epochs", "log_interval", "keep_checkpoints", "n_layer", "n_head", "n_kv_head", "n_embd")
     for key in positive:
@@ -330,25 +332,35 @@ class LoopState:
     history: list[dict] = field(default_factory=list)  # one summary per finished phase
 
 
-def prepare_out_dir(cfg: TrainConfig, world_size: int) -> str | None:
-    """The checkpoint to resume from (None: start afresh), once out_dir is known to be usable: resume=False
-    refuses a non-empty one, and a run there with another config needs allow_config_change."""
-    checkpoints = ckpt.list_checkpoints(cfg.out_dir)
+def prepare_out_dir(cfg: TrainConfig, world_size: int, rank: int) -> str | None:
+    """The checkpoint to resume from, verified (None: start at step 0), once out_dir is known to be writable:
+    resume=False refuses a non-empty one, a run there with another config needs allow_config_change, and
+    resume='restart' first removes what a run wrote there. A start at step 0 in a used out_dir says so."""
+    ckpt.probe_out_dir(cfg.out_dir)
+    if cfg.resume == "restart":
+        removed = ckpt.start_over(cfg.out_dir, rank)
+        if removed:
+            print0(f"resume='restart': removed {', '.join(removed)} from {cfg.out_dir}; starting at step 0")
+        return None
     saved_config = os.path.join(cfg.out_dir, "config.json")
     if os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir):
         if cfg.resume is False:
-            raise UserError(f"out_dir '{cfg.out_dir}' is not empty and resume=False; pick a new --out_dir or "
-                            f"pass --resume=auto to continue it")
+            raise UserError(f"out_dir '{cfg.out_dir}' is not empty and resume=False; pick a new --out_dir, pass "
+                            f"--resume=auto to continue it or --resume=restart to start it over")
         if os.path.isfile(saved_config) and not cfg.allow_config_change:
-            old = json.load(open(saved_config))
+            old = ckpt.read_json(saved_config)
             new = json.loads(json.dumps(config_fingerprint(cfg, world_size)))
             diff = sorted(k for k in new if old.get(k) != new[k])
             if diff:
                 raise UserError(f"out_dir '{cfg.out_dir}' holds a run with a different config (keys: "
                                 f"{', '.join(diff[:5])}); use another --out_dir or pass --allow_config_change=True")
-    if cfg.resume is True and not checkpoints:
+    resume_from = ckpt.resume_point(cfg.out_dir) if cfg.resume else None
+    if cfg.resume is True and not resume_from:
         raise UserError(f"resume=True but out_dir '{cfg.out_dir}' has no checkpoint; use resume='auto' to start fresh")
-    return checkpoints[-1] if checkpoints and cfg.resume else None
+    if resume_from is None and ckpt.run_files(cfg.out_dir):
+        print0(f"out_dir '{cfg.out_dir}' holds no checkpoint (the run there stopped before its first): starting at "
+               f"step 0, and its metrics.jsonl starts over")
+    return resume_from
 
 
 def start_or_resume(cfg: TrainConfig, rt: Runtime, resume_from: str | None, model, optimizer) -> LoopState:
@@ -384,14 +396,27 @@ def file_sha(path: str) -> str:
 
 @dataclass
 class StopRequest:
-    """SIGTERM or SIGINT asks the run to save and stop at the next step boundary."""
+    """SIGTERM or SIGINT asks the run to save and stop at the next step boundary; the run then exits with
+    128 + the signal's number (143, 130), as a shell reports a process the signal ended."""
     world_size: int
-    signal: str | None = None  # the signal this process caught
+    signum: int = 0  # the signal this process caught; after requested(), the one any rank caught
 
     def requested(self) -> bool:
         """Whether any rank caught one (a collective: every rank asks at the same points)."""
-        flag = torch.tensor([1.0 if self.signal else 0.0])
-        return bool(all_reduce_sum(flag, self.world_size).item() > 0)
+        caught = torch.tensor([float(self.signum)])
+        if self.world_size > 1:
+            dist.all_reduce(caught, op=dist.ReduceOp.MAX)
+        self.signum = int(caught.item())
+        return self.signum > 0
+
+    @property
+    def signal(self) -> str:
+        return signal.Signals(self.signum).name
+
+    def exit(self, message: str) -> None:
+        """Say where the run stopped, and exit 128 + the signal's number: a stopped run is not a finished one."""
+        print0(message)
+        sys.exit(128 + self.signum)
 
 
 def catch_stop_signals(world_size: int) -> StopRequest:
@@ -399,31 +424,11 @@ def catch_stop_signals(world_size: int) -> StopRequest:
     stop = StopRequest(world_size)
 
     def on_signal(signum, frame):
-        stop.signal = signal.Signals(signum).name
+        stop.signum = signum
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     return stop
-
-
-def open_metrics(out_dir: str, rank: int, resumed_at: int | None):
-    """Rank 0's out_dir/metrics.jsonl for appending (None on other ranks). A resumed run replays the steps
-    after its checkpoint (global step resumed_at): their first records go, so each step logs once."""
-    if rank != 0:
-        return None
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if resumed_at is not None and os.path.isfile(path):
-        kept = []
-        for line in open(path):
-            try:
-                if json.loads(line).get("step", 0) <= resumed_at:
-                    kept.append(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                pass
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
-    return open(path, "a")
 
 
 def write_metrics(metrics_file, record: dict) -> None:
@@ -838,7 +843,7 @@ def write_iteration(iter_dir: str, made: IterationPairs, tok: Tokenizer, templat
         write_rollouts(os.path.join(iter_dir, "eval_rollouts.jsonl"), made.eval_pairs, tok.decode, response)
     if made.opponent_eval is not None:  # written whole, then renamed, as the rollouts are
         path = os.path.join(iter_dir, "opponent_eval.safetensors")
-        save_file({name: t.contiguous() for name, t in made.opponent_eval.items()}, path + ".tmp")
+        ckpt.save_tensors({name: t.contiguous() for name, t in made.opponent_eval.items()}, path + ".tmp")
         os.replace(path + ".tmp", path)
 
 
@@ -1232,7 +1237,7 @@ def main(argv: list[str]) -> None:
            f"compute dtype {str(rt.compute_dtype).removeprefix('torch.')}")
 
     # ---- out_dir and resume ----------------------------------------------------------------------
-    resume_from = prepare_out_dir(cfg, rt.world_size)
+    resume_from = prepare_out_dir(cfg, rt.world_size, rt.rank)
     print0(config_to_json(cfg))
 
     # ---- tokenizer and data ----------------------------------------------------------------------
@@ -1246,7 +1251,7 @@ def main(argv: list[str]) -> None:
     place_model(model, cfg, rt)
     optimizer = make_optimizer(model, cfg, cfg.sft_lr)  # every step sets its own lr; each phase makes a new one
     state = start_or_resume(cfg, rt, resume_from, model, optimizer)
-    metrics_file = open_metrics(cfg.out_dir, rt.rank, state.global_step if resume_from else None)
+    metrics_file = ckpt.open_metrics(cfg.out_dir, rt.rank, resume_from)
     stop = catch_stop_signals(rt.world_size)  # SIGTERM/SIGINT: save and stop at the next step boundary
 
     # ---- the phases ------------------------------------------------------------------------------
@@ -1268,9 +1273,8 @@ def main(argv: list[str]) -> None:
                     optimizer.state.clear()  # sit beside the sampler
                 spin_data = run_rollout(model, cfg, rt, data, iteration, stop, metrics_file, state.global_step)
                 if spin_data is None:
-                    print0(f"stopped by {stop.signal} during rollout {iteration}; the last checkpoint stays valid: "
-                           f"run the same command to resume (this rollout is regenerated)")
-                    return
+                    stop.exit(f"stopped by {stop.signal} during rollout {iteration}; the last checkpoint stays "
+                              f"valid: run the same command to resume (this rollout is regenerated)")
             else:
                 spin_data = reuse_rollouts(resume_from, cfg, iteration, state.rollouts_sha, data, rt.rank)
             rollout_stats = rollout_stats_of(own_generations(spin_data))
@@ -1326,9 +1330,8 @@ def main(argv: list[str]) -> None:
             if not last_step and (stopping or cfg.save_interval and state.global_step % cfg.save_interval == 0):
                 save(cfg, rt.rank, model, optimizer, replace(state, order=order.state_dict()), data, rollouts_path)
             if stopping and not last_step:
-                print0(f"stopped by {stop.signal} at {name}, step {state.step}; checkpoint saved: "
-                       f"run the same command to resume")
-                return
+                stop.exit(f"stopped by {stop.signal} at {name}, step {state.step}; checkpoint saved: "
+                          f"run the same command to resume")
         bar.close()
 
         # -- end of phase: evaluate, export, checkpoint at the boundary --
@@ -1342,8 +1345,7 @@ def main(argv: list[str]) -> None:
         state = replace(state, phase=state.phase + 1, step=0, order=None, rollouts_sha=None)
         save(cfg, rt.rank, model, optimizer, state, data, None)
         if stop.requested():
-            print0(f"stopped by {stop.signal} after {name}; run the same command to resume")
-            return
+            stop.exit(f"stopped by {stop.signal} after {name}; run the same command to resume")
 
     # ---- summary ---------------------------------------------------------------------------------
     print0(summary_table(state.history))

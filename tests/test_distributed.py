@@ -17,9 +17,10 @@ import sys
 import pytest
 import torch
 
-from train_runs import (CHECKPOINT_STEPS, REPO, SPIN_STEPS, TINY, assert_same_weights, baseline,
-                        checkpoint_steps, checkpoint_weights, child_env, describe, final_weights, metrics, rollouts,
-                        run_in_process, run_train, shared_run, start_train, step_losses, wait_for)
+from train_runs import (CHECKPOINT_STEPS, HOSTILE, REPO, SPIN_STEPS, TINY, assert_same_weights, baseline,
+                        checkpoint_steps, checkpoint_weights, child_env, copy_up_to, describe, final_weights, metrics,
+                        plant, records, rollouts, run_in_process, run_train, shared_run, start_train, step_losses,
+                        wait_for)
 
 # 2 ranks x micro-batch 2 x grad_accum 2 = the baseline's global batch of 8 (and FSDP's no-sync micro-batch)
 TWO_RANKS = ("--batch_size=2", "--grad_accum=2")
@@ -42,6 +43,7 @@ def assert_exactly_like(out, reference) -> None:
     assert_same_weights(final_weights(out), final_weights(reference), what="final")
     assert_same_weights(checkpoint_weights(out, 22), checkpoint_weights(reference, 22), what="checkpoint 22")
     assert step_losses(out) == step_losses(reference)
+    assert records(out) == records(reference)  # metrics.jsonl: one run's records, in order, after every fault
     for t in (0, 1):
         assert rollouts(out, t) == rollouts(reference, t)
     assert not list((out / "checkpoints").glob("tmp-*"))
@@ -150,6 +152,108 @@ def test_the_rollout_guard_catches_a_full_state_dict_gather():
     assert checkpoint.full_model_state(model).keys() == model.state_dict().keys()  # restored on exit
 
 
+OPTIMIZER_SHARDS = """
+import errno, os, sys
+import torch, torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+import checkpoint, train
+from configurator import UserError
+from model import GPT, GPTConfig
+out = sys.argv[1]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+
+def build(seed):
+    torch.manual_seed(seed)  # 65 embedding rows: rank 0 holds 33 of them, rank 1 32
+    model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=20))
+    train.apply_fsdp(model, torch.float32, False, False)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+def full_state(model, optimizer):
+    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {f"{p}/{n}": v for p, entries in osd.get("state", {}).items() for n, v in entries.items()}  # rank 0's
+
+model, optimizer = build(0)
+for _ in range(2):
+    idx = torch.randint(0, 65, (2, 12), generator=torch.Generator().manual_seed(rank + 10 * _))
+    model.token_logprobs(idx, idx).sum().backward()
+    optimizer.step()
+path = checkpoint.save_checkpoint(out, 2, model, optimizer, {}, model.config, None, None, None, rank)
+saved = full_state(model, optimizer)
+if rank == 0:
+    save_file(saved, os.path.join(out, "expected.safetensors"))
+resumed, resumed_optimizer = build(1)
+checkpoint.load_checkpoint(path, resumed, resumed_optimizer, resumed.config)
+again = full_state(resumed, resumed_optimizer)
+if rank == 0:
+    assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
+    print("2 ranks -> 2 ranks: equal", flush=True)
+
+real = checkpoint.save_tensors
+def full_disk(tensors, file, metadata=None):  # rank 1's shard finds the disk full
+    if rank == 1:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), file)
+    real(tensors, file, metadata)
+checkpoint.save_tensors = full_disk
+try:
+    checkpoint.save_checkpoint(out, 3, model, optimizer, {}, model.config, None, None, None, rank)
+except UserError as e:
+    print(f"rank {rank}: {e}", flush=True)
+dist.barrier()
+print(f"rank {rank}: {sorted(os.listdir(os.path.join(out, 'checkpoints')))}", flush=True)
+"""
+
+
+def test_optimizer_shards_load_at_any_world_size_and_a_disk_error_on_one_rank_is_an_error_on_all(tmp_path):
+    """FSDP2 shards of uneven size (65 rows over 2 ranks) saved as one safetensors file per rank: read back on 2
+    ranks and in one process, they are the full optimizer state exactly. A full disk on rank 1 alone: both ranks
+    raise the same one-line error (no rank left waiting), and checkpoint 2 stays the only one."""
+    script = tmp_path / "optimizer_shards.py"
+    script.write_text(OPTIMIZER_SHARDS)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(out)], cwd=REPO, env={**child_env(), "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and "2 ranks -> 2 ranks: equal" in proc.stdout, describe(proc)
+    for rank in (0, 1):
+        assert (f"rank {rank}: cannot save checkpoint '{out}/checkpoints/step_00000003': "
+                f"'{out}/checkpoints/tmp-step_00000003/optimizer/rank_00001.safetensors': No space left on device"
+                in proc.stdout), describe(proc)
+        assert f"rank {rank}: ['step_00000002']" in proc.stdout, describe(proc)
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    import checkpoint
+    from model import GPT, GPTConfig
+    one = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=20))
+    one_optimizer = torch.optim.AdamW(one.parameters(), lr=1e-2)
+    checkpoint.load_checkpoint(str(out / "checkpoints" / "step_00000002"), one, one_optimizer, one.config)
+    osd = get_optimizer_state_dict(one, one_optimizer)
+    loaded = {f"{p}/{n}": v for p, entries in osd["state"].items() for n, v in entries.items()}
+    expected = load_file(str(out / "expected.safetensors"))
+    assert loaded.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(loaded[key], expected[key]), key
+
+
+def test_no_code_runs_from_a_run_directory_on_two_ranks(two_ranks, tmp_path):
+    """Pickles planted where torch.distributed.checkpoint and others keep them, in the 2-rank checkpoint a 2-rank
+    run resumes from: with every way to unpickle made to raise on both ranks, the resume ends where the
+    uninterrupted run did and no pickle runs."""
+    out2, _ = two_ranks
+    out = copy_up_to(out2, tmp_path / "planted", 21)
+    marker = tmp_path / "ran"
+    for name in HOSTILE:
+        plant(out / "checkpoints" / "step_00000021" / name, marker)
+    proc = run_train(out, *TWO_RANKS, nproc=2, fault="no_unpickling")
+    assert proc.returncode == 0 and "step_00000021" in proc.stdout, describe(proc)
+    for rank in (0, 1):
+        assert f"rank {rank}: 0 attempts to unpickle" in proc.stdout, describe(proc)
+    assert not marker.exists()
+    assert_same_weights(checkpoint_weights(out, 22), checkpoint_weights(out2, 22))
+
+
 def test_resume_across_world_sizes_after_a_kill_in_a_checkpoint_write_and_sigterms(run, tmp_path):
     """One out_dir through four runs, alternating world sizes at the same global batch of 8:
     1. 2 ranks; rank 0 is SIGKILLed while writing checkpoint 10 (weights written, no state.json):
@@ -167,7 +271,7 @@ def test_resume_across_world_sizes_after_a_kill_in_a_checkpoint_write_and_sigter
     assert (out / "checkpoints" / "tmp-step_00000010" / "model" / "model.safetensors").exists()
 
     one = run_train(out, "--allow_config_change=True", fault="term_after_step:3")
-    assert one.returncode == 0, describe(one)
+    assert one.returncode == 128 + signal.SIGTERM, describe(one)
     assert "step_00000009" in one.stdout and "reusing the iteration's 32 rollouts" in one.stdout
     assert "stopped by SIGTERM at spin 1, step 2; checkpoint saved" in one.stdout, describe(one)
     assert checkpoint_steps(out)[-3:] == [9, 10, 12] and not list((out / "checkpoints").glob("tmp-*"))
@@ -178,6 +282,7 @@ def test_resume_across_world_sizes_after_a_kill_in_a_checkpoint_write_and_sigter
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert "stopped by SIGTERM" in stdout and "Traceback" not in stdout, f"{stdout[-2000:]}\n{stderr[-3000:]}"
+    assert proc.returncode != 0  # a stopped run is not a finished one
     assert "world size 2" in stdout and "step_00000012" in stdout
     stopped_at = checkpoint_steps(out)[-1]
     assert 15 <= stopped_at <= 18, checkpoint_steps(out)  # the step under way when the signal arrived
@@ -206,7 +311,7 @@ def test_kill_mid_rollout_at_boundary_in_checkpoint_write_nan_and_sigterm_then_b
        out SPIN 1 with the NEW opponent (the model at step 10)
     C. NaN loss from global step 13 on                                -> exit 2, names the step, keeps 12
     C2. SIGKILL while writing checkpoint 14 (weights written, no state.json) -> 12 stays the latest
-    D. SIGTERM after global step 16                                   -> checkpoint 16, exit 0
+    D. SIGTERM after global step 16                                   -> checkpoint 16, exit 143
     E. (this process) resumes mid continued-SFT and finishes: identical to the uninterrupted run."""
     from model import GPT
     out_dir, _ = run
@@ -239,7 +344,7 @@ def test_kill_mid_rollout_at_boundary_in_checkpoint_write_nan_and_sigterm_then_b
     assert (out / "checkpoints" / "tmp-step_00000014" / "model" / "model.safetensors").exists()
 
     d = run_train(out, fault="term_after_step:4")
-    assert d.returncode == 0, describe(d)
+    assert d.returncode == 143, describe(d)  # 128 + SIGTERM: a stopped run is not a finished one
     assert "step_00000012" in d.stdout and "reusing the iteration's 32 rollouts" in d.stdout
     assert "stopped by SIGTERM at baseline 0, step 2; checkpoint saved" in d.stdout, describe(d)
     assert checkpoint_steps(out)[-1] == 16
@@ -307,9 +412,10 @@ def remove(path):
 CORRUPTIONS = {  # name: (damage to checkpoint 9, the file the error must name, extra overrides)
     "truncated weights": (lambda c: truncate(c / "model" / "model.safetensors"), "model/model.safetensors", ()),
     "garbage state.json": (lambda c: (c / "state.json").write_text("{not json"), "state.json", ()),
-    "missing weights": (lambda c: remove(c / "model"), "step_00000009' has no model/", ()),
+    "missing weights": (lambda c: remove(c / "model"), "step_00000009/model/config.json' is missing", ()),
     "missing optimizer": (lambda c: remove(c / "optimizer"), "step_00000009", ()),
-    "truncated optimizer": (lambda c: [truncate(p) for p in (c / "optimizer").glob("*.distcp")], "optimizer", ()),
+    "truncated optimizer": (lambda c: [truncate(p) for p in (c / "optimizer").glob("*.safetensors")],
+                            "optimizer/rank_00000.safetensors", ()),
     "edited rollouts": (lambda c: (c / "rollouts.jsonl").write_text(""), "step_00000009", ()),
     "shapes unlike the config": (lambda c: None, "step_00000009/model' holds a model with n_embd=32",
                                  ("--n_embd=64", "--allow_config_change=True")),
@@ -322,9 +428,11 @@ def test_a_corrupt_checkpoint_is_a_one_line_error_naming_the_file(run, tmp_path,
     out_dir, _ = run
     out = tmp_path / "corrupt"
     (out / "checkpoints").mkdir(parents=True)
-    shutil.copy(out_dir / "config.json", out / "config.json")
+    for name in ("config.json", "metrics.jsonl"):
+        shutil.copy(out_dir / name, out / name)
     shutil.copytree(out_dir / "checkpoints" / "step_00000009", out / "checkpoints" / "step_00000009")
-    shutil.copytree(out_dir / "iter_0", out / "iter_0")
+    for name in ("iter_0", "sft"):  # what checkpoint 9 reads besides itself, intact
+        shutil.copytree(out_dir / name, out / name)
     damage(out / "checkpoints" / "step_00000009")
     assert run_in_process(*TINY, f"--out_dir={out}", *overrides) == 2
     err = capsys.readouterr().err.strip().splitlines()

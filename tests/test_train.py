@@ -26,8 +26,8 @@ from templates import render_prompt, render_response
 from tokenizer import load_tokenizer
 
 from train_runs import (CHECKPOINT_STEPS, REPO, SPIN_STEPS, TINY, assert_same_weights, baseline, checkpoint_steps,
-                        checkpoint_weights, child_env, describe, final_weights, metrics, rollouts, run_in_process,
-                        run_train, step_losses)
+                        checkpoint_weights, child_env, describe, final_weights, metrics, records, rollouts,
+                        run_in_process, run_train, step_losses)
 
 SPIN_KEYS = {"iteration", "epoch", "step", "loss", "rewards/real", "rewards/generated", "rewards/margins",
              "rewards/accuracies", "logps/real", "logps/generated", "lr", "grad_norm", "tokens_per_sec",
@@ -786,6 +786,7 @@ def test_kill_mid_epoch_then_rerun_gives_identical_weights(run, tmp_path):
     assert_same_weights(final_weights(out), final_weights(out_dir))
     assert_same_weights(checkpoint_weights(out, 22), checkpoint_weights(out_dir, 22))
     assert step_losses(out) == step_losses(out_dir)
+    assert records(out) == records(out_dir)  # each step logged once, in order
     assert rollouts(out, 1) == rollouts(out_dir, 1)
 
 

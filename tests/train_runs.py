@@ -1,4 +1,4 @@
-"""Helpers for the tests that run train.py end to end (test_train.py, test_distributed.py).
+"""Helpers for the tests that run train.py end to end (test_train.py, test_distributed.py, test_resume.py).
 
 - One tiny configuration (config/quick.py shrunk to seconds) that every such test starts from:
   SFT 6 steps, 2 SPIN iterations of 4 steps, 2 continued-SFT iterations, a checkpoint every 3 steps
@@ -7,12 +7,15 @@
   torchrun with 2 processes on gloo, or main() in the test's process (`run_in_process`, no start-up
   cost; on one thread it is bit-identical to a subprocess); `shared_run` runs a command once per
   pytest process and hands the same out_dir to every test that compares against it.
+- A run directory as it stood at an earlier checkpoint (`copy_up_to`), and pickles that create a file
+  when loaded (`plant`), to prove a resume never runs code from it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -126,6 +129,14 @@ def metrics(out_dir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+TIMING = {"tokens_per_sec", "rollout_seconds", "mfu"}  # the only fields two identical runs may log differently
+
+
+def records(out_dir) -> list[dict]:
+    """metrics.jsonl without its timings: two runs of the same steps log the same records, in the same order."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics(out_dir)]
+
+
 def step_losses(out_dir) -> dict[int, float]:
     """{global step: training loss}; a resumed run logs the replayed steps again, the last one wins."""
     return {r["step"]: r["loss"] for r in metrics(out_dir) if "loss" in r and "event" not in r}
@@ -168,3 +179,36 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
             proc.send_signal(signal.SIGKILL)
             raise AssertionError("timed out waiting for the run to reach the expected point")
         time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------------
+# run directories to resume, and hostile files in them
+
+
+def copy_up_to(out_dir, dst, step: int):
+    """The run as it stood when checkpoint `step` was its latest (later checkpoints removed)."""
+    shutil.copytree(out_dir, dst)
+    for path in (dst / "checkpoints").glob("step_*"):
+        if int(path.name.removeprefix("step_")) > step:
+            shutil.rmtree(path)
+    return dst
+
+
+class Plant:
+    """Unpickling this creates `marker`: the proof that a file ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def plant(path, marker) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(Plant(marker)))
+
+
+# where torch.distributed.checkpoint, torch.load and transformers' Trainer would look for pickles
+HOSTILE = ("optimizer/.metadata", "optimizer/__0_0.distcp", "model/pytorch_model.bin", "model/training_args.bin",
+           "rng_state.pth", "optimizer.pt")

@@ -9,15 +9,19 @@ per process, from its start, so a point is chosen by arithmetic on the run's con
   kill_in_save:N         SIGKILL in the middle of the N-th checkpoint write (weights written, no state.json)
   kill_after_save:N      SIGKILL right after the N-th checkpoint is complete
   term_after_step:N      SIGTERM itself after the N-th optimizer step (a graceful stop)
+  int_after_step:N       SIGINT itself after the N-th optimizer step (Ctrl-C, also a graceful stop)
   slow_after_step:N      sleep 0.3 s after every optimizer step from the N-th on (room for an outside signal)
   nan_loss_after_step:N  every SPIN loss after the N-th optimizer step is NaN
-and one check, installed on every rank:
+and two checks, installed on every rank:
   no_full_gather_in_rollout  a full-state-dict gather during a rollout raises; at exit each rank prints
                              how many rollouts it ran without one
+  no_unpickling              every way to unpickle (pickle.load/loads/Unpickler, torch.load) raises; at exit
+                             each rank prints how many times something tried
 """
 
 import atexit
 import os
+import pickle
 import signal
 import sys
 import time
@@ -25,6 +29,7 @@ from contextlib import contextmanager
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
 import torch.distributed._state_dict_utils as state_dict_utils  # noqa: E402
 import torch.distributed.checkpoint.state_dict as dcp_state_dict  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
@@ -56,6 +61,8 @@ def install(kind: str, args: list[int]) -> None:
             die()
         if kind == "term_after_step" and steps["done"] == n:
             die(signal.SIGTERM)
+        if kind == "int_after_step" and steps["done"] == n:
+            die(signal.SIGINT)
         if kind == "slow_after_step" and steps["done"] >= n:
             time.sleep(0.3)
 
@@ -159,10 +166,45 @@ def check_no_full_gather_in_rollout() -> None:
                                   flush=True))
 
 
+@contextmanager
+def no_unpickling():
+    """Inside, every way to unpickle raises (and is counted in the yielded dict): a run directory must never
+    run code, and unpickling is how a file runs code."""
+    tried = {"n": 0}
+    patched = [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")]
+    originals = [getattr(owner, name) for owner, name in patched]
+
+    def forbidden(name):
+        def call(*a, **kw):
+            tried["n"] += 1
+            raise AssertionError(f"{name} was called: something tried to unpickle")
+        return call
+
+    class Unpickler(pickle.Unpickler):  # a class still, for modules that subclass it on import (torch._dynamo)
+        load = forbidden("pickle.Unpickler.load")
+
+    for owner, name in patched:
+        setattr(owner, name, Unpickler if name == "Unpickler" else forbidden(f"{owner.__name__}.{name}"))
+    try:
+        yield tried
+    finally:
+        for (owner, name), original in zip(patched, originals):
+            setattr(owner, name, original)
+
+
+def check_no_unpickling() -> None:
+    guard = no_unpickling()
+    tried = guard.__enter__()  # for the whole run: this process exits after it
+    rank = os.environ.get("RANK", "0")
+    atexit.register(lambda: print(f"rank {rank}: {tried['n']} attempts to unpickle", flush=True))
+
+
 if __name__ == "__main__":
     fault = os.environ.get("NANOSPIN_FAULT", "")
     if fault == "no_full_gather_in_rollout":
         check_no_full_gather_in_rollout()
+    elif fault == "no_unpickling":
+        check_no_unpickling()
     elif fault and os.environ.get("RANK", "0") == os.environ.get("NANOSPIN_FAULT_RANK", "0"):
         kind, *numbers = fault.split(":")
         install(kind, [int(x) for x in numbers])
