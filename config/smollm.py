@@ -1,12 +1,14 @@
 # SPIN on a small Llama-family chat model (SmolLM2-135M/360M-Instruct, Qwen2.5-0.5B-Instruct, ...).
 #   python train.py config/smollm.py --init_from=/path/to/SmolLM2-360M-Instruct --train_data=/path/to/chat.jsonl
+#   python train.py config/smollm.py --init_from=$(python bench/real_model.py) --train_data=...   # SmolLM2-135M
 #   torchrun --standalone --nproc_per_node=8 train.py config/smollm.py --init_from=... --train_data=...
 # Needs: the model directory (config.json, *.safetensors, tokenizer.json, tokenizer_config.json) on disk;
 # one 24 GB GPU for 135M-360M, 40 GB+ (or several GPUs) for 0.5B at these lengths.
+# config/smollm_demo.py is this recipe cut to a few minutes on a CPU.
 out_dir = "out-smollm"
 init_from = "SmolLM2-360M-Instruct"
-tokenizer = "auto"  # the model's tokenizer.json, converted to tiktoken with identical ids
-chat_template = "auto"  # recognised from tokenizer_config.json: ChatML, with the model's default system prompt
+tokenizer = "auto"  # the model's own tokenizer.json
+chat_template = "auto"  # the model's own template (tokenizer_config.json), its default system prompt included
 train_data = "data/chat.jsonl"
 max_len = 1024
 max_prompt_len = 512

@@ -1,7 +1,8 @@
 """The recipes in config/ run a shrunk SPIN iteration on the CPU against directories laid out like the real models:
 the tokenizer files as the models ship them (../shared/real where present, else built here with `tokenizers`) and a
-tiny random model of the same vocabulary and config fields, made with transformers. Also: markers a tokenizer lacks
-(GPT-2 with ChatML) grow the model's embeddings and the export reloads; SPIN's own data files give iteration 0's y'."""
+tiny random model of the same vocabulary and config fields, made with transformers; config/smollm.py also runs on the
+real SmolLM2-135M-Instruct (tests/conftest.py's smollm2_dir). Also: markers a tokenizer lacks (GPT-2 with ChatML) grow
+the model's embeddings and the export reloads; SPIN's own data files give iteration 0's y'."""
 
 import json
 import math
@@ -204,6 +205,32 @@ def test_smollm_recipe_on_a_byte_level_llama_dir_keeps_the_default_system_prompt
     assert len(pairs) == 4
     for p in pairs:
         assert p["prompt"].startswith("<|im_start|>system\nYou are Tiny, a helpful model.<|im_end|>\n<|im_start|>user")
+
+
+def test_smollm_recipe_on_the_real_smollm2(smollm2_dir, tmp_path):
+    """The recipe as written, shrunk, on the real SmolLM2-135M-Instruct: its prompts are the token ids transformers'
+    apply_chat_template gives (the model's default system prompt included), its rollouts end at the template's
+    end of turn, and the opponent scores them as training does (first loss log 2)."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(smollm2_dir)
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
+    out_dir = tmp_path / "out"
+    run_recipe("smollm.py", f"--init_from={smollm2_dir}", f"--train_data={data}", f"--out_dir={out_dir}",
+               "--prompts_per_iteration=2", "--batch_size=1", "--rollout_batch_size=2", "--plot=False")
+    eos = hf.convert_tokens_to_ids("<|im_end|>")
+    pairs = rollouts(out_dir, 0)
+    assert len(pairs) == 2
+    for p in pairs:
+        chat = CHATS[int(p["source"].rsplit(":", 1)[1]) - 1]
+        prompt = hf.apply_chat_template(chat[:1], add_generation_prompt=True, tokenize=True, return_dict=False)
+        full = hf.apply_chat_template(chat, tokenize=True, return_dict=False)
+        assert p["prompt_ids"] == prompt
+        assert p["prompt"].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+        # the real response: what the conversation adds to the prompt, to the end of its turn (or past it)
+        assert eos in p["real_ids"] and p["real_ids"] == full[len(prompt):len(prompt) + len(p["real_ids"])]
+        assert p["eos"] == (p["generated_ids"][-1] == eos)
+    assert next(r for r in metrics(out_dir) if "loss" in r)["loss"] == pytest.approx(math.log(2), abs=1e-4)
 
 
 # -----------------------------------------------------------------------------
