@@ -647,7 +647,7 @@ def finished_run_message(out_dir: str) -> str:
     results = [os.path.join(out_dir, name) for name in ("final", "metrics.jsonl", "metrics.png")
                if os.path.exists(os.path.join(out_dir, name))]
     return (f"nothing to do: the run in '{out_dir}' is complete (results: {', '.join(results)}); to train again, "
-            f"pass a new --out_dir=... or delete '{out_dir}'. Its results:")
+            f"pass a new --out_dir=... or delete '{out_dir}'. Its summary:")
 
 
 def load_checkpoint(path: str, model, optimizer, cfg: GPTConfig) -> dict:
