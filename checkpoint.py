@@ -396,8 +396,8 @@ def resolve_model_dir(path: str, key: str = "model") -> str:
         if os.path.isdir(candidate) and _is_model_dir(candidate):
             return candidate
     what = "does not exist" if not os.path.exists(path) else "holds no model (config.json with weights)"
-    raise UserError(f"{key}='{path}' {what}; point {key} at a local Hugging Face model directory, a nanospin "
-                    f"checkpoint or a run's out_dir (--{key}=/path/to/model; nothing is downloaded)")
+    raise UserError(f"model path {key}='{path}' {what}; point {key} at a local Hugging Face model directory, a "
+                    f"nanospin checkpoint or a run's out_dir (--{key}=/path/to/model; nothing is downloaded)")
 
 
 def read_chat_template(model_dir: str) -> str | dict | None:
