@@ -262,12 +262,12 @@ def save_hf_dir(path: str, hf_config: dict, state: dict[str, torch.Tensor], max_
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        save_tensors(shard, os.path.join(path, name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
@@ -387,9 +387,10 @@ def _is_model_dir(path: str) -> bool:
     return any(f.endswith((".safetensors", ".safetensors.index.json", ".bin")) for f in os.listdir(path))
 
 
-def resolve_model_dir(path: str) -> str:
+def resolve_model_dir(path: str, key: str = "model") -> str:
     """A Hugging Face dir (config.json + weights) as is; a nanospin checkpoint -> its model/; a run's
-    out_dir -> final/ (the exported model), else its latest checkpoint's model/."""
+    out_dir -> final/ (the exported model), else its latest checkpoint's model/. `key` is the setting that
+    named the path (generate.py's model, train.py's init_from), for the error."""
     candidates = [path, os.path.join(path, "model"), os.path.join(path, "final")]
     checkpoints = os.path.join(path, CHECKPOINTS)
     if os.path.isdir(checkpoints):  # step_XXXXXXXX names sort in step order
@@ -398,8 +399,8 @@ def resolve_model_dir(path: str) -> str:
         if os.path.isdir(candidate) and _is_model_dir(candidate):
             return candidate
     what = "does not exist" if not os.path.exists(path) else "holds no model (config.json with weights)"
-    raise UserError(f"model path '{path}' {what}; pass --model=<a Hugging Face model directory, a nanospin "
-                    f"checkpoint directory or a run's out_dir>")
+    raise UserError(f"model path {key}='{path}' {what}; point {key} at a local Hugging Face model directory, a "
+                    f"nanospin checkpoint or a run's out_dir (--{key}=/path/to/model; nothing is downloaded)")
 
 
 def read_chat_template(model_dir: str) -> str | dict | None:
@@ -588,11 +589,16 @@ def _as_os_error(e: Exception, path: str) -> OSError | None:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' save_file; a disk error is raised as the OSError it is (safetensors names it only in words)."""
+    """safetensors' save_file, with the mode every other file gets (0666 less the umask: safetensors writes through
+    a private temporary file and keeps its 0600); a disk error is raised as the OSError it is (safetensors names it
+    only in words)."""
     try:
         save_file(tensors, path, metadata=metadata)
     except SafetensorError as e:
         raise (_as_os_error(e, path) or e) from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _attempt(write, path: str) -> str | None:
@@ -943,6 +949,24 @@ def open_metrics(out_dir: str, rank: int, checkpoint: str | None):
         f.write(kept)
     os.replace(path + ".tmp", path)
     return open(path, "a")
+
+
+def finished_history(checkpoint: str | None, n_phases: int) -> list[dict] | None:
+    """The phase summaries of a run whose latest checkpoint is past its last phase (the run is complete: the
+    same command has nothing left to do), else None."""
+    if checkpoint is None:
+        return None
+    state = read_state(checkpoint)
+    return state.get("history", []) if state.get("phase", 0) >= n_phases else None
+
+
+def finished_run_message(out_dir: str) -> str:
+    """One line for the same command run again after its run completed: that it is complete, where its results
+    are, how to train afresh."""
+    results = [os.path.join(out_dir, name) for name in ("final", "metrics.jsonl", "metrics.png")
+               if os.path.exists(os.path.join(out_dir, name))]
+    return (f"nothing to do: the run in '{out_dir}' is complete (results: {', '.join(results)}); to train again, "
+            f"pass a new --out_dir=... or delete '{out_dir}'. Its summary:")
 
 
 def load_checkpoint(path: str, model, optimizer, cfg: GPTConfig) -> dict:

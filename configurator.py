@@ -10,6 +10,10 @@ Design choices:
   a string).
 - Errors meant for people are `UserError`s; the scripts print them as one line and exit with 2. So
   are the disk's own errors (full, read-only, no permission): the path, the errno's words, what to do.
+- `--help` reads the dataclass from its file's source (ast and tokenize: fields, defaults, the comments
+  beside and above them) instead of importing it, so it answers before torch's seconds of imports.
+- What a run says about itself before and while it runs is written here too: a few lines of plan (phases,
+  steps, model, data, device) instead of the whole config, which out_dir keeps, and a time estimate per phase.
 """
 
 from __future__ import annotations
@@ -18,10 +22,15 @@ import ast
 import dataclasses
 import difflib
 import errno
+import io
 import json
 import os
+import re
 import runpy
+import shutil
 import sys
+import textwrap
+import tokenize
 import types
 import typing
 from typing import Any
@@ -62,8 +71,10 @@ def run_main(main, *args) -> None:
 
 
 def _closest(name: str, keys) -> str:
-    match = difflib.get_close_matches(name, list(keys), n=1, cutoff=0.0)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    """' (did you mean ...?)' for a key close to `name` (difflib's 0.6: 'n_layers' finds 'n_layer', 'bogus_key'
+    finds nothing), else where the keys are listed."""
+    match = difflib.get_close_matches(name, list(keys), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else " (--help lists the keys)"
 
 
 def _type_name(tp) -> str:
@@ -192,7 +203,7 @@ def parse_override(arg: str, fields: dict) -> tuple[str, Any]:
         raise UserError(f"command-line argument '{arg}' is not of the form --key=value (or a config file path)")
     key, text = arg[2:].split("=", 1)
     if key not in fields:
-        raise UserError(f"unknown config key '--{key}'{_closest(key, fields)}")
+        raise UserError(f"unknown config key '{key}' on the command line{_closest(key, fields)}")
     tp = fields[key]
     arms = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     if text == "None" and type(None) in arms:
@@ -227,5 +238,157 @@ def load_config(cls, argv: list[str]):
     return cls(**settings)
 
 
-def config_to_json(cfg) -> str:
-    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+# ------------------------------------------------------------------------------------------------
+# --help: the keys with their defaults and comments, read from the dataclass's source
+
+_SECTION_RULE = re.compile(r"^-{2,}\s*(.*?)\s*-*$")  # '# --- I/O -------' starts the section 'I/O'
+
+
+@dataclasses.dataclass
+class KeyDoc:
+    """One config key as its dataclass's source writes it."""
+    section: str  # the '# --- name ---' rule above it ('' before the first)
+    name: str
+    default: str  # as it would be typed after --name=
+    comment: str  # the comment lines right above it, then the one on its line
+
+
+def _comments(lines: list[str], first: int) -> dict[int, tuple[str, bool]]:
+    """{line number: (comment text, whether the comment is alone on its line)} in `lines`, which start at line
+    `first` of their file (tokenizing only the class, not the whole file, keeps --help fast)."""
+    found = {}
+    for tok in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
+        if tok.type == tokenize.COMMENT:
+            found[first + tok.start[0] - 1] = (tok.string.lstrip("#").strip(), not tok.line[:tok.start[1]].strip())
+    return found
+
+
+def _typed_default(lines: list[str], value: ast.expr | None) -> str:
+    """A default as it is typed after --key= (`lines`: the file's): a string bare unless empty or padded, anything
+    else as its source writes it (5e-7, not ast's 5e-07)."""
+    if value is None:
+        return "(required)"
+    if isinstance(value, ast.Constant) and isinstance(value.value, str):
+        return value.value if value.value.strip() == value.value and value.value else repr(value.value)
+    if value.lineno != value.end_lineno:
+        return ast.unparse(value)
+    return lines[value.lineno - 1].encode()[value.col_offset:value.end_col_offset].decode()  # offsets count bytes
+
+
+def dataclass_keys(source: str, tree: ast.Module, class_name: str) -> list[KeyDoc]:
+    """The fields of the dataclass `class_name` defined at the top level of the module `tree` parsed from `source`:
+    read, not imported."""
+    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name), None)
+    if cls is None:
+        raise ValueError(f"no class {class_name} at the top level of the module")
+    lines = source.splitlines(keepends=True)
+    comments = _comments(lines[cls.lineno - 1:cls.end_lineno], cls.lineno)
+    keys, section = [], ""
+    for node in cls.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above, line = [], node.lineno - 1
+        while line in comments and comments[line][1]:
+            above.insert(0, comments[line][0])
+            line -= 1
+        text = []
+        for comment in above:
+            rule = _SECTION_RULE.match(comment)
+            if rule:
+                section, text = rule.group(1), []
+            else:
+                text.append(comment)
+        beside = comments.get(node.end_lineno, ("", True))
+        if not beside[1]:
+            text.append(beside[0])
+        keys.append(KeyDoc(section, node.target.id, _typed_default(lines, node.value), " ".join(text)))
+    return keys
+
+
+def help_text(path: str, class_name: str, usage: str, more: str) -> str:
+    """Usage, the script's one-line summary (its docstring's first line), every key of `class_name` in `path`
+    with its default and comment, grouped by section, and where to read more."""
+    source = open(path).read()
+    tree = ast.parse(source)
+    summary = (ast.get_docstring(tree) or "").split("\n")[0]
+    width = max(80, min(shutil.get_terminal_size((100, 24)).columns, 120))
+    keys = dataclass_keys(source, tree, class_name)
+    heads = {k.name: f"  --{k.name}={k.default}" for k in keys}
+    column = min(max(map(len, heads.values())) + 2, 30)  # a longer head has its comment on the lines below
+    usage_lines = usage.strip().splitlines()
+    lines = ["usage: " + usage_lines[0], *("       " + u for u in usage_lines[1:]), "", summary, "",
+             *textwrap.wrap("Keys and their defaults. A config file sets them as bare assignments (key = value); "
+                            "--key=value on the command line overrides the file.", width)]
+    section = None
+    for key in keys:
+        if key.section != section:
+            section = key.section
+            lines += ["", section] if section else [""]
+        head = heads[key.name]
+        described = textwrap.wrap(key.comment, width - column)
+        if len(head) > column - 2 or not described:
+            lines.append(head)
+        else:
+            lines.append(head.ljust(column) + described.pop(0))
+        lines += [" " * column + text for text in described]
+    return "\n".join([*lines, "", *textwrap.wrap(more, width)]).rstrip() + "\n"
+
+
+def help_if_asked(argv: list[str], path: str, class_name: str, usage: str, more: str) -> None:
+    """With -h or --help among `argv`: print `help_text` and exit 0. Scripts call it before their heavy imports."""
+    if "-h" in argv or "--help" in argv:
+        sys.stdout.write(help_text(path, class_name, usage, more))
+        sys.exit(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# what a run says about itself: its plan at the start, a time estimate per phase
+
+
+def duration(seconds: float) -> str:
+    """'45s', '3m05s', '2h10m'."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def run_plan(cfg, phases: list[tuple[str, int]], n_train: int, world_size: int, device: str, dtype: str) -> str:
+    """A few lines saying what a train.py run will do: its phases and their optimizer steps (a SPIN epoch is one step
+    per global batch of its pairs: one per rollout prompt, plus those of mixed-in earlier iterations), the model,
+    the data, where it runs and where it writes. `phases` as train.phases_of gives them."""
+    global_batch = cfg.batch_size * cfg.grad_accum * world_size
+    prompts = min(cfg.prompts_per_iteration or n_train, n_train)
+    spin_steps = [cfg.max_epochs * ((1 + min(cfg.mix_previous_rollouts, t)) * prompts // global_batch)
+                  for t in range(cfg.max_iterations)]
+    lines, total = [], 0
+    for kind, title in (("sft", "SFT"), ("spin", "SPIN"), ("baseline", "continued SFT (the comparison)")):
+        steps = [cfg.sft_steps if kind == "sft" else spin_steps[t] for k, t in phases if k == kind]
+        if not steps:
+            continue
+        total += sum(steps)
+        count = f"{steps[0]}" if len(set(steps)) == 1 else "/".join(map(str, steps))
+        if kind == "sft":
+            lines.append(f"  {title}: {count} steps")
+        elif kind == "spin":
+            rollout = prompts * (cfg.max_epochs if cfg.regenerate_per_epoch else 1)
+            lines.append(f"  {title}: {len(steps)} iteration{'s' * (len(steps) > 1)}, each a rollout of {rollout} "
+                         f"prompts (≤ {cfg.max_new_tokens} new tokens) then {count} steps")
+        else:
+            lines.append(f"  {title}: {len(steps)} × {count} steps")
+    model = (f"from scratch ({cfg.model_type}, {cfg.n_layer} layers × {cfg.n_embd})" if cfg.init_from == "scratch"
+             else cfg.init_from)
+    data = "the synthetic task" if cfg.train_data == "synthetic" else cfg.train_data
+    return "\n".join([
+        f"plan: {total} optimizer steps of {global_batch} examples (SFT) or pairs (SPIN) on {world_size} × {device}, "
+        f"{dtype}", *lines,
+        f"  model {model}; data {data} ({n_train} training examples)",
+        f"  out_dir {cfg.out_dir} (its config.json: every setting); each phase estimates its time after a few steps"])
+
+
+def time_left(name: str, total_steps: int, done: int, seconds_per_step: float) -> str:
+    """'sft: 500 steps, ~1m12s left (0.145 s/step)': the phase's remaining steps at the measured pace."""
+    left = duration((total_steps - done) * seconds_per_step)
+    return f"{name}: {total_steps} steps, ~{left} left ({seconds_per_step:.3g} s/step)"

@@ -32,10 +32,18 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import configurator
+
+if __name__ == "__main__":  # --help answers before torch's seconds of imports
+    configurator.help_if_asked(sys.argv[1:], __file__, "GenerateConfig",
+                                'python generate.py --model=DIR [--prompt="..."] [--key=value ...]',
+                                "DIR is a Hugging Face model directory, a nanospin checkpoint or a run's out_dir (its "
+                                "final/); without --prompt it chats until 'exit' or Ctrl-D. More: README.md (Chat "
+                                "with a model).")
+
 import numpy as np
 import torch
 
-import configurator
 from checkpoint import load_for_chat
 from configurator import UserError
 from model import GPT

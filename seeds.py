@@ -309,11 +309,31 @@ def run_seeds(config: str, overrides: list[str], seeds: list[int], jobs: int) ->
     return out_dirs, root
 
 
+HELP = """usage: python seeds.py CONFIG --seeds=1,2,3 [--jobs=2] [--key=value ...]
+       python seeds.py --summarize OUT_DIR [OUT_DIR ...] [--out=PREFIX]
+
+Runs train.py with CONFIG once per seed, in <out_dir>/seed_N (output in <out_dir>/seed_N.log), then
+prints per-phase mean ± sd over the seeds and the paired differences SPIN − SFT start and SPIN −
+continued SFT with 95% intervals, as markdown and JSON (<out_dir>/seeds_summary.md, .json). A finished
+seed is skipped, an unfinished one resumes: run the same command again after a failure.
+
+  --seeds=1,2,3    the seeds, one train.py run each
+  --jobs=2         runs at a time (each with one torch thread)
+  --key=value      passed to every train.py run (python train.py --help lists the keys)
+  --summarize      only the table, from runs made any way (train.py out_dirs); --out=PREFIX names the files
+
+More: README.md (The quick demo: how its 5-seed table was made).
+"""
+
+
 def main(argv: list[str]) -> None:
     usage = ("usage: python seeds.py CONFIG --seeds=1,2,3 [--jobs=2] [--key=value ...] | "
              "python seeds.py --summarize OUT_DIR [OUT_DIR ...] [--out=PREFIX]")
-    if not argv or argv[0] in ("-h", "--help"):
-        raise UserError(usage)
+    if "-h" in argv or "--help" in argv:
+        print(HELP, end="")
+        return
+    if not argv:
+        raise UserError(f"{usage} (--help says more)")
     if argv[0] == "--summarize":
         out_dirs = [a for a in argv[1:] if not a.startswith("--")]
         options = [a for a in argv[1:] if a.startswith("--")]

@@ -48,6 +48,15 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
+import configurator
+
+if __name__ == "__main__":  # --help answers before torch's seconds of imports
+    configurator.help_if_asked(sys.argv[1:], __file__, "TrainConfig",
+                                "python train.py [CONFIG.py] [--key=value ...]\n"
+                                "torchrun --standalone --nproc_per_node=8 train.py CONFIG.py [--key=value ...]",
+                                "More: README.md (Configuration, Resume, The quick demo); recipes in config/, "
+                                "e.g. config/quick.py.")
+
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
@@ -56,7 +65,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from configurator import UserError, config_to_json, load_config, run_main
+from configurator import UserError, load_config, run_main, run_plan, time_left
 from data import BatchOrder, Example, check_answer, examples_from_messages, load_examples, synthetic_split
 from generate import GREEDY, Sampling, generate, sampling_of
 from memory_plan import MemoryPlan, describe_plan, plan_memory, plan_warning
@@ -166,6 +175,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
 
 
+ETA_STEPS = 3  # steps timed before a phase says how long it has left
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the dtype keys' names
 
 
@@ -373,7 +383,9 @@ def start_or_resume(cfg: TrainConfig, rt: Runtime, resume_from: str | None, mode
     elif rt.rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(config_fingerprint(cfg, rt.world_size), f, indent=2)
+            # every key (the start's plan points here); a resume compares only the fingerprint's
+            resolved = {**dataclasses.asdict(cfg), **config_fingerprint(cfg, rt.world_size)}
+            json.dump(resolved, f, indent=2, sort_keys=True)
     if rt.world_size > 1:
         dist.barrier()
     return state
@@ -473,7 +485,7 @@ class RunData:
 def prepare_data(cfg: TrainConfig) -> RunData:
     """The tokenizer ('auto': the model directory's, or bytes from scratch) with the markers its chat template needs
     and it lacks (build_model grows the embeddings for them), the chat template, the examples."""
-    model_dir = None if cfg.init_from == "scratch" else ckpt.resolve_model_dir(cfg.init_from)
+    model_dir = None if cfg.init_from == "scratch" else ckpt.resolve_model_dir(cfg.init_from, key="init_from")
     tok = load_tokenizer(cfg.tokenizer if cfg.tokenizer != "auto" else (model_dir or "bytes"), cfg.tokenizer_pattern)
     template = chat_template_for(cfg, model_dir, tok)
     if missing_tokens(tok, template):
@@ -1238,10 +1250,16 @@ def main(argv: list[str]) -> None:
 
     # ---- out_dir and resume ----------------------------------------------------------------------
     resume_from = prepare_out_dir(cfg, rt.world_size, rt.rank)
-    print0(config_to_json(cfg))
+    finished = ckpt.finished_history(resume_from, len(phases))
+    if finished is not None:  # the same command after the run completed: nothing to train, say so
+        print0(ckpt.finished_run_message(cfg.out_dir))
+        print0(summary_table(finished))
+        return
 
     # ---- tokenizer and data ----------------------------------------------------------------------
     data = prepare_data(cfg)
+    print0(run_plan(cfg, phases, len(data.train_examples), rt.world_size, rt.device.type,
+                    str(rt.compute_dtype).removeprefix("torch.")))
 
     # ---- model and optimizer ---------------------------------------------------------------------
     model = build_model(cfg, data.tok, data.template)
@@ -1295,6 +1313,7 @@ def main(argv: list[str]) -> None:
         model.train()
         bar = progress_bar(total_steps, name, rt.rank, initial=state.step)
         sums, tokens, t_log = {}, 0, time.time()
+        first_step, t_timed = state.step, None  # the pace is timed after the first step, which pays for warm-up
         while state.step < total_steps:
             lr = get_lr(schedule_start + state.step, schedule_steps, max_lr, cfg)
             for group in optimizer.param_groups:
@@ -1313,6 +1332,11 @@ def main(argv: list[str]) -> None:
             bar.update(1)
             sums, tokens = add_sums(sums, step_sums), tokens + step_tokens
             last_step = state.step == total_steps
+            if state.step == first_step + 1:
+                t_timed = time.time()
+            elif state.step == first_step + 1 + ETA_STEPS and not last_step:
+                (bar.write if not bar.disable else print0)(
+                    time_left(name, total_steps, state.step, (time.time() - t_timed) / ETA_STEPS))
             if state.step % cfg.log_interval == 0 or last_step:
                 dt = time.time() - t_log
                 tokens_per_sec = all_reduce_sum(torch.tensor([float(tokens)]), rt.world_size).item() / dt

@@ -65,7 +65,7 @@ def test_bad_types(tmp_path):
         load_config(Cfg, ["--n_layer=2.5"])
     with pytest.raises(UserError, match="'compile' must be bool"):
         load_config(Cfg, ["--compile=yes"])
-    with pytest.raises(UserError, match=r"unknown config key '--lrr' \(did you mean 'lr'\?\)"):
+    with pytest.raises(UserError, match=r"unknown config key 'lrr' on the command line \(did you mean 'lr'\?\)"):
         load_config(Cfg, ["--lrr=1"])
     path = write(tmp_path, "c.py", "lr = 'fast'\n")
     with pytest.raises(UserError, match=rf"{path}:1: config key 'lr' must be float"):
@@ -88,7 +88,7 @@ def test_train_py_bad_key_exits_2_with_one_line(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "unknown config key '--n_layers' (did you mean 'n_layer'?)" in lines[0]
+    assert len(lines) == 1 and "unknown config key 'n_layers' on the command line (did you mean 'n_layer'?)" in lines[0]
     assert not out.exists()
 
 
@@ -105,3 +105,79 @@ def test_a_dict_valued_key_from_a_file_and_from_the_command_line(tmp_path):
     bad = write(tmp_path, "bad.py", "\nchat_template = ['chatml']\n")
     with pytest.raises(UserError, match=r"bad.py:2: config key 'chat_template' must be str \| dict"):
         load_config(WithDict, [bad])
+
+
+def test_unknown_keys_suggest_only_close_matches(tmp_path):
+    for argv in (["--bogus_key=1"], [write(tmp_path, "c.py", "bogus_key = 1\n")]):
+        with pytest.raises(UserError) as e:
+            load_config(Cfg, argv)
+        message = str(e.value)
+        assert "unknown config key 'bogus_key'" in message and "--bogus_key" not in message
+        assert "did you mean" not in message and "(--help lists the keys)" in message
+    with pytest.raises(UserError, match=r"unknown config key 'compiled' on the command line \(did you mean 'compile'"):
+        load_config(Cfg, ["--compiled=True"])
+
+
+# ------------------------------------------------------------------------------------------------
+# --help
+
+HELP_SOURCE = '''"""A tool that does things."""
+from dataclasses import dataclass
+
+
+@dataclass
+class ToolConfig:
+    """Not a key."""
+    # --- input -----------------------------------------
+    path: str = "in.txt"  # where to read
+    empty: str = ""
+    # the first line of a long comment,
+    # and its second
+    rate: float = 5e-7  # beside
+    # --- output ----------------------------------------
+    count: int | None = None
+'''
+
+
+def test_dataclass_keys_read_from_source_without_importing_it(tmp_path):
+    import ast
+
+    from configurator import KeyDoc, dataclass_keys, help_text
+    keys = dataclass_keys(HELP_SOURCE, ast.parse(HELP_SOURCE), "ToolConfig")
+    assert keys == [KeyDoc("input", "path", "in.txt", "where to read"), KeyDoc("input", "empty", "''", ""),
+                    KeyDoc("input", "rate", "5e-7", "the first line of a long comment, and its second beside"),
+                    KeyDoc("output", "count", "None", "")]
+    text = help_text(write(tmp_path, "tool.py", HELP_SOURCE), "ToolConfig", "python tool.py [--key=value ...]",
+                     "More: the manual.")
+    lines = text.splitlines()
+    assert lines[0] == "usage: python tool.py [--key=value ...]" and "A tool that does things." in lines
+    assert lines[lines.index("input") + 1].split() == ["--path=in.txt", "where", "to", "read"]
+    assert lines[-1] == "More: the manual." and "Not a key." not in text
+
+
+def _help(script: str, flag: str = "--help") -> subprocess.CompletedProcess:
+    """`python -X importtime SCRIPT --help`: its stderr lists every module imported."""
+    return subprocess.run([sys.executable, "-X", "importtime", script, flag], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "100"})
+
+
+@pytest.mark.parametrize("script, flag, expected", [
+    ("train.py", "--help", ["usage: python train.py [CONFIG.py] [--key=value ...]", "--beta=0.1",
+                            "--beta=0.1 a float, or one per iteration (the last repeats)",
+                            "--init_from=scratch 'scratch', a Hugging Face model directory",
+                            "--lr=5e-7", "More: README.md"]),
+    ("train.py", "-h", ["usage: python train.py", "--val_data='' held-out file"]),
+    ("generate.py", "--help", ["usage: python generate.py --model=DIR", "--temperature=0.7 0 = greedy",
+                               "README.md (Chat with a model)"]),
+    ("plot.py", "--help", ["usage: python plot.py OUT_DIR", "--out=FILE.png"]),
+    ("seeds.py", "--help", ["usage: python seeds.py CONFIG --seeds=1,2,3", "python train.py --help lists the keys"]),
+])
+def test_help_answers_before_the_heavy_imports(script, flag, expected):
+    proc = _help(script, flag)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = " ".join(proc.stdout.split())  # comments wrap: compare with single spaces
+    for part in expected:
+        assert part in text, part
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "configurator" in imported  # the list is read: an empty one would prove nothing
+    assert not {"torch", "numpy", "matplotlib"} & imported, sorted({"torch", "numpy", "matplotlib"} & imported)

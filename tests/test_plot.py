@@ -13,7 +13,7 @@ from train_runs import REPO, child_env
 
 pytest.importorskip("matplotlib")
 
-from plot import plot_runs, split_run  # noqa: E402
+from plot import ARMS, BOUNDARY_LABEL, make_figure, plot_runs, split_run  # noqa: E402
 
 RECORDED = REPO / "tests" / "fixtures" / "quick_metrics.jsonl"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -66,13 +66,63 @@ def test_dynamics_panels_draw_when_logged(tmp_path):
         axes = plt.subplots(1, 4)[1]
         panels = dict(zip(("gen_len", "eos", "delta_logps", "identical_kl"), axes))
         drawn[name] = set()
-        draw_per_iteration(panels, drawn[name], split_run(run), "C0", None)
+        draw_per_iteration(panels, drawn[name], split_run(run), "o", None)
     plt.close("all")
     assert drawn["plain"] == {"gen_len", "eos"}  # the recorded run predates the dynamics keys
     assert drawn["dynamics"] == {"gen_len", "eos", "delta_logps", "identical_kl"}
     both = plot_runs([str(_run_dir(tmp_path, "dyn", with_dynamics)), str(_run_dir(tmp_path, "plain"))],
                      str(tmp_path / "both.png"))
     assert Path(both).stat().st_size > 20_000
+
+
+def _spin_logged_twice(records: list[dict]) -> list[dict]:
+    """The recorded run as config/quick.py logs it now (log_interval 8): two training records per SPIN iteration."""
+    out = []
+    for r in records:
+        if r.get("phase") == "spin" and "loss" in r and "event" not in r:
+            out.append({**r, "step": r["step"] - 8, "loss": r["loss"] + 0.01})
+        out.append(r)
+    return out
+
+
+def _lines(ax) -> list:
+    return [line for line in ax.get_lines() if len(line.get_xdata())]
+
+
+def test_the_picture_explains_itself(tmp_path):
+    """The figure's legend names each arm by its colour, the dotted boundaries and (several runs) each run by its
+    marker; held-out panels draw SPIN and continued SFT in their two colours; the log 2 line is labelled; SPIN's
+    logged steps are one connected line with a marker on each point."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+    records = _spin_logged_twice([json.loads(line) for line in open(RECORDED)])
+    fig, panels = make_figure([str(_run_dir(tmp_path, "run", records))])
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["SFT", "SPIN", "continued SFT", BOUNDARY_LABEL]
+    for name in ("valid_sampled", "valid_greedy", "nll"):
+        colours = {to_hex(line.get_color()) for line in _lines(panels[name]) if len(line.get_xdata()) == 4}
+        assert colours == {ARMS["spin"][1], ARMS["baseline"][1]}, name  # SFT, iter 0, 1, 2 for each arm
+    assert len({ARMS[k][1] for k in ARMS}) == 3
+    assert "log 2: policy = opponent" in [t.get_text() for t in panels["spin_loss"].get_legend().get_texts()]
+    log2 = [line for line in panels["spin_loss"].get_lines() if list(line.get_ydata()) == [0.6931, 0.6931]]
+    assert len(log2) == 1
+    spin = [line for line in _lines(panels["spin_loss"]) if to_hex(line.get_color()) == ARMS["spin"][1]]
+    assert len(spin) == 1 and len(spin[0].get_xdata()) == 6 and spin[0].get_marker() not in (None, "", "None")
+    assert [t.get_text() for t in panels["logps"].get_legend().get_texts()] == ["real y", "generated y'"]
+    plt.close(fig)
+
+    fig, _ = make_figure([str(_run_dir(tmp_path, "seed_1")), str(_run_dir(tmp_path, "seed_2"))])
+    legend = fig.legends[0]
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels[-2:] == ["seed_1", "seed_2"]
+    markers = [h.get_marker() for h in legend.legend_handles[-2:]]
+    assert markers[0] != markers[1]
+    plt.close(fig)
+
+
+def test_help_is_usage_and_exit_0():
+    proc = subprocess.run([sys.executable, "plot.py", "--help"], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python plot.py OUT_DIR") and not proc.stderr
 
 
 @pytest.mark.parametrize("args, message", [

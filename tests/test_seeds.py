@@ -133,7 +133,8 @@ def test_summarize_of_runs_with_unequal_phases(tmp_path):
     (["config/quick.py", "--seeds=1,1"], "give each seed once"),
     (["config/quick.py", "--seeds=1", "--jobs=0"], "positive number of runs"),
     (["config/quick.py", "--seeds=1", "--seed=3"], "give them all as --seeds"),
-    (["config/quick.py", "--seeds=1", "--bta=0.1"], "unknown config key '--bta'"),
+    (["config/quick.py", "--seeds=1", "--bta=0.1"],
+     "unknown config key 'bta' on the command line (did you mean 'beta'?)"),
     (["config/quick.py"], "--seeds is missing"),
 ])
 def test_errors_are_one_line(args, message):

@@ -387,7 +387,8 @@ def test_a_bf16_model_trained_and_exported_comes_back_as_it_came_in(tmp_path):
     last = ckpt.list_checkpoints(str(out))[-1]
     assert json.loads((Path(last) / "model" / "config.json").read_text()) == {**hf_config, "dtype": "float32"}
     assert {t.dtype for t in ckpt.read_safetensors_dir(str(Path(last) / "model")).values()} == {torch.float32}
-    assert run_in_process(*run) == 0  # the finished run again: it resumes from that checkpoint
+    # one more iteration (the finished run itself has nothing left to do): it resumes from that checkpoint
+    assert run_in_process(*run, "--max_iterations=2", "--allow_config_change=True") == 0
 
 
 def test_export_dtype_overrides_the_dtype_the_model_came_in():
