@@ -23,7 +23,6 @@ import dataclasses
 import difflib
 import errno
 import io
-import json
 import os
 import re
 import runpy
