@@ -90,6 +90,16 @@ def test_two_ranks_equal_one_rank(run, two_ranks):
         assert abs(records[first]["rewards/real"]) <= 1e-6 and abs(records[first]["rewards/generated"]) <= 1e-6
 
 
+def test_every_rank_reads_out_dir_before_rank_0_writes_to_it(tmp_path):
+    """Rank 1 late out of init_process_group (train_with_faults.py: late_out_dir_reader) must not find the
+    config.json rank 0 is writing: a half-written one, or one that makes resume=False refuse on rank 1 alone."""
+    out = tmp_path / "late"
+    proc = run_train(out, *TWO_RANKS, "--stage=sft", "--baseline_sft=False", "--sft_steps=1", nproc=2,
+                     fault="late_out_dir_reader")
+    assert proc.returncode == 0, describe(proc)
+    assert json.loads((out / "config.json").read_text())["global_batch"] == 8  # written whole
+
+
 SAMPLER_UNDER_FSDP = """
 from contextlib import nullcontext
 import torch, torch.distributed as dist
