@@ -11,15 +11,15 @@ import json
 import math
 import shutil
 import signal
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from train_runs import (CHECKPOINT_STEPS, REPO, SPIN_STEPS, TINY, assert_same_weights, baseline,
+from train_runs import (CHECKPOINT_STEPS, REPO, SPIN_STEPS, STALLED_AFTER, TINY, assert_same_weights, baseline,
                         checkpoint_steps, checkpoint_weights, child_env, describe, final_weights, metrics, rollouts,
-                        run_in_process, run_train, shared_run, start_train, step_losses, wait_for)
+                        run_in_process, run_train, run_watched, shared_run, start_train, step_losses, stop,
+                        wait_for)
 
 # 2 ranks x micro-batch 2 x grad_accum 2 = the baseline's global batch of 8 (and FSDP's no-sync micro-batch)
 TWO_RANKS = ("--batch_size=2", "--grad_accum=2")
@@ -135,8 +135,8 @@ def test_under_fsdp_the_sampler_is_the_unsharded_model_and_the_model_scores_with
     script = tmp_path / "sampler_under_fsdp.py"
     script.write_text(SAMPLER_UNDER_FSDP)
     env = {**child_env(), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_watched([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], env)
     assert proc.returncode == 0 and "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout, describe(proc)
 
 
@@ -186,7 +186,10 @@ def test_resume_across_world_sizes_after_a_kill_in_a_checkpoint_write_and_sigter
     metrics_file = out / "metrics.jsonl"
     wait_for(lambda: '"step": 15,' in metrics_file.read_text(), proc)
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        stdout, stderr = proc.communicate(timeout=STALLED_AFTER)
+    finally:
+        stop(proc)
     assert "stopped by SIGTERM" in stdout and "Traceback" not in stdout, f"{stdout[-2000:]}\n{stderr[-3000:]}"
     assert "world size 2" in stdout and "step_00000012" in stdout
     stopped_at = checkpoint_steps(out)[-1]
