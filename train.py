@@ -376,6 +376,8 @@ def prepare_out_dir(cfg: TrainConfig, world_size: int, rank: int) -> str | None:
 def start_or_resume(cfg: TrainConfig, rt: Runtime, resume_from: str | None, model, optimizer) -> LoopState:
     """Weights, optimizer, RNG and loop state from the checkpoint; or a fresh state, and out_dir/config.json."""
     state = LoopState()
+    if rt.world_size > 1:  # every rank has read out_dir (prepare_out_dir) before rank 0 writes config.json there
+        dist.barrier()
     if resume_from:
         saved = ckpt.load_checkpoint(resume_from, model, optimizer, model.config)
         state = LoopState(**{f.name: saved[f.name] for f in dataclasses.fields(LoopState)})

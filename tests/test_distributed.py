@@ -11,15 +11,15 @@ import json
 import math
 import shutil
 import signal
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from train_runs import (CHECKPOINT_STEPS, HOSTILE, REPO, SPIN_STEPS, TINY, assert_same_weights, baseline,
-                        checkpoint_steps, checkpoint_weights, child_env, copy_up_to, describe, final_weights, metrics,
-                        plant, records, rollouts, run_in_process, run_train, shared_run, start_train, step_losses,
+from train_runs import (CHECKPOINT_STEPS, HOSTILE, REPO, SPIN_STEPS, STALLED_AFTER, TINY, assert_same_weights,
+                        baseline, checkpoint_steps, checkpoint_weights, child_env, copy_up_to, describe, final_weights,
+                        metrics, plant, records, rollouts, run_in_process, run_train, run_watched, shared_run,
+                        start_train, step_losses, stop,
                         wait_for)
 
 # 2 ranks x micro-batch 2 x grad_accum 2 = the baseline's global batch of 8 (and FSDP's no-sync micro-batch)
@@ -92,6 +92,16 @@ def test_two_ranks_equal_one_rank(run, two_ranks):
         assert abs(records[first]["rewards/real"]) <= 1e-6 and abs(records[first]["rewards/generated"]) <= 1e-6
 
 
+def test_every_rank_reads_out_dir_before_rank_0_writes_to_it(tmp_path):
+    """Rank 1 late out of init_process_group (train_with_faults.py: late_out_dir_reader) must not find the
+    config.json rank 0 is writing: a half-written one, or one that makes resume=False refuse on rank 1 alone."""
+    out = tmp_path / "late"
+    proc = run_train(out, *TWO_RANKS, "--stage=sft", "--baseline_sft=False", "--sft_steps=1", nproc=2,
+                     fault="late_out_dir_reader")
+    assert proc.returncode == 0, describe(proc)
+    assert json.loads((out / "config.json").read_text())["global_batch"] == 8  # written whole
+
+
 SAMPLER_UNDER_FSDP = """
 from contextlib import nullcontext
 import torch, torch.distributed as dist
@@ -127,8 +137,8 @@ def test_under_fsdp_the_sampler_is_the_unsharded_model_and_the_model_scores_with
     script = tmp_path / "sampler_under_fsdp.py"
     script.write_text(SAMPLER_UNDER_FSDP)
     env = {**child_env(), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_watched([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], env)
     assert proc.returncode == 0 and "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout, describe(proc)
 
 
@@ -280,7 +290,10 @@ def test_resume_across_world_sizes_after_a_kill_in_a_checkpoint_write_and_sigter
     metrics_file = out / "metrics.jsonl"
     wait_for(lambda: '"step": 15,' in metrics_file.read_text(), proc)
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        stdout, stderr = proc.communicate(timeout=STALLED_AFTER)
+    finally:
+        stop(proc)
     assert "stopped by SIGTERM" in stdout and "Traceback" not in stdout, f"{stdout[-2000:]}\n{stderr[-3000:]}"
     assert proc.returncode != 0  # a stopped run is not a finished one
     assert "world size 2" in stdout and "step_00000012" in stdout

@@ -9,6 +9,10 @@
   pytest process and hands the same out_dir to every test that compares against it.
 - A run directory as it stood at an earlier checkpoint (`copy_up_to`), and pickles that create a file
   when loaded (`plant`), to prove a resume never runs code from it.
+- A subprocess run has no time limit, only a stall limit (`run_watched`): on a 2-core machine shared with
+  other jobs a run may take many times its idle time, but a run that writes nothing for STALLED_AFTER
+  seconds is hung. It is stopped with SIGTERM first: torchrun starts each rank in a session of its own, so
+  only torchrun can take them down; killing torchrun outright leaves the ranks running as orphans.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +44,9 @@ TINY = [str(REPO / "config" / "quick.py"), "--n_layer=2", "--n_head=2", "--n_kv_
 # global steps of the tiny run: sft 1-6, spin 0 7-10, spin 1 11-14, baseline 0 15-18, baseline 1 19-22
 SPIN_STEPS = {0: (7, 10), 1: (11, 14)}
 CHECKPOINT_STEPS = [3, 6, 9, 10, 12, 14, 15, 18, 21, 22]
+# a tiny run writes a metrics line or output every few seconds idle (every ~minute at a load of 10): this long
+# without either is a hang, which gloo would otherwise sit out for its 30-minute timeout
+STALLED_AFTER = 600
 
 
 def child_env(fault: str | None = None) -> dict:
@@ -59,10 +67,43 @@ def train_command(out_dir, *overrides: str, nproc: int = 1, fault: str | None = 
     return launcher + [script, *TINY, f"--out_dir={out_dir}", *overrides]
 
 
-def run_train(out_dir, *overrides: str, nproc: int = 1, fault: str | None = None,
-              timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(train_command(out_dir, *overrides, nproc=nproc, fault=fault), cwd=REPO,
-                          env=child_env(fault), capture_output=True, text=True, timeout=timeout)
+def stop(proc: subprocess.Popen, grace: float = 60) -> None:
+    """SIGTERM (torchrun passes it to its ranks and waits for them), then SIGKILL after `grace` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_watched(command: list[str], env: dict, watched: Path | None = None,
+                stalled_after: float = STALLED_AFTER) -> subprocess.CompletedProcess:
+    """Run `command` to its end with its output in files, so its progress shows: new output or a grown
+    `watched` file. One that makes none for `stalled_after` seconds is stopped and fails the test with its output."""
+    with tempfile.TemporaryDirectory() as logs:
+        paths = [Path(logs) / "stdout", Path(logs) / "stderr"]
+        with open(paths[0], "w") as out, open(paths[1], "w") as err:
+            proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+            seen, since = None, time.time()
+            while proc.poll() is None:
+                sizes = [p.stat().st_size if p.exists() else -1 for p in paths + ([watched] if watched else [])]
+                if sizes != seen:
+                    seen, since = sizes, time.time()
+                elif time.time() - since > stalled_after:
+                    stop(proc)
+                    hung = subprocess.CompletedProcess(command, proc.returncode, paths[0].read_text(),
+                                                       paths[1].read_text())
+                    raise AssertionError(f"no progress for {stalled_after:.0f}s: stopped {' '.join(command)}\n"
+                                         f"{describe(hung)}")
+                time.sleep(0.5)
+        return subprocess.CompletedProcess(command, proc.returncode, paths[0].read_text(), paths[1].read_text())
+
+
+def run_train(out_dir, *overrides: str, nproc: int = 1, fault: str | None = None) -> subprocess.CompletedProcess:
+    return run_watched(train_command(out_dir, *overrides, nproc=nproc, fault=fault), child_env(fault),
+                       watched=Path(out_dir) / "metrics.jsonl")
 
 
 def start_train(out_dir, *overrides: str, nproc: int = 1, fault: str | None = None) -> subprocess.Popen:
@@ -167,8 +208,8 @@ def run_in_process(*argv: str) -> int:
             signal.signal(s, handler)
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Poll until predicate() holds; fail if the run ends first."""
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = STALLED_AFTER) -> None:
+    """Poll until predicate() holds; fail if the run ends first (or stop it after `timeout` seconds)."""
     end = time.time() + timeout
     while not predicate():
         if proc.poll() is not None:
@@ -176,7 +217,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
             raise AssertionError(f"the run ended (exit code {proc.returncode}) before the expected point\n"
                                  f"{out[-2000:]}\n{err[-2000:]}")
         if time.time() > end:
-            proc.send_signal(signal.SIGKILL)
+            stop(proc)
             raise AssertionError("timed out waiting for the run to reach the expected point")
         time.sleep(0.05)
 

@@ -17,9 +17,14 @@ and two checks, installed on every rank:
                              how many rollouts it ran without one
   no_unpickling              every way to unpickle (pickle.load/loads/Unpickler, torch.load) raises; at exit
                              each rank prints how many times something tried
+  late_out_dir_reader        rank 1, just out of init_process_group, waits until rank 0 blocks in a barrier or
+                             creates out_dir/config.json, which rank 0 then leaves empty for a second: the
+                             schedule of a rank descheduled on a busy machine, at its worst moment. A rank that
+                             reads out_dir before every rank has (no barrier first) reads the empty file.
 """
 
 import atexit
+import builtins
 import os
 import pickle
 import signal
@@ -30,6 +35,7 @@ from contextlib import contextmanager
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import torch.distributed._state_dict_utils as state_dict_utils  # noqa: E402
 import torch.distributed.checkpoint.state_dict as dcp_state_dict  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
@@ -197,6 +203,42 @@ def check_no_unpickling() -> None:
     tried = guard.__enter__()  # for the whole run: this process exits after it
     rank = os.environ.get("RANK", "0")
     atexit.register(lambda: print(f"rank {rank}: {tried['n']} attempts to unpickle", flush=True))
+def late_out_dir_reader(out_dir: str) -> None:
+    """Rank 1 reaches out_dir once rank 0 waits for it or writes there (markers beside out_dir tell); the
+    markers hook the torch.distributed API and the file, not train.py's functions, so any layout is checked."""
+    config, waits, writes = os.path.join(out_dir, "config.json"), out_dir + ".rank0-waits", out_dir + ".rank0-writes"
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        real_barrier, real_open = dist.barrier, builtins.open
+
+        def barrier(*a, **kw):
+            real_open(waits, "w").close()
+            return real_barrier(*a, **kw)
+
+        def open_(file, mode="r", *a, **kw):
+            f = real_open(file, mode, *a, **kw)
+            if isinstance(file, (str, os.PathLike)) and os.fspath(file) == config and "w" in mode:
+                real_open(writes, "w").close()
+                time.sleep(1.0)  # created, not yet written
+            return f
+
+        dist.barrier, builtins.open = barrier, open_
+    elif rank == "1":
+        real_init = dist.init_process_group
+
+        def init_process_group(*a, **kw):
+            real_init(*a, **kw)
+            end = time.time() + 600
+            while not (os.path.exists(waits) or os.path.exists(writes)):
+                if time.time() > end:
+                    raise AssertionError("rank 0 neither waited in a barrier nor wrote config.json in 600 s")
+                time.sleep(0.01)
+
+        dist.init_process_group = init_process_group
+
+
+def out_dir_of(argv: list[str]) -> str:
+    return next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir="))
 
 
 if __name__ == "__main__":
@@ -205,6 +247,8 @@ if __name__ == "__main__":
         check_no_full_gather_in_rollout()
     elif fault == "no_unpickling":
         check_no_unpickling()
+    elif fault == "late_out_dir_reader":
+        late_out_dir_reader(out_dir_of(sys.argv[1:]))
     elif fault and os.environ.get("RANK", "0") == os.environ.get("NANOSPIN_FAULT_RANK", "0"):
         kind, *numbers = fault.split(":")
         install(kind, [int(x) for x in numbers])
