@@ -1,31 +1,21 @@
-"""Chat templates: how a conversation becomes token ids, by a model's own Jinja template or a format stated as data.
+"""Chat templates: a conversation to token ids, by a model's own Jinja template or by a format stated as data.
 
-Design choices:
-- A model's own chat_template is rendered as transformers' apply_chat_template renders it: jinja2's sandbox with
-  trim_blocks, lstrip_blocks and loop controls, raise_exception, strftime_now, a tojson that keeps non-ASCII,
-  add_generation_prompt, and the tokenizer's named special tokens (bos_token, eos_token, ...) as variables. The
-  named templates and dicts of ChatFormat fields (for models without one) are rendered from their fields.
-- A prompt is the conversation rendered with the generation prompt; its response is the text the whole conversation
-  adds after it, up to its end-of-turn: the special token the template writes right after the assistant's content
-  (a format's `end_of_turn`), else the tokenizer's eos, appended. The response is encoded as text that continues
-  its prompt (no SentencePiece dummy prefix): what the model sees when it generates after that prompt.
-- Special-token text inside a message stays text: marked before rendering and encoded as text after, as
-  apply_chat_template(sanitize_control_tokens=True) does. Only a template writes control tokens.
-- A format's `new_tokens` are markers that must be single tokens: train.py adds those a tokenizer lacks.
-"""
+- A model's chat_template renders as in transformers' apply_chat_template (jinja2 sandbox, trim_blocks, lstrip_blocks,
+  its helpers, bos_token/eos_token/... as variables); named templates and dicts of ChatFormat fields render from fields.
+- A response is what the conversation adds to its prompt (rendered with the generation prompt) up to the end-of-turn
+  (the special token written right after the assistant's content, else the eos, appended), encoded as text continuing
+  the prompt. Special-token text in a message stays text (as transformers' sanitize_control_tokens keeps it)."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import json
 import re
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+import jinja2.sandbox
 
 from configurator import UserError
 
@@ -52,62 +42,50 @@ class ChatFormat:
     end_of_turn: str = EOS  # the special token that ends a response (and stops generation)
     system_prompt: str | None = None  # a system turn with this content when the conversation starts without one
     strip: bool = False  # content is stripped of surrounding whitespace (Llama-3)
-    new_tokens: tuple[str, ...] = ()  # markers that must be single tokens: added where a tokenizer lacks them
+    new_tokens: tuple[str, ...] = ()  # markers that must be single tokens: train.py adds those a tokenizer lacks
     jinja: str | None = None  # a Jinja chat template, rendered instead of the text fields
 
 
 def _each_role(start: str, end: str) -> dict[str, str]:
-    return {f"{role}_{side}": text.replace("{role}", role) for role in ROLES for side, text in (("start", start),
-                                                                                                ("end", end))}
+    return {f"{r}_{side}": text.replace("{role}", r) for r in ROLES for side, text in (("start", start), ("end", end))}
 
 
 NAMED = {
     "chatml": ChatFormat("chatml", **_each_role("<|im_start|>{role}\n", "<|im_end|>\n"), end_of_turn="<|im_end|>",
                          new_tokens=("<|im_start|>", "<|im_end|>")),
-    "llama3": ChatFormat("llama3", bos="<|begin_of_text|>",
+    "llama3": ChatFormat("llama3", bos="<|begin_of_text|>", end_of_turn="<|eot_id|>", strip=True,
                          **_each_role("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>"),
-                         end_of_turn="<|eot_id|>", strip=True,
                          new_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
     "zephyr": ChatFormat("zephyr", **_each_role("<|{role}|>\n", EOS + "\n")),
     "plain": ChatFormat("plain", system_start="System: ", system_end="\n", user_start="User: ", user_end="\n",
                         assistant_start="Assistant: ", assistant_end=EOS + "\n"),
 }
-TEMPLATES = tuple(NAMED)
 FIELDS = tuple(f.name for f in dataclasses.fields(ChatFormat))
+TYPES = {"strip": (bool, "True or False"), "new_tokens": ((list, tuple), "a list of non-empty strings"),
+         **dict.fromkeys(("system_prompt", "jinja"), ((str, type(None)), "a string or None"))}
 
 
 def chat_format(value, where: str = "config key 'chat_template'") -> ChatFormat:
-    """The ChatFormat a config value states: a ChatFormat, a named template, or a dict of ChatFormat fields (with an
-    optional 'base': a named template whose fields the dict overrides). `where` names the value in errors."""
+    """A named template, or a dict of ChatFormat fields over an optional 'base' one; `where` names it in errors."""
     if isinstance(value, ChatFormat):
         return value
-    if isinstance(value, str) and value not in NAMED:
-        raise UserError(f"unknown chat_template '{value}' ({where}); use one of {', '.join(NAMED)}, 'auto', or a dict "
-                        f"of {', '.join(FIELDS[1:])}")
     if not isinstance(value, (str, dict)):
         raise UserError(f"{where} must be a template name or a dict, got {type(value).__name__}")
     fields = {"base": value} if isinstance(value, str) else dict(value)
-    base = fields.pop("base", None)
-    if base is not None and base not in NAMED:
-        raise UserError(f"{where}: base '{base}' is not a named template; use one of {', '.join(NAMED)}")
+    if (base := fields.pop("base", None)) is not None and base not in NAMED:
+        raise UserError(f"unknown chat_template '{base}' ({where}); use one of {', '.join(NAMED)}, 'auto', or a dict "
+                        f"of {', '.join(FIELDS[1:])}")
     for name, v in fields.items():
         if name not in FIELDS:
-            match = difflib.get_close_matches(str(name), FIELDS, n=1)
-            raise UserError(f"{where}: unknown field '{name}'" + (f" (did you mean '{match[0]}'?)" if match else
-                                                                   f"; the fields are base, {', '.join(FIELDS)}"))
-        ok, wanted = {"strip": (isinstance(v, bool), "True or False"),
-                      "new_tokens": (isinstance(v, (list, tuple)) and all(isinstance(t, str) and t for t in v),
-                                     "a list of non-empty strings")}.get(
-            name, (isinstance(v, str) or v is None and name in ("system_prompt", "jinja"), "a string"))
-        if not ok:
+            raise UserError(f"{where}: unknown field '{name}'; the fields are base, {', '.join(FIELDS)}")
+        types, wanted = TYPES.get(name, (str, "a string"))
+        if not isinstance(v, types) or name == "new_tokens" and not all(isinstance(t, str) and t for t in v):
             raise UserError(f"{where}: field '{name}' must be {wanted}, got {v!r} ({type(v).__name__})")
     fmt = dataclasses.replace(NAMED[base] if base else ChatFormat(), **fields)
-    fmt = dataclasses.replace(fmt, new_tokens=tuple(fmt.new_tokens))
-    for name, what in (("assistant_start", "the text that opens the assistant's turn (the model answers after it)"),
-                       ("end_of_turn", f"the special token that ends an assistant turn, or '{EOS}'")):
-        if fmt.jinja is None and not getattr(fmt, name):
-            raise UserError(f"{where}: '{name}' is empty; give {what}")
-    return fmt
+    if fmt.jinja is None and not (fmt.assistant_start and fmt.end_of_turn):
+        raise UserError(f"{where}: 'assistant_start' (what the model answers after) and 'end_of_turn' (the special "
+                        f"token that ends its turn, or '{EOS}') must not be empty")
+    return dataclasses.replace(fmt, new_tokens=tuple(fmt.new_tokens))
 
 
 def format_config(fmt: ChatFormat) -> str | dict:
@@ -118,28 +96,18 @@ def format_config(fmt: ChatFormat) -> str | dict:
 
 def resolve_template(tok: Tokenizer, template) -> ChatFormat:
     """'auto' -> the tokenizer's own template, else chatml if it has its tokens, else plain."""
-    if template != "auto":
-        return chat_format(template)
-    return tok.chat_template or NAMED["chatml" if not missing_tokens(tok, "chatml") else "plain"]
-
-
-# -----------------------------------------------------------------------------
-# Rendering: messages -> text (special-token text inside messages marked) -> ids
+    auto = tok.chat_template or NAMED["chatml" if not missing_tokens(tok, "chatml") else "plain"]
+    return auto if template == "auto" else chat_format(template)
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled(source: str, name: str) -> jinja2.Template:
     def raise_exception(message):
         raise jinja2.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # Jinja's own escapes HTML
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = tojson
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, **options: json.dumps(x, **{"ensure_ascii": False, **options})  # Jinja's: HTML
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    # transformers' {% generation %} block marks assistant text for its masks: here it renders its body
-    source = re.sub(r"\{%(-?)\s*(end)?generation\s*(-?)%\}", lambda m: f"{{%{m[1]} {'endif' if m[2] else 'if 1'} {m[3]}%}}", source)
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
@@ -147,17 +115,14 @@ def _compiled(source: str, name: str) -> jinja2.Template:
 
 
 @functools.lru_cache(maxsize=32)
-def _control(tok: Tokenizer, fmt: ChatFormat) -> re.Pattern:
-    """The added tokens a message may not write (apply_chat_template's rule): every special one, and the others that
-    the template's own text holds (whitespace tokens aside, which templates hold as ordinary text)."""
-    literal = fmt.jinja or str(fmt)
-    tokens = [t for t in tok.specials if t not in tok.text_tokens or (t in literal and not t.isspace())]
-    return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) or "(?!)")
+def _control(tok: Tokenizer) -> re.Pattern:
+    """The added tokens a message may not write: all but whitespace ones, which templates hold as ordinary text."""
+    tokens = sorted((t for t in tok.specials if not t.isspace()), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens)) or "(?!)")
 
 
 def _render(tok: Tokenizer, messages: list[dict], fmt: ChatFormat, generation_prompt: bool) -> str:
-    control = _control(tok, fmt)
-    messages = [{"role": m["role"], "content": control.sub(lambda t: MARK + t[0] + END_MARK, re.sub(
+    messages = [{"role": m["role"], "content": _control(tok).sub(lambda t: MARK + t[0] + END_MARK, re.sub(
         f"[{MARK}{END_MARK}]", "", m["content"]))} for m in messages]
     if fmt.jinja is not None:
         template = _compiled(fmt.jinja, fmt.name)
@@ -169,60 +134,49 @@ def _render(tok: Tokenizer, messages: list[dict], fmt: ChatFormat, generation_pr
     text = {f: v.replace(EOS, tok.token_strings["eos_token"]) for f, v in vars(fmt).items() if isinstance(v, str)}
     if fmt.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": fmt.system_prompt}, *messages]
-    return text["bos"] + "".join(text[f"{m['role']}_start"] + (m["content"].strip() if fmt.strip else m["content"])
-                                 + text[f"{m['role']}_end"] for m in messages) + \
-        (text["assistant_start"] if generation_prompt else "")
+    turns = [text[m["role"] + "_start"] + (m["content"].strip() if fmt.strip else m["content"]) +
+             text[m["role"] + "_end"] for m in messages]
+    return text["bos"] + "".join(turns) + (text["assistant_start"] if generation_prompt else "")
 
 
-def _encode(tok: Tokenizer, text: str, fmt: ChatFormat, continues: bool = False) -> list[int]:
+def _encode(tok: Tokenizer, text: str, continues: bool = False) -> list[int]:
     """Ids of rendered text: the template's special tokens as single ids, marked text as text."""
-    pieces = re.split(f"{MARK}({_control(tok, fmt).pattern}){END_MARK}|[{MARK}{END_MARK}]", text)
-    return [i for k, piece in enumerate(pieces) if piece
-            for i in _encode_piece(tok, piece, special=k % 2 == 0, continues=continues or k > 0)]
+    pieces = re.split(f"{MARK}({_control(tok).pattern}){END_MARK}|[{MARK}{END_MARK}]", text)
+    return [i for k, p in enumerate(pieces) if p for i in _encode_piece(tok, p, k % 2 == 0, bool(continues or k))]
 
 
 def _encode_piece(tok: Tokenizer, text: str, special: bool, continues: bool) -> list[int]:
-    """A piece that continues a string is encoded after a newline that is then dropped, so that SentencePiece adds no
-    dummy prefix (as apply_chat_template encodes the pieces of a sanitized chat)."""
-    if continues:
-        newline, ids = tok.encode("\n", special), tok.encode("\n" + text, special)
-        if ids[:len(newline)] == newline:
-            return ids[len(newline):]
-    return tok.encode(text, special)
-
-
-def _decode_continuing(tok: Tokenizer, ids: list[int]) -> str:
-    newline = tok.encode("\n", True)
-    head, text = tok.decode(newline), tok.decode(newline + list(ids))
-    return text[len(head):] if text.startswith(head) else tok.decode(ids)
+    """Text continuing a string is encoded after a newline that is then dropped: SentencePiece adds no dummy prefix."""
+    newline, ids = tok.encode("\n", special), tok.encode("\n" + text, special) if continues else []
+    return ids[len(newline):] if continues and ids[:len(newline)] == newline else tok.encode(text, special)
 
 
 def _tail(tok: Tokenizer, fmt: ChatFormat, messages: list[dict]) -> str:
-    """What the whole conversation adds to its prompt rendered with the generation prompt."""
     prompt, full = _render(tok, messages[:-1], fmt, True), _render(tok, messages, fmt, False)
     if not full.startswith(prompt):
-        raise UserError(f"chat template '{fmt.name}': the prompt rendered with add_generation_prompt is not the start "
-                        f"of the conversation rendered with its response, so a response has no tokens of its own; use "
-                        f"another template (e.g. chat_template='chatml')")
+        raise UserError(f"chat template '{fmt.name}': the prompt rendered with add_generation_prompt does not start "
+                        f"the conversation rendered with its response; use another (e.g. chat_template='chatml')")
     return full[len(prompt):]
 
 
 @functools.lru_cache(maxsize=32)
 def _turn(tok: Tokenizer, fmt: ChatFormat) -> tuple[str, str, str]:
-    """(end-of-turn token text, the template's text before a response's content, its text between the content and
-    the end-of-turn), read from a probe conversation."""
+    """(end-of-turn token text, the text before a response's content, the text between it and the end-of-turn), read
+    from a probe conversation; every marker the format needs must be a token of tok."""
+    if missing := missing_tokens(tok, fmt):
+        raise UserError(f"chat_template '{fmt.name}' needs special tokens {missing} that tokenizer '{tok.name}' lacks; "
+                        f"train.py adds them (growing the model's embeddings), or choose a template it has ('plain')")
+    if fmt.jinja is None and fmt.end_of_turn != EOS and fmt.end_of_turn not in tok.specials:
+        raise UserError(f"chat_template '{fmt.name}': end_of_turn {fmt.end_of_turn!r} is not a special token of "
+                        f"tokenizer '{tok.name}'; name one, '{EOS}', or list it in new_tokens to add it")
     before, content, after = _tail(tok, fmt, PROBE).partition(PROBE[-1]["content"])
     if not content:
         raise UserError(f"chat template '{fmt.name}' does not write the assistant's message after its generation "
-                        f"prompt, so a response has no tokens; use one that does (e.g. chat_template='chatml')")
+                        f"prompt; use one that does (e.g. chat_template='chatml')")
     eos = tok.token_strings["eos_token"]
     eot = fmt.end_of_turn.replace(EOS, eos) if fmt.jinja is None else next(
         (t for t in sorted(tok.specials, key=len, reverse=True) if after.lstrip().startswith(t)), eos)
     return eot, before, after.partition(eot)[0]
-
-
-# -----------------------------------------------------------------------------
-# What data.py, train.py and generate.py call
 
 
 def missing_tokens(tok: Tokenizer, template) -> list[str]:
@@ -231,40 +185,28 @@ def missing_tokens(tok: Tokenizer, template) -> list[str]:
 
 
 def end_of_turn_id(tok: Tokenizer, template) -> int:
-    """The id that ends a response; every marker the format needs must be a token of tok."""
-    fmt = chat_format(template)
-    if missing := missing_tokens(tok, fmt):
-        raise UserError(f"chat_template '{fmt.name}' needs special tokens {missing} that tokenizer '{tok.name}' lacks; "
-                        f"train.py adds them (growing the model's embeddings), or choose a template it has (e.g. "
-                        f"'plain')")
-    if fmt.jinja is None and fmt.end_of_turn != EOS and fmt.end_of_turn not in tok.specials:
-        raise UserError(f"chat_template '{fmt.name}': end_of_turn {fmt.end_of_turn!r} is not a special token of "
-                        f"tokenizer '{tok.name}'; name one of its special tokens, '{EOS}', or list it in new_tokens "
-                        f"to add it")
-    return tok.specials.get(_turn(tok, fmt)[0], tok.eos_id)
+    """The id that ends a response."""
+    return tok.specials.get(_turn(tok, chat_format(template))[0], tok.eos_id)
 
 
 def render_prompt(tok: Tokenizer, messages: list[dict], template) -> list[int]:
-    """The conversation so far (no final assistant turn) with the generation prompt: what the model answers after.
-    Messages are {'role': one of ROLES, 'content': str} (data.py checks them)."""
+    """The conversation so far with the generation prompt: what the model answers after. data.py checks messages."""
     fmt = chat_format(template)
-    end_of_turn_id(tok, fmt)
-    return _encode(tok, _render(tok, messages, fmt, True), fmt)
+    _turn(tok, fmt)  # a template the tokenizer cannot render fails here
+    return _encode(tok, _render(tok, messages, fmt, True))
 
 
 def render_example(tok: Tokenizer, messages: list[dict], template) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids) of a conversation whose last message is the assistant's response; the response
-    ends with the end-of-turn token (part of what the model learns)."""
+    """(prompt ids, response ids, ending with the end-of-turn) of a conversation ending with the assistant's turn."""
     fmt = chat_format(template)
-    eot_id, tail = end_of_turn_id(tok, fmt), _tail(tok, fmt, messages)
-    end = re.search(f"(?<!{MARK}){re.escape(_turn(tok, fmt)[0])}", tail)
-    response = _encode(tok, tail[: end.end()] if end else tail, fmt, continues=True) + ([] if end else [eot_id])
+    eot, tail = _turn(tok, fmt)[0], _tail(tok, fmt, messages)
+    end = re.search(f"(?<!{MARK}){re.escape(eot)}", tail)  # the first not inside a message
+    response = _encode(tok, tail[: end.end()] if end else tail, True) + ([] if end else [end_of_turn_id(tok, fmt)])
     return render_prompt(tok, messages[:-1], fmt), response
 
 
 def render_response(tok: Tokenizer, text: str, template, prompt: list[dict] | None = None) -> list[int]:
-    """The response ids of `text` answering `prompt` (by default a one-turn user prompt: only a template that writes
-    a response differently after different prompts makes them differ)."""
+    """The response ids of `text` answering `prompt` (by default one user turn)."""
     return render_example(tok, [*(prompt or PROBE[:1]), {"role": "assistant", "content": text}], template)[1]
 
 
@@ -283,5 +225,5 @@ def response_text(tok: Tokenizer, ids: list[int], template) -> str:
     """The message of a response's ids up to its first stop id: the text render_response encodes to them."""
     _, before, between = _turn(tok, chat_format(template))
     kept = strip_stop(tok, ids, template)
-    text = _decode_continuing(tok, kept).removeprefix(before)
+    text = tok.decode(kept).removeprefix(before)
     return text.removesuffix(between) if len(kept) < len(ids) else text  # it ended: the format's text is no content

@@ -27,7 +27,7 @@ def test_collate_targets_cover_exactly_the_response():
     assert targets.tolist() == [[-100, -100, 4, 5, 99], [8, 99, -100, -100, -100]]
 
 
-@pytest.mark.parametrize("template", templates.TEMPLATES)
+@pytest.mark.parametrize("template", sorted(templates.NAMED))
 def test_rendered_batch_masks_include_end_of_turn_and_exclude_prompt(template):
     tok = load_tokenizer("bytes")
     convs = data.synthetic_conversations(4, seed=3)

@@ -46,7 +46,8 @@ CONVERSATIONS = [
     [{"role": "system", "content": "Be brief.\n"}, {"role": "user", "content": "Why?"},
      {"role": "assistant", "content": "Because."}, {"role": "user", "content": "Why not?"},
      {"role": "assistant", "content": "Because not."}],
-    [{"role": "user", "content": "Ω ф ж 𝔘 \u00a0nbsp zero\u200bwidth"}, {"role": "assistant", "content": "ﬁ Å e\u0301"}],
+    [{"role": "user", "content": "Ω ф ж 𝔘 \u00a0nbsp zero\u200bwidth"},
+     {"role": "assistant", "content": "ﬁ Å e\u0301"}],
     [{"role": "user", "content": "JSON: {\"a\": [1, 2]}"}, {"role": "assistant", "content": "{\"b\": null}"}],
     [{"role": "user", "content": "Ends with a newline\n"}, {"role": "assistant", "content": "Ends with two\n\n"}],
     [{"role": "user", "content": "tabs\t\t"}, {"role": "assistant", "content": "x = [i for i in range(3)]"}],
@@ -124,7 +125,8 @@ def test_smollm2_renders_as_apply_chat_template_with_its_default_system_prompt(s
 REAL_TEMPLATE_CASES = {("llama4", "gpt2_hf"): (0, 22), ("qwen2-audio", "gpt2_hf"): (22, 0),
                        ("smolvlm", "gpt2_hf"): (22, 0), ("llama4", "llama2_hf"): (22, 0),
                        ("qwen2-audio", "llama2_hf"): (22, 0), ("smolvlm", "llama2_hf"): (22, 0),
-                       ("llama4", "smollm2"): (2, 20), ("qwen2-audio", "smollm2"): (0, 0), ("smolvlm", "smollm2"): (22, 0)}
+                       ("llama4", "smollm2"): (2, 20), ("qwen2-audio", "smollm2"): (0, 0),
+                       ("smolvlm", "smollm2"): (22, 0)}
 
 
 @pytest.mark.parametrize("name, model", sorted(REAL_TEMPLATE_CASES))
@@ -206,18 +208,6 @@ def test_computed_text_renders_as_transformers_with_the_date_fixed(tmp_path, mon
     assert assert_renders_as_transformers(tok, fmt, hf_reference(tmp_path)) == (0, 0)
 
 
-def test_a_generation_block_renders_its_body(tmp_path):
-    tracked = CHATML_JINJA.replace("message['content'] + '<|im_end|>' + '\n' }}",
-                                   "message['content'] + '<|im_end|>' + '\n' }}{% generation %}{% endgeneration %}")
-    tracked = tracked.replace("{{ '<|im_start|>' + message['role']", "{%- generation -%}{{ '<|im_start|>' + "
-                              "message['role']").replace("'\n' }}{% generation", "'\n' }}{%- endgeneration -%}"
-                                                          "{% generation")
-    train_hf_tokenizer(tmp_path, "gpt2", chat_template=tracked)
-    tok = load_tokenizer(str(tmp_path))
-    fmt = templates.resolve_template(tok, "auto")
-    assert assert_renders_as_transformers(tok, fmt, hf_reference(tmp_path)) == (0, 0)
-
-
 # -----------------------------------------------------------------------------
 # The response, its end-of-turn and special-token text, with the named templates
 
@@ -250,7 +240,7 @@ EXPECTED = {
 END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "zephyr": "<|endoftext|>", "plain": "<|endoftext|>"}
 
 
-@pytest.mark.parametrize("template", templates.TEMPLATES)
+@pytest.mark.parametrize("template", sorted(templates.NAMED))
 def test_named_template_rendering(template):
     tok = load_tokenizer("bytes")
     prompt, response = templates.render_example(tok, CONVERSATION, template)
@@ -260,7 +250,7 @@ def test_named_template_rendering(template):
     assert templates.response_text(tok, response, template) == "ok"
 
 
-@pytest.mark.parametrize("template", templates.TEMPLATES)
+@pytest.mark.parametrize("template", sorted(templates.NAMED))
 def test_response_ends_with_the_end_of_turn_token_which_stops_generation(template):
     tok = load_tokenizer("bytes")
     eot = tok.specials[END_OF_TURN[template]]
@@ -270,7 +260,7 @@ def test_response_ends_with_the_end_of_turn_token_which_stops_generation(templat
     assert templates.strip_stop(tok, response + [response[-1], 5], template) == response[:-1]
 
 
-@pytest.mark.parametrize("template", templates.TEMPLATES)
+@pytest.mark.parametrize("template", sorted(templates.NAMED))
 def test_every_special_in_a_rendering_is_one_special_id(template):
     tok = load_tokenizer("bytes")
     prompt, response = templates.render_example(tok, CONVERSATION, template)
@@ -315,7 +305,7 @@ def test_auto_template_is_the_tokenizers_own_else_chatml_else_plain():
     ("{% for m in messages %}{{ m.role }}: {% if m.role != 'assistant' %}{{ m.content }}{% endif %}\n{% endfor %}",
      "does not write the assistant's message"),
     ("{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}<start>{% endif %}",
-     "is not the start of the conversation"),
+     "does not start the conversation"),
     ("{{ undefined_thing.attribute }}", "UndefinedError"),
 ])
 def test_a_template_that_fails_is_a_one_line_error_naming_it(jinja, message):
@@ -338,14 +328,14 @@ def test_unknown_template_and_missing_specials_are_refused():
 
 
 @pytest.mark.parametrize("value, message", [
-    ({"base": "chatml", "user_strat": "x"}, "unknown field 'user_strat' (did you mean 'user_start'?)"),
-    ({"base": "vicuna"}, "base 'vicuna' is not a named template"),
+    ({"base": "chatml", "user_strat": "x"}, "unknown field 'user_strat'; the fields are base, name, bos"),
+    ({"base": "vicuna"}, "unknown chat_template 'vicuna'"),
     ({"base": "chatml", "strip": "yes"}, "field 'strip' must be True or False"),
     ({"base": "chatml", "new_tokens": ["<a>", ""]}, "field 'new_tokens' must be a list of non-empty strings"),
     ({"base": "chatml", "assistant_end": 3}, "field 'assistant_end' must be a string"),
     ({"base": "chatml", "system_prompt": 1}, "field 'system_prompt' must be a string"),
-    ({"user_start": "U: ", "end_of_turn": "{eos}"}, "'assistant_start' is empty"),
-    ({"assistant_start": "A: ", "end_of_turn": ""}, "'end_of_turn' is empty"),
+    ({"user_start": "U: ", "end_of_turn": "{eos}"}, "'assistant_start' (what the model answers after) and"),
+    ({"assistant_start": "A: ", "end_of_turn": ""}, "'end_of_turn' (the special token that ends its turn"),
     (42, "must be a template name or a dict"),
     ("vicuna", "unknown chat_template 'vicuna'"),
 ])
