@@ -6,6 +6,10 @@ Design choices:
   ShareGPT's `conversations`. NeMo's `mask` names the untrained speaker, which must be the user: NeMo-Aligner's
   SPIN also takes everything before the last unmasked (assistant) turn as the prompt and that turn as the answer.
 - Speakers are mapped by the role they name, also inside header strings ('<|start_header_id|>user<|end_header_id|>').
+- Turns must alternate user/assistant after an optional first system turn: chat templates (Llama-2's, Mistral's)
+  refuse anything else, and a model trained on it never saw such a conversation. SteerLM labels are ignored (as
+  NeMo-Aligner ignores them outside its value-conditioned types); a KTO-style `label: false` marks an undesirable
+  response, never a real one: such records are skipped and counted.
 - A response ENDS WITH its end-of-turn token, so loss and log-probs cover it; collate's targets mask
   exactly the response tokens (end-of-turn included; prompt and padding are -100).
 - Bad records raise UserError naming file:line; truncation and skips are counted, never silent.
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 
 from configurator import UserError
-from templates import ChatFormat, chat_format, end_of_turn_id, message_error, render_prompt, render_response
+from templates import ROLES, ChatFormat, chat_format, end_of_turn_id, render_example
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -51,12 +55,13 @@ class DataStats:
     n_response_truncated: int = 0  # real responses cut (they lose their end-of-turn)
     n_dropped: int = 0  # prompt left no room for a response
     n_generated_truncated: int = 0  # SPIN-format generated responses cut
+    n_undesirable: int = 0  # KTO-style records labelled false: skipped, never trained as real responses
     source: str = ""
     skipped_reasons: list[str] = field(default_factory=list)  # the first few, for the log
 
     @property
     def n_examples(self) -> int:
-        return self.n_read - self.n_invalid_skipped - self.n_dropped
+        return self.n_read - self.n_invalid_skipped - self.n_dropped - self.n_undesirable
 
     def summary(self) -> str:
         text = (f"{self.source}: {self.n_examples} examples from {self.n_read} records; "
@@ -65,6 +70,8 @@ class DataStats:
                 f"{self.n_dropped} dropped (no room for a response)")
         if self.n_generated_truncated:
             text += f", {self.n_generated_truncated} generated responses truncated"
+        if self.n_undesirable:
+            text += f", {self.n_undesirable} undesirable responses (KTO label false) skipped"
         if self.skipped_reasons:
             text += f"; first skipped: {self.skipped_reasons[0]}"
         return text
@@ -72,6 +79,10 @@ class DataStats:
 
 class InvalidRecord(Exception):
     """A malformed record; becomes a UserError with file:line, or a skip with skip_invalid=True."""
+
+
+class UndesirableRecord(Exception):
+    """A record whose response is labelled undesirable (KTO's label false): skipped and counted."""
 
 
 def truncate(prompt_ids: list[int], response_ids: list[int], max_len: int,
@@ -85,6 +96,17 @@ def truncate(prompt_ids: list[int], response_ids: list[int], max_len: int,
     return prompt_ids, response_ids[:room]
 
 
+def message_error(m, where: str) -> str | None:
+    """Why m is not a chat message {'role': one of ROLES, 'content': str}, or None if it is one."""
+    if not isinstance(m, dict):
+        return f"{where} must be an object with 'role' and 'content'"
+    if m.get("role") not in ROLES:
+        return f"{where}: unknown role {m.get('role')!r} (use {', '.join(ROLES)})"
+    if not isinstance(m.get("content"), str):
+        return f"{where}: content must be a string, got {type(m.get('content')).__name__}"
+    return None
+
+
 def _messages(value, what: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise InvalidRecord(f"'{what}' must be a non-empty list of messages")
@@ -95,11 +117,21 @@ def _messages(value, what: str) -> list[dict]:
             m["content"].encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidRecord(f"{what}[{i}]: content is not valid Unicode (a lone surrogate escape)") from None
+    if value[-1].get("label") is False:  # a KTO-style undesirable response, on the turn itself
+        raise UndesirableRecord()
     if value[-1]["role"] != "assistant":
         raise InvalidRecord(f"'{what}' has no assistant turn at the end (last role is "
                             f"'{value[-1]['role']}'): the last message must be the response")
     if not any(m["role"] == "user" for m in value[:-1]):
         raise InvalidRecord(f"'{what}' has no user message before the assistant's response")
+    roles = [m["role"] for m in value]
+    first = 1 if roles[0] == "system" else 0
+    for i, role in enumerate(roles[first:], first):
+        expected = "user" if (i - first) % 2 == 0 else "assistant"
+        if role != expected:
+            where = "a system message after the first" if role == "system" else f"'{role}' where '{expected}' belongs"
+            raise InvalidRecord(f"{what}[{i}]: {where}; turns must alternate user/assistant after an optional first "
+                                f"system message")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -119,6 +151,9 @@ def _conversation_messages(record: dict) -> list[dict]:
         raise InvalidRecord("'conversations' must be a list of {\"from\", \"value\"} objects")
     if system is not None and not isinstance(system, str):
         raise InvalidRecord(f"'system' must be a string, got {type(system).__name__}")
+    if record.get("type") in ("VALUE_TO_TEXT", "TEXT_TO_VALUE"):
+        raise InvalidRecord(f"a SteerLM record of type {record['type']!r}, whose labels NeMo renders into the "
+                            f"conversation and nanospin does not; remove 'type' to train on the turns alone")
     if mask is not None and speaker_role(mask) != "user":
         raise InvalidRecord(f"'mask' is {mask!r}, not the user: SPIN trains the last assistant turn on all the turns "
                             f"before it, so the speaker whose turns are not trained must be the user")
@@ -132,9 +167,7 @@ def _conversation_messages(record: dict) -> list[dict]:
                                 f"human, gpt, system; or a header string naming one of them)")
         if not isinstance(t.get("value"), str):
             raise InvalidRecord(f"conversations[{i}]: value must be a string, got {type(t.get('value')).__name__}")
-        if t.get("label") is not None:
-            raise InvalidRecord(f"conversations[{i}]: a SteerLM 'label', which nanospin does not render; remove it")
-        converted.append({"role": role, "content": t["value"]})
+        converted.append({"role": role, "content": t["value"], "label": t.get("label")})
     return _messages(converted, "conversations")
 
 
@@ -143,6 +176,8 @@ def record_conversation(record) -> tuple[list[dict], str | None]:
     any supported format; raises InvalidRecord."""
     if not isinstance(record, dict):
         raise InvalidRecord(f"a record must be a JSON object, got {type(record).__name__}")
+    if record.get("label") is False:
+        raise UndesirableRecord()
     if "messages" in record:
         messages, generated = _messages(record["messages"], "messages"), None
     elif "real" in record:
@@ -234,15 +269,19 @@ def _tokenize(conversations, tok: Tokenizer, template: ChatFormat | str, max_len
             if error is not None:
                 raise InvalidRecord(error)
             messages, generated = record_conversation(record)
-        except InvalidRecord as e:
+            prompt_ids, real_ids = render_example(tok, messages, template)
+            generated_full = None if generated is None else render_example(
+                tok, [*messages[:-1], {"role": "assistant", "content": generated}], template)[1]
+        except UndesirableRecord:
+            stats.n_undesirable += 1
+            continue
+        except (InvalidRecord, UserError) as e:  # UserError: the chat template refuses this conversation
             if not skip_invalid:
                 raise UserError(f"{source}: {e}; fix the record or set skip_invalid=True to skip bad records") from None
             stats.n_invalid_skipped += 1
             if len(stats.skipped_reasons) < 5:
                 stats.skipped_reasons.append(f"{source}: {e}")
             continue
-        prompt_ids = render_prompt(tok, messages[:-1], template)
-        real_ids = render_response(tok, messages[-1]["content"], template)
         cut = truncate(prompt_ids, real_ids, max_len, max_prompt_len)
         if cut is None:
             stats.n_dropped += 1
@@ -250,10 +289,9 @@ def _tokenize(conversations, tok: Tokenizer, template: ChatFormat | str, max_len
         stats.n_prompt_truncated += len(cut[0]) < len(prompt_ids)
         stats.n_response_truncated += len(cut[1]) < len(real_ids)
         generated_ids = None
-        if generated is not None:
-            full = render_response(tok, generated, template)
-            generated_ids = full[: max_len - len(cut[0])]
-            stats.n_generated_truncated += len(generated_ids) < len(full)
+        if generated_full is not None:
+            generated_ids = generated_full[: max_len - len(cut[0])]
+            stats.n_generated_truncated += len(generated_ids) < len(generated_full)
         examples.append(Example(prompt_ids=cut[0], real_ids=cut[1], source=source,
                                 prompt_messages=messages[:-1], real_text=messages[-1]["content"],
                                 generated_ids=generated_ids))

@@ -1,13 +1,13 @@
 """Tokenizers the tests build with the `tokenizers` library (the reference), saved as Hugging Face directories:
-byte-level BPE in the GPT-2, Llama-3 and SmolLM styles, and SentencePiece-style BPE with byte_fallback in the styles
-real models ship (Llama-2's Prepend normalizer; Metaspace with each prepend scheme; no dummy prefix); a writer of
-SentencePiece tokenizer.model files; the chat templates' Jinja text; text that exercises tokenizers; and where the
-real files of ../shared/real are."""
+byte-level BPE in the GPT-2, Llama-3, Qwen2 and SmolLM styles, and SentencePiece-style BPE with byte_fallback in the
+styles real models ship (Llama-2's Prepend normalizer; Metaspace with each prepend scheme; no dummy prefix); chat
+templates' Jinja text (ours, and the real ones transformers ships in its own source); text that exercises tokenizers;
+and where the real files of ../shared/real are."""
 
+import base64
 import json
 import os
 import random
-import struct
 
 import pytest
 
@@ -33,6 +33,10 @@ HELD_OUT = [
     "</s> special-token text <s> stays <unk> text <|im_end|>", "\n\nstarts with newlines", "a\u0301\u0302 combining",
 ]
 HF_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 SP_SPECIALS = ["<unk>", "<s>", "</s>"]
 # The templates as their models publish them (written here from the public formats).
 CHATML_JINJA = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -95,14 +99,13 @@ def train_hf_tokenizer(directory, style: str, specials=HF_SPECIALS, chat_templat
     from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
 
-    import tokenizer
-
     hf = HFTokenizer(models.BPE())
     if style == "gpt2":  # GPT-2: the ByteLevel pre-tokenizer's own regex
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    elif style == "llama3":  # Llama-3 / Qwen2: a Split regex, ByteLevel without regex, (Qwen2) NFC
+    elif style in ("llama3", "qwen2"):  # a Split regex, ByteLevel without regex, NFC
+        pattern = LLAMA3_PATTERN if style == "llama3" else QWEN2_PATTERN
         hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(tokenizer.LLAMA3_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         hf.normalizer = normalizers.NFC()
     elif style == "digits":  # SmolLM: single digits, then GPT-2's regex
@@ -120,6 +123,10 @@ def train_hf_tokenizer(directory, style: str, specials=HF_SPECIALS, chat_templat
     return hf
 
 
+# Llama-2's decoder: '▁' back to spaces, <0xXX> tokens back to bytes, and the dummy prefix's space removed
+LLAMA2_DECODER = {"type": "Sequence", "decoders": [
+    {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
+    {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
 # How real SentencePiece-style tokenizer.json files state the dummy prefix: (normalizer, pre_tokenizer).
 SP_STYLES = {
     "prepend": ([{"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}],
@@ -169,6 +176,7 @@ def sentencepiece_hf_tokenizer(directory, style: str = "prepend", merges: str = 
     normalizer, pre_tokenizer = SP_STYLES[style]
     spec["normalizer"] = {"type": "Sequence", "normalizers": normalizer} if normalizer else None
     spec["pre_tokenizer"] = pre_tokenizer
+    spec["decoder"] = LLAMA2_DECODER
     for i, token in enumerate(added):
         content = token["content"]
         token_id = vocab[content] if content in vocab else len(vocab) + i
@@ -183,44 +191,41 @@ def sentencepiece_hf_tokenizer(directory, style: str = "prepend", merges: str = 
     return HFTokenizer.from_str(json.dumps(spec))
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
+def real_templates() -> dict[str, str]:
+    """Real chat templates, as transformers ships them in its own source (Llama-4's, with strftime_now; Qwen2-Audio's,
+    Qwen2-Instruct's ChatML with a default system prompt; SmolVLM's): the test is skipped where they cannot be read."""
+    try:
+        from transformers.models.llama4 import processing_llama4
+        from transformers.models.qwen2_audio.processing_qwen2_audio import Qwen2AudioProcessor
+        from transformers.models.smolvlm import processing_smolvlm
+    except ImportError as e:
+        pytest.skip(f"transformers' real templates not available ({e})")
+    return {"llama4": processing_llama4.chat_template,
+            "qwen2-audio": Qwen2AudioProcessor.default_chat_template.fget(None),
+            "smolvlm": processing_smolvlm.DEFAULT_CHAT_TEMPLATE}
 
 
-def _field(number: int, value) -> bytes:
-    """One protobuf field: an int as a varint, bytes/str length-delimited, a float as fixed32."""
-    if isinstance(value, float):
-        return _varint(number << 3 | 5) + struct.pack("<f", value)
-    if isinstance(value, int):
-        return _varint(number << 3) + _varint(value)
-    value = value.encode() if isinstance(value, str) else value
-    return _varint(number << 3 | 2) + _varint(len(value)) + value
+def tiktoken_encoding_of(directory, name: str = "gpt2"):
+    """A byte-level BPE directory's tokenizer as a tiktoken Encoding (rank = id, GPT-2's split regex): what tiktoken's
+    own 'gpt2' is for GPT-2's files, for tests without network."""
+    import tiktoken
+
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    vocab = json.load(open(os.path.join(directory, "tokenizer.json"), encoding="utf-8"))["model"]["vocab"]
+    ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items()
+             if token != "<|endoftext|>" and all(c in byte_of for c in token)}
+    return tiktoken.Encoding(name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": vocab["<|endoftext|>"]})
 
 
-def write_sentencepiece_model(path, pieces: list[tuple[str, float, int]], model_type: int = 2,
-                              byte_fallback: bool = True, add_dummy_prefix: bool = True,
-                              remove_extra_whitespaces: bool = False) -> None:
-    """A SentencePiece ModelProto: pieces (text, score, type 1 normal / 2 unknown / 3 control / 4 user-defined /
-    6 byte), a TrainerSpec and a NormalizerSpec (field numbers of sentencepiece_model.proto)."""
-    data = b"".join(_field(1, _field(1, p) + _field(2, float(s)) + _field(3, t)) for p, s, t in pieces)
-    data += _field(2, _field(3, model_type) + _field(35, int(byte_fallback)) + _field(40, 0) + _field(41, 1)
-                   + _field(42, 2))
-    data += _field(3, _field(1, "identity") + _field(3, int(add_dummy_prefix))
-                   + _field(4, int(remove_extra_whitespaces)) + _field(5, 1))
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte, as byte-level BPE vocab files write bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
+
+
+def write_tiktoken_file(path, tokens: list[bytes]) -> None:
+    """A tiktoken BPE file: one 'base64(token) rank' line per token."""
     with open(path, "wb") as f:
-        f.write(data)
-
-
-def sentencepiece_pieces(vocab: dict[str, int]) -> list[tuple[str, float, int]]:
-    """The pieces of a SentencePiece model with this vocab (ids 0..n-1): score -id for normal pieces."""
-    kinds = {"<unk>": 2, "<s>": 3, "</s>": 3}
-    pieces = []
-    for piece, i in sorted(vocab.items(), key=lambda item: item[1]):
-        kind = kinds.get(piece, 6 if piece.startswith("<0x") and len(piece) == 6 else 1)
-        pieces.append((piece, -float(i) if kind == 1 else 0.0, kind))
-    return pieces
+        f.write(b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(tokens)))

@@ -27,7 +27,7 @@ def test_collate_targets_cover_exactly_the_response():
     assert targets.tolist() == [[-100, -100, 4, 5, 99], [8, 99, -100, -100, -100]]
 
 
-@pytest.mark.parametrize("template", templates.TEMPLATES)
+@pytest.mark.parametrize("template", sorted(templates.NAMED))
 def test_rendered_batch_masks_include_end_of_turn_and_exclude_prompt(template):
     tok = load_tokenizer("bytes")
     convs = data.synthetic_conversations(4, seed=3)
@@ -187,9 +187,20 @@ BAD_RECORDS = {
                                "unknown speaker '<|start_header_id|>robot"),
     "mask is the assistant": (json.dumps({"mask": header("assistant"), "conversations": [
         {"from": header("user"), "value": "q"}, {"from": header("assistant"), "value": "a"}]}), "not the user"),
-    "SteerLM label": (json.dumps({"conversations": [{"from": "User", "value": "q"},
-                                                    {"from": "Assistant", "value": "a", "label": "quality:4"}]}),
-                      "SteerLM 'label'"),
+    "SteerLM value type": (json.dumps({"type": "VALUE_TO_TEXT", "conversations": [
+        {"from": "User", "value": "q"}, {"from": "Assistant", "value": "a", "label": "quality:4"}]}),
+                           "SteerLM record of type 'VALUE_TO_TEXT'"),
+    "assistant first": (json.dumps({"messages": [{"role": "assistant", "content": "a"},
+                                                 {"role": "user", "content": "q"},
+                                                 {"role": "assistant", "content": "a"}]}),
+                        "messages[0]: 'assistant' where 'user' belongs"),
+    "two users in a row": (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"},
+                                                    {"role": "assistant", "content": "a"}]}),
+                           "messages[1]: 'user' where 'assistant' belongs"),
+    "system mid-conversation": (json.dumps({"conversations": [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}, {"from": "system", "value": "s"},
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}),
+                                "conversations[2]: a system message after the first"),
     "ShareGPT tool turn": (json.dumps({"conversations": [{"from": "human", "value": "q"},
                                                          {"from": "function_call", "value": "{}"}]}),
                            "unknown speaker 'function_call'"),
@@ -220,6 +231,54 @@ def test_malformed_record_is_skipped_and_counted_with_skip_invalid(tmp_path, cas
     assert len(examples) == 2 and [e.source for e in examples] == [f"{path}:1", f"{path}:4"]
     assert (stats.n_read, stats.n_invalid_skipped, stats.n_examples) == (3, 1, 2)
     assert "1 invalid skipped" in stats.summary() and f"{path}:3" in stats.summary()
+
+
+def test_steerlm_labels_are_ignored_and_undesirable_kto_responses_are_skipped_and_counted(tmp_path):
+    """NeMo's SteerLM labels (on turns, no value-conditioned 'type') do not change the example; a KTO-style label
+    false, on the record or on its response, is never trained on as a real response."""
+    tok = load_tokenizer("bytes")
+    nemo = {"system": "sys", "mask": "User", "conversations": [{"from": "User", "value": "2+2?"},
+                                                               {"from": "Assistant", "value": "4"}]}
+    labelled = json.loads(json.dumps(nemo))
+    labelled["conversations"][1]["label"] = "quality:4,toxicity:0,humor:0,creativity:0"
+    undesirable = [{"messages": MESSAGES, "label": False},
+                   {"messages": MESSAGES[:2] + [{**MESSAGES[2], "label": False}]},
+                   {"prompt": MESSAGES[:2], "completion": MESSAGES[2:], "label": False}]
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in [nemo, labelled, *undesirable,
+                                                                      {"messages": MESSAGES, "label": True}]])
+    examples, stats = data.load_examples(path, tok, "chatml", 64, 48)
+    assert [e.source for e in examples] == [f"{path}:1", f"{path}:2", f"{path}:6"]
+    assert examples[0].real_ids == examples[1].real_ids == examples[2].real_ids
+    assert examples[0].prompt_ids == examples[1].prompt_ids == examples[2].prompt_ids
+    assert (stats.n_read, stats.n_undesirable, stats.n_invalid_skipped, stats.n_examples) == (6, 3, 0, 3)
+    assert "3 undesirable responses (KTO label false) skipped" in stats.summary()
+
+
+def test_a_multi_turn_records_response_is_its_last_assistant_turn(tmp_path):
+    """The response's ids are the last assistant turn's and its end-of-turn; every earlier turn is in the prompt."""
+    turns = [{"role": "system", "content": "sys"}, {"role": "user", "content": "first question"},
+             {"role": "assistant", "content": "first answer"}, {"role": "user", "content": "second question"},
+             {"role": "assistant", "content": "second answer"}]
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": turns})])
+    tok = load_tokenizer("bytes")
+    (example,), _ = data.load_examples(path, tok, "chatml", 256, 200)
+    assert example.real_ids == tok.encode("second answer") + [tok.specials["<|im_end|>"]]
+    assert example.prompt_ids == tok.encode(
+        "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nfirst question<|im_end|>\n<|im_start|>assistant\n"
+        "first answer<|im_end|>\n<|im_start|>user\nsecond question<|im_end|>\n<|im_start|>assistant\n", special=True)
+    assert (example.real_text, example.prompt_messages) == ("second answer", turns[:-1])
+
+
+def test_a_record_its_chat_template_refuses_names_its_line_and_can_be_skipped(tmp_path):
+    fussy = {"name": "fussy", "jinja": "{% for m in messages %}{% if m.content == 'boom' %}{{ raise_exception("
+                                       "'no booms') }}{% endif %}{{ m.role + ': ' + m.content + '\n' }}{% endfor %}"
+                                       "{% if add_generation_prompt %}assistant: {% endif %}"}
+    boom = [{"role": "user", "content": "boom"}, {"role": "assistant", "content": "a"}]
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": MESSAGES}), json.dumps({"messages": boom})])
+    with pytest.raises(UserError, match=f"{path}:2: chat template 'fussy' failed .*no booms"):
+        data.load_examples(path, load_tokenizer("bytes"), fussy, 64, 48)
+    examples, stats = data.load_examples(path, load_tokenizer("bytes"), fussy, 64, 48, skip_invalid=True)
+    assert len(examples) == 1 and stats.n_invalid_skipped == 1
 
 
 def test_json_list_bad_record_names_its_line_and_can_be_skipped(tmp_path):

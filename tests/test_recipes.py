@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import templates
-from hf_tokenizers import SMOL_STYLE_JINJA, ZEPHYR_JINJA, real_dir, train_hf_tokenizer
+from hf_tokenizers import SMOL_STYLE_JINJA, ZEPHYR_JINJA, real_dir, tiktoken_encoding_of, train_hf_tokenizer
 from tokenizer import load_tokenizer
 from train_runs import REPO, metrics, rollouts, run_in_process
 
@@ -111,7 +111,7 @@ def test_named_gpt2_tokenizer_grows_only_the_rows_the_template_uses(tmp_path, so
 
     tokenizer_dir, vocab = gpt2_tokenizer_dir(tmp_path, source)
     model_dir = gpt2_model_dir(tmp_path / "gpt2", tokenizer_dir, vocab)
-    base = load_tokenizer(tokenizer_dir).enc  # what tiktoken's 'gpt2' is (no network here)
+    base = tiktoken_encoding_of(tokenizer_dir)  # what tiktoken's 'gpt2' is (no network here)
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: base)
     cfg = train.TrainConfig(init_from=model_dir, tokenizer="gpt2", chat_template="chatml")
     tok = load_tokenizer("gpt2")
@@ -158,7 +158,7 @@ def test_zephyr_recipe_on_llama2_tokenizer_files_trains_on_spins_generated_respo
     assert "y' are the data's 'generated' responses" in capsys.readouterr().out
     pairs = rollouts(out_dir, 0)
     tok = load_tokenizer(model_dir)
-    assert templates.resolve_template(tok, "auto").name == "zephyr"
+    assert templates.resolve_template(tok, "auto").jinja == ZEPHYR_JINJA
     by_prompt = {chat[0]["content"]: f"Maybe {i}?" for i, chat in enumerate(CHATS)}
     for p in pairs:
         assert p["prompt"].startswith("<|user|>\nQuestion") and p["prompt"].endswith("<|assistant|>\n")
