@@ -89,7 +89,7 @@ def test_greedy_decoding_equals_transformers_generate(our_model, hf_model, hf_to
     prompts = [chat_ids(hf_tokenizer, chat, add_generation_prompt=True) for chat in CHATS]
     eos = hf_model.generation_config.eos_token_id  # <|im_end|>, which the chat template ends a turn with
     # two cache rows for four prompts: rows are refilled as answers end (continuous batching)
-    ours = generate.generate(our_model, prompts, 64, temperature=0.0, eos_id=eos, batch_size=2)
+    ours = generate.generate(our_model, prompts, 64, sampling=generate.GREEDY, eos_id=eos, batch_size=2)
     theirs = [hf_model.generate(torch.tensor([p]), max_new_tokens=64, do_sample=False)[0, len(p):].tolist()
               for p in prompts]
     for prompt, a, b in zip(prompts, ours, theirs):
