@@ -5,8 +5,8 @@
 # one 24 GB GPU for 135M-360M, 40 GB+ (or several GPUs) for 0.5B at these lengths.
 out_dir = "out-smollm"
 init_from = "SmolLM2-360M-Instruct"
-tokenizer = "auto"  # the model's tokenizer.json, converted to tiktoken with identical ids
-chat_template = "auto"  # recognised from tokenizer_config.json: ChatML, with the model's default system prompt
+tokenizer = "auto"  # the model's tokenizer.json, run by the `tokenizers` library
+chat_template = "auto"  # the model's own Jinja template (ChatML, default system prompt), as transformers renders it
 train_data = "data/chat.jsonl"
 max_len = 1024
 max_prompt_len = 512
