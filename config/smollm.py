@@ -7,8 +7,8 @@
 # config/smollm_demo.py is this recipe cut to a few minutes on a CPU.
 out_dir = "out-smollm"
 init_from = "SmolLM2-360M-Instruct"
-tokenizer = "auto"  # the model's own tokenizer.json
-chat_template = "auto"  # the model's own template (tokenizer_config.json), its default system prompt included
+tokenizer = "auto"  # the model's tokenizer.json, run by the `tokenizers` library
+chat_template = "auto"  # the model's own Jinja template (ChatML, default system prompt), as transformers renders it
 train_data = "data/chat.jsonl"
 max_len = 1024
 max_prompt_len = 512

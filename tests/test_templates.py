@@ -165,10 +165,19 @@ def test_models_own_templates_render_as_apply_chat_template(tmp_path, name, jinj
     assert templates.stop_ids(tok, fmt) == sorted({tok.specials[eot], tok.eos_id})
 
 
-def test_the_models_text_of_a_response_comes_back(tmp_path):
-    train_hf_tokenizer(tmp_path, "digits", chat_template=QWEN_STYLE_JINJA)
+# written here in the style of templates that put an empty reasoning block before the answer (Qwen3's)
+THINKING_JINJA = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' }}{% if m.role == 'assistant' %}"
+                  "{{ '<think>\n\n</think>\n\n' }}{% endif %}{{ m.content + '<|im_end|>\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("jinja", [QWEN_STYLE_JINJA, THINKING_JINJA])
+def test_the_models_text_of_a_response_comes_back(tmp_path, jinja):
+    """response_text gives back the message: without what the template writes before it, nor after it."""
+    train_hf_tokenizer(tmp_path, "digits", chat_template=jinja)
     tok = load_tokenizer(str(tmp_path))
     fmt = templates.resolve_template(tok, "auto")
+    assert assert_renders_as_transformers(tok, fmt, hf_reference(tmp_path)) == (0, 0)
     for messages in CONVERSATIONS:
         _, response = templates.render_example(tok, messages, fmt)
         assert templates.response_text(tok, response, fmt) == messages[-1]["content"]
