@@ -62,11 +62,11 @@ def test_files_follow_the_umask(finished_run):
     assert {path: mode for path, mode in modes.items() if mode != "0o644"} == {}
 
 
-def test_save_safetensors_follows_the_umask(tmp_path):
+def test_save_tensors_follows_the_umask(tmp_path):
     import torch
     old_umask = os.umask(0o027)
     try:
-        ckpt.save_safetensors({"w": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+        ckpt.save_tensors({"w": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
     finally:
         os.umask(old_umask)
     assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o640

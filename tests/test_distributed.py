@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import signal
+import subprocess
 import sys
 
 import pytest
