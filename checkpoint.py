@@ -22,17 +22,22 @@ Design choices:
     rollouts.jsonl  the current iteration's pairs, so a mid-iteration resume never regenerates.
   It is written under a temporary name and renamed when complete; older ones are deleted only after
   that, so the previous checkpoint stays valid until the new one is whole.
+- A run's out_dir: its config.json holds the settings a resume must share (`config_fingerprint`); a run
+  resumes from its latest checkpoint (`prepare_out_dir`, `start_or_resume`), and SPIN iteration t's
+  files live in `iteration_dir` (a mid-iteration resume takes its rollouts from the checkpoint).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import random
 import shutil
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -671,3 +676,102 @@ def _dcp(save_or_load, state: dict, path: str) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_DCP_ONE_PROCESS_WARNING, category=UserWarning)
         save_or_load(state, checkpoint_id=path, no_dist=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# a run's out_dir: whether to resume, the run's state, its iterations' files
+
+
+# settings a run may change when it resumes: where and how often it writes, how it splits the global batch,
+# how it runs (packing changes float round-off only)
+RESUMABLE_KEYS = {"out_dir", "resume", "allow_config_change", "log_interval", "eval_interval", "save_interval",
+                  "keep_checkpoints", "compile", "device", "batch_size", "grad_accum", "kl_opponent_mb", "plot",
+                  "pack_sequences", "pack_pairs"}
+
+
+def config_fingerprint(config, world_size: int) -> dict:
+    """The settings of a run's config (a dataclass) that a resumed run must share with the run that wrote the
+    checkpoint. The batch counts as its global size, so a run may resume at another world size or split."""
+    fingerprint = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_KEYS}
+    fingerprint["global_batch"] = config.batch_size * config.grad_accum * world_size
+    return fingerprint
+
+
+@dataclass
+class RunState:
+    """Where the run stands; saved in every checkpoint's state.json, so the same command continues it."""
+    phase: int = 0  # index into the run's list of phases
+    step: int = 0  # optimizer steps done in this phase
+    global_step: int = 0  # optimizer steps done in the run; names the checkpoints
+    order: dict | None = None  # the phase's data order (BatchOrder.state_dict()) at a mid-phase checkpoint
+    rollouts_sha: str | None = None  # the SPIN iteration's rollouts.jsonl, checked on a mid-iteration resume
+    history: list[dict] = field(default_factory=list)  # one summary per finished phase
+
+
+def prepare_out_dir(out_dir: str, resume: bool | str, allow_config_change: bool, fingerprint: dict) -> str | None:
+    """The checkpoint to resume from (None: start afresh), once out_dir is known to be usable: resume=False
+    refuses a non-empty one, and a run there with another config needs allow_config_change."""
+    checkpoints = list_checkpoints(out_dir)
+    saved_config = os.path.join(out_dir, "config.json")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if resume is False:
+            raise UserError(f"out_dir '{out_dir}' is not empty and resume=False; pick a new --out_dir or "
+                            f"pass --resume=auto to continue it")
+        if os.path.isfile(saved_config) and not allow_config_change:
+            old = json.load(open(saved_config))
+            new = json.loads(json.dumps(fingerprint))
+            diff = sorted(k for k in new if old.get(k) != new[k])
+            if diff:
+                raise UserError(f"out_dir '{out_dir}' holds a run with a different config (keys: "
+                                f"{', '.join(diff[:5])}); use another --out_dir or pass --allow_config_change=True")
+    if resume is True and not checkpoints:
+        raise UserError(f"resume=True but out_dir '{out_dir}' has no checkpoint; use resume='auto' to start fresh")
+    return checkpoints[-1] if checkpoints and resume else None
+
+
+def start_or_resume(out_dir: str, resume_from: str | None, model, optimizer, fingerprint: dict,
+                    rank: int) -> RunState:
+    """Weights, optimizer, RNG and run state from the checkpoint; or a fresh state, and out_dir/config.json
+    (every rank calls this)."""
+    state = RunState()
+    if resume_from:
+        saved = load_checkpoint(resume_from, model, optimizer, model.config)
+        state = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState)})
+    elif rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(fingerprint, f, indent=2)
+    _barrier()
+    return state
+
+
+def save_run(out_dir: str, state: RunState, config, model, optimizer, tokenizer, chat_template: ChatFormat,
+             source: ModelSource, rollouts_path: str | None, rank: int, keep: int) -> str:
+    """A checkpoint of the run as it stands, with its resolved config (a dataclass); every rank calls this."""
+    saved = {**dataclasses.asdict(state), "config": dataclasses.asdict(config)}
+    return save_checkpoint(out_dir, state.global_step, model, optimizer, saved, model.config, tokenizer,
+                           chat_template, rollouts_path, rank, keep, source=source)
+
+
+def file_sha(path: str) -> str:
+    """A short content hash: a checkpoint records its rollouts' so a resume can tell they are unchanged."""
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
+
+
+def iteration_dir(out_dir: str, iteration: int) -> str:
+    """out_dir/iter_t/: SPIN iteration t's rollouts.jsonl, eval_rollouts.jsonl and opponent_eval.safetensors."""
+    return os.path.join(out_dir, f"iter_{iteration}")
+
+
+def restore_rollouts(checkpoint: str, iter_dir: str, rollouts_sha: str | None, rank: int) -> str:
+    """The rollouts.jsonl a mid-iteration checkpoint saved, checked against its state.json and put back as the
+    iteration's own file (rank 0); returns the checkpoint's copy, which every rank reads."""
+    saved = os.path.join(checkpoint, "rollouts.jsonl")
+    if not os.path.isfile(saved) or file_sha(saved) != rollouts_sha:
+        raise UserError(f"the rollouts in checkpoint '{checkpoint}' are missing or do not match its "
+                        f"state.json; delete that checkpoint to resume from the one before it")
+    if rank == 0:
+        rollouts_path = os.path.join(iter_dir, "rollouts.jsonl")
+        shutil.copyfile(saved, rollouts_path + ".tmp")
+        os.replace(rollouts_path + ".tmp", rollouts_path)
+    return saved

@@ -19,7 +19,7 @@ import os
 import sys
 
 from configurator import UserError, run_main
-from seeds import read_metrics
+from metrics_log import read_metrics
 
 HINT = "plot.py needs matplotlib, which nanospin does not install: pip install matplotlib"
 

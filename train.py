@@ -33,20 +33,16 @@ Design choices:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import importlib.util
-import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -62,7 +58,7 @@ from generate import generate
 from memory_plan import MemoryPlan, describe_plan, plan_memory, plan_warning
 from model import ATTENTION_IMPLS, GPT, SCRATCH_MODEL_TYPES, GPTConfig
 from plot import plot_runs
-from seeds import mean_ci
+from metrics_log import open_metrics, paired_interval, write_metrics
 from spin import (Pair, RolloutSettings, kl_per_token, opponent_top_k, pair_terms, per_iteration, read_rollouts,
                   rescore, response_logprobs, rollout, sequence_logps, spin_metrics, write_rollouts)
 from templates import ChatFormat, chat_format, missing_tokens, resolve_template, response_text, stop_ids, strip_stop
@@ -200,17 +196,6 @@ def check_config(cfg: TrainConfig) -> None:
         chat_format(cfg.chat_template)  # a bad name or dict field fails here, naming the key
 
 
-def config_fingerprint(cfg: TrainConfig, world_size: int) -> dict:
-    """The settings a resumed run must share with the run that wrote the checkpoint. The batch counts
-    as its global size, so a run may resume at another world size or micro-batch split."""
-    ignore = {"out_dir", "resume", "allow_config_change", "log_interval", "eval_interval", "save_interval",
-              "keep_checkpoints", "compile", "device", "batch_size", "grad_accum", "kl_opponent_mb", "plot",
-              "pack_pairs"}  # packing changes float round-off only
-    fingerprint = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
-    fingerprint["global_batch"] = cfg.batch_size * cfg.grad_accum * world_size
-    return fingerprint
-
-
 def phases_of(cfg: TrainConfig) -> list[tuple[str, int]]:
     """The run's (kind, iteration) phases in order: 'sft', then 'spin' t, then 'baseline' t."""
     phases = [("sft", 0)] if cfg.stage in ("sft", "sft+spin") else []
@@ -312,70 +297,16 @@ def all_reduce_sums(sums: dict[str, torch.Tensor], world_size: int) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------------
-# out_dir, resume, signals, the metrics log
+# signals and progress
 
 
-@dataclass
-class LoopState:
-    """Where the run stands; saved in every checkpoint's state.json, so the same command continues it."""
-    phase: int = 0  # index into phases_of(cfg)
-    step: int = 0  # optimizer steps done in this phase
-    global_step: int = 0  # optimizer steps done in the run; names the checkpoints
-    order: dict | None = None  # the phase's data order (BatchOrder.state_dict()) at a mid-phase checkpoint
-    rollouts_sha: str | None = None  # the SPIN iteration's rollouts.jsonl, checked on a mid-iteration resume
-    history: list[dict] = field(default_factory=list)  # one summary per finished phase
-
-
-def prepare_out_dir(cfg: TrainConfig, world_size: int) -> str | None:
-    """The checkpoint to resume from (None: start afresh), once out_dir is known to be usable: resume=False
-    refuses a non-empty one, and a run there with another config needs allow_config_change."""
-    checkpoints = ckpt.list_checkpoints(cfg.out_dir)
-    saved_config = os.path.join(cfg.out_dir, "config.json")
-    if os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir):
-        if cfg.resume is False:
-            raise UserError(f"out_dir '{cfg.out_dir}' is not empty and resume=False; pick a new --out_dir or "
-                            f"pass --resume=auto to continue it")
-        if os.path.isfile(saved_config) and not cfg.allow_config_change:
-            old = json.load(open(saved_config))
-            new = json.loads(json.dumps(config_fingerprint(cfg, world_size)))
-            diff = sorted(k for k in new if old.get(k) != new[k])
-            if diff:
-                raise UserError(f"out_dir '{cfg.out_dir}' holds a run with a different config (keys: "
-                                f"{', '.join(diff[:5])}); use another --out_dir or pass --allow_config_change=True")
-    if cfg.resume is True and not checkpoints:
-        raise UserError(f"resume=True but out_dir '{cfg.out_dir}' has no checkpoint; use resume='auto' to start fresh")
-    return checkpoints[-1] if checkpoints and cfg.resume else None
-
-
-def start_or_resume(cfg: TrainConfig, rt: Runtime, resume_from: str | None, model, optimizer) -> LoopState:
-    """Weights, optimizer, RNG and loop state from the checkpoint; or a fresh state, and out_dir/config.json."""
-    state = LoopState()
-    if resume_from:
-        saved = ckpt.load_checkpoint(resume_from, model, optimizer, model.config)
-        state = LoopState(**{f.name: saved[f.name] for f in dataclasses.fields(LoopState)})
-        print0(f"resumed from {resume_from}: phase {state.phase}, step {state.step}")
-    elif rt.rank == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(config_fingerprint(cfg, rt.world_size), f, indent=2)
-    if rt.world_size > 1:
-        dist.barrier()
-    return state
-
-
-def save(cfg: TrainConfig, rank: int, model, optimizer, state: LoopState, data: RunData,
+def save(cfg: TrainConfig, rank: int, model, optimizer, state: ckpt.RunState, data: RunData,
          rollouts_path: str | None) -> str:
-    """A checkpoint of the run as it stands (every rank calls this), with the resolved config."""
-    saved = {**dataclasses.asdict(state), "config": dataclasses.asdict(cfg)}
-    path = ckpt.save_checkpoint(cfg.out_dir, state.global_step, model, optimizer, saved, model.config, data.tok,
-                                data.template, rollouts_path, rank, cfg.keep_checkpoints, source=data.source)
+    """A checkpoint of the run as it stands (every rank calls this)."""
+    path = ckpt.save_run(cfg.out_dir, state, cfg, model, optimizer, data.tok, data.template, data.source,
+                         rollouts_path, rank, cfg.keep_checkpoints)
     print0(f"saved checkpoint {path}")
     return path
-
-
-def file_sha(path: str) -> str:
-    """A short content hash: a checkpoint records its rollouts' so a resume can tell they are unchanged."""
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
 
 
 @dataclass
@@ -400,33 +331,6 @@ def catch_stop_signals(world_size: int) -> StopRequest:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     return stop
-
-
-def open_metrics(out_dir: str, rank: int, resumed_at: int | None):
-    """Rank 0's out_dir/metrics.jsonl for appending (None on other ranks). A resumed run replays the steps
-    after its checkpoint (global step resumed_at): their first records go, so each step logs once."""
-    if rank != 0:
-        return None
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if resumed_at is not None and os.path.isfile(path):
-        kept = []
-        for line in open(path):
-            try:
-                if json.loads(line).get("step", 0) <= resumed_at:
-                    kept.append(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                pass
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
-    return open(path, "a")
-
-
-def write_metrics(metrics_file, record: dict) -> None:
-    """One JSON line in metrics.jsonl, flushed (rank 0; a no-op elsewhere)."""
-    if metrics_file is not None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
 
 
 def progress_bar(total: int, desc: str, rank: int, initial: int = 0) -> tqdm:
@@ -794,7 +698,7 @@ def previous_generations(opponent: GPT, cfg: TrainConfig, iteration: int, own: i
     log-probs recomputed by this iteration's opponent: it is the opponent they are trained against now."""
     mixed = []
     for back in range(1, min(cfg.mix_previous_rollouts, iteration) + 1):
-        earlier = read_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration - back}", "rollouts.jsonl"))
+        earlier = read_rollouts(os.path.join(ckpt.iteration_dir(cfg.out_dir, iteration - back), "rollouts.jsonl"))
         mixed += rescore(opponent, earlier[:own], settings)
     return mixed
 
@@ -868,7 +772,7 @@ def run_rollout(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, iterat
         made = IterationPairs(generations + mixed, len(prompts), len(generations) // len(prompts), eval_pairs,
                               opponent_eval_logprobs(model, cfg, data, rt))
     if rt.rank == 0:
-        write_iteration(os.path.join(cfg.out_dir, f"iter_{iteration}"), made, data.tok, data.template)
+        write_iteration(ckpt.iteration_dir(cfg.out_dir, iteration), made, data.tok, data.template)
     if rt.world_size > 1:
         dist.barrier()
     dt = time.time() - t0
@@ -884,15 +788,8 @@ def run_rollout(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, iterat
 def reuse_rollouts(checkpoint: str, cfg: TrainConfig, iteration: int, rollouts_sha: str | None, data: RunData,
                    rank: int) -> IterationPairs:
     """A mid-iteration resume trains on the iteration's pairs as its checkpoint saved them."""
-    iter_dir = os.path.join(cfg.out_dir, f"iter_{iteration}")
-    saved = os.path.join(checkpoint, "rollouts.jsonl")
-    rollouts_path = os.path.join(iter_dir, "rollouts.jsonl")
-    if not os.path.isfile(saved) or file_sha(saved) != rollouts_sha:
-        raise UserError(f"the rollouts in checkpoint '{checkpoint}' are missing or do not match its "
-                        f"state.json; delete that checkpoint to resume from the one before it")
-    if rank == 0:  # the iteration's canonical file, as the checkpoint saw it
-        shutil.copyfile(saved, rollouts_path + ".tmp")
-        os.replace(rollouts_path + ".tmp", rollouts_path)
+    iter_dir = ckpt.iteration_dir(cfg.out_dir, iteration)
+    saved = ckpt.restore_rollouts(checkpoint, iter_dir, rollouts_sha, rank)
     pairs = read_rollouts(saved)
     eval_file = os.path.join(iter_dir, "eval_rollouts.jsonl")
     eval_pairs = read_rollouts(eval_file) if data.eval_examples and os.path.isfile(eval_file) else []
@@ -1010,7 +907,7 @@ def clip_gradients(model: GPT, grad_clip: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
 
 
-def check_finite(loss_sum: torch.Tensor, grad_norm: torch.Tensor, name: str, state: LoopState, total_steps: int,
+def check_finite(loss_sum: torch.Tensor, grad_norm: torch.Tensor, name: str, state: ckpt.RunState, total_steps: int,
                  out_dir: str, bar: tqdm) -> None:
     """A NaN/Inf loss or gradient stops the run before the optimizer step, naming the last good checkpoint."""
     if torch.isfinite(loss_sum) and torch.isfinite(grad_norm):
@@ -1180,13 +1077,6 @@ def summary_table(history: list[dict]) -> str:
     return "\n".join(lines + verdict(history))
 
 
-def paired_interval(a: list[float], b: list[float]) -> tuple[float, float | None]:
-    """The mean of the paired differences a_i − b_i and the half-width of its 95% Student t interval
-    (seeds.mean_ci; None for a single pair)."""
-    mean, lower, _ = mean_ci([x - y for x, y in zip(a, b, strict=True)])
-    return mean, None if lower is None else mean - lower
-
-
 def verdict(history: list[dict]) -> list[str]:
     """SPIN's last iteration against the SFT start and against continued SFT's same iteration: held-out
     validity at T=1 and greedy, as paired differences over the held-out prompts with 95% intervals."""
@@ -1229,7 +1119,8 @@ def main(argv: list[str]) -> None:
            f"compute dtype {str(rt.compute_dtype).removeprefix('torch.')}")
 
     # ---- out_dir and resume ----------------------------------------------------------------------
-    resume_from = prepare_out_dir(cfg, rt.world_size)
+    fingerprint = ckpt.config_fingerprint(cfg, rt.world_size)
+    resume_from = ckpt.prepare_out_dir(cfg.out_dir, cfg.resume, cfg.allow_config_change, fingerprint)
     print0(config_to_json(cfg))
 
     # ---- tokenizer and data ----------------------------------------------------------------------
@@ -1242,7 +1133,9 @@ def main(argv: list[str]) -> None:
     print_memory_plan(model.config, cfg, rt)
     place_model(model, cfg, rt)
     optimizer = make_optimizer(model, cfg, cfg.sft_lr)  # every step sets its own lr; each phase makes a new one
-    state = start_or_resume(cfg, rt, resume_from, model, optimizer)
+    state = ckpt.start_or_resume(cfg.out_dir, resume_from, model, optimizer, fingerprint, rt.rank)
+    if resume_from:
+        print0(f"resumed from {resume_from}: phase {state.phase}, step {state.step}")
     metrics_file = open_metrics(cfg.out_dir, rt.rank, state.global_step if resume_from else None)
     stop = catch_stop_signals(rt.world_size)  # SIGTERM/SIGINT: save and stop at the next step boundary
 
@@ -1259,7 +1152,7 @@ def main(argv: list[str]) -> None:
         # -- the phase's data: real responses (SFT) or the iteration's rollout pairs (SPIN) --
         spin_data, rollouts_path, rollout_stats, pairs = None, None, {}, []
         if kind == "spin":
-            rollouts_path = os.path.join(cfg.out_dir, f"iter_{iteration}", "rollouts.jsonl")
+            rollouts_path = os.path.join(ckpt.iteration_dir(cfg.out_dir, iteration), "rollouts.jsonl")
             if starting:
                 if fresh_optimizer(cfg, kind, iteration):  # a new one follows the rollout: its moments need not
                     optimizer.state.clear()  # sit beside the sampler
@@ -1280,7 +1173,7 @@ def main(argv: list[str]) -> None:
         if starting:
             if fresh_optimizer(cfg, kind, iteration):
                 optimizer = make_optimizer(model, cfg, max_lr)
-            state.rollouts_sha = file_sha(rollouts_path) if rollouts_path else None
+            state.rollouts_sha = ckpt.file_sha(rollouts_path) if rollouts_path else None
         elif state.order is not None:
             order.load_state_dict(state.order)
 

@@ -518,18 +518,11 @@ def test_phase_ends_store_each_held_out_prompts_validity(run):
                 assert sum(scores) / 8 == r[f"eval/valid_{name}"]
 
 
-def test_t_quantiles_match_the_tables():
-    from seeds import t_quantile  # the verdict's intervals use it (train.paired_interval via seeds.mean_ci)
-    table = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 7: 2.3646, 10: 2.2281, 30: 2.0423,
-             127: 1.9788}
-    for dof, value in table.items():
-        assert t_quantile(0.975, dof) == pytest.approx(value, rel=2e-3), dof
-
-
 def test_the_verdict_is_a_paired_interval_over_prompts():
     """By hand: SPIN − SFT differences [0, 1, 0, 0, 0, 1, 0, 0]: mean 0.25, sd 0.46291, t(0.975, 7) 2.3646,
     half-width 2.3646 x 0.46291 / sqrt(8) = 0.3870; SPIN − continued SFT all +1: 100 ± 0 points."""
-    from train import paired_interval, verdict
+    from metrics_log import paired_interval
+    from train import verdict
     sft = [1, 0, 1, 1, 0, 0, 1, 0]
     spin = [1, 1, 1, 1, 0, 1, 1, 0]
     mean, half = paired_interval(spin, sft)
