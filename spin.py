@@ -182,6 +182,34 @@ def kl_per_token(policy_logprobs: torch.Tensor, opponent: dict[str, torch.Tensor
     return kl_top + kl_rest
 
 
+LOGITS_PER_BATCH = 2**26  # full-logit diagnostics run in batches of at most about this many fp32 logits (256 MB)
+
+
+def logit_batches(examples: list, vocab_size: int, max_len: int) -> list[list]:
+    """Held-out examples in batches whose full (B, T, V) logits hold at most LOGITS_PER_BATCH values."""
+    size = max(1, LOGITS_PER_BATCH // (max_len * vocab_size))
+    return [examples[i:i + size] for i in range(0, len(examples), size)]
+
+
+def opponent_eval_logprobs(opponent, examples: list, pad_id: int, max_len: int, budget_mb: float,
+                           autocast: AbstractContextManager, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The opponent's next-token log-probs on the held-out real responses, for eval/kl_opponent once the
+    opponent is gone: all V per token if they fit in budget_mb (kl_opponent_mb; 4 bytes each), else the top k
+    per token that fit (value and id, 12 bytes each, and 4 for the rest's mass). None without held-out
+    examples or with a zero budget."""
+    if not examples or not budget_mb:
+        return None
+    vocab, n_tokens = opponent.config.vocab_size, sum(len(e.real_ids) for e in examples)
+    k = vocab if n_tokens * vocab * 4 <= budget_mb * 2**20 else max(1, int((budget_mb * 2**20 / n_tokens - 4) // 12))
+    kept = []
+    with torch.no_grad(), autocast:
+        for batch in logit_batches(examples, vocab, max_len):
+            logprobs = response_logprobs(opponent, [e.prompt_ids for e in batch], [e.real_ids for e in batch], pad_id,
+                                         device)  # (n, V)
+            kept.append({name: values.cpu() for name, values in opponent_top_k(logprobs, k).items()})
+    return {name: torch.cat([part[name] for part in kept]) for name in kept[0]}
+
+
 # ----------------------------------------------------------------------------------------------
 # rollout
 

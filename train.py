@@ -37,31 +37,28 @@ import functools
 import importlib.util
 import math
 import os
-import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
 import checkpoint as ckpt
 from configurator import UserError, config_to_json, load_config, run_main
-from data import BatchOrder, Example, check_answer, examples_from_messages, load_examples, synthetic_split
-from generate import generate
+from data import BatchOrder, Example, examples_from_messages, load_examples, synthetic_split
+from evaluator import HeldOut, evaluate, headline, summary_table
+from fsdp import (DTYPES, Runtime, StopRequest, add_sums, all_reduce_sum, all_reduce_sums, barrier,
+                  catch_stop_signals, close_runtime, init_runtime, mfu, model_for_sampling, place_model, print0,
+                  progress_bar)
 from memory_plan import MemoryPlan, describe_plan, plan_memory, plan_warning
 from model import ATTENTION_IMPLS, GPT, SCRATCH_MODEL_TYPES, GPTConfig
 from plot import plot_runs
-from metrics_log import open_metrics, paired_interval, write_metrics
-from spin import (Pair, RolloutSettings, kl_per_token, opponent_top_k, pair_terms, per_iteration, read_rollouts,
-                  rescore, response_logprobs, rollout, sequence_logps, spin_metrics, write_rollouts)
-from templates import ChatFormat, chat_format, missing_tokens, resolve_template, response_text, stop_ids, strip_stop
+from metrics_log import open_metrics, write_metrics
+from spin import (Pair, RolloutSettings, opponent_eval_logprobs, pair_terms, per_iteration, read_rollouts, rescore,
+                  rollout, sequence_logps, spin_metrics, write_rollouts)
+from templates import ChatFormat, chat_format, missing_tokens, resolve_template, response_text, stop_ids
 from tokenizer import Tokenizer, add_special_tokens, load_tokenizer
 
 # ------------------------------------------------------------------------------------------------
@@ -159,9 +156,6 @@ class TrainConfig:
     activation_checkpointing: bool = False
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the dtype keys' names
-
-
 def check_config(cfg: TrainConfig) -> None:
     """Values the type system cannot catch, as one-line errors naming the key."""
     choices = {"stage": ("sft", "spin", "sft+spin"), "loss_type": ("sigmoid", "hinge"),
@@ -236,70 +230,6 @@ def get_lr(step: int, total_steps: int, max_lr: float, cfg: TrainConfig) -> floa
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-# ------------------------------------------------------------------------------------------------
-# distributed init and device
-
-
-@dataclass
-class Runtime:
-    """Where this process runs: its rank of world_size, its device, and the dtype the forwards compute in."""
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    compute_dtype: torch.dtype
-    fsdp: bool  # under torchrun the model is sharded with FSDP2
-    autocast: AbstractContextManager  # the context every forward runs under
-
-
-def init_runtime(cfg: TrainConfig) -> Runtime:
-    """A process group only when launched by torchrun; the device and compute dtype from the config."""
-    rank, local_rank, world_size = 0, 0, 1
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-    use_cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    compute_dtype = DTYPES.get(cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)  # or auto
-    fsdp = world_size > 1
-    # single process: fp32 master weights under autocast; FSDP: its mixed-precision policy instead
-    autocast = (torch.autocast(device.type, dtype=compute_dtype)
-                if compute_dtype != torch.float32 and not fsdp else nullcontext())
-    return Runtime(rank, local_rank, world_size, device, compute_dtype, fsdp, autocast)
-
-
-def print0(*args, **kwargs) -> None:
-    """print on rank 0 only."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def all_reduce_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
-    """`values` summed over the ranks, in place."""
-    if world_size > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def add_sums(total: dict[str, torch.Tensor], more: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Named sums added name by name ({} is the empty total)."""
-    return {name: total[name] + value if name in total else value for name, value in more.items()}
-
-
-def all_reduce_sums(sums: dict[str, torch.Tensor], world_size: int) -> dict[str, torch.Tensor]:
-    """Each named sum summed over the ranks, in one collective."""
-    if world_size == 1:
-        return sums
-    return dict(zip(sums, all_reduce_sum(torch.stack(list(sums.values())), world_size)))
-
-
-# ------------------------------------------------------------------------------------------------
-# signals and progress
-
-
 def save(cfg: TrainConfig, rank: int, model, optimizer, state: ckpt.RunState, data: RunData,
          rollouts_path: str | None) -> str:
     """A checkpoint of the run as it stands (every rank calls this)."""
@@ -307,36 +237,6 @@ def save(cfg: TrainConfig, rank: int, model, optimizer, state: ckpt.RunState, da
                          rollouts_path, rank, cfg.keep_checkpoints)
     print0(f"saved checkpoint {path}")
     return path
-
-
-@dataclass
-class StopRequest:
-    """SIGTERM or SIGINT asks the run to save and stop at the next step boundary."""
-    world_size: int
-    signal: str | None = None  # the signal this process caught
-
-    def requested(self) -> bool:
-        """Whether any rank caught one (a collective: every rank asks at the same points)."""
-        flag = torch.tensor([1.0 if self.signal else 0.0])
-        return bool(all_reduce_sum(flag, self.world_size).item() > 0)
-
-
-def catch_stop_signals(world_size: int) -> StopRequest:
-    """Install the SIGTERM and SIGINT handlers that record a stop request."""
-    stop = StopRequest(world_size)
-
-    def on_signal(signum, frame):
-        stop.signal = signal.Signals(signum).name
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return stop
-
-
-def progress_bar(total: int, desc: str, rank: int, initial: int = 0) -> tqdm:
-    """Rank 0's tqdm bar, drawn only on a terminal (disable=None): in a log file its carriage-return
-    redraws would bury everything else, so there `show_progress` prints a line per logged step."""
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=None if rank == 0 else True)
 
 
 def show_progress(bar: tqdm, name: str, step: int, total_steps: int, record: dict) -> None:
@@ -486,32 +386,6 @@ def print_memory_plan(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime) ->
     return plan
 
 
-def place_model(model: GPT, cfg: TrainConfig, rt: Runtime) -> None:
-    """On the device; sharded with FSDP2 under torchrun; the forward compiled on a GPU if asked."""
-    if rt.fsdp:  # fully_shard moves each block to the device as it shards it: the whole model never is there
-        apply_fsdp(model, rt.compute_dtype, cfg.activation_checkpointing, cfg.compile and rt.device.type == "cuda")
-        return
-    model.to(rt.device)
-    if cfg.compile and rt.device.type == "cuda":
-        for block in model.blocks:  # per block, as under FSDP: model.compile() would cover forward() only
-            block.compile()
-
-
-def apply_fsdp(model: GPT, param_dtype: torch.dtype, activation_checkpointing: bool, compile: bool) -> None:
-    """FSDP2: shard each transformer block, then the root (embeddings, final norm, head)."""
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for i, block in enumerate(model.blocks):
-        if activation_checkpointing:
-            block = checkpoint_wrapper(block)
-        if compile:
-            block = torch.compile(block)
-        model.blocks[i] = block
-        # the last block's parameters are needed again at once by the backward: keep them gathered
-        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.blocks) - 1)
-    fully_shard(model, mp_policy=mp)
-    register_fsdp_forward_method(model, "token_logprobs")  # the training forward, besides forward()
-
-
 def make_optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     """AdamW (or the paper's RMSprop) over the trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -523,83 +397,9 @@ def make_optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2))
 
 
-@contextmanager
-def model_for_sampling(model: GPT, rt: Runtime) -> Iterator[GPT]:
-    """The model to sample from (the opponent at a rollout, the checker's at evaluation): see `sampler_of`.
-    On exit any KV cache it kept goes (a compiled decode's must not stay alive into training), a copy's
-    weights go (moved to the meta device, whoever still holds the module), FSDP reshards, and on a GPU
-    the allocator's cache is emptied."""
-    with unsharded(model) if rt.fsdp else nullcontext():
-        sampler = sampler_of(model, rt)
-        try:
-            yield sampler
-        finally:
-            sampler.release_kv_caches()
-            if sampler is not model and not rt.fsdp:
-                sampler.to("meta")
-    if rt.device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def sampler_of(model: GPT, rt: Runtime) -> GPT:
-    """One process on the CPU, or fp32 weights: the model itself. One GPU with a lower compute dtype: a
-    copy in it (sampling needs no fp32 master weights). FSDP (inside `unsharded`): a plain GPT over the
-    unsharded weights, no copy and no hooks, so a compiled decode step is one graph. Scoring never uses a
-    copy: the opponent's log-probs come from `model` itself, on the training's numerical path."""
-    if rt.fsdp:
-        params = {name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): p
-                  for name, p in model.named_parameters()}
-        return ckpt.model_from_state(model.config, params)
-    if rt.device.type == "cuda" and rt.compute_dtype != torch.float32:
-        return compute_dtype_copy(model, rt.device, rt.compute_dtype)
-    return model
-
-
-def compute_dtype_copy(model: GPT, device: torch.device, dtype: torch.dtype) -> GPT:
-    """A copy of the model's weights in `dtype` on `device` (tied embeddings stay tied), to sample with."""
-    params = {name: p.detach() for name, p in model.named_parameters()}  # tied weights once
-    return ckpt.model_from_state(model.config, params, device, dtype)
-
-
-@contextmanager
-def unsharded(model: GPT) -> Iterator[None]:
-    """Every FSDP module's weights all-gathered once, in the mixed-precision policy's dtype, and kept so through
-    any number of forwards, which then run no collective: each rank may sample and score its own batches.
-    On exit the weights are sharded again and the blocks reshard after forward as apply_fsdp set them."""
-    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for module in fsdp_modules:
-        module.unshard()
-    model.set_reshard_after_forward(False)
-    try:
-        yield
-    finally:
-        for module in fsdp_modules:
-            module.reshard()
-        for i, block in enumerate(model.blocks):
-            block.set_reshard_after_forward(i < len(model.blocks) - 1, recurse=False)
-
-
 def load_sft_weights(model: GPT, sft_dir: str) -> None:
     """The SFT model exported at the end of SFT, into the (possibly sharded) model."""
     ckpt.load_weights(model, sft_dir)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of the GPU, for MFU; None where unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("L40S", 362e12),
-                       ("A10", 125e12), ("4090", 165e12)):
-        if key in name:
-            return flops
-    return None
-
-
-def mfu(tokens_per_sec: float, model: GPT, seq_len: int, rt: Runtime) -> dict[str, float]:
-    """{'mfu': model FLOPs utilisation} against the GPU's peak; {} where that is unknown."""
-    flops = peak_flops(rt.device)
-    return {"mfu": tokens_per_sec * model.flops_per_token(seq_len) / (flops * rt.world_size)} if flops else {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -703,34 +503,6 @@ def previous_generations(opponent: GPT, cfg: TrainConfig, iteration: int, own: i
     return mixed
 
 
-LOGITS_PER_BATCH = 2**26  # full-logit diagnostics run in batches of at most about this many fp32 logits (256 MB)
-
-
-def logit_batches(examples: list[Example], vocab_size: int, max_len: int) -> list[list[Example]]:
-    """Held-out examples in batches whose full (B, T, V) logits hold at most LOGITS_PER_BATCH values."""
-    size = max(1, LOGITS_PER_BATCH // (max_len * vocab_size))
-    return [examples[i:i + size] for i in range(0, len(examples), size)]
-
-
-def opponent_eval_logprobs(opponent: GPT, cfg: TrainConfig, data: RunData, rt: Runtime) -> dict | None:
-    """The opponent's next-token log-probs on the held-out real responses, for eval/kl_opponent once the
-    opponent is gone: all V per token if they fit in kl_opponent_mb (4 bytes each), else the top k per
-    token that fit (value and id, 12 bytes each, and 4 for the rest's mass). None without held-out data
-    or with kl_opponent_mb=0."""
-    examples = data.eval_examples
-    if not examples or not cfg.kl_opponent_mb:
-        return None
-    vocab, n_tokens, budget = opponent.config.vocab_size, sum(len(e.real_ids) for e in examples), cfg.kl_opponent_mb
-    k = vocab if n_tokens * vocab * 4 <= budget * 2**20 else max(1, int((budget * 2**20 / n_tokens - 4) // 12))
-    kept = []
-    with torch.no_grad(), rt.autocast:
-        for batch in logit_batches(examples, vocab, cfg.max_len):
-            logprobs = response_logprobs(opponent, [e.prompt_ids for e in batch], [e.real_ids for e in batch],
-                                         data.pad_id, rt.device)  # (n, V)
-            kept.append({name: values.cpu() for name, values in opponent_top_k(logprobs, k).items()})
-    return {name: torch.cat([part[name] for part in kept]) for name in kept[0]}
-
-
 def write_iteration(iter_dir: str, made: IterationPairs, tok: Tokenizer, template: ChatFormat) -> None:
     """out_dir/iter_t/: rollouts.jsonl, eval_rollouts.jsonl and opponent_eval.safetensors (rank 0)."""
     response = functools.partial(response_text, tok, template=template)
@@ -770,11 +542,11 @@ def run_rollout(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, iterat
                                  iteration, scorer=model)
         mixed = previous_generations(model, cfg, iteration, len(prompts), settings)
         made = IterationPairs(generations + mixed, len(prompts), len(generations) // len(prompts), eval_pairs,
-                              opponent_eval_logprobs(model, cfg, data, rt))
+                              opponent_eval_logprobs(model, data.eval_examples, data.pad_id, cfg.max_len,
+                                                     cfg.kl_opponent_mb, rt.autocast, rt.device))
     if rt.rank == 0:
         write_iteration(ckpt.iteration_dir(cfg.out_dir, iteration), made, data.tok, data.template)
-    if rt.world_size > 1:
-        dist.barrier()
+    barrier(rt.world_size)
     dt = time.time() - t0
     stats = rollout_stats_of(generations)
     print0(f"spin {iteration}: rollout of {len(generations)} generations in {dt:.1f}s "
@@ -931,113 +703,9 @@ def step_metrics(kind: str, sums: dict[str, torch.Tensor]) -> dict[str, float]:
 # evaluation and the end of a phase
 
 
-def held_out_nll(model: GPT, examples: list[Example], batch_size: int, pad_id: int, rt: Runtime,
-                 pack: bool = True) -> float:
-    """The mean negative log-likelihood per response token of the held-out real responses."""
-    nll, tokens = torch.zeros(2)
-    with torch.no_grad(), rt.autocast:
-        for i in range(0, len(examples), batch_size):
-            batch = examples[i:i + batch_size]
-            logps = sequence_logps(model, [e.prompt_ids for e in batch], [e.real_ids for e in batch], pad_id, rt.device,
-                                   pack)
-            nll -= logps.sum().cpu()
-            tokens += sum(len(e.real_ids) for e in batch)
-    return (nll / tokens).item()
-
-
-def held_out_pair_metrics(model: GPT, pairs: list[Pair], beta: float, cfg: TrainConfig, pad_id: int,
-                          rt: Runtime) -> dict[str, float]:
-    """On the iteration's held-out pairs, means per pair: the SPIN loss (without the nll_weight anchor),
-    reward accuracy and margin, and dynamics/delta_logps_real and _generated, how far the policy has moved
-    each response's summed log-prob from the opponent's: log p_θ(y|x) − log p_θt(y|x) (and of y')."""
-    sums = {}
-    with torch.no_grad(), rt.autocast:
-        for i in range(0, len(pairs), cfg.rollout_batch_size):
-            batch = pairs[i:i + cfg.rollout_batch_size]
-            losses, metrics = pair_terms(model, batch, beta, cfg.loss_type, pad_id, rt.device, cfg.pack_pairs)
-            metrics = {name: values.cpu() for name, values in metrics.items()}
-            opponent_real = torch.tensor([p.opponent_real_logp for p in batch])
-            opponent_generated = torch.tensor([p.opponent_generated_logp for p in batch])
-            sums = add_sums(sums, {
-                "eval/spin_loss": losses.sum().cpu(), "eval/reward_accuracy": metrics["rewards/accuracies"].sum(),
-                "eval/reward_margin": (metrics["rewards/real"] - metrics["rewards/generated"]).sum(),
-                "dynamics/delta_logps_real": (metrics["logps/real"] - opponent_real).sum(),
-                "dynamics/delta_logps_generated": (metrics["logps/generated"] - opponent_generated).sum()})
-    return {name: total.item() / len(pairs) for name, total in sums.items()}
-
-
-def held_out_kl(model: GPT, examples: list[Example], opponent_eval: dict[str, torch.Tensor], cfg: TrainConfig,
-                pad_id: int, rt: Runtime) -> float:
-    """eval/kl_opponent: KL(policy ‖ opponent) of the next-token distributions along the held-out real
-    responses, mean per token, against the opponent's kept at the iteration's rollout (exact, or the
-    top-k lower bound of spin.kl_per_token when only the top k fitted in kl_opponent_mb)."""
-    total, row = 0.0, 0
-    with torch.no_grad(), rt.autocast:
-        for batch in logit_batches(examples, model.config.vocab_size, cfg.max_len):
-            policy = response_logprobs(model, [e.prompt_ids for e in batch], [e.real_ids for e in batch], pad_id,
-                                       rt.device)  # (n, V): the same rows, in the same order, as the opponent's
-            opponent = {name: t[row:row + len(policy)].to(rt.device) for name, t in opponent_eval.items()}
-            total += kl_per_token(policy, opponent).sum().item()
-            row += len(policy)
-    return total / row
-
-
-def checker_scores(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData) -> dict[str, float | list[int]]:
-    """The synthetic task's checker on greedy and on sampled (T=1) answers to the held-out prompts, how
-    often an answer equals the real one, and per_prompt/valid_*: each prompt's validity (0/1), for the
-    paired intervals of the summary."""
-    examples, tok, template = data.eval_examples, data.tok, data.template
-    temperatures = {"greedy": 0.0, "sampled": 1.0}
-    answers_by_name = {name: [] for name in temperatures}
-    with model_for_sampling(model, rt) as sampler, rt.autocast:
-        for name, temperature in temperatures.items():
-            for i in range(0, len(examples), cfg.rollout_batch_size):
-                prompts = [e.prompt_ids for e in examples[i:i + cfg.rollout_batch_size]]
-                answers_by_name[name] += generate(sampler, prompts, cfg.max_new_tokens, temperature=temperature,
-                                                  eos_id=data.stop, seed=cfg.seed + 17 + i)
-    out = {}
-    for name, answers in answers_by_name.items():
-        scores: dict[str, float] = {}
-        valid = []
-        for e, ids in zip(examples, answers):
-            answer = response_text(tok, ids, template)
-            checked = check_answer(e.prompt_messages[-1]["content"], answer)
-            for key, value in checked.items():
-                scores[key] = scores.get(key, 0.0) + value
-            valid.append(int(checked["valid"]))
-        out.update({f"eval/{key}_{name}": v / len(answers) for key, v in scores.items()})
-        out[f"eval/exact_{name}"] = sum(strip_stop(tok, ids, template) == strip_stop(tok, e.real_ids, template)
-                                        for e, ids in zip(examples, answers)) / len(answers)
-        out[f"per_prompt/valid_{name}"] = valid
-    return out
-
-
-def evaluate(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, spin_data: IterationPairs | None,
-             beta: float) -> dict[str, float | list[int]]:
-    """Held-out NLL of the real responses; in a SPIN iteration the SPIN loss, rewards and log-prob changes
-    on its held-out pairs and the KL to its opponent; the checker."""
-    model.eval()
-    results = {}
-    if data.eval_examples:
-        results["eval/nll"] = held_out_nll(model, data.eval_examples, cfg.rollout_batch_size, data.pad_id, rt,
-                                           cfg.pack_pairs)
-    if spin_data is not None and spin_data.eval_pairs:
-        results.update(held_out_pair_metrics(model, spin_data.eval_pairs, beta, cfg, data.pad_id, rt))
-    if spin_data is not None and spin_data.opponent_eval is not None:
-        results["eval/kl_opponent"] = held_out_kl(model, data.eval_examples, spin_data.opponent_eval, cfg,
-                                                  data.pad_id, rt)
-    if data.has_checker and data.eval_examples:
-        results.update(checker_scores(model, cfg, rt, data))
-    model.train()
-    return results
-
-
-def headline(name: str, global_step: int, results: dict) -> str:
-    """The line printed at a phase's end: its main evaluation results."""
-    shown = {k: v for k, v in results.items()
-             if k.startswith("eval/") and any(w in k for w in ("nll", "spin", "reward", "valid", "exact"))}
-    return f"{name} done at step {global_step}: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4f}"
-                                                             for k, v in shown.items())
+def held_out_of(spin_data: IterationPairs | None) -> tuple[list[Pair], dict | None]:
+    """The iteration's held-out pairs and the opponent's kept log-probs (none outside SPIN)."""
+    return ([], None) if spin_data is None else (spin_data.eval_pairs, spin_data.opponent_eval)
 
 
 def export_dtype(cfg: TrainConfig, source: ckpt.ModelSource) -> torch.dtype:
@@ -1061,47 +729,6 @@ def export_models(cfg: TrainConfig, rank: int, model: GPT, data: RunData, kind: 
         print0(f"exported the final model to {cfg.out_dir}/final (python generate.py --model={cfg.out_dir}/final)")
 
 
-PHASE_LABELS = {"sft": "SFT", "spin": "SPIN iter {}", "baseline": "cont. SFT iter {}"}
-
-
-def summary_table(history: list[dict]) -> str:
-    """One row per phase end: the checker's scores and the held-out SPIN metrics; then the verdict."""
-    cols = [("eval/valid_sampled", "valid@T=1"), ("eval/valid_greedy", "valid@greedy"), ("eval/nll", "nll"),
-            ("eval/reward_margin", "margin"), ("eval/reward_accuracy", "reward acc")]
-    cols = [(k, label) for k, label in cols if any(k in h for h in history)]
-    lines = ["| after | step | " + " | ".join(label for _, label in cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
-    for h in history:
-        cells = [f"{h[k]:.3f}" if k in h else "" for k, _ in cols]
-        lines.append(f"| {PHASE_LABELS[h['phase']].format(h['iteration'])} | {h['step']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + verdict(history))
-
-
-def verdict(history: list[dict]) -> list[str]:
-    """SPIN's last iteration against the SFT start and against continued SFT's same iteration: held-out
-    validity at T=1 and greedy, as paired differences over the held-out prompts with 95% intervals."""
-    spin = [h for h in history if h["phase"] == "spin" and "per_prompt/valid_sampled" in h]
-    if not spin:
-        return []
-    last, ends = spin[-1], {(h["phase"], h["iteration"]): h for h in history}
-    lines = []
-    for other in (ends.get(("sft", 0)), ends.get(("baseline", last["iteration"]))):
-        if other is None or "per_prompt/valid_sampled" not in other:
-            continue
-        cells = []
-        for key, label in (("valid_sampled", "valid@T=1"), ("valid_greedy", "valid@greedy")):
-            mean, half = paired_interval(last[f"per_prompt/{key}"], other[f"per_prompt/{key}"])
-            if half is None:
-                cells.append(f"{label} {100 * mean:+.1f} points")
-                continue
-            reading = "within noise" if abs(mean) <= half else ("SPIN higher" if mean > 0 else "SPIN lower")
-            cells.append(f"{label} {100 * mean:+.1f} ± {100 * half:.1f} points ({reading})")
-        name = PHASE_LABELS[other["phase"]].format(other["iteration"])
-        lines.append(f"SPIN iter {last['iteration']} − {name}: " + ", ".join(cells) +
-                     f"; paired over {len(last['per_prompt/valid_sampled'])} held-out prompts, 95% intervals")
-    return lines
-
-
 # ------------------------------------------------------------------------------------------------
 # the run
 
@@ -1114,7 +741,7 @@ def main(argv: list[str]) -> None:
     phases = phases_of(cfg)
 
     # ---- distributed init and device -------------------------------------------------------------
-    rt = init_runtime(cfg)
+    rt = init_runtime(cfg.device, cfg.dtype)
     print0(f"nanospin: world size {rt.world_size}, device {rt.device.type}, "
            f"compute dtype {str(rt.compute_dtype).removeprefix('torch.')}")
 
@@ -1131,13 +758,15 @@ def main(argv: list[str]) -> None:
     print0(f"model: {model.config.model_type}, {model.num_params() / 1e6:.2f}M non-embedding parameters, "
            f"{model.config.n_layer} layers, {model.config.n_embd} wide")
     print_memory_plan(model.config, cfg, rt)
-    place_model(model, cfg, rt)
+    place_model(model, rt, cfg.activation_checkpointing, cfg.compile)
     optimizer = make_optimizer(model, cfg, cfg.sft_lr)  # every step sets its own lr; each phase makes a new one
     state = ckpt.start_or_resume(cfg.out_dir, resume_from, model, optimizer, fingerprint, rt.rank)
     if resume_from:
         print0(f"resumed from {resume_from}: phase {state.phase}, step {state.step}")
     metrics_file = open_metrics(cfg.out_dir, rt.rank, state.global_step if resume_from else None)
-    stop = catch_stop_signals(rt.world_size)  # SIGTERM/SIGINT: save and stop at the next step boundary
+    stop = catch_stop_signals(rt.world_size)
+    held = HeldOut(data.eval_examples, data.tok, data.template, data.stop, data.pad_id, cfg.rollout_batch_size,
+                   cfg.max_new_tokens, cfg.max_len, cfg.seed, cfg.pack_pairs, cfg.loss_type, data.has_checker)  # SIGTERM/SIGINT: save and stop at the next step boundary
 
     # ---- the phases ------------------------------------------------------------------------------
     t_run = time.time()
@@ -1209,7 +838,7 @@ def main(argv: list[str]) -> None:
                 show_progress(bar, name, state.step, total_steps, record)
                 sums, tokens, t_log = {}, 0, time.time()
             if cfg.eval_interval and state.step % cfg.eval_interval == 0 and not last_step:
-                results = evaluate(model, cfg, rt, data, spin_data, beta)
+                results = evaluate(model, rt, held, beta, *held_out_of(spin_data))
                 write_metrics(metrics_file, {"iteration": iteration, "phase": kind, "step": state.global_step,
                                              **results})
             stopping = stop.requested()
@@ -1222,7 +851,7 @@ def main(argv: list[str]) -> None:
         bar.close()
 
         # -- end of phase: evaluate, export, checkpoint at the boundary --
-        results = evaluate(model, cfg, rt, data, spin_data, beta)
+        results = evaluate(model, rt, held, beta, *held_out_of(spin_data))
         write_metrics(metrics_file, {"iteration": iteration, "phase": kind, "step": state.global_step,
                                      "event": "phase_end", **results})
         state.history.append({"phase": kind, "iteration": iteration, "step": state.global_step, "steps": total_steps,
@@ -1242,8 +871,7 @@ def main(argv: list[str]) -> None:
         metrics_file.close()
         if cfg.plot:
             write_plot(cfg.out_dir)
-    if rt.world_size > 1:
-        dist.destroy_process_group()
+    close_runtime(rt)
 
 
 def write_plot(out_dir: str) -> None:

@@ -94,7 +94,7 @@ SAMPLER_UNDER_FSDP = """
 from contextlib import nullcontext
 import torch, torch.distributed as dist
 from torch.distributed.tensor import DTensor
-import train
+import fsdp
 from model import GPT, GPTConfig
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -102,10 +102,10 @@ torch.manual_seed(0)
 model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=16))
 reference = GPT(model.config)
 reference.load_state_dict(model.state_dict())
-train.apply_fsdp(model, torch.float32, activation_checkpointing=True, compile=False)
-rt = train.Runtime(rank, rank, 2, torch.device("cpu"), torch.float32, True, nullcontext())
+fsdp.apply_fsdp(model, torch.float32, activation_checkpointing=True, compile=False)
+rt = fsdp.Runtime(rank, rank, 2, torch.device("cpu"), torch.float32, True, nullcontext())
 idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(rank))
-with train.model_for_sampling(model, rt) as sampler, torch.no_grad():
+with fsdp.model_for_sampling(model, rt) as sampler, torch.no_grad():
     assert not any(isinstance(p, DTensor) for p in sampler.parameters())
     assert sampler.lm_head.weight is sampler.wte.weight
     assert torch.equal(sampler(idx), reference(idx))

@@ -178,7 +178,7 @@ def test_a_redirected_log_has_lines_not_progress_bars(run):
 
 
 def test_progress_bars_are_drawn_on_a_terminal_by_rank_0(monkeypatch):
-    from train import progress_bar
+    from fsdp import progress_bar
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -210,9 +210,9 @@ def first_spin_steps(out_dir) -> list[dict]:
 
 
 def bf16_copy(model, rt):
-    """What train.sampler_of samples with on a GPU in bf16 (train.compute_dtype_copy), here on the CPU."""
-    import train
-    return train.compute_dtype_copy(model, torch.device("cpu"), torch.bfloat16)
+    """What fsdp.sampler_of samples with on a GPU in bf16 (fsdp.compute_dtype_copy), here on the CPU."""
+    import fsdp
+    return fsdp.compute_dtype_copy(model, torch.device("cpu"), torch.bfloat16)
 
 
 def test_sampling_leaves_no_kv_cache_and_no_copy_behind(monkeypatch):
@@ -220,18 +220,18 @@ def test_sampling_leaves_no_kv_cache_and_no_copy_behind(monkeypatch):
     sampling copy's weights are gone even while its module is still referenced."""
     from contextlib import nullcontext
 
-    import train
+    import fsdp
     from generate import generate
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
-    rt = train.Runtime(0, 0, 1, torch.device("cpu"), torch.float32, False, nullcontext())
-    with train.model_for_sampling(model, rt) as sampler:
+    rt = fsdp.Runtime(0, 0, 1, torch.device("cpu"), torch.float32, False, nullcontext())
+    with fsdp.model_for_sampling(model, rt) as sampler:
         assert sampler is model  # one process on the CPU samples with the model itself
         generate(sampler, [[1, 2, 3]], 4, compile="eager")
         assert sampler.kept_kv_caches is not None
     assert model.kept_kv_caches is None
-    monkeypatch.setattr(train, "sampler_of", bf16_copy)  # as on one GPU in bf16
-    with train.model_for_sampling(model, rt) as copy:
+    monkeypatch.setattr(fsdp, "sampler_of", bf16_copy)  # as on one GPU in bf16
+    with fsdp.model_for_sampling(model, rt) as copy:
         assert copy is not model and generate(copy, [[1, 2, 3]], 4, compile="eager")
         assert {p.dtype for p in copy.parameters()} == {torch.bfloat16} and copy.lm_head.weight is copy.wte.weight
         assert torch.equal(copy.wte.weight, model.wte.weight.to(torch.bfloat16))
@@ -244,9 +244,9 @@ def test_each_iteration_starts_at_log2_under_bf16_autocast(tmp_path, monkeypatch
     """--dtype=bfloat16 on the CPU trains fp32 weights under bf16 autocast. The opponent's log-probs take that
     same path, so each iteration still starts at log 2 with zero rewards, also when the rollout samples with a
     bf16 copy as it does on a GPU: a copy may sample, never score."""
-    import train
+    import fsdp
     if sampler == "a bf16 copy":
-        monkeypatch.setattr(train, "sampler_of", bf16_copy)
+        monkeypatch.setattr(fsdp, "sampler_of", bf16_copy)
     out = tmp_path / "bf16"
     assert run_in_process(*TINY, f"--out_dir={out}", "--dtype=bfloat16", "--stage=spin", "--baseline_sft=False",
                           "--save_interval=0") == 0
@@ -473,30 +473,30 @@ def test_held_out_log_prob_changes_equal_a_direct_computation(run):
 def test_kl_capture_keeps_the_top_k_that_fit_the_budget(monkeypatch):
     """opponent_eval_logprobs keeps all V log-probs within kl_opponent_mb, else the top k that fit, and
     held_out_kl lines its rows up with the policy's across batches: exact, and a lower bound."""
-    import train
+    import fsdp
+    import spin
+    from evaluator import held_out_kl
     from model import GPT, GPTConfig
     tok = load_tokenizer("bytes")
     examples = [Example(render_prompt(tok, [{"role": "user", "content": f"{k} distinct 2-digit numbers"}], "chatml"),
                         render_response(tok, " ".join(["12"] * k), "chatml"), "t", [], "") for k in (1, 2, 3, 4, 5)]
-    data = train.RunData(tok, "chatml", [], tok.eos_id, [], examples, False, None)
     config = GPTConfig(model_type="llama", vocab_size=268, block_size=96, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
     torch.manual_seed(0)
     opponent, policy = GPT(config).eval(), GPT(config).eval()
-    rt = train.init_runtime(train.TrainConfig(device="cpu"))
-    monkeypatch.setattr(train, "LOGITS_PER_BATCH", 2 * 96 * 268)  # batches of 2 examples
+    rt = fsdp.init_runtime("cpu", "auto")
+    monkeypatch.setattr(spin, "LOGITS_PER_BATCH", 2 * 96 * 268)  # batches of 2 examples
     n_tokens = sum(len(e.real_ids) for e in examples)
     with torch.no_grad():
         p, q = held_out_rows(policy, examples), held_out_rows(opponent, examples)
     direct = (p.exp() * (p - q)).sum(-1).mean().item()
-    exact_cfg = train.TrainConfig(max_len=96, kl_opponent_mb=1.0)
-    kept = train.opponent_eval_logprobs(opponent, exact_cfg, data, rt)
+    kept = spin.opponent_eval_logprobs(opponent, examples, tok.eos_id, 96, 1.0, rt.autocast, rt.device)
     assert kept.keys() == {"logprobs"} and kept["logprobs"].shape == (n_tokens, 268)
-    assert train.held_out_kl(policy, examples, kept, exact_cfg, tok.eos_id, rt) == pytest.approx(direct, rel=1e-4)
+    assert held_out_kl(policy, examples, kept, 96, tok.eos_id, rt) == pytest.approx(direct, rel=1e-4)
     # room for 10 of 268 per token: value, id and the rest's mass take 12 * 10 + 4 bytes per token
-    top_cfg = train.TrainConfig(max_len=96, kl_opponent_mb=n_tokens * (12 * 10 + 4) / 2**20)
-    kept = train.opponent_eval_logprobs(opponent, top_cfg, data, rt)
+    kept = spin.opponent_eval_logprobs(opponent, examples, tok.eos_id, 96, n_tokens * (12 * 10 + 4) / 2**20,
+                                       rt.autocast, rt.device)
     assert kept["ids"].shape == (n_tokens, 10) and kept["rest"].shape == (n_tokens,)
-    bound = train.held_out_kl(policy, examples, kept, top_cfg, tok.eos_id, rt)
+    bound = held_out_kl(policy, examples, kept, 96, tok.eos_id, rt)
     assert 0 < bound <= direct
 
 
@@ -522,7 +522,7 @@ def test_the_verdict_is_a_paired_interval_over_prompts():
     """By hand: SPIN − SFT differences [0, 1, 0, 0, 0, 1, 0, 0]: mean 0.25, sd 0.46291, t(0.975, 7) 2.3646,
     half-width 2.3646 x 0.46291 / sqrt(8) = 0.3870; SPIN − continued SFT all +1: 100 ± 0 points."""
     from metrics_log import paired_interval
-    from train import verdict
+    from evaluator import verdict
     sft = [1, 0, 1, 1, 0, 0, 1, 0]
     spin = [1, 1, 1, 1, 0, 1, 1, 0]
     mean, half = paired_interval(spin, sft)
@@ -704,7 +704,8 @@ def test_nll_weight_is_normalised_by_the_steps_pairs(tmp_path):
 
     from model import GPT, GPTConfig
     from spin import Pair, pair_logps
-    from train import RunData, TrainConfig, forward_backward, init_runtime
+    from fsdp import init_runtime
+    from train import RunData, TrainConfig, forward_backward
     torch.manual_seed(0)
     model = GPT(GPTConfig(model_type="llama", vocab_size=268, block_size=96, n_layer=2, n_head=2, n_kv_head=1,
                           n_embd=32))
@@ -712,7 +713,7 @@ def test_nll_weight_is_normalised_by_the_steps_pairs(tmp_path):
              Pair("t", [257, 7], [23, 258], [31, 32, 33, 34, 35, 258], -8.0, -30.0, True),
              Pair("t", [257, 8, 9, 10], [24, 25, 26, 27, 28, 258], [36, 258], -33.0, -10.0, True)]
     data = RunData(None, "chatml", [258], 256, [], [], False, None)
-    rt = init_runtime(TrainConfig(device="cpu"))
+    rt = init_runtime("cpu", "auto")
 
     def gradients(batch_size: int) -> list[torch.Tensor]:
         cfg = TrainConfig(batch_size=batch_size, nll_weight=0.5, beta=0.1)
