@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from configurator import UserError
-from templates import ChatFormat, chat_format, format_config, resolve_template
+from templates import ChatFormat, chat_format, format_config, resolve_template, stop_ids
 from tokenizer import Tokenizer, load_tokenizer
 from model import GPT, SUPPORTED_MODEL_TYPES, GPTConfig
 
@@ -487,6 +487,43 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     (every rank reads the full tensors and keeps its shard)."""
     weights = hf_state_to_nanospin(read_safetensors_dir(path), model.config, path)
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def vocab_rows_needed(tok: Tokenizer, template: ChatFormat) -> int:
+    """Embedding rows a model needs for the ids a run can feed it: the tokenizer's vocabulary up to the specials
+    after it (a named tiktoken encoding appends chat specials a template may never use), and the template's."""
+    special_ids = set(tok.specials.values())
+    vocab_end = tok.n_vocab
+    while vocab_end > 0 and vocab_end - 1 in special_ids:
+        vocab_end -= 1
+    used = stop_ids(tok, template) + [tok.specials[t] for t in template.new_tokens if t in tok.specials]
+    return max(vocab_end, *(i + 1 for i in used))
+
+
+def load_for_training(path: str, tok: Tokenizer, template: ChatFormat, attention: str = "sdpa",
+                      block_size: int | None = None) -> tuple[GPT, int]:
+    """(the model in `path` in fp32 on the CPU, how many embedding rows it grew): rows for the chat markers the run
+    added to its tokenizer, each the mean embedding (GPT.grow_vocab). `path` as resolve_model_dir takes it."""
+    model = load_pretrained(resolve_model_dir(path), attention=attention, block_size=block_size)
+    rows, had = vocab_rows_needed(tok, template), model.config.vocab_size
+    if had >= rows:
+        return model, 0
+    if not set(range(had, rows)) <= set(tok.specials.values()):
+        raise UserError(f"the tokenizer has {tok.n_vocab} tokens but the model in '{path}' only {had}; use the "
+                        f"model's own tokenizer (tokenizer='auto')")
+    model.grow_vocab(rows)
+    return model, rows - had
+
+
+def chat_template_for(chat_template: str | dict, model_dir: str | None, tok: Tokenizer) -> ChatFormat:
+    """A run's chat template: the configured one; for 'auto', the one a nanospin model directory was trained with
+    (its nanospin.json), else the tokenizer's, else chatml."""
+    if chat_template != "auto":
+        return chat_format(chat_template)
+    saved = read_chat_template(model_dir) if model_dir else None
+    if saved:
+        return chat_format(saved, os.path.join(model_dir, "nanospin.json"))
+    return resolve_template(tok, "auto") if tok.chat_template else chat_format("chatml")
 
 
 def pick_device(device: str) -> str:

@@ -22,7 +22,7 @@ from fsdp import Runtime, add_sums, model_for_sampling
 from generate import generate
 from metrics_log import paired_interval
 from model import GPT
-from spin import Pair, kl_per_token, logit_batches, pair_terms, response_logprobs, sequence_logps
+from spin import IterationPairs, Pair, kl_per_token, logit_batches, pair_terms, response_logprobs, sequence_logps
 from templates import ChatFormat, response_text, strip_stop
 from tokenizer import Tokenizer
 
@@ -44,19 +44,19 @@ class HeldOut:
     checker: bool  # the synthetic task's checker can score sampled answers
 
 
-def evaluate(model: GPT, rt: Runtime, held: HeldOut, beta: float, eval_pairs: list[Pair] = (),
-             opponent_eval: dict[str, torch.Tensor] | None = None) -> dict[str, float | list[int]]:
-    """Held-out NLL of the real responses; in a SPIN iteration the SPIN loss, rewards and log-prob changes on
-    its held-out pairs and the KL to its opponent; the checker."""
+def evaluate(model: GPT, rt: Runtime, held: HeldOut, beta: float,
+             spin_data: IterationPairs | None = None) -> dict[str, float | list[int]]:
+    """Held-out NLL of the real responses; in a SPIN iteration (spin_data) the SPIN loss, rewards and log-prob
+    changes on its held-out pairs and the KL to its opponent; the checker."""
     model.eval()
     results = {}
     if held.examples:
         results["eval/nll"] = held_out_nll(model, held.examples, held.batch_size, held.pad_id, rt, held.pack)
-    if eval_pairs:
-        results.update(held_out_pair_metrics(model, eval_pairs, beta, held, rt))
-    if opponent_eval is not None:
-        results["eval/kl_opponent"] = held_out_kl(model, held.examples, opponent_eval, held.max_len, held.pad_id,
-                                                  rt)
+    if spin_data is not None and spin_data.eval_pairs:
+        results.update(held_out_pair_metrics(model, spin_data.eval_pairs, beta, held, rt))
+    if spin_data is not None and spin_data.opponent_eval is not None:
+        results["eval/kl_opponent"] = held_out_kl(model, held.examples, spin_data.opponent_eval, held.max_len,
+                                                  held.pad_id, rt)
     if held.checker and held.examples:
         results.update(checker_scores(model, held, rt))
     model.train()

@@ -83,8 +83,17 @@ def print0(*args, **kwargs) -> None:
 
 def progress_bar(total: int, desc: str, rank: int, initial: int = 0) -> tqdm:
     """Rank 0's tqdm bar, drawn only on a terminal (disable=None): in a log file its carriage-return
-    redraws would bury everything else."""
+    redraws would bury everything else, so there `show_progress` prints a line per logged step."""
     return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=None if rank == 0 else True)
+
+
+def show_progress(bar: tqdm, name: str, step: int, total_steps: int, record: dict) -> None:
+    """A logged step's loss: on the bar where it is drawn, else as a line of its own."""
+    if not bar.disable:
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+    else:
+        print0(f"{name} step {step}/{total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+               f"{record['tokens_per_sec']:.0f} tokens/s")
 
 
 def barrier(world_size: int) -> None:
@@ -165,6 +174,12 @@ def apply_fsdp(model: GPT, param_dtype: torch.dtype, activation_checkpointing: b
         fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.blocks) - 1)
     fully_shard(model, mp_policy=mp)
     register_fsdp_forward_method(model, "token_logprobs")  # the training forward, besides forward()
+
+
+def clip_gradients(model: GPT, grad_clip: float) -> torch.Tensor:
+    """Clip the gradients' global norm to grad_clip (0: no clipping); the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ Design choices:
 - An optional static KV cache (KVCache) plus per-row positions and an attention mask make the same
   forward serve generate.py's prefill and decode steps.
 - The architecture only: Hugging Face directories are read and written by checkpoint.py
-  (`GPT.from_pretrained` and `save_pretrained` are its entry points, for the familiar calls).
+  (`load_pretrained`, `save_model_dir`); this file imports nothing of nanospin's above the kernels.
 """
 
 from __future__ import annotations
@@ -363,16 +363,23 @@ class GPT(nn.Module):
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
-    # --- Hugging Face directories (checkpoint.py does the file work) ---------------------------
+    # --- a grown vocabulary ------------------------------------------------------------------
 
-    @classmethod
-    def from_pretrained(cls, path: str, attention: str = "sdpa", block_size: int | None = None,
-                        dtype: torch.dtype | None = None) -> "GPT":
-        """checkpoint.load_pretrained: a local Hugging Face model directory as a GPT (None: float32)."""
-        from checkpoint import load_pretrained  # checkpoint.py imports this module
-        return load_pretrained(path, attention, block_size, dtype)
-
-    def save_pretrained(self, path: str, max_shard_bytes: int = 4 << 30, dtype: torch.dtype | None = None) -> None:
-        """checkpoint.save_model_dir: a Hugging Face directory transformers' AutoModelForCausalLM loads."""
-        from checkpoint import save_model_dir  # checkpoint.py imports this module
-        save_model_dir(path, self.state_dict(), self.config, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    def grow_vocab(self, vocab_size: int) -> None:
+        """New embedding (and untied output) rows up to vocab_size, each the mean of the existing rows: a new
+        marker starts as an average token rather than noise, so it disturbs the pretrained model least."""
+        old, C = self.config.vocab_size, self.config.n_embd
+        with torch.no_grad():
+            wte = nn.Embedding(vocab_size, C)  # (V', C)
+            wte.weight[:old] = self.wte.weight
+            wte.weight[old:] = self.wte.weight.mean(0)
+            self.wte = wte
+            if self.config.tie_embeddings:
+                self.lm_head = nn.Linear(C, vocab_size, bias=False)
+                self.lm_head.weight = self.wte.weight
+            else:
+                head = nn.Linear(C, vocab_size, bias=False)  # weight (V', C)
+                head.weight[:old] = self.lm_head.weight
+                head.weight[old:] = self.lm_head.weight.mean(0)
+                self.lm_head = head
+        self.config.vocab_size = vocab_size

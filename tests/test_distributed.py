@@ -208,7 +208,7 @@ def test_kill_mid_rollout_at_boundary_in_checkpoint_write_nan_and_sigterm_then_b
     C2. SIGKILL while writing checkpoint 14 (weights written, no state.json) -> 12 stays the latest
     D. SIGTERM after global step 16                                   -> checkpoint 16, exit 0
     E. (this process) resumes mid continued-SFT and finishes: identical to the uninterrupted run."""
-    from model import GPT
+    import checkpoint as ckpt
     out_dir, _ = run
     out = tmp_path / "faults"
 
@@ -230,7 +230,7 @@ def test_kill_mid_rollout_at_boundary_in_checkpoint_write_nan_and_sigterm_then_b
     assert checkpoint_steps(out)[-1] == 12 and not list((out / "checkpoints").glob("tmp-*"))
     last_good = out / "checkpoints" / "step_00000012"
     assert json.loads((last_good / "state.json").read_text())["step"] == 2
-    assert all(torch.isfinite(p).all() for p in GPT.from_pretrained(str(last_good / "model")).parameters())
+    assert all(torch.isfinite(p).all() for p in ckpt.load_pretrained(str(last_good / "model")).parameters())
     assert 13 not in step_losses(out)
 
     c2 = run_train(out, fault="kill_in_save:1")

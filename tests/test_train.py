@@ -56,7 +56,7 @@ def copy_run(src, dst):
 
 
 def test_lr_schedules():
-    from train import TrainConfig, get_lr
+    from train_config import TrainConfig, get_lr
     cfg = TrainConfig(warmup_frac=0.2, min_lr_frac=0.1, lr_schedule="linear")
     lrs = [get_lr(s, 10, 1.0, cfg) for s in range(10)]
     assert lrs[:2] == pytest.approx([1 / 3, 2 / 3])  # 2 warmup steps climbing towards the peak
@@ -74,7 +74,7 @@ def test_save_load_gives_identical_next_step(tmp_path):
     from model import GPT, GPTConfig
     from spin import sequence_logps
     from tokenizer import load_tokenizer
-    from train import TrainConfig, make_optimizer
+    from train_config import TrainConfig, make_optimizer
 
     tok = load_tokenizer("bytes")
     cfg = GPTConfig(model_type="llama", vocab_size=tok.n_vocab, block_size=96, n_layer=2, n_head=2, n_kv_head=1,
@@ -261,12 +261,12 @@ def test_each_iteration_starts_at_log2_under_bf16_autocast(tmp_path, monkeypatch
 def test_final_export_loads_in_nanospin_and_transformers(run):
     from transformers import AutoModelForCausalLM
 
-    from model import GPT
+    from checkpoint import load_pretrained
     out_dir, _ = run
     final = out_dir / "final"
     # the product is the model after the last SPIN iteration, not the continued-SFT baseline
     assert_same_weights(final_weights(out_dir), checkpoint_weights(out_dir, 14))
-    ours = GPT.from_pretrained(str(final)).eval()
+    ours = load_pretrained(str(final)).eval()
     theirs = AutoModelForCausalLM.from_pretrained(str(final), torch_dtype=torch.float32).eval()
     idx = torch.tensor([[257, 117, 115, 101, 114, 10, 51, 32, 100, 258, 10, 257, 97]])
     with torch.no_grad():
@@ -287,13 +287,13 @@ def test_generate_cli_chats_with_the_final_model(run):
 def test_opponent_logps_are_the_weights_at_the_end_of_the_previous_iteration(run):
     """iter_1's opponent log-probs are the model after SPIN iteration 0 (checkpoint 10), not its start
     (checkpoint 6): the opponent is renewed every iteration."""
-    from model import GPT
+    from checkpoint import load_pretrained
     from spin import pair_logps
     out_dir, _ = run
     pairs = rollouts(out_dir, 1)
     scored = {}
     for step in (10, 6):
-        model = GPT.from_pretrained(str(out_dir / "checkpoints" / f"step_{step:08d}" / "model")).eval()
+        model = load_pretrained(str(out_dir / "checkpoints" / f"step_{step:08d}" / "model")).eval()
         with torch.no_grad():
             scored[step] = pair_logps(model, [p["prompt_ids"] for p in pairs], [p["real_ids"] for p in pairs],
                                       [p["generated_ids"] for p in pairs], 256, torch.device("cpu"))
@@ -364,12 +364,12 @@ def test_a_bf16_model_trained_and_exported_comes_back_as_it_came_in(tmp_path):
 
 def test_export_dtype_overrides_the_dtype_the_model_came_in():
     import checkpoint as ckpt
-    from train import TrainConfig, export_dtype
-    bf16 = ckpt.ModelSource("m", {}, torch.bfloat16)
+    from train_config import TrainConfig, export_dtype
+    bf16 = ckpt.ModelSource("m", {}, torch.bfloat16).dtype
     assert export_dtype(TrainConfig(), bf16) == torch.bfloat16
-    assert export_dtype(TrainConfig(), ckpt.read_model_source(None)) == torch.float32
+    assert export_dtype(TrainConfig(), ckpt.read_model_source(None).dtype) == torch.float32
     assert export_dtype(TrainConfig(export_dtype="float32"), bf16) == torch.float32
-    assert export_dtype(TrainConfig(export_dtype="bfloat16"), ckpt.read_model_source(None)) == torch.bfloat16
+    assert export_dtype(TrainConfig(export_dtype="bfloat16"), ckpt.read_model_source(None).dtype) == torch.bfloat16
 
 
 def test_block_size_defaults_to_the_models_context(tmp_path):
@@ -418,20 +418,19 @@ def test_rollout_records_describe_the_opponents_generations(run):
 
 
 def test_identical_frac_counts_generations_equal_to_the_real_response():
-    from spin import Pair
-    from train import rollout_stats_of
+    from spin import IterationPairs, Pair, rollout_stats
     same, other = [5, 6, 258], [5, 7, 258]
     pairs = [Pair("t", [1], same, same, 0.0, 0.0, True), Pair("t", [1], same, other, 0.0, 0.0, True),
              Pair("t", [1], same, same[:2], 0.0, 0.0, False), Pair("t", [1], other, other, 0.0, 0.0, True)]
-    stats = rollout_stats_of(pairs)
+    stats = rollout_stats(IterationPairs(pairs, own=4, blocks=1, eval_pairs=[], opponent_eval=None))
     assert stats["dynamics/identical_frac"] == 0.5 and stats["eos_rate"] == 0.75
     assert (stats["gen_len_mean"], stats["gen_len_p50"], stats["gen_len_max"]) == (2.75, 3.0, 3.0)
 
 
 def held_out_logprobs(model_dir, pairs: list[dict]) -> torch.Tensor:
     """(N, V) next-token log-probs along each held-out real response, each sequence alone, in float64."""
-    from model import GPT
-    model = GPT.from_pretrained(str(model_dir)).eval()
+    from checkpoint import load_pretrained
+    model = load_pretrained(str(model_dir)).eval()
     rows = []
     with torch.no_grad():
         for p in pairs:
@@ -590,9 +589,9 @@ def test_packed_and_unpacked_runs_end_alike(run, tmp_path):
 
 def scored_by(model_dir, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """The (real, generated) summed log-probs of rollout records under the model saved in model_dir."""
-    from model import GPT
+    from checkpoint import load_pretrained
     from spin import pair_logps
-    model = GPT.from_pretrained(str(model_dir)).eval()
+    model = load_pretrained(str(model_dir)).eval()
     with torch.no_grad():
         return pair_logps(model, [p["prompt_ids"] for p in pairs], [p["real_ids"] for p in pairs],
                           [p["generated_ids"] for p in pairs], 256, torch.device("cpu"))
@@ -634,13 +633,15 @@ def test_mix_previous_rollouts_k_and_lr_per_iteration(tmp_path):
 def record_training_pairs(monkeypatch) -> list[list[tuple]]:
     """Patch train.forward_backward to record the generated responses each SPIN step trains on."""
     import train
+    from spin import epoch_pairs
     steps = []
     real_forward_backward = train.forward_backward
 
-    def recording(model, kind, indices, pairs, *args):
-        if kind == "spin":
+    def recording(model, phase, indices, *args):
+        if phase.spin_data is not None:
+            pairs = epoch_pairs(phase.spin_data, phase.order.epoch)
             steps.append([tuple(pairs[i].generated_ids) for i in indices])
-        return real_forward_backward(model, kind, indices, pairs, *args)
+        return real_forward_backward(model, phase, indices, *args)
 
     monkeypatch.setattr(train, "forward_backward", recording)
     return steps
@@ -704,21 +705,25 @@ def test_nll_weight_is_normalised_by_the_steps_pairs(tmp_path):
 
     from model import GPT, GPTConfig
     from spin import Pair, pair_logps
+    from data import BatchOrder
     from fsdp import init_runtime
-    from train import RunData, TrainConfig, forward_backward
+    from spin import spin_metrics, spin_micro_batch
+    from train import Phase, forward_backward
     torch.manual_seed(0)
     model = GPT(GPTConfig(model_type="llama", vocab_size=268, block_size=96, n_layer=2, n_head=2, n_kv_head=1,
                           n_embd=32))
     pairs = [Pair("t", [257, 5, 6], [20, 21, 22, 258], [30, 258], -20.0, -9.0, True),
              Pair("t", [257, 7], [23, 258], [31, 32, 33, 34, 35, 258], -8.0, -30.0, True),
              Pair("t", [257, 8, 9, 10], [24, 25, 26, 27, 28, 258], [36, 258], -33.0, -10.0, True)]
-    data = RunData(None, "chatml", [258], 256, [], [], False, None)
     rt = init_runtime("cpu", "auto")
 
     def gradients(batch_size: int) -> list[torch.Tensor]:
-        cfg = TrainConfig(batch_size=batch_size, nll_weight=0.5, beta=0.1)
+        phase = Phase("spin", 0, BatchOrder(n=3, batch_size=3), 1, 1e-3, (0, 1),
+                      lambda model, indices, epoch: spin_micro_batch(model, [pairs[i] for i in indices], 0.1, "sigmoid",
+                                                                     0.5, True, 256, rt.device),
+                      len, spin_metrics, "spin 0")
         model.zero_grad()
-        forward_backward(model, "spin", [0, 1, 2], pairs, data, 0.1, cfg, rt)
+        forward_backward(model, phase, [0, 1, 2], batch_size, rt)
         return [p.grad.clone() for p in model.parameters()]
 
     model.zero_grad()
