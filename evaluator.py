@@ -19,7 +19,7 @@ import torch
 
 from data import Example, check_answer
 from fsdp import Runtime, add_sums, model_for_sampling
-from generate import generate
+from generate import derive_seed, generate
 from metrics_log import paired_interval
 from model import GPT
 from spin import IterationPairs, Pair, kl_per_token, logit_batches, pair_terms, response_logprobs, sequence_logps
@@ -125,7 +125,7 @@ def checker_scores(model: GPT, held: HeldOut, rt: Runtime) -> dict[str, float | 
             for i in range(0, len(examples), held.batch_size):
                 prompts = [e.prompt_ids for e in examples[i:i + held.batch_size]]
                 answers_by_name[name] += generate(sampler, prompts, held.max_new_tokens, temperature=temperature,
-                                                  eos_id=held.stop, seed=held.seed + 17 + i)
+                                                  eos_id=held.stop, seed=derive_seed(held.seed, "checker", i))
     out = {}
     for name, answers in answers_by_name.items():
         scores: dict[str, float] = {}

@@ -135,8 +135,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa"
     """
     gqa = q.shape[1] != k.shape[1]
     if mask is None and impl == "triton":
+        from spin_kernels import KernelError
         from spin_kernels.attention import attention
-        return attention(q, k, v, causal=True, layout=layout, window=window)
+        try:
+            return attention(q, k, v, causal=True, layout=layout, window=window)
+        except KernelError as e:  # the kernels' own error, shown to people as every input error is
+            raise UserError(str(e)) from None
     if mask is None:  # GPT.hidden_states passes it in (once for every layer); made here for other callers
         mask = sdpa_mask(layout, q.shape[2], window, q.device)
     if mask is None:
@@ -314,10 +318,14 @@ class GPT(nn.Module):
                        layout: RowLayout | None = None) -> torch.Tensor:
         """idx, targets (B, T) -> log p(targets) (B, T) fp32, 0 where targets == -100; layout: packed rows.
         Through the fused log-prob kernel from the final hidden states, so the (B, T, V) logits never exist."""
+        from spin_kernels import KernelError
         from spin_kernels.logprob import token_logprobs
         h = self.hidden_states(idx, layout=layout)  # (B, T, C)
         B, T, C = h.shape
-        logps = token_logprobs(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T))
+        try:
+            logps = token_logprobs(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T))
+        except KernelError as e:  # e.g. TRITON_INTERPRET set after triton was imported
+            raise UserError(str(e)) from None
         return logps.view(B, T).clone()  # a fresh tensor, not a view: FSDP's forward hooks warn about views
 
     # --- KV cache for generate.py ------------------------------------------------------------

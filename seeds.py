@@ -196,10 +196,8 @@ def finished(out_dir: str, expected: list[tuple[str, int]]) -> bool:
 
 def run_seeds(config: str, overrides: list[str], seeds: list[int], jobs: int) -> tuple[list[str], str]:
     """Run train.py once per seed (at most `jobs` at a time); returns the seeds' out_dirs and their root."""
-    from configurator import load_config
-    from train_config import TrainConfig, check_config, phases_of
-    cfg = load_config(TrainConfig, [config, *overrides])  # a typo fails here once, not once per seed
-    check_config(cfg)
+    from train_config import load_train_config, phases_of
+    cfg = load_train_config([config, *overrides])  # a typo fails here once, not once per seed
     root = cfg.out_dir
     os.makedirs(root, exist_ok=True)
     env = dict(os.environ)

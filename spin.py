@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from checkpoint import iteration_dir
 from configurator import UserError
 from data import collate
-from generate import generate_stream, mix_seed
+from generate import derive_seed, generate_stream, mix_seed
 from packing import pack_documents, response_logps
 
 SCORING_CHUNKS = 4  # opponent_logps scores a rollout batch's pairs in this many forwards (memory_plan counts one)
@@ -467,8 +467,8 @@ def build_iteration(sampler, opponent, examples: list, eval_examples: list, iter
             return None
     eval_pairs = given_generations(opponent, eval_examples, settings) if use_given else None
     if eval_pairs is None:  # another seed, and never compiled
-        eval_pairs = rollout(sampler, eval_examples, replace(settings, seed=settings.seed + 1, compile=False),
-                             iteration, scorer=opponent)
+        eval_settings = replace(settings, seed=derive_seed(settings.seed, "eval_rollout"), compile=False)
+        eval_pairs = rollout(sampler, eval_examples, eval_settings, iteration, scorer=opponent)
     mixed = previous_generations(opponent, recipe.out_dir, iteration, recipe.mix_previous, len(prompts), settings)
     opponent_eval = opponent_eval_logprobs(opponent, eval_examples, settings.pad_id, settings.max_len,
                                            recipe.kl_opponent_mb, settings.autocast or nullcontext(), settings.device)
@@ -479,7 +479,7 @@ def prompts_for_iteration(examples: list, count: int, seed: int, iteration: int)
     """Every training prompt (count 0), or a seeded subset of `count` of them."""
     if not count:
         return examples
-    g = torch.Generator().manual_seed(seed + 101 * iteration)
+    g = torch.Generator().manual_seed(derive_seed(seed, "prompt_subset", iteration))
     perm = torch.randperm(len(examples), generator=g)[:count]
     return [examples[i] for i in perm.tolist()]
 
@@ -502,12 +502,13 @@ def given_generations(opponent, examples: list, settings: RolloutSettings) -> li
 def sampled_generations(sampler, opponent, prompts: list, settings: RolloutSettings, iteration: int, rollouts: int,
                         progress: Callable[[int], None] | None = None,
                         should_stop: Callable[[], bool] | None = None) -> list[Pair] | None:
-    """The opponent's y' for every prompt, `rollouts` times over (epoch e's rollout seeded by seed + 7777 e, so
-    the first is the single rollout's); None if should_stop() said to abort."""
+    """The opponent's y' for every prompt, `rollouts` times over (epoch e's seeded by derive_seed(seed, 'rollout', e),
+    so the first is the single rollout's); None if should_stop() said to abort."""
     generations = []
     for epoch in range(rollouts):
-        pairs = rollout(sampler, prompts, replace(settings, seed=settings.seed + 7777 * epoch), iteration,
-                        progress=progress, should_stop=should_stop, scorer=opponent)
+        seeded = replace(settings, seed=derive_seed(settings.seed, "rollout", epoch))
+        pairs = rollout(sampler, prompts, seeded, iteration, progress=progress, should_stop=should_stop,
+                        scorer=opponent)
         if pairs is None:
             return None
         generations += pairs

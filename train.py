@@ -31,12 +31,13 @@ import torch
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from configurator import UserError, config_to_json, load_config, run_main
+from configurator import UserError, config_to_json, run_main
 from data import BatchOrder, Example, examples_from_messages, load_examples, synthetic_split
 from evaluator import HeldOut, evaluate, headline, summary_table
 from fsdp import (Runtime, StopRequest, add_sums, all_reduce_sum, all_reduce_sums, barrier,
                   catch_stop_signals, clip_gradients, close_runtime, init_runtime, mfu, model_for_sampling,
                   place_model, print0, progress_bar, show_progress)
+from generate import derive_seed
 from memory_plan import describe_plan, plan_memory, plan_warning
 from metrics_log import open_metrics, write_metrics
 from model import GPT, GPTConfig
@@ -46,7 +47,7 @@ from spin import (IterationPairs, IterationRecipe, RolloutSettings, build_iterat
                   spin_micro_batch, write_iteration)
 from templates import ChatFormat, missing_tokens, response_text, stop_ids
 from tokenizer import Tokenizer, add_special_tokens, load_tokenizer
-from train_config import TrainConfig, check_config, export_dtype, get_lr, make_optimizer, phases_of
+from train_config import TrainConfig, export_dtype, get_lr, load_train_config, make_optimizer, phases_of
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def spin_iteration(run: Run, t: int) -> Phase | None:
     def micro_batch(model: GPT, indices: list[int], epoch: int):  # the epoch's pairs: its own rollout, if regenerated
         pairs = epoch_pairs(spin_data, epoch)
         return spin_micro_batch(model, [pairs[i] for i in indices], beta, cfg.loss_type, cfg.nll_weight,
-                                cfg.pack_pairs, data.pad_id, rt.device)
+                                cfg.pack_sequences, data.pad_id, rt.device)
 
     phase = Phase("spin", t, order, total_steps, per_iteration(cfg.lr, t), schedule_span(run, t, total_steps),
                   micro_batch, len, spin_metrics, f"spin {t}", beta, spin_data,
@@ -227,7 +228,7 @@ def baseline_iteration(run: Run, t: int) -> Phase:
 def steps_on_examples(run: Run, kind: str, t: int, name: str, total_steps: int, max_lr: float,
                       schedule: tuple[int, int]) -> Phase:
     """A phase of steps on the real responses (SFT, continued SFT): its loss per response token."""
-    examples, pad_id, device, pack = run.data.train_examples, run.data.pad_id, run.rt.device, run.cfg.pack_pairs
+    examples, pad_id, device, pack = run.data.train_examples, run.data.pad_id, run.rt.device, run.cfg.pack_sequences
     return Phase(kind, t, data_order(run, len(examples)), total_steps, max_lr, schedule,
                  lambda model, indices, epoch: sft_micro_batch(model, [examples[i] for i in indices], pad_id, device,
                                                                pack),
@@ -239,7 +240,7 @@ def data_order(run: Run, n: int) -> BatchOrder:
     """The phase's order over its n examples or pairs, in global batches of batch_size x grad_accum x ranks."""
     cfg, rt = run.cfg, run.rt
     return BatchOrder(n=n, batch_size=cfg.batch_size * cfg.grad_accum, rank=rt.rank, world_size=rt.world_size,
-                      seed=cfg.seed + 1000 * run.state.phase)
+                      seed=derive_seed(cfg.seed, "data_order", run.state.phase))
 
 
 def start_phase(run: Run, phase: Phase, fresh: bool) -> Phase:
@@ -284,7 +285,7 @@ def rollout_iteration(run: Run, t: int, recipe: IterationRecipe) -> IterationPai
                                pad_id=data.pad_id, batch_size=cfg.rollout_batch_size, seed=cfg.seed, device=rt.device,
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                compile=cfg.compile and rt.device.type == "cuda", autocast=rt.autocast,
-                               pack_pairs=cfg.pack_pairs, rank=rt.rank, world_size=rt.world_size)
+                               pack_pairs=cfg.pack_sequences, rank=rt.rank, world_size=rt.world_size)
     bar = progress_bar(prompt_count(recipe, len(data.train_examples)) * recipe.rollouts, f"rollout {t}", rt.rank)
     with model_for_sampling(run.model, rt) as sampler:
         made = build_iteration(sampler, run.model, data.train_examples, data.eval_examples, t, recipe, settings,
@@ -428,8 +429,7 @@ def save(run: Run, state: ckpt.RunState, rollouts_path: str | None) -> None:
 def main(argv: list[str]) -> None:
     """The run: config, distributed init, out_dir and resume, data, model, the phases, the summary."""
     # ---- config ----------------------------------------------------------------------------------
-    cfg = load_config(TrainConfig, argv)
-    check_config(cfg)
+    cfg = load_train_config(argv)
     phases = phases_of(cfg)
 
     # ---- distributed init and device -------------------------------------------------------------
@@ -445,7 +445,7 @@ def main(argv: list[str]) -> None:
     # ---- tokenizer and data ----------------------------------------------------------------------
     data = prepare_data(cfg)
     held = HeldOut(data.eval_examples, data.tok, data.template, data.stop, data.pad_id, cfg.rollout_batch_size,
-                   cfg.max_new_tokens, cfg.max_len, cfg.seed, cfg.pack_pairs, cfg.loss_type, data.has_checker)
+                   cfg.max_new_tokens, cfg.max_len, cfg.seed, cfg.pack_sequences, cfg.loss_type, data.has_checker)
 
     # ---- model and optimizer ---------------------------------------------------------------------
     model = build_model(cfg, data.tok, data.template)

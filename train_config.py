@@ -4,6 +4,7 @@ and what the settings decide before anything runs: the run's phases, the lr sche
 Design choices:
 - A config file (config/*.py, bare assignments) and --key=value overrides set the fields (configurator.py);
   `check_config` then refuses bad values with one line naming the key, before any data or model is loaded.
+  A renamed key keeps working under its former name, with a one-line message (`load_train_config`).
 - train.py runs the settings; seeds.py and the benchmarks read them here, so none of them imports train.py.
 - `phases_of` names the run's phases as metrics.jsonl does ('sft', then 'spin' t, then 'baseline' t): train.py
   runs them in this order and seeds.py knows from it when a run is finished.
@@ -12,12 +13,13 @@ Design choices:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 
 import torch
 
-from configurator import UserError
-from fsdp import DTYPES
+from configurator import UserError, load_config
+from fsdp import DTYPES, print0
 from model import ATTENTION_IMPLS, SCRATCH_MODEL_TYPES
 from templates import chat_format
 
@@ -47,9 +49,10 @@ class TrainConfig:
     export_dtype: str = "auto"  # out_dir/final's weights: 'auto' (as they came in; fp32 from scratch) or a dtype name
     compile: bool = False  # torch.compile the training forward/backward and the decode step (GPU)
     attention: str = "sdpa"  # 'sdpa' | 'triton'
-    # one row per SPIN pair, its prompt run once for both responses, several pairs (or SFT examples) to a row, for
+    # several sequences to a row: SFT examples, and SPIN pairs with the prompt run once for both responses, for
     # training, the opponent's scoring and evaluation alike; False: a padded row per sequence (the reference)
-    pack_pairs: bool = True
+    pack_sequences: bool = True
+    pack_pairs: bool | None = None  # pack_sequences' former name: still read, with a one-line deprecation message
     # --- model, when init_from='scratch' ---------------------------------------------------------
     model_type: str = "llama"  # 'gpt2' | 'llama' (the block style; see model.py)
     n_layer: int = 4
@@ -111,6 +114,18 @@ class TrainConfig:
     plot: bool = True  # out_dir/metrics.png at the end of the run (plot.py), when matplotlib is installed
     # --- distributed ---------------------------------------------------------------------------
     activation_checkpointing: bool = False
+
+
+def load_train_config(argv: list[str]) -> TrainConfig:
+    """The config of a run from a config file and --key=value overrides (configurator.load_config), a former key
+    name moved to its new one with a one-line message, then checked."""
+    cfg = load_config(TrainConfig, argv)
+    if cfg.pack_pairs is not None:
+        print0("warning: config key 'pack_pairs' is now 'pack_sequences' (it packs SFT examples too); "
+               "the old name still works", file=sys.stderr)
+        cfg = replace(cfg, pack_sequences=cfg.pack_pairs, pack_pairs=None)
+    check_config(cfg)
+    return cfg
 
 
 def check_config(cfg: TrainConfig) -> None:

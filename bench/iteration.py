@@ -139,6 +139,7 @@ def one_iteration(model, examples, stop: list[int], pad_id: int, cfg: BenchConfi
     """Rollout (sampling + the opponent's log-probs) then one epoch of SPIN steps, as train.py runs them."""
     import spin
     from data import BatchOrder
+    from generate import derive_seed
     from train_config import TrainConfig, get_lr, make_optimizer
 
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -180,7 +181,7 @@ def one_iteration(model, examples, stop: list[int], pad_id: int, cfg: BenchConfi
     t_train = time.perf_counter()
     model.train()
     optimizer = make_optimizer(model, tcfg, cfg.lr)
-    order = BatchOrder(n=len(pairs), batch_size=cfg.batch_size, seed=cfg.seed + 1000 * iteration)
+    order = BatchOrder(n=len(pairs), batch_size=cfg.batch_size, seed=derive_seed(cfg.seed, "data_order", iteration))
     total_steps = cfg.epochs * order.batches_per_epoch()
     loss_sum, accuracy_sum, pair_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
     for step in range(total_steps):
