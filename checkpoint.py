@@ -29,10 +29,14 @@ Design choices:
 - The latest checkpoint is the one a run resumes from: when it is incomplete or damaged the run stops
   and says so (`resume_point`), it never quietly falls back; metrics.jsonl is cut to what it held when
   that checkpoint was saved, so it always reads as one run's records in order.
+- A run's out_dir: its config.json holds the settings a resume must share (`config_fingerprint`); a run
+  resumes from its latest checkpoint (`prepare_out_dir`, `start_or_resume`), and SPIN iteration t's
+  files live in `iteration_dir` (a mid-iteration resume takes its rollouts from the checkpoint).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -44,7 +48,7 @@ import shutil
 import tempfile
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -59,7 +63,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from configurator import DISK_ERRNOS, UserError, disk_error
-from templates import ChatFormat, chat_format, format_config, resolve_template
+from templates import ChatFormat, chat_format, format_config, resolve_template, stop_ids
 from tokenizer import Tokenizer, load_tokenizer
 from model import GPT, SUPPORTED_MODEL_TYPES, GPTConfig
 
@@ -495,6 +499,43 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     (every rank reads the full tensors and keeps its shard)."""
     weights = hf_state_to_nanospin(read_safetensors_dir(path), model.config, path)
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def vocab_rows_needed(tok: Tokenizer, template: ChatFormat) -> int:
+    """Embedding rows a model needs for the ids a run can feed it: the tokenizer's vocabulary up to the specials
+    after it (a named tiktoken encoding appends chat specials a template may never use), and the template's."""
+    special_ids = set(tok.specials.values())
+    vocab_end = tok.n_vocab
+    while vocab_end > 0 and vocab_end - 1 in special_ids:
+        vocab_end -= 1
+    used = stop_ids(tok, template) + [tok.specials[t] for t in template.new_tokens if t in tok.specials]
+    return max(vocab_end, *(i + 1 for i in used))
+
+
+def load_for_training(path: str, tok: Tokenizer, template: ChatFormat, attention: str = "sdpa",
+                      block_size: int | None = None) -> tuple[GPT, int]:
+    """(the model in `path` in fp32 on the CPU, how many embedding rows it grew): rows for the chat markers the run
+    added to its tokenizer, each the mean embedding (GPT.grow_vocab). `path` as resolve_model_dir takes it."""
+    model = load_pretrained(resolve_model_dir(path), attention=attention, block_size=block_size)
+    rows, had = vocab_rows_needed(tok, template), model.config.vocab_size
+    if had >= rows:
+        return model, 0
+    if not set(range(had, rows)) <= set(tok.specials.values()):
+        raise UserError(f"the tokenizer has {tok.n_vocab} tokens but the model in '{path}' only {had}; use the "
+                        f"model's own tokenizer (tokenizer='auto')")
+    model.grow_vocab(rows)
+    return model, rows - had
+
+
+def chat_template_for(chat_template: str | dict, model_dir: str | None, tok: Tokenizer) -> ChatFormat:
+    """A run's chat template: the configured one; for 'auto', the one a nanospin model directory was trained with
+    (its nanospin.json), else the tokenizer's, else chatml."""
+    if chat_template != "auto":
+        return chat_format(chat_template)
+    saved = read_chat_template(model_dir) if model_dir else None
+    if saved:
+        return chat_format(saved, os.path.join(model_dir, "nanospin.json"))
+    return resolve_template(tok, "auto") if tok.chat_template else chat_format("chatml")
 
 
 def pick_device(device: str) -> str:
@@ -1090,3 +1131,115 @@ def _param_groups(saved: list[dict], current: list[dict], where: str) -> list[di
                         f"model and optimizer settings")
     return [{k: tuple(v) if isinstance(mine.get(k), tuple) else v for k, v in group.items()}
             for group, mine in zip(saved, current)]
+
+
+# ----------------------------------------------------------------------------------------------
+# a run's out_dir: whether to resume, the run's state, its iterations' files
+
+
+# settings a run may change when it resumes: where and how often it writes, how it splits the global batch,
+# how it runs (packing changes float round-off only)
+RESUMABLE_KEYS = {"out_dir", "resume", "allow_config_change", "log_interval", "eval_interval", "save_interval",
+                  "keep_checkpoints", "compile", "device", "batch_size", "grad_accum", "kl_opponent_mb", "plot",
+                  "pack_sequences", "pack_pairs"}
+
+
+def config_fingerprint(config, world_size: int) -> dict:
+    """The settings of a run's config (a dataclass) that a resumed run must share with the run that wrote the
+    checkpoint. The batch counts as its global size, so a run may resume at another world size or split."""
+    fingerprint = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_KEYS}
+    fingerprint["global_batch"] = config.batch_size * config.grad_accum * world_size
+    return fingerprint
+
+
+@dataclass
+class RunState:
+    """Where the run stands; saved in every checkpoint's state.json, so the same command continues it."""
+    phase: int = 0  # index into the run's list of phases
+    step: int = 0  # optimizer steps done in this phase
+    global_step: int = 0  # optimizer steps done in the run; names the checkpoints
+    order: dict | None = None  # the phase's data order (BatchOrder.state_dict()) at a mid-phase checkpoint
+    rollouts_sha: str | None = None  # the SPIN iteration's rollouts.jsonl, checked on a mid-iteration resume
+    history: list[dict] = field(default_factory=list)  # one summary per finished phase
+
+
+def prepare_out_dir(out_dir: str, resume: bool | str, allow_config_change: bool, fingerprint: dict,
+                    rank: int) -> str | None:
+    """The checkpoint to resume from, verified (None: start at step 0), once out_dir is known to be writable:
+    resume=False refuses a non-empty one, a run there with another config needs allow_config_change, and
+    resume='restart' first removes what a run wrote there. A start at step 0 in a used out_dir says so."""
+    probe_out_dir(out_dir)
+    if resume == "restart":
+        removed = start_over(out_dir, rank)
+        if removed and rank == 0:
+            print(f"resume='restart': removed {', '.join(removed)} from {out_dir}; starting at step 0", flush=True)
+        return None
+    saved_config = os.path.join(out_dir, "config.json")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if resume is False:
+            raise UserError(f"out_dir '{out_dir}' is not empty and resume=False; pick a new --out_dir, pass "
+                            f"--resume=auto to continue it or --resume=restart to start it over")
+        if os.path.isfile(saved_config) and not allow_config_change:
+            old = read_json(saved_config)
+            new = json.loads(json.dumps(fingerprint))
+            diff = sorted(k for k in new if old.get(k) != new[k])
+            if diff:
+                raise UserError(f"out_dir '{out_dir}' holds a run with a different config (keys: "
+                                f"{', '.join(diff[:5])}); use another --out_dir or pass --allow_config_change=True")
+    resume_from = resume_point(out_dir) if resume else None
+    if resume is True and not resume_from:
+        raise UserError(f"resume=True but out_dir '{out_dir}' has no checkpoint; use resume='auto' to start fresh")
+    if resume_from is None and run_files(out_dir) and rank == 0:
+        print(f"out_dir '{out_dir}' holds no checkpoint (the run there stopped before its first): starting at "
+              f"step 0, and its metrics.jsonl starts over", flush=True)
+    return resume_from
+
+
+def start_or_resume(out_dir: str, resume_from: str | None, model, optimizer, config, fingerprint: dict,
+                    rank: int) -> RunState:
+    """Weights, optimizer, RNG and run state from the checkpoint; or a fresh state, and out_dir/config.json
+    with every key of the resolved config (a dataclass; the start's plan points there) (every rank calls this)."""
+    _barrier()  # every rank has read out_dir (prepare_out_dir) before rank 0 writes config.json there
+    state = RunState()
+    if resume_from:
+        saved = load_checkpoint(resume_from, model, optimizer, model.config)
+        state = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState)})
+    elif rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            # a resume compares only the fingerprint's keys
+            json.dump({**dataclasses.asdict(config), **fingerprint}, f, indent=2, sort_keys=True)
+    _barrier()
+    return state
+
+
+def save_run(out_dir: str, state: RunState, config, model, optimizer, tokenizer, chat_template: ChatFormat,
+             source: ModelSource, rollouts_path: str | None, rank: int, keep: int) -> str:
+    """A checkpoint of the run as it stands, with its resolved config (a dataclass); every rank calls this."""
+    saved = {**dataclasses.asdict(state), "config": dataclasses.asdict(config)}
+    return save_checkpoint(out_dir, state.global_step, model, optimizer, saved, model.config, tokenizer,
+                           chat_template, rollouts_path, rank, keep, source=source)
+
+
+def file_sha(path: str) -> str:
+    """A short content hash: a checkpoint records its rollouts' so a resume can tell they are unchanged."""
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
+
+
+def iteration_dir(out_dir: str, iteration: int) -> str:
+    """out_dir/iter_t/: SPIN iteration t's rollouts.jsonl, eval_rollouts.jsonl and opponent_eval.safetensors."""
+    return os.path.join(out_dir, f"iter_{iteration}")
+
+
+def restore_rollouts(checkpoint: str, iter_dir: str, rollouts_sha: str | None, rank: int) -> str:
+    """The rollouts.jsonl a mid-iteration checkpoint saved, checked against its state.json and put back as the
+    iteration's own file (rank 0); returns the checkpoint's copy, which every rank reads."""
+    saved = os.path.join(checkpoint, "rollouts.jsonl")
+    if not os.path.isfile(saved) or file_sha(saved) != rollouts_sha:
+        raise UserError(f"the rollouts in checkpoint '{checkpoint}' are missing or do not match its "
+                        f"state.json; delete that checkpoint to resume from the one before it")
+    if rank == 0:
+        rollouts_path = os.path.join(iter_dir, "rollouts.jsonl")
+        shutil.copyfile(saved, rollouts_path + ".tmp")
+        os.replace(rollouts_path + ".tmp", rollouts_path)
+    return saved

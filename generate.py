@@ -125,6 +125,24 @@ def mix_seed(*values: int) -> int:
     return h >> 1
 
 
+# every seed derived from a run's seed, by purpose: (offset, stride) give seed + offset + stride x index. The values
+# are the ones nanospin's runs have always drawn with, so results stay comparable; a new purpose takes a new pair.
+SEED_PURPOSES = {
+    "data_order": (0, 1000),  # the batch order of the run's phase number `index` (data.BatchOrder)
+    "prompt_subset": (0, 101),  # iteration `index`'s prompts when prompts_per_iteration picks a subset
+    "rollout": (0, 7777),  # an iteration's rollout number `index` (one per epoch with regenerate_per_epoch)
+    "eval_rollout": (1, 0),  # an iteration's rollout of the held-out prompts
+    "checker": (17, 1),  # the checker's answers to the held-out prompts from number `index` on
+    "chat_turn": (0, 1),  # generate.py's chat: turn `index`
+}
+
+
+def derive_seed(seed: int, purpose: str, index: int = 0) -> int:
+    """The seed for `purpose` (SEED_PURPOSES) of what is seeded by `seed`, e.g. derive_seed(1337, 'rollout', 2)."""
+    offset, stride = SEED_PURPOSES[purpose]
+    return seed + offset + stride * index
+
+
 def uniforms(seed: int, n: int) -> np.ndarray:
     """The first n draws of the SplitMix64 stream `seed` as float64 in (0, 1): draw t is a pure function of
     (seed, t), the same on every device and in every batch."""
@@ -536,7 +554,7 @@ def main(argv: list[str]) -> None:
         messages.append({"role": "user", "content": line})
         try:
             prompt_ids = render_prompt(tok, messages, template)
-            seed = None if cfg.seed is None else cfg.seed + turn
+            seed = None if cfg.seed is None else derive_seed(cfg.seed, "chat_turn", turn)
             new = stream_answer(model, tok, prompt_ids, cfg, template, stop, seed)
         except UserError as e:  # e.g. the history outgrew the context: say so, keep the session
             print(f"error: {e}", file=sys.stderr)

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from spin_kernels.logprob import default_slice_bytes
 from model import GPTConfig
+from spin import SCORING_CHUNKS
+from spin_kernels.logprob import default_slice_bytes
 
 GIB = 1 << 30
-SCORING_CHUNKS = 4  # spin.opponent_logps scores a rollout batch's pairs in this many forwards; the plan counts one
 OPTIMIZER_STATES = {"adamw": 2, "rmsprop": 1}  # fp32 tensors per parameter: AdamW's two moments, RMSprop's square
 FIT_FRACTION = 0.9  # of the GPU's memory; the rest goes to the CUDA context and the allocator's fragmentation
 

@@ -13,7 +13,7 @@ Design choices:
 - An optional static KV cache (KVCache) plus per-row positions and an attention mask make the same
   forward serve generate.py's prefill and decode steps.
 - The architecture only: Hugging Face directories are read and written by checkpoint.py
-  (`GPT.from_pretrained` and `save_pretrained` are its entry points, for the familiar calls).
+  (`load_pretrained`, `save_model_dir`); this file imports nothing of nanospin's above the kernels.
 """
 
 from __future__ import annotations
@@ -135,8 +135,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa"
     """
     gqa = q.shape[1] != k.shape[1]
     if mask is None and impl == "triton":
+        from spin_kernels import KernelError
         from spin_kernels.attention import attention
-        return attention(q, k, v, causal=True, layout=layout, window=window)
+        try:
+            return attention(q, k, v, causal=True, layout=layout, window=window)
+        except KernelError as e:  # the kernels' own error, shown to people as every input error is
+            raise UserError(str(e)) from None
     if mask is None:  # GPT.hidden_states passes it in (once for every layer); made here for other callers
         mask = sdpa_mask(layout, q.shape[2], window, q.device)
     if mask is None:
@@ -314,10 +318,14 @@ class GPT(nn.Module):
                        layout: RowLayout | None = None) -> torch.Tensor:
         """idx, targets (B, T) -> log p(targets) (B, T) fp32, 0 where targets == -100; layout: packed rows.
         Through the fused log-prob kernel from the final hidden states, so the (B, T, V) logits never exist."""
+        from spin_kernels import KernelError
         from spin_kernels.logprob import token_logprobs
         h = self.hidden_states(idx, layout=layout)  # (B, T, C)
         B, T, C = h.shape
-        logps = token_logprobs(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T))
+        try:
+            logps = token_logprobs(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T))
+        except KernelError as e:  # e.g. TRITON_INTERPRET set after triton was imported
+            raise UserError(str(e)) from None
         return logps.view(B, T).clone()  # a fresh tensor, not a view: FSDP's forward hooks warn about views
 
     # --- KV cache for generate.py ------------------------------------------------------------
@@ -363,16 +371,23 @@ class GPT(nn.Module):
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
-    # --- Hugging Face directories (checkpoint.py does the file work) ---------------------------
+    # --- a grown vocabulary ------------------------------------------------------------------
 
-    @classmethod
-    def from_pretrained(cls, path: str, attention: str = "sdpa", block_size: int | None = None,
-                        dtype: torch.dtype | None = None) -> "GPT":
-        """checkpoint.load_pretrained: a local Hugging Face model directory as a GPT (None: float32)."""
-        from checkpoint import load_pretrained  # checkpoint.py imports this module
-        return load_pretrained(path, attention, block_size, dtype)
-
-    def save_pretrained(self, path: str, max_shard_bytes: int = 4 << 30, dtype: torch.dtype | None = None) -> None:
-        """checkpoint.save_model_dir: a Hugging Face directory transformers' AutoModelForCausalLM loads."""
-        from checkpoint import save_model_dir  # checkpoint.py imports this module
-        save_model_dir(path, self.state_dict(), self.config, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    def grow_vocab(self, vocab_size: int) -> None:
+        """New embedding (and untied output) rows up to vocab_size, each the mean of the existing rows: a new
+        marker starts as an average token rather than noise, so it disturbs the pretrained model least."""
+        old, C = self.config.vocab_size, self.config.n_embd
+        with torch.no_grad():
+            wte = nn.Embedding(vocab_size, C)  # (V', C)
+            wte.weight[:old] = self.wte.weight
+            wte.weight[old:] = self.wte.weight.mean(0)
+            self.wte = wte
+            if self.config.tie_embeddings:
+                self.lm_head = nn.Linear(C, vocab_size, bias=False)
+                self.lm_head.weight = self.wte.weight
+            else:
+                head = nn.Linear(C, vocab_size, bias=False)  # weight (V', C)
+                head.weight[:old] = self.lm_head.weight
+                head.weight[old:] = self.lm_head.weight.mean(0)
+                self.lm_head = head
+        self.config.vocab_size = vocab_size

@@ -4,7 +4,7 @@
 
 Design choices:
 - matplotlib is optional (never a run-time dependency): it is imported inside `plot_runs`, and its
-  absence is a one-line error; train.py may call `plot_runs` only when it is importable.
+  absence is a one-line error; train.py's end calls `write_run_plot`, which without it says how to get the picture.
 - Colour is the arm in every panel (SFT grey, SPIN blue, continued SFT orange) and the figure's legend
   says so; several runs (e.g. seeds) are overlaid, one marker shape each, named in that legend. Within
   a panel, line style tells two quantities apart (real y solid, generated y' dashed) and reference
@@ -20,11 +20,12 @@ Design choices:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
 from configurator import UserError, run_main
-from seeds import read_metrics
+from metrics_log import read_metrics
 
 HINT = "plot.py needs matplotlib, which nanospin does not install: pip install matplotlib"
 USAGE = "python plot.py OUT_DIR [OUT_DIR ...] [--out=FILE.png]"
@@ -277,6 +278,18 @@ def plot_runs(out_dirs: list[str], path: str) -> str:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def write_run_plot(out_dir: str) -> None:
+    """out_dir/metrics.png at the end of a train.py run, when matplotlib is importable; without it one line says
+    how to get the picture. The run is done by then: a plot that fails is reported, not raised."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"plot: pip install matplotlib, then python plot.py {out_dir}")
+        return
+    try:
+        print(f"plot: {plot_runs([out_dir], os.path.join(out_dir, 'metrics.png'))}")
+    except Exception as e:  # noqa: BLE001 - the weights and metrics are written; the picture is a convenience
+        print(f"plot: not written ({type(e).__name__}: {e}); try python plot.py {out_dir}")
 
 
 def main(argv: list[str]) -> None:

@@ -10,15 +10,12 @@ Design choices:
 - The table is built only from the phase-end evaluations in each run's metrics.jsonl, so
   `--summarize` gives the same table for runs made any other way.
 - Differences are paired within a run (same seed, same held-out prompts): SPIN iter t − SFT start
-  and SPIN iter t − continued SFT iter t. Their 95% interval is mean ± t(0.975, n−1)·sd/√n, with the
-  Student t quantile computed here from the exact finite-sum CDF for integer degrees of freedom, so
-  nothing beyond the standard library is needed.
+  and SPIN iter t − continued SFT iter t, with 95% Student t intervals (metrics_log.mean_ci).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -26,6 +23,7 @@ import sys
 import time
 
 from configurator import UserError, run_main
+from metrics_log import mean_ci, read_metrics
 
 # (metrics.jsonl key, label, scale): validity and accuracy are shown in points (percent)
 METRICS = [("eval/valid_sampled", "valid@T=1 (%)", 100.0), ("eval/valid_greedy", "valid@greedy (%)", 100.0),
@@ -36,76 +34,11 @@ DIFFERENCE_METRICS = ["eval/valid_sampled", "eval/valid_greedy", "eval/nll"]
 
 
 # ------------------------------------------------------------------------------------------------
-# statistics
-
-
-def t_cdf_two_sided(t: float, dof: int) -> float:
-    """P(|T| < t) for Student's t with an integer number of degrees of freedom: the closed
-    finite sums in θ = atan(t/√dof) (Abramowitz & Stegun 26.7.3-4)."""
-    if dof < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {dof}")
-    theta = math.atan(abs(t) / math.sqrt(dof))
-    c2 = math.cos(theta) ** 2
-    if dof % 2 == 1:
-        series, term = 0.0, math.cos(theta)
-        for k in range(1, (dof - 1) // 2 + 1):  # terms cos^(2k-1)θ · (2·4···(2k−2)) / (1·3···(2k−1))
-            series += term
-            term *= c2 * (2 * k) / (2 * k + 1)
-        return 2 / math.pi * (theta + math.sin(theta) * series)
-    series, term = 0.0, 1.0
-    for k in range(1, dof // 2 + 1):  # terms cos^(2k-2)θ · (1·3···(2k−3)) / (2·4···(2k−2))
-        series += term
-        term *= c2 * (2 * k - 1) / (2 * k)
-    return math.sin(theta) * series
-
-
-def t_quantile(p: float, dof: int) -> float:
-    """The p-quantile (p > 0.5) of Student's t: the t with P(T < t) = p, by bisection on the CDF."""
-    if not 0.5 < p < 1:
-        raise ValueError(f"p must be in (0.5, 1), got {p}")
-    coverage = 2 * p - 1  # P(|T| < t)
-    lo, hi = 0.0, 1.0
-    while t_cdf_two_sided(hi, dof) < coverage:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf_two_sided(mid, dof) < coverage else (lo, mid)
-        if hi - lo < 1e-12 * hi:
-            break
-    return (lo + hi) / 2
-
-
-def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float | None, float | None]:
-    """(mean, lower, upper) of a Student t interval for the mean; no interval for one value."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None, None
-    half = t_quantile(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
-# ------------------------------------------------------------------------------------------------
 # reading runs
 
 
 def phase_label(phase: str, iteration: int) -> str:
     return {"sft": "SFT", "spin": f"SPIN iter {iteration}", "baseline": f"continued SFT iter {iteration}"}[phase]
-
-
-def read_metrics(out_dir: str) -> list[dict]:
-    """One run's metrics.jsonl records (a line cut short by a kill is skipped); plot.py reads runs with it too."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise UserError(f"'{path}' not found: '{out_dir}' is not a train.py out_dir (pass the directories that hold "
-                        f"a metrics.jsonl, e.g. seed_N)")
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-    return records
 
 
 def phase_ends(out_dir: str) -> dict[tuple[str, int], dict]:
@@ -263,10 +196,8 @@ def finished(out_dir: str, expected: list[tuple[str, int]]) -> bool:
 
 def run_seeds(config: str, overrides: list[str], seeds: list[int], jobs: int) -> tuple[list[str], str]:
     """Run train.py once per seed (at most `jobs` at a time); returns the seeds' out_dirs and their root."""
-    from train import TrainConfig, check_config, phases_of
-    from configurator import load_config
-    cfg = load_config(TrainConfig, [config, *overrides])  # a typo fails here once, not once per seed
-    check_config(cfg)
+    from train_config import load_train_config, phases_of
+    cfg = load_train_config([config, *overrides])  # a typo fails here once, not once per seed
     root = cfg.out_dir
     os.makedirs(root, exist_ok=True)
     env = dict(os.environ)

@@ -1,4 +1,4 @@
-"""SPIN (Self-Play Fine-Tuning, Chen et al. 2024): the loss, sequence log-probs, and the rollout.
+"""SPIN (Self-Play Fine-Tuning, Chen et al. 2024): the loss, sequence log-probs, the rollout, and an iteration's pairs.
 
 Design choices:
 - At iteration t the opponent is the model as it stands when the iteration starts. The rollout
@@ -21,6 +21,9 @@ Design choices:
 - The held-out KL(policy ‖ opponent) needs the opponent's next-token distributions after the opponent is
   gone: the rollout keeps them for the held-out real responses (all, or each position's top k and the
   rest of the mass as one outcome) and `kl_per_token` compares the policy's with them.
+- What an iteration trains on is built in one place, `build_iteration`, one function per variant: the data's
+  given y' (SPIN's own files, iteration 0), the opponent's rollout (once, or once per epoch), earlier
+  iterations' rollouts rescored by this opponent; a new variant is one more function there.
 - Rollouts are reproducible whatever the world size: prompts are sorted by length and dealt to the
   ranks in turn; each rank samples its share with continuous batching (`batch_size` cache rows, a fixed
   cache length), prompt i drawing from the seed (seed, iteration, i), and a row's numbers never depend on
@@ -33,18 +36,21 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+from checkpoint import iteration_dir, save_tensors
 from configurator import UserError
 from data import collate
-from generate import Sampling, generate_stream, mix_seed
-from memory_plan import SCORING_CHUNKS
+from generate import Sampling, derive_seed, generate_stream, mix_seed
 from packing import pack_documents, response_logps
+
+SCORING_CHUNKS = 4  # opponent_logps scores a rollout batch's pairs in this many forwards (memory_plan counts one)
 
 # ----------------------------------------------------------------------------------------------
 # the loss
@@ -181,6 +187,30 @@ def pair_terms(model, pairs: list[Pair], beta: float, loss_type: str, pad_id: in
                       generated_tokens)
 
 
+def spin_micro_batch(model, pairs: list[Pair], beta: float, loss_type: str, nll_weight: float, pack: bool,
+                     pad_id: int, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """(summed loss, summed metrics with the pair count, tokens run through the model) of a micro-batch of SPIN
+    pairs, for train.py's step: a packed pair runs its prompt once, an unpacked pair twice."""
+    losses, metrics = pair_terms(model, pairs, beta, loss_type, pad_id, device, pack, nll_weight)
+    sums = {name: values.sum() for name, values in metrics.items()}
+    sums["pairs"] = torch.tensor(float(len(pairs)), device=device)
+    prompt_runs = 1 if pack else 2
+    tokens = sum(len(p.real_ids) + len(p.generated_ids) + prompt_runs * len(p.prompt_ids) for p in pairs)
+    return losses.sum(), sums, tokens
+
+
+def sft_micro_batch(model, examples: list, pad_id: int, device: torch.device,
+                    pack: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """(summed negative log-likelihood of the real responses, the sums to log, tokens run) of a micro-batch of
+    examples, for train.py's SFT steps (and the continued-SFT baseline's)."""
+    logps = sequence_logps(model, [e.prompt_ids for e in examples], [e.real_ids for e in examples], pad_id, device,
+                           pack)
+    loss_sum = -logps.sum()
+    sums = {"loss": loss_sum.detach(),
+            "tokens": torch.tensor(float(sum(len(e.real_ids) for e in examples)), device=device)}
+    return loss_sum, sums, sum(len(e.real_ids) + len(e.prompt_ids) for e in examples)
+
+
 # ----------------------------------------------------------------------------------------------
 # the opponent's next-token distributions, for the held-out KL(policy ‖ opponent)
 
@@ -222,6 +252,34 @@ def kl_per_token(policy_logprobs: torch.Tensor, opponent: dict[str, torch.Tensor
     policy_rest = rest_logprob(policy_logprobs, opponent["ids"])  # (N,)
     kl_rest = torch.where(policy_rest == float("-inf"), 0.0, policy_rest.exp() * (policy_rest - opponent["rest"]))
     return kl_top + kl_rest
+
+
+LOGITS_PER_BATCH = 2**26  # full-logit diagnostics run in batches of at most about this many fp32 logits (256 MB)
+
+
+def logit_batches(examples: list, vocab_size: int, max_len: int) -> list[list]:
+    """Held-out examples in batches whose full (B, T, V) logits hold at most LOGITS_PER_BATCH values."""
+    size = max(1, LOGITS_PER_BATCH // (max_len * vocab_size))
+    return [examples[i:i + size] for i in range(0, len(examples), size)]
+
+
+def opponent_eval_logprobs(opponent, examples: list, pad_id: int, max_len: int, budget_mb: float,
+                           autocast: AbstractContextManager, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The opponent's next-token log-probs on the held-out real responses, for eval/kl_opponent once the
+    opponent is gone: all V per token if they fit in budget_mb (kl_opponent_mb; 4 bytes each), else the top k
+    per token that fit (value and id, 12 bytes each, and 4 for the rest's mass). None without held-out
+    examples or with a zero budget."""
+    if not examples or not budget_mb:
+        return None
+    vocab, n_tokens = opponent.config.vocab_size, sum(len(e.real_ids) for e in examples)
+    k = vocab if n_tokens * vocab * 4 <= budget_mb * 2**20 else max(1, int((budget_mb * 2**20 / n_tokens - 4) // 12))
+    kept = []
+    with torch.no_grad(), autocast:
+        for batch in logit_batches(examples, vocab, max_len):
+            logprobs = response_logprobs(opponent, [e.prompt_ids for e in batch], [e.real_ids for e in batch], pad_id,
+                                         device)  # (n, V)
+            kept.append({name: values.cpu() for name, values in opponent_top_k(logprobs, k).items()})
+    return {name: torch.cat([part[name] for part in kept]) for name in kept[0]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,3 +461,165 @@ def read_rollouts(path: str) -> list[Pair]:
                 raise UserError(f"{path}:{number}: not a rollout record ({type(e).__name__}: {e}); the file is "
                                 f"damaged: restore it, or start the run over with --resume=restart") from None
     return pairs
+
+
+# ----------------------------------------------------------------------------------------------
+# what an iteration trains on
+
+
+@dataclass
+class IterationRecipe:
+    """What SPIN iterations train on, as the config asks (see `build_iteration`)."""
+    prompts_per_iteration: int  # 0: every training prompt, else a seeded subset of that size
+    rollouts: int  # rollouts of the prompts by the opponent: 1, or max_epochs (regenerate_per_epoch)
+    mix_previous: int  # also the first rollouts of iterations t-1 .. t-k (mix_previous_rollouts)
+    use_given: bool  # iteration 0 takes the y' SPIN's own data files bring (not regenerate_iteration_0)
+    kl_opponent_mb: float  # memory for the opponent's held-out next-token log-probs (0: none kept)
+    out_dir: str  # where the earlier iterations' rollouts are
+
+
+@dataclass
+class IterationPairs:
+    """A SPIN iteration's data, as out_dir/iter_t/ holds it. `pairs` is its rollouts.jsonl: `blocks` blocks of
+    `own` pairs, one per prompt, whose y' its opponent sampled (one block; or one per epoch), then those of
+    iterations t-1 .. t-k mixed in, rescored by it."""
+    pairs: list[Pair]
+    own: int  # pairs per block: one per prompt of the iteration
+    blocks: int
+    eval_pairs: list[Pair]  # the opponent's held-out pairs (eval_rollouts.jsonl)
+    opponent_eval: dict[str, torch.Tensor] | None  # what `opponent_top_k` kept of its held-out log-probs
+
+
+def build_iteration(sampler, opponent, examples: list, eval_examples: list, iteration: int,
+                    recipe: IterationRecipe, settings: RolloutSettings, progress: Callable[[int], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> IterationPairs | None:
+    """Iteration t's pairs, each variant one function: the data's given y' (iteration 0 of SPIN's own files),
+    else the opponent's rollout (one per epoch with regenerate_per_epoch), then earlier iterations' first
+    rollouts; its held-out pairs; the opponent's held-out next-token log-probs. `sampler` samples (it may be
+    a cheaper copy), `opponent` scores: its log-probs take the numerical path they take in training, so each
+    iteration starts at zero rewards. None if should_stop() said to abort the rollout."""
+    prompts = prompts_for_iteration(examples, recipe.prompts_per_iteration, settings.seed, iteration)
+    use_given = recipe.use_given and iteration == 0
+    own = given_generations(opponent, prompts, settings) if use_given else None
+    if own is not None and settings.rank == 0:
+        print(f"spin {iteration}: y' are the data's 'generated' responses, scored by the opponent", flush=True)
+    if own is None:
+        own = sampled_generations(sampler, opponent, prompts, settings, iteration, recipe.rollouts, progress,
+                                  should_stop)
+        if own is None:
+            return None
+    eval_pairs = given_generations(opponent, eval_examples, settings) if use_given else None
+    if eval_pairs is None:  # another seed, and never compiled
+        eval_settings = replace(settings, seed=derive_seed(settings.seed, "eval_rollout"), compile=False)
+        eval_pairs = rollout(sampler, eval_examples, eval_settings, iteration, scorer=opponent)
+    mixed = previous_generations(opponent, recipe.out_dir, iteration, recipe.mix_previous, len(prompts), settings)
+    opponent_eval = opponent_eval_logprobs(opponent, eval_examples, settings.pad_id, settings.max_len,
+                                           recipe.kl_opponent_mb, settings.autocast or nullcontext(), settings.device)
+    return IterationPairs(own + mixed, len(prompts), len(own) // len(prompts), eval_pairs, opponent_eval)
+
+
+def prompts_for_iteration(examples: list, count: int, seed: int, iteration: int) -> list:
+    """Every training prompt (count 0), or a seeded subset of `count` of them."""
+    if not count:
+        return examples
+    g = torch.Generator().manual_seed(derive_seed(seed, "prompt_subset", iteration))
+    perm = torch.randperm(len(examples), generator=g)[:count]
+    return [examples[i] for i in perm.tolist()]
+
+
+def given_generations(opponent, examples: list, settings: RolloutSettings) -> list[Pair] | None:
+    """The y' SPIN's own data format brings ('generated'), scored by the opponent as it scores its own samples;
+    None when the examples bring none."""
+    given = [e for e in examples if e.generated_ids is not None]
+    if not given:
+        return None
+    if len(given) < len(examples):
+        raise UserError(f"{len(given)} of {len(examples)} examples have SPIN's 'generated' response (e.g. "
+                        f"{given[0].source}); give it in every record, or set regenerate_iteration_0=True to sample "
+                        f"iteration 0's y' instead")
+    pairs = [Pair(e.source, e.prompt_ids, e.real_ids, e.generated_ids, opponent_real_logp=0.0,
+                  opponent_generated_logp=0.0, eos=e.generated_ids[-1] in settings.stop) for e in examples]
+    return rescore(opponent, pairs, settings)
+
+
+def sampled_generations(sampler, opponent, prompts: list, settings: RolloutSettings, iteration: int, rollouts: int,
+                        progress: Callable[[int], None] | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> list[Pair] | None:
+    """The opponent's y' for every prompt, `rollouts` times over (epoch e's seeded by derive_seed(seed, 'rollout', e),
+    so the first is the single rollout's); None if should_stop() said to abort."""
+    generations = []
+    for epoch in range(rollouts):
+        seeded = replace(settings, seed=derive_seed(settings.seed, "rollout", epoch))
+        pairs = rollout(sampler, prompts, seeded, iteration, progress=progress, should_stop=should_stop,
+                        scorer=opponent)
+        if pairs is None:
+            return None
+        generations += pairs
+    return generations
+
+
+def previous_generations(opponent, out_dir: str, iteration: int, k: int, own: int,
+                         settings: RolloutSettings) -> list[Pair]:
+    """The first `own` pairs (the first rollout) of iterations t-1 .. t-k, in that order, with the opponent's
+    log-probs recomputed by this iteration's opponent: it is the opponent they are trained against now."""
+    mixed = []
+    for back in range(1, min(k, iteration) + 1):
+        earlier = read_rollouts(os.path.join(iteration_dir(out_dir, iteration - back), "rollouts.jsonl"))
+        mixed += rescore(opponent, earlier[:own], settings)
+    return mixed
+
+
+def prompt_count(recipe: IterationRecipe, n_examples: int) -> int:
+    """Prompts an iteration samples for: every training prompt, or prompts_per_iteration of them."""
+    return min(recipe.prompts_per_iteration, n_examples) if recipe.prompts_per_iteration else n_examples
+
+
+def pairs_per_epoch(recipe: IterationRecipe, n_examples: int, iteration: int) -> int:
+    """Pairs an epoch of iteration t trains on: one per prompt of t and of each iteration mixed in, known
+    before any rollout (a schedule across iterations needs every iteration's length)."""
+    return (1 + min(recipe.mix_previous, iteration)) * prompt_count(recipe, n_examples)
+
+
+def epoch_pairs(it: IterationPairs, epoch: int) -> list[Pair]:
+    """The pairs an epoch trains on: its block of the opponent's generations, then the ones mixed in."""
+    block = epoch % it.blocks
+    return it.pairs[block * it.own:(block + 1) * it.own] + it.pairs[it.blocks * it.own:]
+
+
+def rollout_stats(it: IterationPairs) -> dict[str, float]:
+    """The opponent's own generations (never those mixed in): their length in tokens (mean; median and 90th
+    percentile, interpolated linearly between order statistics; longest), the share that reached a stop
+    token, and the share equal to the real response token for token: pairs with y' = y, whose SPIN
+    gradient is zero (both log-prob differences are the same function of θ)."""
+    generations = it.pairs[:it.blocks * it.own]
+    lengths = torch.tensor([float(len(p.generated_ids)) for p in generations])
+    return {"gen_len_mean": sum(len(p.generated_ids) for p in generations) / len(generations),
+            "gen_len_p50": torch.quantile(lengths, 0.5).item(), "gen_len_p90": torch.quantile(lengths, 0.9).item(),
+            "gen_len_max": lengths.max().item(), "eos_rate": sum(p.eos for p in generations) / len(generations),
+            "dynamics/identical_frac": sum(p.generated_ids == p.real_ids for p in generations) / len(generations)}
+
+
+def write_iteration(iter_dir: str, made: IterationPairs, decode, decode_response) -> None:
+    """out_dir/iter_t/: rollouts.jsonl, eval_rollouts.jsonl and opponent_eval.safetensors (rank 0)."""
+    write_rollouts(os.path.join(iter_dir, "rollouts.jsonl"), made.pairs, decode, decode_response)
+    if made.eval_pairs:
+        write_rollouts(os.path.join(iter_dir, "eval_rollouts.jsonl"), made.eval_pairs, decode, decode_response)
+    if made.opponent_eval is not None:  # written whole, then renamed, as the rollouts are
+        path = os.path.join(iter_dir, "opponent_eval.safetensors")
+        save_tensors({name: t.contiguous() for name, t in made.opponent_eval.items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def read_iteration(rollouts_path: str, iter_dir: str, own: int, mixed_iterations: int,
+                   eval_examples: list) -> IterationPairs:
+    """An iteration's pairs as written: its rollouts (for a mid-iteration resume, the checkpoint's copy), its
+    held-out pairs and the opponent's held-out log-probs, if they were kept for these held-out examples."""
+    pairs = read_rollouts(rollouts_path)
+    eval_file = os.path.join(iter_dir, "eval_rollouts.jsonl")
+    eval_pairs = read_rollouts(eval_file) if eval_examples and os.path.isfile(eval_file) else []
+    opponent_file = os.path.join(iter_dir, "opponent_eval.safetensors")
+    opponent_eval = load_file(opponent_file) if eval_examples and os.path.isfile(opponent_file) else None
+    if opponent_eval and len(opponent_eval["logprobs"]) != sum(len(e.real_ids) for e in eval_examples):
+        opponent_eval = None  # kept for other held-out examples (eval_samples changed): no eval/kl_opponent
+    blocks = len(pairs) // own - mixed_iterations  # what is not mixed in is its own
+    return IterationPairs(pairs, own, blocks, eval_pairs, opponent_eval)

@@ -1,474 +1,67 @@
-"""Train: SFT and SPIN iterations, on one CPU, one GPU, or many under torchrun + FSDP2.
+"""Train: SFT, then SPIN iterations and a continued-SFT baseline, on one CPU, one GPU, or many under torchrun.
 
     python train.py config/quick.py [--key=value ...]
     torchrun --standalone --nproc_per_node=8 train.py config/zephyr_7b.py
 
 Design choices:
-- A run is a fixed list of phases, derived from the config: 'sft' (supervised fine-tuning on the
-  real responses), then 'spin' iterations t = 0..max_iterations-1, then optionally 'baseline'
-  iterations (continued SFT from the SFT model for the same number of steps, for an honest
-  comparison). Each SPIN iteration starts with a rollout by the opponent (the model as it stands
-  then) and a fresh optimizer and learning-rate schedule, like the official SPIN code (or one of
-  each across the iterations, like NeMo-Aligner). Everything an iteration trains on is drawn then:
-  with regenerate_per_epoch one rollout per epoch, and earlier iterations' generations mixed in.
-- Resuming is running the same command again: the latest checkpoint names the phase and step; a
-  resume mid-iteration reuses that iteration's rollouts, a resume at an iteration boundary
-  regenerates them with the new opponent.
-- Losses are normalised by the global count (tokens for SFT, pairs for SPIN) of the whole optimizer
-  step, so any micro-batch size, grad_accum and world size give the same update.
-- Under torchrun every block and the root are wrapped with FSDP2's fully_shard. A rollout all-gathers
-  the weights once, in the compute dtype, and samples with a plain GPT over them (never a per-token
-  all-gather, never a full fp32 state dict); the previous optimizer state is freed before it.
-- The opponent's log-probs are scored by the model itself, on the numerical path its log-probs take in
-  training (weights, autocast, kernels): a cheaper copy may sample, never score, so each iteration's
-  first step has zero rewards (and loss log 2 with the sigmoid loss).
-- At start a per-rank memory plan (memory_plan.py) is printed, with a warning when it cannot fit.
-- SPIN's dynamics are logged per iteration: the rollout's length and EOS distribution and share of
-  y' = y, and at evaluations the held-out log-prob changes and KL(policy ‖ opponent) per token; the
-  final table ends with SPIN's last iteration against the SFT start and continued SFT as paired
-  differences over the held-out prompts with 95% intervals.
-- `main` is the run, top to bottom; every step it takes is a function above it, with what it needs as
-  arguments. Progress bars are drawn on a terminal only; a log file gets a line per logged step.
+- The run is a fixed list of phases: SFT on the real responses; SPIN iterations t = 0..max_iterations-1, each
+  a rollout by the opponent (the model as it stands then; spin.build_iteration) and max_epochs over its pairs;
+  optionally continued SFT from the SFT model, as many steps per iteration as SPIN's, to compare with. Each
+  phase is a function that says what its steps train on; one loop, `run_steps`, runs them all.
+- A fresh optimizer and lr schedule per SPIN iteration, like the official code (or one of each across the
+  iterations, like NeMo-Aligner). Losses are normalised by the global count (tokens for SFT, pairs for SPIN)
+  of the whole optimizer step, so any micro-batch size, grad_accum and world size give the same update.
+- Resuming is running the same command again: the latest checkpoint names the phase and step; a resume
+  mid-iteration reuses that iteration's rollouts, one at an iteration boundary regenerates them.
+- Elsewhere: processes, FSDP2 and the sampling copy in fsdp.py; everything on disk in checkpoint.py; what a
+  phase's end reports in evaluator.py; the memory plan printed first in memory_plan.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import hashlib
-import importlib.util
-import json
-import math
 import os
-import shutil
-import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import TextIO
 
 import configurator
 
-if __name__ == "__main__":  # --help answers before torch's seconds of imports
-    configurator.help_if_asked(sys.argv[1:], __file__, "TrainConfig",
-                                "python train.py [CONFIG.py] [--key=value ...]\n"
-                                "torchrun --standalone --nproc_per_node=8 train.py CONFIG.py [--key=value ...]",
-                                "More: README.md (Configuration, Resume, The quick demo); recipes in config/, "
-                                "e.g. config/quick.py.")
+if __name__ == "__main__":  # --help answers before torch's seconds of imports; the keys are in train_config.py
+    configurator.help_if_asked(sys.argv[1:], os.path.join(os.path.dirname(__file__), "train_config.py"), "TrainConfig",
+                                "python train.py [CONFIG.py] [--key=value ...]\ntorchrun --standalone "
+                                "--nproc_per_node=8 train.py CONFIG.py [--key=value ...]", "More: README.md "
+                                "(Configuration, Resume, The quick demo); recipes in config/, e.g. config/quick.py.")
 
 import torch
-import torch.distributed as dist
-from safetensors.torch import load_file
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from configurator import UserError, load_config, run_main, run_plan, time_left
-from data import BatchOrder, Example, check_answer, examples_from_messages, load_examples, synthetic_split
-from generate import GREEDY, Sampling, generate, sampling_of
-from memory_plan import MemoryPlan, describe_plan, plan_memory, plan_warning
-from model import ATTENTION_IMPLS, GPT, SCRATCH_MODEL_TYPES, GPTConfig
-from plot import plot_runs
-from seeds import mean_ci
-from spin import (LOSSES, Pair, RolloutSettings, kl_per_token, opponent_top_k, pair_terms, per_iteration, read_rollouts,
-                  rescore, response_logprobs, rollout, sequence_logps, spin_metrics, write_rollouts)
-from templates import ChatFormat, chat_format, missing_tokens, resolve_template, response_text, stop_ids, strip_stop
+from configurator import UserError, run_main, run_plan, time_left
+from data import BatchOrder, Example, examples_from_messages, load_examples, synthetic_split
+from evaluator import HeldOut, evaluate, headline, summary_table
+from fsdp import (Runtime, StopRequest, add_sums, all_reduce_sum, all_reduce_sums, barrier,
+                  catch_stop_signals, clip_gradients, close_runtime, init_runtime, mfu, model_for_sampling,
+                  place_model, print0, progress_bar, show_progress)
+from generate import derive_seed, sampling_of
+from memory_plan import describe_plan, plan_memory, plan_warning
+from metrics_log import write_metrics
+from model import GPT, GPTConfig
+from plot import write_run_plot
+from spin import (IterationPairs, IterationRecipe, RolloutSettings, build_iteration, epoch_pairs, pairs_per_epoch,
+                  per_iteration, prompt_count, read_iteration, rollout_stats, sft_micro_batch, spin_metrics,
+                  spin_micro_batch, write_iteration)
+from templates import ChatFormat, missing_tokens, response_text, stop_ids
 from tokenizer import Tokenizer, add_special_tokens, load_tokenizer
-
-# ------------------------------------------------------------------------------------------------
-# config
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run, with its default; a config file and --key=value overrides change them."""
-    # --- I/O -------------------------------------------------------------------------------------
-    out_dir: str = "out"
-    init_from: str = "scratch"  # 'scratch', a Hugging Face model directory, or a nanospin checkpoint/out_dir
-    # 'auto': continue from out_dir's latest checkpoint (none yet: start at step 0); True: the same, but a checkpoint
-    # must exist; False: refuse a non-empty out_dir; 'restart': delete what a run wrote there, then start at step 0
-    resume: bool | str = "auto"
-    allow_config_change: bool = False  # resume an out_dir whose saved config differs from this one
-    tokenizer: str = "auto"  # 'auto' (the model directory's, or 'bytes' from scratch), 'bytes', 'gpt2', a path...
-    tokenizer_pattern: str | None = None  # the split regex of a tiktoken BPE file no known encoding matches
-    # 'auto' (the model directory's, else 'chatml'), 'chatml', 'llama3', 'zephyr', 'plain', or a dict (README)
-    chat_template: str | dict = "auto"
-    train_data: str = "synthetic"  # a .jsonl/.json chat file, or 'synthetic' (the quick demo's task)
-    val_data: str = ""  # held-out file; '' = none (the synthetic task has its own split)
-    skip_invalid: bool = False  # skip malformed records (counted) instead of stopping at the first
-    synthetic_train: int = 2000  # examples in the synthetic task's train split
-    synthetic_val: int = 200
-    max_len: int = 512  # prompt + response tokens; longer responses are cut (counted)
-    max_prompt_len: int = 256  # prompts keep their last max_prompt_len tokens
-    seed: int = 1337
-    device: str = "auto"  # 'auto' | 'cpu' | 'cuda'
-    dtype: str = "auto"  # 'auto' (bfloat16 on a GPU, float32 on the CPU) | 'float32' | 'bfloat16' | 'float16'
-    export_dtype: str = "auto"  # out_dir/final's weights: 'auto' (as they came in; fp32 from scratch) or a dtype name
-    compile: bool = False  # torch.compile the training forward/backward and the decode step (GPU)
-    attention: str = "sdpa"  # 'sdpa' | 'triton'
-    # one row per SPIN pair, its prompt run once for both responses, several pairs (or SFT examples) to a row, for
-    # training, the opponent's scoring and evaluation alike; False: a padded row per sequence (the reference)
-    pack_pairs: bool = True
-    # --- model, when init_from='scratch' ---------------------------------------------------------
-    model_type: str = "llama"  # 'gpt2' | 'llama' (the block style; see model.py)
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 4
-    n_embd: int = 128
-    block_size: int | None = 0  # context length; 0/None = a pretrained model's own (from scratch: max_len)
-    # --- what to run -------------------------------------------------------------------------------
-    stage: str = "spin"  # 'sft' | 'spin' | 'sft+spin'
-    baseline_sft: bool = False  # after SPIN, continue SFT from the SFT model for as many steps, for comparison
-    baseline_lr: float = 0.0  # the continued-SFT baseline's peak lr; 0 = sft_lr (a re-warmup to it can hurt)
-    # --- SFT -------------------------------------------------------------------------------------
-    sft_steps: int = 1000
-    sft_lr: float = 1e-3
-    # --- SPIN ------------------------------------------------------------------------------------
-    max_iterations: int = 3
-    max_epochs: int = 1  # epochs over the iteration's pairs
-    prompts_per_iteration: int = 0  # 0 = every training prompt, else a seeded subset of that size
-    # also train iteration t on the generations of iterations t-1 .. t-k (their first rollout's), rescored by
-    # t's opponent; 0 = off; the official repository mixes t-1's, its authors later recommended k = 2
-    mix_previous_rollouts: int = 0
-    # fresh y' for every epoch of an iteration, as NeMo-Aligner samples them: each epoch trains on its own
-    # rollout by the iteration's opponent (drawn at the iteration's start: the opponent does not change)
-    regenerate_per_epoch: bool = False
-    # True: a fresh optimizer and lr schedule per iteration (the official code); False: one optimizer and one
-    # schedule across all SPIN iterations, and one across the continued-SFT ones (NeMo-Aligner)
-    optimizer_per_iteration: bool = True
-    nll_weight: float = 0.0  # + nll_weight x the real response's per-token NLL in each pair's loss (RPO-style)
-    regenerate_iteration_0: bool = False  # sample iteration 0's y' even when the data brings SPIN's 'generated'
-    beta: float | list[float] = 0.1  # a float, or one per iteration (the last repeats)
-    loss_type: str = "sigmoid"  # 'sigmoid' | 'hinge' | 'ipo' (spin.LOSSES)
-    lr: float | list[float] = 5e-7  # SPIN's peak learning rate: a float, or one per iteration (the last repeats)
-    # --- rollout -----------------------------------------------------------------------------------
-    rollout_batch_size: int = 64
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None  # keep tokens at least min_p times as likely as the most likely one (after top-p)
-    # --- optimisation ----------------------------------------------------------------------------
-    batch_size: int = 8  # micro-batch per rank; one optimizer step = batch_size * grad_accum * world size
-    grad_accum: int = 1
-    optimizer: str = "adamw"  # 'adamw' | 'rmsprop' (the paper's)
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 = off
-    lr_schedule: str = "linear"  # 'linear' | 'cosine' | 'constant', after warmup, down to min_lr; per iteration
-    warmup_frac: float = 0.1
-    min_lr_frac: float = 0.0  # min_lr = min_lr_frac * lr
-    # --- evaluation, logging, checkpoints --------------------------------------------------------
-    eval_interval: int = 0  # steps between evaluations (0 = only at the end of each phase)
-    eval_samples: int = 128  # held-out prompts scored by the task's checker (and SPIN pairs)
-    # memory for the opponent's next-token distributions on the held-out real responses (eval/kl_opponent):
-    # exact when they fit, else each position's top-k that fit plus the rest of the mass; 0 = no eval/kl_opponent
-    kl_opponent_mb: float = 64.0
-    log_interval: int = 10
-    save_interval: int = 0  # steps between mid-iteration checkpoints (0 = only at phase ends)
-    keep_checkpoints: int = 2
-    plot: bool = True  # out_dir/metrics.png at the end of the run (plot.py), when matplotlib is installed
-    # --- distributed ---------------------------------------------------------------------------
-    activation_checkpointing: bool = False
+from train_config import TrainConfig, export_dtype, get_lr, load_train_config, make_optimizer, phases_of
 
 
 ETA_STEPS = 3  # steps timed before a phase says how long it has left
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the dtype keys' names
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Values the type system cannot catch, as one-line errors naming the key."""
-    sampling_of(cfg)  # temperature, top_k, top_p, min_p: a bad one fails here, naming its key
-    choices = {"stage": ("sft", "spin", "sft+spin"), "loss_type": tuple(LOSSES),
-               "optimizer": ("adamw", "rmsprop"), "lr_schedule": ("linear", "cosine", "constant"),
-               "device": ("auto", "cpu", "cuda"), "dtype": ("auto", *DTYPES), "export_dtype": ("auto", *DTYPES),
-               "attention": ATTENTION_IMPLS, "model_type": SCRATCH_MODEL_TYPES}
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise UserError(f"config key '{key}' is {getattr(cfg, key)!r}; use one of {allowed}")
-    if cfg.resume not in ("auto", True, False, "restart"):
-        raise UserError(f"config key 'resume' is {cfg.resume!r}; use 'auto', True, False or 'restart'")
-    positive = ("batch_size", "grad_accum", "rollout_batch_size", "max_new_tokens", "max_len", "max_prompt_len",
-                "max_epochs", "log_interval", "keep_checkpoints", "n_layer", "n_head", "n_kv_head", "n_embd")
-    for key in positive:
-        if getattr(cfg, key) <= 0:
-            raise UserError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")
-    if cfg.block_size is not None and cfg.block_size < 0:
-        raise UserError(f"config key 'block_size' must be >= 0 (0: the model's own context), got {cfg.block_size}")
-    if cfg.max_prompt_len >= cfg.max_len:
-        raise UserError(f"max_prompt_len={cfg.max_prompt_len} must be < max_len={cfg.max_len}")
-    for key in ("beta", "lr"):
-        if isinstance(getattr(cfg, key), list) and not getattr(cfg, key):
-            raise UserError(f"config key '{key}' is an empty list; give a float or one value per iteration")
-    if any(beta <= 0 for beta in (cfg.beta if isinstance(cfg.beta, list) else [cfg.beta])):
-        raise UserError(f"config key 'beta' must be > 0 (each entry of a list), got {cfg.beta}")
-    if cfg.baseline_sft and cfg.stage != "sft+spin":
-        raise UserError("baseline_sft=True needs stage='sft+spin' (it continues SFT from the SFT model)")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device='cuda' but no CUDA GPU is visible; use --device=cpu")
-    for key in ("mix_previous_rollouts", "nll_weight", "kl_opponent_mb"):
-        if getattr(cfg, key) < 0:
-            raise UserError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)}")
-    if cfg.chat_template != "auto":
-        chat_format(cfg.chat_template)  # a bad name or dict field fails here, naming the key
-
-
-def config_fingerprint(cfg: TrainConfig, world_size: int) -> dict:
-    """The settings a resumed run must share with the run that wrote the checkpoint. The batch counts
-    as its global size, so a run may resume at another world size or micro-batch split."""
-    ignore = {"out_dir", "resume", "allow_config_change", "log_interval", "eval_interval", "save_interval",
-              "keep_checkpoints", "compile", "device", "batch_size", "grad_accum", "kl_opponent_mb", "plot",
-              "pack_pairs"}  # packing changes float round-off only
-    fingerprint = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
-    fingerprint["global_batch"] = cfg.batch_size * cfg.grad_accum * world_size
-    return fingerprint
-
-
-def phases_of(cfg: TrainConfig) -> list[tuple[str, int]]:
-    """The run's (kind, iteration) phases in order: 'sft', then 'spin' t, then 'baseline' t."""
-    phases = [("sft", 0)] if cfg.stage in ("sft", "sft+spin") else []
-    if cfg.stage in ("spin", "sft+spin"):
-        phases += [("spin", t) for t in range(cfg.max_iterations)]
-    if cfg.baseline_sft:
-        phases += [("baseline", t) for t in range(cfg.max_iterations)]
-    if not phases:
-        raise UserError("nothing to run: stage='spin' with max_iterations=0")
-    return phases
-
-
-def phase_name(kind: str, iteration: int) -> str:
-    """How messages name a phase: 'sft', 'spin 0', 'baseline 2'."""
-    return "sft" if kind == "sft" else f"{kind} {iteration}"
-
-
-def phase_lr(cfg: TrainConfig, kind: str, iteration: int) -> float:
-    """The phase's peak learning rate."""
-    if kind == "spin":
-        return per_iteration(cfg.lr, iteration)
-    if kind == "baseline" and cfg.baseline_lr:
-        return cfg.baseline_lr
-    return cfg.sft_lr
-
-
-def get_lr(step: int, total_steps: int, max_lr: float, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_frac of the steps, then linear/cosine/constant down to min_lr."""
-    warmup = int(cfg.warmup_frac * total_steps)
-    min_lr = cfg.min_lr_frac * max_lr
-    if step < warmup:
-        return max_lr * (step + 1) / (warmup + 1)
-    if cfg.lr_schedule == "constant":
-        return max_lr
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    if cfg.lr_schedule == "linear":
-        return max_lr + (min_lr - max_lr) * progress
-    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
-
 
 # ------------------------------------------------------------------------------------------------
-# distributed init and device
-
-
-@dataclass
-class Runtime:
-    """Where this process runs: its rank of world_size, its device, and the dtype the forwards compute in."""
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    compute_dtype: torch.dtype
-    fsdp: bool  # under torchrun the model is sharded with FSDP2
-    autocast: AbstractContextManager  # the context every forward runs under
-
-
-def init_runtime(cfg: TrainConfig) -> Runtime:
-    """A process group only when launched by torchrun; the device and compute dtype from the config."""
-    rank, local_rank, world_size = 0, 0, 1
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-    use_cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    compute_dtype = DTYPES.get(cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)  # or auto
-    fsdp = world_size > 1
-    # single process: fp32 master weights under autocast; FSDP: its mixed-precision policy instead
-    autocast = (torch.autocast(device.type, dtype=compute_dtype)
-                if compute_dtype != torch.float32 and not fsdp else nullcontext())
-    return Runtime(rank, local_rank, world_size, device, compute_dtype, fsdp, autocast)
-
-
-def print0(*args, **kwargs) -> None:
-    """print on rank 0 only."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def all_reduce_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
-    """`values` summed over the ranks, in place."""
-    if world_size > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def add_sums(total: dict[str, torch.Tensor], more: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Named sums added name by name ({} is the empty total)."""
-    return {name: total[name] + value if name in total else value for name, value in more.items()}
-
-
-def all_reduce_sums(sums: dict[str, torch.Tensor], world_size: int) -> dict[str, torch.Tensor]:
-    """Each named sum summed over the ranks, in one collective."""
-    if world_size == 1:
-        return sums
-    return dict(zip(sums, all_reduce_sum(torch.stack(list(sums.values())), world_size)))
-
-
-# ------------------------------------------------------------------------------------------------
-# out_dir, resume, signals, the metrics log
-
-
-@dataclass
-class LoopState:
-    """Where the run stands; saved in every checkpoint's state.json, so the same command continues it."""
-    phase: int = 0  # index into phases_of(cfg)
-    step: int = 0  # optimizer steps done in this phase
-    global_step: int = 0  # optimizer steps done in the run; names the checkpoints
-    order: dict | None = None  # the phase's data order (BatchOrder.state_dict()) at a mid-phase checkpoint
-    rollouts_sha: str | None = None  # the SPIN iteration's rollouts.jsonl, checked on a mid-iteration resume
-    history: list[dict] = field(default_factory=list)  # one summary per finished phase
-
-
-def prepare_out_dir(cfg: TrainConfig, world_size: int, rank: int) -> str | None:
-    """The checkpoint to resume from, verified (None: start at step 0), once out_dir is known to be writable:
-    resume=False refuses a non-empty one, a run there with another config needs allow_config_change, and
-    resume='restart' first removes what a run wrote there. A start at step 0 in a used out_dir says so."""
-    ckpt.probe_out_dir(cfg.out_dir)
-    if cfg.resume == "restart":
-        removed = ckpt.start_over(cfg.out_dir, rank)
-        if removed:
-            print0(f"resume='restart': removed {', '.join(removed)} from {cfg.out_dir}; starting at step 0")
-        return None
-    saved_config = os.path.join(cfg.out_dir, "config.json")
-    if os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir):
-        if cfg.resume is False:
-            raise UserError(f"out_dir '{cfg.out_dir}' is not empty and resume=False; pick a new --out_dir, pass "
-                            f"--resume=auto to continue it or --resume=restart to start it over")
-        if os.path.isfile(saved_config) and not cfg.allow_config_change:
-            old = ckpt.read_json(saved_config)
-            new = json.loads(json.dumps(config_fingerprint(cfg, world_size)))
-            diff = sorted(k for k in new if old.get(k) != new[k])
-            if diff:
-                raise UserError(f"out_dir '{cfg.out_dir}' holds a run with a different config (keys: "
-                                f"{', '.join(diff[:5])}); use another --out_dir or pass --allow_config_change=True")
-    resume_from = ckpt.resume_point(cfg.out_dir) if cfg.resume else None
-    if cfg.resume is True and not resume_from:
-        raise UserError(f"resume=True but out_dir '{cfg.out_dir}' has no checkpoint; use resume='auto' to start fresh")
-    if resume_from is None and ckpt.run_files(cfg.out_dir):
-        print0(f"out_dir '{cfg.out_dir}' holds no checkpoint (the run there stopped before its first): starting at "
-               f"step 0, and its metrics.jsonl starts over")
-    return resume_from
-
-
-def start_or_resume(cfg: TrainConfig, rt: Runtime, resume_from: str | None, model, optimizer) -> LoopState:
-    """Weights, optimizer, RNG and loop state from the checkpoint; or a fresh state, and out_dir/config.json."""
-    state = LoopState()
-    if rt.world_size > 1:  # every rank has read out_dir (prepare_out_dir) before rank 0 writes config.json there
-        dist.barrier()
-    if resume_from:
-        saved = ckpt.load_checkpoint(resume_from, model, optimizer, model.config)
-        state = LoopState(**{f.name: saved[f.name] for f in dataclasses.fields(LoopState)})
-        print0(f"resumed from {resume_from}: phase {state.phase}, step {state.step}")
-    elif rt.rank == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            # every key (the start's plan points here); a resume compares only the fingerprint's
-            resolved = {**dataclasses.asdict(cfg), **config_fingerprint(cfg, rt.world_size)}
-            json.dump(resolved, f, indent=2, sort_keys=True)
-    if rt.world_size > 1:
-        dist.barrier()
-    return state
-
-
-def save(cfg: TrainConfig, rank: int, model, optimizer, state: LoopState, data: RunData,
-         rollouts_path: str | None) -> str:
-    """A checkpoint of the run as it stands (every rank calls this), with the resolved config."""
-    saved = {**dataclasses.asdict(state), "config": dataclasses.asdict(cfg)}
-    path = ckpt.save_checkpoint(cfg.out_dir, state.global_step, model, optimizer, saved, model.config, data.tok,
-                                data.template, rollouts_path, rank, cfg.keep_checkpoints, source=data.source)
-    print0(f"saved checkpoint {path}")
-    return path
-
-
-def file_sha(path: str) -> str:
-    """A short content hash: a checkpoint records its rollouts' so a resume can tell they are unchanged."""
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
-
-
-@dataclass
-class StopRequest:
-    """SIGTERM or SIGINT asks the run to save and stop at the next step boundary; the run then exits with
-    128 + the signal's number (143, 130), as a shell reports a process the signal ended."""
-    world_size: int
-    signum: int = 0  # the signal this process caught; after requested(), the one any rank caught
-
-    def requested(self) -> bool:
-        """Whether any rank caught one (a collective: every rank asks at the same points)."""
-        caught = torch.tensor([float(self.signum)])
-        if self.world_size > 1:
-            dist.all_reduce(caught, op=dist.ReduceOp.MAX)
-        self.signum = int(caught.item())
-        return self.signum > 0
-
-    @property
-    def signal(self) -> str:
-        return signal.Signals(self.signum).name
-
-    def exit(self, message: str) -> None:
-        """Say where the run stopped, and exit 128 + the signal's number: a stopped run is not a finished one."""
-        print0(message)
-        sys.exit(128 + self.signum)
-
-
-def catch_stop_signals(world_size: int) -> StopRequest:
-    """Install the SIGTERM and SIGINT handlers that record a stop request."""
-    stop = StopRequest(world_size)
-
-    def on_signal(signum, frame):
-        stop.signum = signum
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return stop
-
-
-def write_metrics(metrics_file, record: dict) -> None:
-    """One JSON line in metrics.jsonl, flushed (rank 0; a no-op elsewhere)."""
-    if metrics_file is not None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-
-
-def progress_bar(total: int, desc: str, rank: int, initial: int = 0) -> tqdm:
-    """Rank 0's tqdm bar, drawn only on a terminal (disable=None): in a log file its carriage-return
-    redraws would bury everything else, so there `show_progress` prints a line per logged step."""
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=None if rank == 0 else True)
-
-
-def show_progress(bar: tqdm, name: str, step: int, total_steps: int, record: dict) -> None:
-    """A logged step's loss: on the bar where it is drawn, else as a line of its own."""
-    if not bar.disable:
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
-    else:
-        print0(f"{name} step {step}/{total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
-               f"{record['tokens_per_sec']:.0f} tokens/s")
-
-
-# ------------------------------------------------------------------------------------------------
-# tokenizer and data
+# data and model
 
 
 @dataclass
@@ -489,78 +82,27 @@ def prepare_data(cfg: TrainConfig) -> RunData:
     and it lacks (build_model grows the embeddings for them), the chat template, the examples."""
     model_dir = None if cfg.init_from == "scratch" else ckpt.resolve_model_dir(cfg.init_from, key="init_from")
     tok = load_tokenizer(cfg.tokenizer if cfg.tokenizer != "auto" else (model_dir or "bytes"), cfg.tokenizer_pattern)
-    template = chat_template_for(cfg, model_dir, tok)
+    template = ckpt.chat_template_for(cfg.chat_template, model_dir, tok)
     if missing_tokens(tok, template):
         print0(f"chat template '{template.name}': adding {missing_tokens(tok, template)} to the tokenizer")
         tok = add_special_tokens(tok, missing_tokens(tok, template))
-    train, val, has_checker = load_data(cfg, tok, template)
-    return RunData(tok, template, stop_ids(tok, template), tok.eos_id, train, val[: cfg.eval_samples], has_checker,
-                   ckpt.read_model_source(model_dir))
-
-
-def chat_template_for(cfg: TrainConfig, model_dir: str | None, tok: Tokenizer) -> ChatFormat:
-    """The configured template; for 'auto', the one a nanospin model directory was trained with (its
-    nanospin.json), else the tokenizer's, else chatml."""
-    if cfg.chat_template != "auto":
-        return chat_format(cfg.chat_template)
-    saved = ckpt.read_chat_template(model_dir) if model_dir else None
-    if saved:
-        return chat_format(saved, os.path.join(model_dir, "nanospin.json"))
-    return resolve_template(tok, "auto") if tok.chat_template else chat_format("chatml")
-
-
-def load_data(cfg: TrainConfig, tok: Tokenizer, template: ChatFormat) -> tuple[list[Example], list[Example], bool]:
-    """(train examples, val examples, whether the synthetic checker applies)."""
+    lengths = (tok, template, cfg.max_len, cfg.max_prompt_len)
     if cfg.train_data == "synthetic":
         train_convs, val_convs = synthetic_split(cfg.seed, cfg.synthetic_train, cfg.synthetic_val)
-        train, stats = examples_from_messages(train_convs, tok, template, cfg.max_len, cfg.max_prompt_len, "synthetic")
-        val, _ = examples_from_messages(val_convs, tok, template, cfg.max_len, cfg.max_prompt_len, "synthetic-val")
+        train, stats = examples_from_messages(train_convs, *lengths, "synthetic")
+        val, _ = examples_from_messages(val_convs, *lengths, "synthetic-val")
         print0(f"data: synthetic task, {len(train)} train / {len(val)} held-out examples; {stats.summary()}")
-        return train, val, True
-    train, stats = load_examples(cfg.train_data, tok, template, cfg.max_len, cfg.max_prompt_len, cfg.skip_invalid)
-    print0(f"data: {cfg.train_data}: {len(train)} examples; {stats.summary()}")
-    val = []
-    if cfg.val_data:
-        val, vstats = load_examples(cfg.val_data, tok, template, cfg.max_len, cfg.max_prompt_len, cfg.skip_invalid)
-        print0(f"data: {cfg.val_data}: {len(val)} held-out examples; {vstats.summary()}")
-    if not train:
-        raise UserError(f"'{cfg.train_data}' has no usable examples; check max_len/max_prompt_len")
-    return train, val, False
-
-
-# ------------------------------------------------------------------------------------------------
-# model and optimizer
-
-
-def vocab_rows_needed(tok: Tokenizer, template: ChatFormat) -> int:
-    """Embedding rows a model needs for the ids a run can feed it: the tokenizer's vocabulary up to the specials
-    after it (a named tiktoken encoding appends chat specials a template may never use), and the template's."""
-    special_ids = set(tok.specials.values())
-    vocab_end = tok.n_vocab
-    while vocab_end > 0 and vocab_end - 1 in special_ids:
-        vocab_end -= 1
-    used = stop_ids(tok, template) + [tok.specials[t] for t in template.new_tokens if t in tok.specials]
-    return max(vocab_end, *(i + 1 for i in used))
-
-
-def grow_vocab(model: GPT, vocab_size: int) -> None:
-    """New embedding (and untied output) rows up to vocab_size, each the mean of the existing rows: a new marker
-    starts as an average token rather than noise, so it disturbs the pretrained model least."""
-    old = model.config.vocab_size
-    with torch.no_grad():
-        wte = torch.nn.Embedding(vocab_size, model.config.n_embd)  # (V', C)
-        wte.weight[:old] = model.wte.weight
-        wte.weight[old:] = model.wte.weight.mean(0)
-        model.wte = wte
-        if model.config.tie_embeddings:
-            model.lm_head = torch.nn.Linear(model.config.n_embd, vocab_size, bias=False)
-            model.lm_head.weight = model.wte.weight
-        else:
-            head = torch.nn.Linear(model.config.n_embd, vocab_size, bias=False)  # weight (V', C)
-            head.weight[:old] = model.lm_head.weight
-            head.weight[old:] = model.lm_head.weight.mean(0)
-            model.lm_head = head
-    model.config.vocab_size = vocab_size
+    else:
+        train, stats = load_examples(cfg.train_data, *lengths, cfg.skip_invalid)
+        print0(f"data: {cfg.train_data}: {len(train)} examples; {stats.summary()}")
+        val = []
+        if cfg.val_data:
+            val, val_stats = load_examples(cfg.val_data, *lengths, cfg.skip_invalid)
+            print0(f"data: {cfg.val_data}: {len(val)} held-out examples; {val_stats.summary()}")
+        if not train:
+            raise UserError(f"'{cfg.train_data}' has no usable examples; check max_len/max_prompt_len")
+    return RunData(tok, template, stop_ids(tok, template), tok.eos_id, train, val[: cfg.eval_samples],
+                   cfg.train_data == "synthetic", ckpt.read_model_source(model_dir))
 
 
 def build_model(cfg: TrainConfig, tok: Tokenizer, template: ChatFormat) -> GPT:
@@ -574,22 +116,16 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, template: ChatFormat) -> GPT:
         return GPT(GPTConfig(model_type=cfg.model_type, vocab_size=tok.n_vocab, block_size=block_size,
                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd,
                              attention=cfg.attention, eos_token_id=tok.eos_id))
-    model = ckpt.load_pretrained(ckpt.resolve_model_dir(cfg.init_from), attention=cfg.attention,
-                                 block_size=cfg.block_size or None)
-    rows = vocab_rows_needed(tok, template)
-    if model.config.vocab_size < rows:
-        if not set(range(model.config.vocab_size, rows)) <= set(tok.specials.values()):
-            raise UserError(f"the tokenizer has {tok.n_vocab} tokens but the model in '{cfg.init_from}' only "
-                            f"{model.config.vocab_size}; use the model's own tokenizer (tokenizer='auto')")
-        print0(f"model: {rows - model.config.vocab_size} new embedding rows for chat template "
-               f"'{template.name}' ({model.config.vocab_size} -> {rows}), each the mean embedding")
-        grow_vocab(model, rows)
+    model, grown = ckpt.load_for_training(cfg.init_from, tok, template, cfg.attention, cfg.block_size or None)
+    if grown:
+        print0(f"model: {grown} new embedding rows for chat template '{template.name}' "
+               f"({model.config.vocab_size - grown} -> {model.config.vocab_size}), each the mean embedding")
     if model.config.block_size < cfg.max_len:
         raise UserError(f"max_len={cfg.max_len} exceeds the model's context ({model.config.block_size}); lower max_len")
     return model
 
 
-def print_memory_plan(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime) -> MemoryPlan:
+def print_memory_plan(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime) -> None:
     """The per-rank memory plan (memory_plan.py), against the GPU's memory, with a one-line warning naming
     what to change when it cannot fit."""
     train_sequences = cfg.batch_size * (1 if cfg.stage == "sft" else 2)  # a SPIN micro-batch holds y and y'
@@ -602,636 +138,299 @@ def print_memory_plan(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime) ->
     warning = plan_warning(plan, device_bytes, rt.world_size, cfg.activation_checkpointing) if device_bytes else None
     if warning:
         print0(warning)
-    return plan
-
-
-def place_model(model: GPT, cfg: TrainConfig, rt: Runtime) -> None:
-    """On the device; sharded with FSDP2 under torchrun; the forward compiled on a GPU if asked."""
-    if rt.fsdp:  # fully_shard moves each block to the device as it shards it: the whole model never is there
-        apply_fsdp(model, rt.compute_dtype, cfg.activation_checkpointing, cfg.compile and rt.device.type == "cuda")
-        return
-    model.to(rt.device)
-    if cfg.compile and rt.device.type == "cuda":
-        for block in model.blocks:  # per block, as under FSDP: model.compile() would cover forward() only
-            block.compile()
-
-
-def apply_fsdp(model: GPT, param_dtype: torch.dtype, activation_checkpointing: bool, compile: bool) -> None:
-    """FSDP2: shard each transformer block, then the root (embeddings, final norm, head)."""
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for i, block in enumerate(model.blocks):
-        if activation_checkpointing:
-            block = checkpoint_wrapper(block)
-        if compile:
-            block = torch.compile(block)
-        model.blocks[i] = block
-        # the last block's parameters are needed again at once by the backward: keep them gathered
-        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.blocks) - 1)
-    fully_shard(model, mp_policy=mp)
-    register_fsdp_forward_method(model, "token_logprobs")  # the training forward, besides forward()
-
-
-def make_optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW (or the paper's RMSprop) over the trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    # no decay on norms, biases and embeddings' single vectors: the usual nanoGPT split by dimension
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=lr)
-    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2))
-
-
-@contextmanager
-def model_for_sampling(model: GPT, rt: Runtime) -> Iterator[GPT]:
-    """The model to sample from (the opponent at a rollout, the checker's at evaluation): see `sampler_of`.
-    On exit any KV cache it kept goes (a compiled decode's must not stay alive into training), a copy's
-    weights go (moved to the meta device, whoever still holds the module), FSDP reshards, and on a GPU
-    the allocator's cache is emptied."""
-    with unsharded(model) if rt.fsdp else nullcontext():
-        sampler = sampler_of(model, rt)
-        try:
-            yield sampler
-        finally:
-            sampler.release_kv_caches()
-            if sampler is not model and not rt.fsdp:
-                sampler.to("meta")
-    if rt.device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def sampler_of(model: GPT, rt: Runtime) -> GPT:
-    """One process on the CPU, or fp32 weights: the model itself. One GPU with a lower compute dtype: a
-    copy in it (sampling needs no fp32 master weights). FSDP (inside `unsharded`): a plain GPT over the
-    unsharded weights, no copy and no hooks, so a compiled decode step is one graph. Scoring never uses a
-    copy: the opponent's log-probs come from `model` itself, on the training's numerical path."""
-    if rt.fsdp:
-        params = {name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): p
-                  for name, p in model.named_parameters()}
-        return ckpt.model_from_state(model.config, params)
-    if rt.device.type == "cuda" and rt.compute_dtype != torch.float32:
-        return compute_dtype_copy(model, rt.device, rt.compute_dtype)
-    return model
-
-
-def compute_dtype_copy(model: GPT, device: torch.device, dtype: torch.dtype) -> GPT:
-    """A copy of the model's weights in `dtype` on `device` (tied embeddings stay tied), to sample with."""
-    params = {name: p.detach() for name, p in model.named_parameters()}  # tied weights once
-    return ckpt.model_from_state(model.config, params, device, dtype)
-
-
-@contextmanager
-def unsharded(model: GPT) -> Iterator[None]:
-    """Every FSDP module's weights all-gathered once, in the mixed-precision policy's dtype, and kept so through
-    any number of forwards, which then run no collective: each rank may sample and score its own batches.
-    On exit the weights are sharded again and the blocks reshard after forward as apply_fsdp set them."""
-    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for module in fsdp_modules:
-        module.unshard()
-    model.set_reshard_after_forward(False)
-    try:
-        yield
-    finally:
-        for module in fsdp_modules:
-            module.reshard()
-        for i, block in enumerate(model.blocks):
-            block.set_reshard_after_forward(i < len(model.blocks) - 1, recurse=False)
-
-
-def load_sft_weights(model: GPT, sft_dir: str) -> None:
-    """The SFT model exported at the end of SFT, into the (possibly sharded) model."""
-    ckpt.load_weights(model, sft_dir)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of the GPU, for MFU; None where unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("L40S", 362e12),
-                       ("A10", 125e12), ("4090", 165e12)):
-        if key in name:
-            return flops
-    return None
-
-
-def mfu(tokens_per_sec: float, model: GPT, seq_len: int, rt: Runtime) -> dict[str, float]:
-    """{'mfu': model FLOPs utilisation} against the GPU's peak; {} where that is unknown."""
-    flops = peak_flops(rt.device)
-    return {"mfu": tokens_per_sec * model.flops_per_token(seq_len) / (flops * rt.world_size)} if flops else {}
 
 
 # ------------------------------------------------------------------------------------------------
-# a SPIN iteration's pairs
-
-
-def rollout_settings(cfg: TrainConfig, rt: Runtime, data: RunData) -> RolloutSettings:
-    """How and where the opponent samples the iteration's responses (see spin.rollout)."""
-    return RolloutSettings(max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, stop=data.stop, pad_id=data.pad_id,
-                           batch_size=cfg.rollout_batch_size, seed=cfg.seed, device=rt.device,
-                           sampling=sampling_of(cfg), compile=cfg.compile and rt.device.type == "cuda",
-                           autocast=rt.autocast, pack_pairs=cfg.pack_pairs, rank=rt.rank, world_size=rt.world_size)
-
-
-def prompts_for_iteration(examples: list[Example], cfg: TrainConfig, iteration: int) -> list[Example]:
-    """Every training prompt, or a seeded subset of prompts_per_iteration of them."""
-    if not cfg.prompts_per_iteration:
-        return examples
-    g = torch.Generator().manual_seed(cfg.seed + 101 * iteration)
-    perm = torch.randperm(len(examples), generator=g)[: cfg.prompts_per_iteration]
-    return [examples[i] for i in perm.tolist()]
-
-
-def pairs_from_data(examples: list[Example], stop: list[int]) -> list[Pair] | None:
-    """Pairs of the y' SPIN's own data format brings ('generated'), for iteration 0; their opponent log-probs are
-    still to be scored. None when the examples bring none."""
-    given = [e for e in examples if e.generated_ids is not None]
-    if not given:
-        return None
-    if len(given) < len(examples):
-        raise UserError(f"{len(given)} of {len(examples)} examples have SPIN's 'generated' response (e.g. "
-                        f"{given[0].source}); give it in every record, or set regenerate_iteration_0=True to sample "
-                        f"iteration 0's y' instead")
-    return [Pair(e.source, e.prompt_ids, e.real_ids, e.generated_ids, opponent_real_logp=0.0,
-                 opponent_generated_logp=0.0, eos=e.generated_ids[-1] in stop) for e in examples]
+# the phases
 
 
 @dataclass
-class IterationPairs:
-    """A SPIN iteration's data, as out_dir/iter_t/ holds it. `pairs` is its rollouts.jsonl: the opponent's
-    generations for the iteration's prompts, in `blocks` blocks of `own` pairs (one block; or one per
-    epoch with regenerate_per_epoch), then those of iterations t-1 .. t-k mixed in, rescored by it."""
-    pairs: list[Pair]
-    own: int  # pairs per block: one per prompt of the iteration
-    blocks: int
-    eval_pairs: list[Pair]  # the opponent's held-out pairs (eval_rollouts.jsonl)
-    opponent_eval: dict[str, torch.Tensor] | None  # what spin.opponent_top_k kept of its held-out log-probs
+class Run:
+    """What every phase reads and advances."""
+    cfg: TrainConfig
+    rt: Runtime
+    data: RunData
+    held: HeldOut  # what evaluations score
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    state: ckpt.RunState
+    metrics_file: TextIO | None
+    stop: StopRequest
+    resume_from: str | None  # the checkpoint this process resumed from (a mid-iteration one holds the rollouts)
 
 
-def rollout_blocks(cfg: TrainConfig) -> int:
-    """How many rollouts of its prompts an iteration draws: one per epoch with regenerate_per_epoch."""
-    return cfg.max_epochs if cfg.regenerate_per_epoch else 1
+@dataclass
+class Phase:
+    """A phase as `run_steps` runs it; `sft_phase`, `spin_iteration` and `baseline_iteration` make it."""
+    kind: str  # its name in metrics.jsonl and the summary: 'sft', 'spin' or 'baseline'
+    iteration: int
+    order: BatchOrder  # the data order its steps draw from
+    total_steps: int
+    max_lr: float
+    schedule: tuple[int, int]  # (steps of the lr schedule before its first, the schedule's length)
+    # (model, indices, epoch) -> (summed loss, named sums to log, tokens run) of a micro-batch
+    micro_batch: Callable[[GPT, list[int], int], tuple[torch.Tensor, dict[str, torch.Tensor], int]]
+    units: Callable[[list[int]], float]  # a step's indices -> what its summed loss is divided by (pairs, tokens)
+    means: Callable[[dict[str, torch.Tensor]], dict[str, float]]  # the named sums -> the logged means
+    name: str  # in messages: 'sft', 'spin 0', 'baseline 2'
+    beta: float = 0.0
+    spin_data: IterationPairs | None = None
+    rollouts_path: str | None = None  # the iteration's rollouts, saved with its mid-phase checkpoints
+    export_sft: bool = False  # out_dir/sft at its end, in fp32: exactly the weights the baseline starts from
+    export_final: bool = False  # out_dir/final at its end, in export_dtype: the run's product
 
 
-def spin_pairs_per_epoch(cfg: TrainConfig, examples: list[Example], iteration: int) -> int:
-    """Pairs an epoch of SPIN iteration t trains on: one per prompt of t and of each iteration mixed in,
-    known before any rollout (a schedule across iterations needs every iteration's length)."""
-    return (1 + min(cfg.mix_previous_rollouts, iteration)) * len(prompts_for_iteration(examples, cfg, iteration))
+def sft_phase(run: Run, iteration: int) -> Phase:
+    """Supervised fine-tuning on the real responses for sft_steps; the product when no SPIN iteration follows."""
+    cfg = run.cfg
+    if cfg.sft_steps <= 0:
+        raise UserError(f"config key 'sft_steps' must be > 0 for stage='{cfg.stage}', got {cfg.sft_steps}")
+    phase = steps_on_examples(run, "sft", 0, "sft", cfg.sft_steps, cfg.sft_lr, (0, cfg.sft_steps))
+    phase.export_sft, phase.export_final = cfg.baseline_sft, cfg.stage == "sft" or cfg.max_iterations == 0
+    return start_phase(run, phase, fresh=True)
 
 
-def epoch_pairs(it: IterationPairs, epoch: int) -> list[Pair]:
-    """The pairs an epoch trains on: its block of the opponent's generations, then the ones mixed in."""
-    block = epoch % it.blocks
-    return it.pairs[block * it.own:(block + 1) * it.own] + it.pairs[it.blocks * it.own:]
+def spin_iteration(run: Run, t: int) -> Phase:
+    """SPIN iteration t: the opponent's pairs (made now, or as a mid-iteration checkpoint saved them), then
+    max_epochs over them at t's lr and beta. A stop signal during the rollout ends the run (StopRequest.exit)."""
+    cfg, rt, data, state = run.cfg, run.rt, run.data, run.state
+    recipe, iter_dir = iteration_recipe(cfg), ckpt.iteration_dir(cfg.out_dir, t)
+    fresh = cfg.optimizer_per_iteration or t == 0
+    if state.step == 0:
+        if fresh:  # a new optimizer follows the rollout: the old moments need not sit beside the sampler
+            run.optimizer.state.clear()
+        spin_data = rollout_iteration(run, t, recipe)
+        if spin_data is None:
+            run.stop.exit(f"stopped by {run.stop.signal} during rollout {t}; the last checkpoint stays valid: "
+                          f"run the same command to resume (this rollout is regenerated)")
+    else:  # resuming mid-iteration: the pairs the checkpoint saved
+        saved = ckpt.restore_rollouts(run.resume_from, iter_dir, state.rollouts_sha, rt.rank)
+        spin_data = read_iteration(saved, iter_dir, prompt_count(recipe, len(data.train_examples)),
+                                   min(recipe.mix_previous, t), data.eval_examples)
+        print0(f"spin {t}: reusing the iteration's {len(spin_data.pairs)} rollouts from {saved}")
+    beta, order = per_iteration(cfg.beta, t), data_order(run, len(epoch_pairs(spin_data, 0)))
+    total_steps = cfg.max_epochs * order.batches_per_epoch()
+
+    def micro_batch(model: GPT, indices: list[int], epoch: int):  # the epoch's pairs: its own rollout, if regenerated
+        pairs = epoch_pairs(spin_data, epoch)
+        return spin_micro_batch(model, [pairs[i] for i in indices], beta, cfg.loss_type, cfg.nll_weight,
+                                cfg.pack_sequences, data.pad_id, rt.device)
+
+    phase = Phase("spin", t, order, total_steps, per_iteration(cfg.lr, t), schedule_span(run, t, total_steps),
+                  micro_batch, len, spin_metrics, f"spin {t}", beta, spin_data,
+                  os.path.join(iter_dir, "rollouts.jsonl"), export_final=t == cfg.max_iterations - 1)
+    return start_phase(run, phase, fresh)
 
 
-def own_generations(it: IterationPairs) -> list[Pair]:
-    """The pairs whose y' this iteration's opponent sampled (every block, none mixed in)."""
-    return it.pairs[:it.blocks * it.own]
+def baseline_iteration(run: Run, t: int) -> Phase:
+    """Continued-SFT iteration t, to compare SPIN with: from the SFT model (loaded at iteration 0's start), as
+    many steps as SPIN iteration t took, at baseline_lr (0: sft_lr)."""
+    cfg, state = run.cfg, run.state
+    if t == 0 and state.step == 0:
+        ckpt.load_weights(run.model, os.path.join(cfg.out_dir, "sft"))
+    total_steps = next(h["steps"] for h in state.history if h["phase"] == "spin" and h["iteration"] == t)
+    phase = steps_on_examples(run, "baseline", t, f"baseline {t}", total_steps, cfg.baseline_lr or cfg.sft_lr,
+                              schedule_span(run, t, total_steps))
+    return start_phase(run, phase, fresh=cfg.optimizer_per_iteration or t == 0)
 
 
-def sample_generations(sampler: GPT, opponent: GPT, prompts: list[Example], settings: RolloutSettings,
-                       cfg: TrainConfig, iteration: int, stop: StopRequest, rank: int) -> list[Pair] | None:
-    """The opponent's y' for every prompt (sampled by `sampler`, scored by `opponent`), once, or once per epoch
-    with regenerate_per_epoch (epoch e seeded by seed + 7777 e, so epoch 0 is the single rollout's); None if a
-    stop signal came first."""
-    blocks = rollout_blocks(cfg)
-    bar = progress_bar(len(prompts) * blocks, f"rollout {iteration}", rank)
-    generations = []
-    for epoch in range(blocks):
-        pairs = rollout(sampler, prompts, replace(settings, seed=cfg.seed + 7777 * epoch), iteration,
-                        progress=lambda n: bar.update(min(n, bar.total - bar.n)), should_stop=stop.requested,
-                        scorer=opponent)
-        if pairs is None:
-            generations = None
-            break
-        generations += pairs
+def steps_on_examples(run: Run, kind: str, t: int, name: str, total_steps: int, max_lr: float,
+                      schedule: tuple[int, int]) -> Phase:
+    """A phase of steps on the real responses (SFT, continued SFT): its loss per response token."""
+    examples, pad_id, device, pack = run.data.train_examples, run.data.pad_id, run.rt.device, run.cfg.pack_sequences
+    return Phase(kind, t, data_order(run, len(examples)), total_steps, max_lr, schedule,
+                 lambda model, indices, epoch: sft_micro_batch(model, [examples[i] for i in indices], pad_id, device,
+                                                               pack),
+                 lambda indices: sum(len(examples[i].real_ids) for i in indices),
+                 lambda sums: {"loss": sums["loss"].item() / sums["tokens"].item()}, name)
+
+
+def data_order(run: Run, n: int) -> BatchOrder:
+    """The phase's order over its n examples or pairs, in global batches of batch_size x grad_accum x ranks."""
+    cfg, rt = run.cfg, run.rt
+    return BatchOrder(n=n, batch_size=cfg.batch_size * cfg.grad_accum, rank=rt.rank, world_size=rt.world_size,
+                      seed=derive_seed(cfg.seed, "data_order", run.state.phase))
+
+
+def start_phase(run: Run, phase: Phase, fresh: bool) -> Phase:
+    """At the phase's start a new optimizer (if `fresh`) and the hash its checkpoints record of the iteration's
+    rollouts; resuming mid-phase, the data order where the checkpoint left it."""
+    state = run.state
+    if state.step == 0:
+        if fresh:
+            run.optimizer = make_optimizer(run.model, run.cfg, phase.max_lr)
+        state.rollouts_sha = ckpt.file_sha(phase.rollouts_path) if phase.rollouts_path else None
+    elif state.order is not None:
+        phase.order.load_state_dict(state.order)
+    return phase
+
+
+def schedule_span(run: Run, t: int, total_steps: int) -> tuple[int, int]:
+    """(the lr schedule's steps before iteration t's first, the schedule's length): the iteration alone; with
+    optimizer_per_iteration=False the SPIN iterations one after another (and the continued-SFT iterations,
+    as long as SPIN's), over what every iteration's pairs will be."""
+    cfg = run.cfg
+    if cfg.optimizer_per_iteration:
+        return 0, total_steps
+    global_batch, n_examples = cfg.batch_size * cfg.grad_accum * run.rt.world_size, len(run.data.train_examples)
+    steps = [cfg.max_epochs * (pairs_per_epoch(iteration_recipe(cfg), n_examples, s) // global_batch)
+             for s in range(cfg.max_iterations)]
+    if steps[t] != total_steps:
+        raise RuntimeError(f"iteration {t} has {total_steps} steps, its schedule {steps[t]}")
+    return sum(steps[:t]), sum(steps)
+
+
+def iteration_recipe(cfg: TrainConfig) -> IterationRecipe:
+    """What the config asks SPIN iterations to train on (see spin.build_iteration)."""
+    return IterationRecipe(cfg.prompts_per_iteration, cfg.max_epochs if cfg.regenerate_per_epoch else 1,
+                           cfg.mix_previous_rollouts, not cfg.regenerate_iteration_0, cfg.kl_opponent_mb, cfg.out_dir)
+
+
+def rollout_iteration(run: Run, t: int, recipe: IterationRecipe) -> IterationPairs | None:
+    """Iteration t's pairs by its opponent, the model as it stands now (sampled by `model_for_sampling`'s model),
+    written to out_dir/iter_t/ by rank 0. None if a stop signal came first."""
+    cfg, rt, data, t0 = run.cfg, run.rt, run.data, time.time()
+    settings = RolloutSettings(max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, stop=data.stop,
+                               pad_id=data.pad_id, batch_size=cfg.rollout_batch_size, seed=cfg.seed, device=rt.device,
+                               sampling=sampling_of(cfg), compile=cfg.compile and rt.device.type == "cuda",
+                               autocast=rt.autocast, pack_pairs=cfg.pack_sequences, rank=rt.rank,
+                               world_size=rt.world_size)
+    bar = progress_bar(prompt_count(recipe, len(data.train_examples)) * recipe.rollouts, f"rollout {t}", rt.rank)
+    with model_for_sampling(run.model, rt) as sampler:
+        made = build_iteration(sampler, run.model, data.train_examples, data.eval_examples, t, recipe, settings,
+                               lambda n: bar.update(min(n, bar.total - bar.n)), run.stop.requested)
     bar.close()
-    return generations
-
-
-def previous_generations(opponent: GPT, cfg: TrainConfig, iteration: int, own: int,
-                         settings: RolloutSettings) -> list[Pair]:
-    """The first `own` pairs (the first rollout) of iterations t-1 .. t-k, in that order, with the opponent's
-    log-probs recomputed by this iteration's opponent: it is the opponent they are trained against now."""
-    mixed = []
-    for back in range(1, min(cfg.mix_previous_rollouts, iteration) + 1):
-        earlier = read_rollouts(os.path.join(cfg.out_dir, f"iter_{iteration - back}", "rollouts.jsonl"))
-        mixed += rescore(opponent, earlier[:own], settings)
-    return mixed
-
-
-LOGITS_PER_BATCH = 2**26  # full-logit diagnostics run in batches of at most about this many fp32 logits (256 MB)
-
-
-def logit_batches(examples: list[Example], vocab_size: int, max_len: int) -> list[list[Example]]:
-    """Held-out examples in batches whose full (B, T, V) logits hold at most LOGITS_PER_BATCH values."""
-    size = max(1, LOGITS_PER_BATCH // (max_len * vocab_size))
-    return [examples[i:i + size] for i in range(0, len(examples), size)]
-
-
-def opponent_eval_logprobs(opponent: GPT, cfg: TrainConfig, data: RunData, rt: Runtime) -> dict | None:
-    """The opponent's next-token log-probs on the held-out real responses, for eval/kl_opponent once the
-    opponent is gone: all V per token if they fit in kl_opponent_mb (4 bytes each), else the top k per
-    token that fit (value and id, 12 bytes each, and 4 for the rest's mass). None without held-out data
-    or with kl_opponent_mb=0."""
-    examples = data.eval_examples
-    if not examples or not cfg.kl_opponent_mb:
+    if made is None:
         return None
-    vocab, n_tokens, budget = opponent.config.vocab_size, sum(len(e.real_ids) for e in examples), cfg.kl_opponent_mb
-    k = vocab if n_tokens * vocab * 4 <= budget * 2**20 else max(1, int((budget * 2**20 / n_tokens - 4) // 12))
-    kept = []
-    with torch.no_grad(), rt.autocast:
-        for batch in logit_batches(examples, vocab, cfg.max_len):
-            logprobs = response_logprobs(opponent, [e.prompt_ids for e in batch], [e.real_ids for e in batch],
-                                         data.pad_id, rt.device)  # (n, V)
-            kept.append({name: values.cpu() for name, values in opponent_top_k(logprobs, k).items()})
-    return {name: torch.cat([part[name] for part in kept]) for name in kept[0]}
-
-
-def write_iteration(iter_dir: str, made: IterationPairs, tok: Tokenizer, template: ChatFormat) -> None:
-    """out_dir/iter_t/: rollouts.jsonl, eval_rollouts.jsonl and opponent_eval.safetensors (rank 0)."""
-    response = functools.partial(response_text, tok, template=template)
-    write_rollouts(os.path.join(iter_dir, "rollouts.jsonl"), made.pairs, tok.decode, response)
-    if made.eval_pairs:
-        write_rollouts(os.path.join(iter_dir, "eval_rollouts.jsonl"), made.eval_pairs, tok.decode, response)
-    if made.opponent_eval is not None:  # written whole, then renamed, as the rollouts are
-        path = os.path.join(iter_dir, "opponent_eval.safetensors")
-        ckpt.save_tensors({name: t.contiguous() for name, t in made.opponent_eval.items()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-
-
-def run_rollout(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, iteration: int, stop: StopRequest,
-                metrics_file, global_step: int) -> IterationPairs | None:
-    """Iteration t's pairs (see IterationPairs), made by the opponent (the model as it stands now) or at
-    iteration 0 given by the data (SPIN's 'generated') and scored by it, its held-out pairs and its held-out
-    next-token log-probs. Rank 0 writes them to out_dir/iter_t/. None if a stop signal came first."""
-    settings = rollout_settings(cfg, rt, data)
-    prompts = prompts_for_iteration(data.train_examples, cfg, iteration)
-    t0 = time.time()
-    from_data = iteration == 0 and not cfg.regenerate_iteration_0  # SPIN's own data files may bring y'
-    # the sampler may be a cheaper copy; the opponent's log-probs are the model's own, on the numerical path
-    # its log-probs take in training (weights, autocast, kernels), so each iteration starts at zero rewards
-    with model_for_sampling(model, rt) as sampler:
-        given = pairs_from_data(prompts, data.stop) if from_data else None
-        if given is not None:  # the opponent scores the data's y' as it scores its own samples
-            generations = rescore(model, given, settings)
-            print0("spin 0: y' are the data's 'generated' responses, scored by the opponent")
-        else:
-            generations = sample_generations(sampler, model, prompts, settings, cfg, iteration, stop, rt.rank)
-            if generations is None:
-                return None
-        given = pairs_from_data(data.eval_examples, data.stop) if from_data else None
-        eval_pairs = rescore(model, given, settings) if given is not None else []
-        if given is None and data.eval_examples:  # another seed, and never compiled
-            eval_pairs = rollout(sampler, data.eval_examples, replace(settings, seed=cfg.seed + 1, compile=False),
-                                 iteration, scorer=model)
-        mixed = previous_generations(model, cfg, iteration, len(prompts), settings)
-        made = IterationPairs(generations + mixed, len(prompts), len(generations) // len(prompts), eval_pairs,
-                              opponent_eval_logprobs(model, cfg, data, rt))
     if rt.rank == 0:
-        write_iteration(os.path.join(cfg.out_dir, f"iter_{iteration}"), made, data.tok, data.template)
-    if rt.world_size > 1:
-        dist.barrier()
-    dt = time.time() - t0
-    stats = rollout_stats_of(generations)
-    print0(f"spin {iteration}: rollout of {len(generations)} generations in {dt:.1f}s "
-           f"({stats['gen_len_mean'] * len(generations) / dt:.0f} tokens/s), mean length "
-           f"{stats['gen_len_mean']:.1f}, EOS reached {stats['eos_rate']:.0%}; {len(made.pairs)} training pairs")
-    write_metrics(metrics_file, {"iteration": iteration, "phase": "spin", "step": global_step, "rollout_seconds": dt,
-                                 **stats})
+        write_iteration(ckpt.iteration_dir(cfg.out_dir, t), made, data.tok.decode,
+                        partial(response_text, data.tok, template=data.template))
+    barrier(rt.world_size)
+    dt, stats, n = time.time() - t0, rollout_stats(made), made.blocks * made.own
+    print0(f"spin {t}: rollout of {n} generations in {dt:.1f}s ({stats['gen_len_mean'] * n / dt:.0f} tokens/s), "
+           f"mean length {stats['gen_len_mean']:.1f}, EOS reached {stats['eos_rate']:.0%}; {len(made.pairs)} "
+           f"training pairs")
+    write_metrics(run.metrics_file, {"iteration": t, "phase": "spin", "step": run.state.global_step,
+                                     "rollout_seconds": dt, **stats})
     return made
 
 
-def reuse_rollouts(checkpoint: str, cfg: TrainConfig, iteration: int, rollouts_sha: str | None, data: RunData,
-                   rank: int) -> IterationPairs:
-    """A mid-iteration resume trains on the iteration's pairs as its checkpoint saved them."""
-    iter_dir = os.path.join(cfg.out_dir, f"iter_{iteration}")
-    saved = os.path.join(checkpoint, "rollouts.jsonl")
-    rollouts_path = os.path.join(iter_dir, "rollouts.jsonl")
-    if not os.path.isfile(saved) or file_sha(saved) != rollouts_sha:
-        raise UserError(f"the rollouts in checkpoint '{checkpoint}' are missing or do not match its "
-                        f"state.json; delete that checkpoint to resume from the one before it")
-    if rank == 0:  # the iteration's canonical file, as the checkpoint saw it
-        shutil.copyfile(saved, rollouts_path + ".tmp")
-        os.replace(rollouts_path + ".tmp", rollouts_path)
-    pairs = read_rollouts(saved)
-    eval_file = os.path.join(iter_dir, "eval_rollouts.jsonl")
-    eval_pairs = read_rollouts(eval_file) if data.eval_examples and os.path.isfile(eval_file) else []
-    opponent_file = os.path.join(iter_dir, "opponent_eval.safetensors")
-    opponent_eval = load_file(opponent_file) if data.eval_examples and os.path.isfile(opponent_file) else None
-    if opponent_eval and len(opponent_eval["logprobs"]) != sum(len(e.real_ids) for e in data.eval_examples):
-        opponent_eval = None  # kept for other held-out examples (eval_samples changed): no eval/kl_opponent
-    print0(f"spin {iteration}: reusing the iteration's {len(pairs)} rollouts from {saved}")
-    own = len(prompts_for_iteration(data.train_examples, cfg, iteration))
-    blocks = len(pairs) // own - min(cfg.mix_previous_rollouts, iteration)  # what is not mixed in is its own
-    return IterationPairs(pairs, own, blocks, eval_pairs, opponent_eval)
-
-
-def rollout_stats_of(generations: list[Pair]) -> dict[str, float]:
-    """The opponent's generations (never those mixed in): their length in tokens (mean; median and 90th
-    percentile, interpolated linearly between order statistics; longest), the share that reached a stop
-    token, and the share equal to the real response token for token: pairs with y' = y, whose SPIN
-    gradient is zero (both log-prob differences are the same function of θ)."""
-    lengths = torch.tensor([float(len(p.generated_ids)) for p in generations])
-    return {"gen_len_mean": sum(len(p.generated_ids) for p in generations) / len(generations),
-            "gen_len_p50": torch.quantile(lengths, 0.5).item(), "gen_len_p90": torch.quantile(lengths, 0.9).item(),
-            "gen_len_max": lengths.max().item(), "eos_rate": sum(p.eos for p in generations) / len(generations),
-            "dynamics/identical_frac": sum(p.generated_ids == p.real_ids for p in generations) / len(generations)}
-
-
 # ------------------------------------------------------------------------------------------------
-# a training step
+# the steps, and a phase's end
 
 
-def phase_steps(cfg: TrainConfig, kind: str, iteration: int, order: BatchOrder, history: list[dict]) -> int:
-    """Optimizer steps in the phase: sft_steps; max_epochs over a SPIN iteration's pairs; and for
-    continued SFT exactly as many as the SPIN iteration it is compared with."""
-    if kind == "spin":
-        total = cfg.max_epochs * order.batches_per_epoch()
-    elif kind == "sft":
-        total = cfg.sft_steps
-    else:
-        total = next(h["steps"] for h in history if h["phase"] == "spin" and h["iteration"] == iteration)
-    if total <= 0:
-        raise UserError(f"{phase_name(kind, iteration)} has no steps: {order.n} examples do not fill one global "
-                        f"batch of {order.global_batch_size}; lower batch_size or grad_accum")
-    return total
+def run_steps(run: Run, phase: Phase) -> None:
+    """The phase's optimizer steps from where the run stands, with logs, a time estimate, evaluations and
+    checkpoints at their intervals. A stop signal ends the run after a checkpoint (StopRequest.exit)."""
+    cfg, rt, state, model = run.cfg, run.rt, run.state, run.model
+    model.train()
+    bar = progress_bar(phase.total_steps, phase.name, rt.rank, initial=state.step)
+    logged = rollout_stats(phase.spin_data) if phase.spin_data else {}  # with every step: the rollout's statistics
+    sums, tokens, t_log = {}, 0, time.time()
+    first_step, t_timed = state.step, None  # the pace is timed after the first step, which pays for warm-up
+    while state.step < phase.total_steps:
+        lr = get_lr(phase.schedule[0] + state.step, phase.schedule[1], phase.max_lr, cfg)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        indices = phase.order.next_batch()  # this rank's share of the global batch: batch_size * grad_accum
+        step_sums, step_tokens = forward_backward(model, phase, indices, cfg.batch_size, rt)
+        grad_norm = clip_gradients(model, cfg.grad_clip)
+        step_sums = all_reduce_sums(step_sums, rt.world_size)
+        check_finite(step_sums["loss"], grad_norm, phase, state, cfg.out_dir, bar)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.global_step += 1
+        bar.update(1)
+        sums, tokens = add_sums(sums, step_sums), tokens + step_tokens
+        last_step = state.step == phase.total_steps
+        if state.step == first_step + 1:
+            t_timed = time.time()
+        elif state.step == first_step + 1 + ETA_STEPS and not last_step:
+            (bar.write if not bar.disable else print0)(
+                time_left(phase.name, phase.total_steps, state.step, (time.time() - t_timed) / ETA_STEPS))
+        if state.step % cfg.log_interval == 0 or last_step:
+            dt = time.time() - t_log
+            tokens_per_sec = all_reduce_sum(torch.tensor([float(tokens)]), rt.world_size).item() / dt
+            record = {"iteration": phase.iteration, "phase": phase.kind, "epoch": phase.order.epoch,
+                      "step": state.global_step, "lr": lr, "grad_norm": grad_norm.item(),
+                      "tokens_per_sec": tokens_per_sec, **phase.means(sums), **logged,
+                      **mfu(tokens_per_sec, model, cfg.max_len, rt)}
+            write_metrics(run.metrics_file, record)
+            show_progress(bar, phase.name, state.step, phase.total_steps, record)
+            sums, tokens, t_log = {}, 0, time.time()
+        if cfg.eval_interval and state.step % cfg.eval_interval == 0 and not last_step:
+            results = evaluate(model, rt, run.held, phase.beta, phase.spin_data)
+            write_metrics(run.metrics_file, {"iteration": phase.iteration, "phase": phase.kind,
+                                             "step": state.global_step, **results})
+        stopping = run.stop.requested()
+        if not last_step and (stopping or cfg.save_interval and state.global_step % cfg.save_interval == 0):
+            save(run, replace(state, order=phase.order.state_dict()), phase.rollouts_path)
+        if stopping and not last_step:
+            run.stop.exit(f"stopped by {run.stop.signal} at {phase.name}, step {state.step}; checkpoint saved: "
+                          f"run the same command to resume")
+    bar.close()
 
 
-def fresh_optimizer(cfg: TrainConfig, kind: str, iteration: int) -> bool:
-    """Whether a phase starts with a new optimizer: every phase, or with optimizer_per_iteration=False
-    only SFT and the first SPIN and continued-SFT iterations (the later ones keep its moments)."""
-    return cfg.optimizer_per_iteration or kind == "sft" or iteration == 0
-
-
-def schedule_span(cfg: TrainConfig, kind: str, iteration: int, total_steps: int, examples: list[Example],
-                  global_batch: int) -> tuple[int, int]:
-    """(the steps of the lr schedule before this phase's first, the schedule's length): the phase alone;
-    with optimizer_per_iteration=False the SPIN iterations one after another (and the continued-SFT
-    iterations, as long as SPIN's), over what every iteration's pairs will be."""
-    if cfg.optimizer_per_iteration or kind == "sft":
-        return 0, total_steps
-    steps = [cfg.max_epochs * (spin_pairs_per_epoch(cfg, examples, t) // global_batch)
-             for t in range(cfg.max_iterations)]
-    if steps[iteration] != total_steps:
-        raise RuntimeError(f"{phase_name(kind, iteration)} has {total_steps} steps, its schedule {steps[iteration]}")
-    return sum(steps[:iteration]), sum(steps)
-
-
-def spin_micro_batch(model: GPT, batch: list[Pair], beta: float, cfg: TrainConfig, pad_id: int,
-                     device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """(summed loss, summed metrics with the pair count, tokens run through the model) of a micro-batch of SPIN
-    pairs: a packed pair runs its prompt once, an unpacked pair twice."""
-    losses, metrics = pair_terms(model, batch, beta, cfg.loss_type, pad_id, device, cfg.pack_pairs, cfg.nll_weight)
-    sums = {name: values.sum() for name, values in metrics.items()}
-    sums["pairs"] = torch.tensor(float(len(batch)), device=device)
-    prompt_runs = 1 if cfg.pack_pairs else 2
-    tokens = sum(len(p.real_ids) + len(p.generated_ids) + prompt_runs * len(p.prompt_ids) for p in batch)
-    return losses.sum(), sums, tokens
-
-
-def sft_micro_batch(model: GPT, batch: list[Example], pad_id: int, device: torch.device,
-                    pack: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """(summed negative log-likelihood of the real responses, the sums to log, tokens) of a micro-batch."""
-    logps = sequence_logps(model, [e.prompt_ids for e in batch], [e.real_ids for e in batch], pad_id, device, pack)
-    loss_sum = -logps.sum()
-    sums = {"loss": loss_sum.detach(),
-            "tokens": torch.tensor(float(sum(len(e.real_ids) for e in batch)), device=device)}
-    return loss_sum, sums, sum(len(e.real_ids) + len(e.prompt_ids) for e in batch)
-
-
-def forward_backward(model: GPT, kind: str, indices: list[int], pairs: list[Pair], data: RunData, beta: float,
-                     cfg: TrainConfig, rt: Runtime) -> tuple[dict[str, torch.Tensor], int]:
-    """The gradients of one optimizer step from this rank's share of its global batch, in micro-batches
-    of batch_size. Returns this rank's sums to log and the tokens it processed."""
-    micro_batches = [indices[i:i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
+def forward_backward(model: GPT, phase: Phase, indices: list[int], batch_size: int,
+                     rt: Runtime) -> tuple[dict[str, torch.Tensor], int]:
+    """The gradients of one optimizer step from this rank's share of its global batch, in micro-batches of
+    batch_size. Returns this rank's sums to log and the tokens it ran."""
+    micro_batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     # the loss is normalised by the global count of its units in the step: pairs for SPIN, tokens for SFT
-    local_units = len(indices) if kind == "spin" else sum(len(data.train_examples[i].real_ids) for i in indices)
-    units = all_reduce_sum(torch.tensor([float(local_units)]), rt.world_size).item()
+    units = all_reduce_sum(torch.tensor([float(phase.units(indices))]), rt.world_size).item()
     sums, tokens = {}, 0
     for k, micro in enumerate(micro_batches):
         if rt.fsdp:  # reduce the gradients once, after the last micro-batch
             model.set_requires_gradient_sync(k == len(micro_batches) - 1)
         with rt.autocast:
-            if kind == "spin":
-                loss_sum, micro_sums, micro_tokens = spin_micro_batch(model, [pairs[i] for i in micro], beta, cfg,
-                                                                      data.pad_id, rt.device)
-            else:
-                loss_sum, micro_sums, micro_tokens = sft_micro_batch(model, [data.train_examples[i] for i in micro],
-                                                                     data.pad_id, rt.device, cfg.pack_pairs)
+            loss_sum, micro_sums, micro_tokens = phase.micro_batch(model, micro, phase.order.epoch)
         # FSDP averages gradients over ranks; scale so the update is the global mean
         (loss_sum * rt.world_size / units).backward()
         sums, tokens = add_sums(sums, micro_sums), tokens + micro_tokens
     return sums, tokens
 
 
-def clip_gradients(model: GPT, grad_clip: float) -> torch.Tensor:
-    """Clip the gradients' global norm to grad_clip (0: no clipping); the norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
-
-
-def check_finite(loss_sum: torch.Tensor, grad_norm: torch.Tensor, name: str, state: LoopState, total_steps: int,
-                 out_dir: str, bar: tqdm) -> None:
+def check_finite(loss_sum: torch.Tensor, grad_norm: torch.Tensor, phase: Phase, state: ckpt.RunState, out_dir: str,
+                 bar: tqdm) -> None:
     """A NaN/Inf loss or gradient stops the run before the optimizer step, naming the last good checkpoint."""
     if torch.isfinite(loss_sum) and torch.isfinite(grad_norm):
         return
     last = ckpt.list_checkpoints(out_dir)
     bar.close()  # the error then gets a line of its own, not the tail of the progress bar's
     # steps are named 1-based, as metrics.jsonl and the checkpoints count them
-    raise UserError(f"{name}, step {state.step + 1} of {total_steps} (global step {state.global_step + 1}): "
-                    f"loss or gradient is NaN/Inf (loss sum {loss_sum.item()}, grad norm {grad_norm.item()}); the "
+    raise UserError(f"{phase.name}, step {state.step + 1} of {phase.total_steps} (global step {state.global_step + 1}):"
+                    f" loss or gradient is NaN/Inf (loss sum {loss_sum.item()}, grad norm {grad_norm.item()}); the "
                     f"last good checkpoint is {last[-1] if last else 'none'}; lower the learning rate")
 
 
-def step_metrics(kind: str, sums: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The logged means of the summed step metrics: per pair for SPIN, per response token for SFT."""
-    if kind == "spin":
-        return spin_metrics(sums)
-    return {"loss": sums["loss"].item() / sums["tokens"].item()}
-
-
-# ------------------------------------------------------------------------------------------------
-# evaluation and the end of a phase
-
-
-def held_out_nll(model: GPT, examples: list[Example], batch_size: int, pad_id: int, rt: Runtime,
-                 pack: bool = True) -> float:
-    """The mean negative log-likelihood per response token of the held-out real responses."""
-    nll, tokens = torch.zeros(2)
-    with torch.no_grad(), rt.autocast:
-        for i in range(0, len(examples), batch_size):
-            batch = examples[i:i + batch_size]
-            logps = sequence_logps(model, [e.prompt_ids for e in batch], [e.real_ids for e in batch], pad_id, rt.device,
-                                   pack)
-            nll -= logps.sum().cpu()
-            tokens += sum(len(e.real_ids) for e in batch)
-    return (nll / tokens).item()
-
-
-def held_out_pair_metrics(model: GPT, pairs: list[Pair], beta: float, cfg: TrainConfig, pad_id: int,
-                          rt: Runtime) -> dict[str, float]:
-    """On the iteration's held-out pairs, means per pair: the SPIN loss (without the nll_weight anchor),
-    reward accuracy and margin, and dynamics/delta_logps_real and _generated, how far the policy has moved
-    each response's summed log-prob from the opponent's: log p_θ(y|x) − log p_θt(y|x) (and of y')."""
-    sums = {}
-    with torch.no_grad(), rt.autocast:
-        for i in range(0, len(pairs), cfg.rollout_batch_size):
-            batch = pairs[i:i + cfg.rollout_batch_size]
-            losses, metrics = pair_terms(model, batch, beta, cfg.loss_type, pad_id, rt.device, cfg.pack_pairs)
-            metrics = {name: values.cpu() for name, values in metrics.items()}
-            opponent_real = torch.tensor([p.opponent_real_logp for p in batch])
-            opponent_generated = torch.tensor([p.opponent_generated_logp for p in batch])
-            sums = add_sums(sums, {
-                "eval/spin_loss": losses.sum().cpu(), "eval/reward_accuracy": metrics["rewards/accuracies"].sum(),
-                "eval/reward_margin": (metrics["rewards/real"] - metrics["rewards/generated"]).sum(),
-                "dynamics/delta_logps_real": (metrics["logps/real"] - opponent_real).sum(),
-                "dynamics/delta_logps_generated": (metrics["logps/generated"] - opponent_generated).sum()})
-    return {name: total.item() / len(pairs) for name, total in sums.items()}
-
-
-def held_out_kl(model: GPT, examples: list[Example], opponent_eval: dict[str, torch.Tensor], cfg: TrainConfig,
-                pad_id: int, rt: Runtime) -> float:
-    """eval/kl_opponent: KL(policy ‖ opponent) of the next-token distributions along the held-out real
-    responses, mean per token, against the opponent's kept at the iteration's rollout (exact, or the
-    top-k lower bound of spin.kl_per_token when only the top k fitted in kl_opponent_mb)."""
-    total, row = 0.0, 0
-    with torch.no_grad(), rt.autocast:
-        for batch in logit_batches(examples, model.config.vocab_size, cfg.max_len):
-            policy = response_logprobs(model, [e.prompt_ids for e in batch], [e.real_ids for e in batch], pad_id,
-                                       rt.device)  # (n, V): the same rows, in the same order, as the opponent's
-            opponent = {name: t[row:row + len(policy)].to(rt.device) for name, t in opponent_eval.items()}
-            total += kl_per_token(policy, opponent).sum().item()
-            row += len(policy)
-    return total / row
-
-
-def checker_scores(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData) -> dict[str, float | list[int]]:
-    """The synthetic task's checker on greedy and on sampled (T=1) answers to the held-out prompts, how
-    often an answer equals the real one, and per_prompt/valid_*: each prompt's validity (0/1), for the
-    paired intervals of the summary."""
-    examples, tok, template = data.eval_examples, data.tok, data.template
-    samplings = {"greedy": GREEDY, "sampled": Sampling(temperature=1.0)}
-    answers_by_name = {name: [] for name in samplings}
-    with model_for_sampling(model, rt) as sampler, rt.autocast:
-        for name, sampling in samplings.items():
-            for i in range(0, len(examples), cfg.rollout_batch_size):
-                prompts = [e.prompt_ids for e in examples[i:i + cfg.rollout_batch_size]]
-                answers_by_name[name] += generate(sampler, prompts, cfg.max_new_tokens, sampling=sampling,
-                                                  eos_id=data.stop, seed=cfg.seed + 17 + i)
-    out = {}
-    for name, answers in answers_by_name.items():
-        scores: dict[str, float] = {}
-        valid = []
-        for e, ids in zip(examples, answers):
-            answer = response_text(tok, ids, template)
-            checked = check_answer(e.prompt_messages[-1]["content"], answer)
-            for key, value in checked.items():
-                scores[key] = scores.get(key, 0.0) + value
-            valid.append(int(checked["valid"]))
-        out.update({f"eval/{key}_{name}": v / len(answers) for key, v in scores.items()})
-        out[f"eval/exact_{name}"] = sum(strip_stop(tok, ids, template) == strip_stop(tok, e.real_ids, template)
-                                        for e, ids in zip(examples, answers)) / len(answers)
-        out[f"per_prompt/valid_{name}"] = valid
-    return out
-
-
-def evaluate(model: GPT, cfg: TrainConfig, rt: Runtime, data: RunData, spin_data: IterationPairs | None,
-             beta: float) -> dict[str, float | list[int]]:
-    """Held-out NLL of the real responses; in a SPIN iteration the SPIN loss, rewards and log-prob changes
-    on its held-out pairs and the KL to its opponent; the checker."""
-    model.eval()
-    results = {}
-    if data.eval_examples:
-        results["eval/nll"] = held_out_nll(model, data.eval_examples, cfg.rollout_batch_size, data.pad_id, rt,
-                                           cfg.pack_pairs)
-    if spin_data is not None and spin_data.eval_pairs:
-        results.update(held_out_pair_metrics(model, spin_data.eval_pairs, beta, cfg, data.pad_id, rt))
-    if spin_data is not None and spin_data.opponent_eval is not None:
-        results["eval/kl_opponent"] = held_out_kl(model, data.eval_examples, spin_data.opponent_eval, cfg,
-                                                  data.pad_id, rt)
-    if data.has_checker and data.eval_examples:
-        results.update(checker_scores(model, cfg, rt, data))
-    model.train()
-    return results
-
-
-def headline(name: str, global_step: int, results: dict) -> str:
-    """The line printed at a phase's end: its main evaluation results."""
-    shown = {k: v for k, v in results.items()
-             if k.startswith("eval/") and any(w in k for w in ("nll", "spin", "reward", "valid", "exact"))}
-    return f"{name} done at step {global_step}: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4f}"
-                                                             for k, v in shown.items())
-
-
-def export_dtype(cfg: TrainConfig, source: ckpt.ModelSource) -> torch.dtype:
-    """The dtype of out_dir/final's weights: export_dtype, or for 'auto' the one the model came in."""
-    if cfg.export_dtype == "auto":
-        return source.dtype
-    return DTYPES[cfg.export_dtype]
-
-
-def export_models(cfg: TrainConfig, rank: int, model: GPT, data: RunData, kind: str,
-                  later_phases: list[tuple[str, int]]) -> None:
-    """After SFT, the SFT model for the continued-SFT baseline (out_dir/sft, in fp32: the baseline starts from
-    exactly the weights SPIN started from); after the last SFT or SPIN phase, the run's product (out_dir/final,
-    in export_dtype): a baseline only compares against it. Both keep the source's config.json and files."""
-    if kind == "sft" and cfg.baseline_sft:
-        ckpt.export_model(os.path.join(cfg.out_dir, "sft"), model, model.config, data.tok, data.template, rank,
-                          source=data.source)
-    if kind != "baseline" and all(k == "baseline" for k, _ in later_phases):
-        ckpt.export_model(os.path.join(cfg.out_dir, "final"), model, model.config, data.tok, data.template, rank,
-                          dtype=export_dtype(cfg, data.source), source=data.source)
+def end_phase(run: Run, phase: Phase) -> None:
+    """Evaluate, export, and checkpoint at the boundary; a stop signal ends the run there (StopRequest.exit)."""
+    cfg, data, state, model = run.cfg, run.data, run.state, run.model
+    results = evaluate(model, run.rt, run.held, phase.beta, phase.spin_data)
+    write_metrics(run.metrics_file, {"iteration": phase.iteration, "phase": phase.kind, "step": state.global_step,
+                                     "event": "phase_end", **results})
+    state.history.append({"phase": phase.kind, "iteration": phase.iteration, "step": state.global_step,
+                          "steps": phase.total_steps, **results})
+    print0(headline(phase.name, state.global_step, results))
+    export = partial(ckpt.export_model, model=model, cfg=model.config, tokenizer=data.tok, chat_template=data.template,
+                     rank=run.rt.rank, source=data.source)
+    if phase.export_sft:
+        export(os.path.join(cfg.out_dir, "sft"))
+    if phase.export_final:  # as the model came in, unless export_dtype says otherwise
+        export(os.path.join(cfg.out_dir, "final"), dtype=export_dtype(cfg, data.source.dtype))
         print0(f"exported the final model to {cfg.out_dir}/final (python generate.py --model={cfg.out_dir}/final)")
+    run.state = replace(state, phase=state.phase + 1, step=0, order=None, rollouts_sha=None)
+    save(run, run.state, None)
+    if run.stop.requested():
+        run.stop.exit(f"stopped by {run.stop.signal} after {phase.name}; run the same command to resume")
 
 
-PHASE_LABELS = {"sft": "SFT", "spin": "SPIN iter {}", "baseline": "cont. SFT iter {}"}
-
-
-def summary_table(history: list[dict]) -> str:
-    """One row per phase end: the checker's scores and the held-out SPIN metrics; then the verdict."""
-    cols = [("eval/valid_sampled", "valid@T=1"), ("eval/valid_greedy", "valid@greedy"), ("eval/nll", "nll"),
-            ("eval/reward_margin", "margin"), ("eval/reward_accuracy", "reward acc")]
-    cols = [(k, label) for k, label in cols if any(k in h for h in history)]
-    lines = ["| after | step | " + " | ".join(label for _, label in cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
-    for h in history:
-        cells = [f"{h[k]:.3f}" if k in h else "" for k, _ in cols]
-        lines.append(f"| {PHASE_LABELS[h['phase']].format(h['iteration'])} | {h['step']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + verdict(history))
-
-
-def paired_interval(a: list[float], b: list[float]) -> tuple[float, float | None]:
-    """The mean of the paired differences a_i − b_i and the half-width of its 95% Student t interval
-    (seeds.mean_ci; None for a single pair)."""
-    mean, lower, _ = mean_ci([x - y for x, y in zip(a, b, strict=True)])
-    return mean, None if lower is None else mean - lower
-
-
-def verdict(history: list[dict]) -> list[str]:
-    """SPIN's last iteration against the SFT start and against continued SFT's same iteration: held-out
-    validity at T=1 and greedy, as paired differences over the held-out prompts with 95% intervals."""
-    spin = [h for h in history if h["phase"] == "spin" and "per_prompt/valid_sampled" in h]
-    if not spin:
-        return []
-    last, ends = spin[-1], {(h["phase"], h["iteration"]): h for h in history}
-    lines = []
-    for other in (ends.get(("sft", 0)), ends.get(("baseline", last["iteration"]))):
-        if other is None or "per_prompt/valid_sampled" not in other:
-            continue
-        cells = []
-        for key, label in (("valid_sampled", "valid@T=1"), ("valid_greedy", "valid@greedy")):
-            mean, half = paired_interval(last[f"per_prompt/{key}"], other[f"per_prompt/{key}"])
-            if half is None:
-                cells.append(f"{label} {100 * mean:+.1f} points")
-                continue
-            reading = "within noise" if abs(mean) <= half else ("SPIN higher" if mean > 0 else "SPIN lower")
-            cells.append(f"{label} {100 * mean:+.1f} ± {100 * half:.1f} points ({reading})")
-        name = PHASE_LABELS[other["phase"]].format(other["iteration"])
-        lines.append(f"SPIN iter {last['iteration']} − {name}: " + ", ".join(cells) +
-                     f"; paired over {len(last['per_prompt/valid_sampled'])} held-out prompts, 95% intervals")
-    return lines
+def save(run: Run, state: ckpt.RunState, rollouts_path: str | None) -> None:
+    """A checkpoint of the run as it stands (every rank calls this)."""
+    path = ckpt.save_run(run.cfg.out_dir, state, run.cfg, run.model, run.optimizer, run.data.tok, run.data.template,
+                         run.data.source, rollouts_path, run.rt.rank, run.cfg.keep_checkpoints)
+    print0(f"saved checkpoint {path}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1241,17 +440,17 @@ def verdict(history: list[dict]) -> list[str]:
 def main(argv: list[str]) -> None:
     """The run: config, distributed init, out_dir and resume, data, model, the phases, the summary."""
     # ---- config ----------------------------------------------------------------------------------
-    cfg = load_config(TrainConfig, argv)
-    check_config(cfg)
+    cfg = load_train_config(argv)
     phases = phases_of(cfg)
 
     # ---- distributed init and device -------------------------------------------------------------
-    rt = init_runtime(cfg)
+    rt = init_runtime(cfg.device, cfg.dtype)
     print0(f"nanospin: world size {rt.world_size}, device {rt.device.type}, "
            f"compute dtype {str(rt.compute_dtype).removeprefix('torch.')}")
 
     # ---- out_dir and resume ----------------------------------------------------------------------
-    resume_from = prepare_out_dir(cfg, rt.world_size, rt.rank)
+    fingerprint = ckpt.config_fingerprint(cfg, rt.world_size)
+    resume_from = ckpt.prepare_out_dir(cfg.out_dir, cfg.resume, cfg.allow_config_change, fingerprint, rt.rank)
     finished = ckpt.finished_history(resume_from, len(phases))
     if finished is not None:  # the same command after the run completed: nothing to train, say so
         print0(ckpt.finished_run_message(cfg.out_dir))
@@ -1262,138 +461,39 @@ def main(argv: list[str]) -> None:
     data = prepare_data(cfg)
     print0(run_plan(cfg, phases, len(data.train_examples), rt.world_size, rt.device.type,
                     str(rt.compute_dtype).removeprefix("torch.")))
+    held = HeldOut(data.eval_examples, data.tok, data.template, data.stop, data.pad_id, cfg.rollout_batch_size,
+                   cfg.max_new_tokens, cfg.max_len, cfg.seed, cfg.pack_sequences, cfg.loss_type, data.has_checker)
 
     # ---- model and optimizer ---------------------------------------------------------------------
     model = build_model(cfg, data.tok, data.template)
     print0(f"model: {model.config.model_type}, {model.num_params() / 1e6:.2f}M non-embedding parameters, "
            f"{model.config.n_layer} layers, {model.config.n_embd} wide")
     print_memory_plan(model.config, cfg, rt)
-    place_model(model, cfg, rt)
-    optimizer = make_optimizer(model, cfg, cfg.sft_lr)  # every step sets its own lr; each phase makes a new one
-    state = start_or_resume(cfg, rt, resume_from, model, optimizer)
+    place_model(model, rt, cfg.activation_checkpointing, cfg.compile)
+    optimizer = make_optimizer(model, cfg, cfg.sft_lr)  # every step sets its own lr; a phase may make a new one
+    state = ckpt.start_or_resume(cfg.out_dir, resume_from, model, optimizer, cfg, fingerprint, rt.rank)
+    if resume_from:
+        print0(f"resumed from {resume_from}: phase {state.phase}, step {state.step}")
     metrics_file = ckpt.open_metrics(cfg.out_dir, rt.rank, resume_from)
     stop = catch_stop_signals(rt.world_size)  # SIGTERM/SIGINT: save and stop at the next step boundary
+    run = Run(cfg, rt, data, held, model, optimizer, state, metrics_file, stop, resume_from)
 
-    # ---- the phases ------------------------------------------------------------------------------
+    # ---- SFT, the SPIN iterations, the continued-SFT baseline: on from the phase the run stands in --
     t_run = time.time()
-    while state.phase < len(phases):
-        kind, iteration = phases[state.phase]
-        name = phase_name(kind, iteration)
-        starting = state.step == 0
-        beta, max_lr = per_iteration(cfg.beta, iteration), phase_lr(cfg, kind, iteration)
-        if kind == "baseline" and iteration == 0 and starting:
-            load_sft_weights(model, os.path.join(cfg.out_dir, "sft"))  # continued SFT starts from the SFT model
-
-        # -- the phase's data: real responses (SFT) or the iteration's rollout pairs (SPIN) --
-        spin_data, rollouts_path, rollout_stats, pairs = None, None, {}, []
-        if kind == "spin":
-            rollouts_path = os.path.join(cfg.out_dir, f"iter_{iteration}", "rollouts.jsonl")
-            if starting:
-                if fresh_optimizer(cfg, kind, iteration):  # a new one follows the rollout: its moments need not
-                    optimizer.state.clear()  # sit beside the sampler
-                spin_data = run_rollout(model, cfg, rt, data, iteration, stop, metrics_file, state.global_step)
-                if spin_data is None:
-                    stop.exit(f"stopped by {stop.signal} during rollout {iteration}; the last checkpoint stays "
-                              f"valid: run the same command to resume (this rollout is regenerated)")
-            else:
-                spin_data = reuse_rollouts(resume_from, cfg, iteration, state.rollouts_sha, data, rt.rank)
-            rollout_stats = rollout_stats_of(own_generations(spin_data))
-        order = BatchOrder(n=len(epoch_pairs(spin_data, 0)) if kind == "spin" else len(data.train_examples),
-                           batch_size=cfg.batch_size * cfg.grad_accum, rank=rt.rank, world_size=rt.world_size,
-                           seed=cfg.seed + 1000 * state.phase)
-        total_steps = phase_steps(cfg, kind, iteration, order, state.history)
-        schedule_start, schedule_steps = schedule_span(cfg, kind, iteration, total_steps, data.train_examples,
-                                                       order.global_batch_size)
-        if starting:
-            if fresh_optimizer(cfg, kind, iteration):
-                optimizer = make_optimizer(model, cfg, max_lr)
-            state.rollouts_sha = file_sha(rollouts_path) if rollouts_path else None
-        elif state.order is not None:
-            order.load_state_dict(state.order)
-
-        # -- the steps --
-        model.train()
-        bar = progress_bar(total_steps, name, rt.rank, initial=state.step)
-        sums, tokens, t_log = {}, 0, time.time()
-        first_step, t_timed = state.step, None  # the pace is timed after the first step, which pays for warm-up
-        while state.step < total_steps:
-            lr = get_lr(schedule_start + state.step, schedule_steps, max_lr, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            indices = order.next_batch()  # this rank's share of the global batch: batch_size * grad_accum
-            if kind == "spin":  # the epoch's pairs: its own rollout with regenerate_per_epoch
-                pairs = epoch_pairs(spin_data, order.epoch)
-            step_sums, step_tokens = forward_backward(model, kind, indices, pairs, data, beta, cfg, rt)
-            grad_norm = clip_gradients(model, cfg.grad_clip)
-            step_sums = all_reduce_sums(step_sums, rt.world_size)
-            check_finite(step_sums["loss"], grad_norm, name, state, total_steps, cfg.out_dir, bar)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.global_step += 1
-            bar.update(1)
-            sums, tokens = add_sums(sums, step_sums), tokens + step_tokens
-            last_step = state.step == total_steps
-            if state.step == first_step + 1:
-                t_timed = time.time()
-            elif state.step == first_step + 1 + ETA_STEPS and not last_step:
-                (bar.write if not bar.disable else print0)(
-                    time_left(name, total_steps, state.step, (time.time() - t_timed) / ETA_STEPS))
-            if state.step % cfg.log_interval == 0 or last_step:
-                dt = time.time() - t_log
-                tokens_per_sec = all_reduce_sum(torch.tensor([float(tokens)]), rt.world_size).item() / dt
-                record = {"iteration": iteration, "phase": kind, "epoch": order.epoch, "step": state.global_step,
-                          "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec,
-                          **step_metrics(kind, sums), **rollout_stats, **mfu(tokens_per_sec, model, cfg.max_len, rt)}
-                write_metrics(metrics_file, record)
-                show_progress(bar, name, state.step, total_steps, record)
-                sums, tokens, t_log = {}, 0, time.time()
-            if cfg.eval_interval and state.step % cfg.eval_interval == 0 and not last_step:
-                results = evaluate(model, cfg, rt, data, spin_data, beta)
-                write_metrics(metrics_file, {"iteration": iteration, "phase": kind, "step": state.global_step,
-                                             **results})
-            stopping = stop.requested()
-            if not last_step and (stopping or cfg.save_interval and state.global_step % cfg.save_interval == 0):
-                save(cfg, rt.rank, model, optimizer, replace(state, order=order.state_dict()), data, rollouts_path)
-            if stopping and not last_step:
-                stop.exit(f"stopped by {stop.signal} at {name}, step {state.step}; checkpoint saved: "
-                          f"run the same command to resume")
-        bar.close()
-
-        # -- end of phase: evaluate, export, checkpoint at the boundary --
-        results = evaluate(model, cfg, rt, data, spin_data, beta)
-        write_metrics(metrics_file, {"iteration": iteration, "phase": kind, "step": state.global_step,
-                                     "event": "phase_end", **results})
-        state.history.append({"phase": kind, "iteration": iteration, "step": state.global_step, "steps": total_steps,
-                              **results})
-        print0(headline(name, state.global_step, results))
-        export_models(cfg, rt.rank, model, data, kind, phases[state.phase + 1:])
-        state = replace(state, phase=state.phase + 1, step=0, order=None, rollouts_sha=None)
-        save(cfg, rt.rank, model, optimizer, state, data, None)
-        if stop.requested():
-            stop.exit(f"stopped by {stop.signal} after {name}; run the same command to resume")
+    make = {"sft": sft_phase, "spin": spin_iteration, "baseline": baseline_iteration}  # each phase's setup
+    for kind, iteration in phases[run.state.phase:]:
+        phase = make[kind](run, iteration)
+        run_steps(run, phase)
+        end_phase(run, phase)
 
     # ---- summary ---------------------------------------------------------------------------------
-    print0(summary_table(state.history))
+    print0(summary_table(run.state.history))
     print0(f"total time {time.time() - t_run:.0f}s")
     if metrics_file is not None:
         metrics_file.close()
         if cfg.plot:
-            write_plot(cfg.out_dir)
-    if rt.world_size > 1:
-        dist.destroy_process_group()
-
-
-def write_plot(out_dir: str) -> None:
-    """out_dir/metrics.png (plot.py) when matplotlib is importable; it is not a dependency, so without it one
-    line says how to get the picture. The run is done by now: a plot that fails is reported, not raised."""
-    if importlib.util.find_spec("matplotlib") is None:
-        print(f"plot: pip install matplotlib, then python plot.py {out_dir}")
-        return
-    try:
-        print(f"plot: {plot_runs([out_dir], os.path.join(out_dir, 'metrics.png'))}")
-    except Exception as e:  # noqa: BLE001 - the weights and metrics are written; the picture is a convenience
-        print(f"plot: not written ({type(e).__name__}: {e}); try python plot.py {out_dir}")
+            write_run_plot(cfg.out_dir)
+    close_runtime(rt)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import configurator  # noqa: E402
+from checkpoint import save_model_dir  # noqa: E402
 from generate import GREEDY, generate, generate_ref  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -93,7 +94,7 @@ def hf_copy(model: GPT, device: torch.device, dtype: torch.dtype):
 
     transformers.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
+        save_model_dir(d, model.state_dict(), model.config)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
     return hf.to(device).eval()
 

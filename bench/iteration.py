@@ -139,8 +139,8 @@ def one_iteration(model, examples, stop: list[int], pad_id: int, cfg: BenchConfi
     """Rollout (sampling + the opponent's log-probs) then one epoch of SPIN steps, as train.py runs them."""
     import spin
     from data import BatchOrder
-    from generate import Sampling
-    from train import TrainConfig, get_lr, make_optimizer
+    from generate import Sampling, derive_seed
+    from train_config import TrainConfig, get_lr, make_optimizer
 
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     autocast = torch.autocast(device.type, dtype=compute_dtype) if device.type == "cuda" else nullcontext()
@@ -181,7 +181,7 @@ def one_iteration(model, examples, stop: list[int], pad_id: int, cfg: BenchConfi
     t_train = time.perf_counter()
     model.train()
     optimizer = make_optimizer(model, tcfg, cfg.lr)
-    order = BatchOrder(n=len(pairs), batch_size=cfg.batch_size, seed=cfg.seed + 1000 * iteration)
+    order = BatchOrder(n=len(pairs), batch_size=cfg.batch_size, seed=derive_seed(cfg.seed, "data_order", iteration))
     total_steps = cfg.epochs * order.batches_per_epoch()
     loss_sum, accuracy_sum, pair_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
     for step in range(total_steps):
@@ -241,7 +241,7 @@ def run_ours(cfg: BenchConfig) -> dict:
     # trl, which load torch._dynamo): a tiny generate, a scored forward (imports spin_kernels/logprob.py), and an
     # optimizer, whose first construction imports torch._dynamo (~1 s; train.py makes one at startup)
     import spin
-    from train import TrainConfig, make_optimizer
+    from train_config import TrainConfig, make_optimizer
     generate(model, [examples[0].prompt_ids, examples[1].prompt_ids], 2, eos_id=stop, seed=0)
     with torch.no_grad():
         spin.pair_logps(model, [examples[0].prompt_ids], [examples[0].real_ids], [examples[1].real_ids], tok.eos_id,

@@ -140,7 +140,7 @@ def measured_run(settings: dict) -> None:
         setattr(train, name, call)
 
     marked("build_model", "model")  # the baseline: memory in use just before the model exists
-    marked("run_rollout", "rollout")
+    marked("rollout_iteration", "rollout")
     marked("forward_backward", "training", after=None)  # open until the next phase: the optimizer step counts
     marked("evaluate", "evaluation")
     marked("save", "checkpoint")

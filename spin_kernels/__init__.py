@@ -8,7 +8,9 @@ and a plain PyTorch `*_ref` function that is their spec. This file holds what bo
   was first imported, with TRITON_INTERPRET as it was then; a kernel can only call helpers of its own
   mode. `jit` wraps ours in that same mode when the kernel files are imported.
 - TRITON_INTERPRET is read at call time: set, CPU tensors go to the interpreter. `launch` runs a kernel
-  only in the mode asked for now, else it raises a UserError saying how to fix the order.
+  only in the mode asked for now, else it raises a KernelError saying how to fix the order.
+- The kernels import nothing of nanospin's above them: bad inputs raise their own KernelError, one line that
+  says what to fix; model.py shows it to people as a UserError.
 - Nothing touches the GPU driver at import time, so importing works on a CPU-only machine.
 """
 
@@ -16,13 +18,15 @@ from collections.abc import Callable
 
 import torch
 
-from configurator import UserError
-
 try:
     import triton
     import triton.language as tl
 except ImportError:  # no triton: the PyTorch paths still work
     triton = tl = None
+
+
+class KernelError(ValueError):
+    """A kernel's inputs or Triton mode are wrong; the message says what to change."""
 
 
 def interpret_requested() -> bool:
@@ -58,9 +62,9 @@ def launch(kernel, grid: tuple, *args, **meta) -> None:
     if requested != interprets:  # the error names the kernel; built only then, not on every launch
         where = f"{kernel.fn.__module__.replace('.', '/')}.py:{kernel.__name__}"
         if requested:
-            raise UserError(f"TRITON_INTERPRET=1 was set after triton was first imported, so the interpreter cannot "
-                            f"run {where}; set it before anything imports triton (the shell, or the top of the script "
-                            f"or conftest.py)")
-        raise UserError(f"triton was first imported with TRITON_INTERPRET=1, so {where} can only be interpreted, not "
-                        f"compiled for the GPU; run it in a process that imports triton with TRITON_INTERPRET unset")
+            raise KernelError(f"TRITON_INTERPRET=1 was set after triton was first imported, so the interpreter cannot "
+                             f"run {where}; set it before anything imports triton (the shell, or the top of the script "
+                             f"or conftest.py)")
+        raise KernelError(f"triton was first imported with TRITON_INTERPRET=1, so {where} can only be interpreted, not "
+                         f"compiled for the GPU; run it in a process that imports triton with TRITON_INTERPRET unset")
     kernel[grid](*args, **meta)

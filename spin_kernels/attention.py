@@ -25,8 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from configurator import UserError
-from spin_kernels import interpret_requested, jit, launch, tl, triton, triton_runs_on
+from spin_kernels import KernelError, interpret_requested, jit, launch, tl, triton, triton_runs_on
 from packing import RowLayout, sdpa_mask
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
@@ -536,24 +535,24 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
                   window: int | None) -> None:
     where = "spin_kernels/attention.py:attention"
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
-        raise UserError(f"attention wants q (B, Hq, T, D) and k, v (B, Hkv, T, D); got q {tuple(q.shape)}, "
-                        f"k {tuple(k.shape)}, v {tuple(v.shape)} ({where}); check the caller's reshapes")
+        raise KernelError(f"attention wants q (B, Hq, T, D) and k, v (B, Hkv, T, D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)} ({where}); check the caller's reshapes")
     if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise UserError(f"attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} differ in batch, length or "
-                        f"head dim ({where}); self-attention over aligned q/k is all it supports")
+        raise KernelError(f"attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} differ in batch, length or "
+                         f"head dim ({where}); self-attention over aligned q/k is all it supports")
     if q.shape[1] % k.shape[1] != 0:
-        raise UserError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads "
-                        f"({where}); set n_head to a multiple of n_kv_head")
+        raise KernelError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads "
+                         f"({where}); set n_head to a multiple of n_kv_head")
     if not q.dtype == k.dtype == v.dtype:
-        raise UserError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}) ({where}); "
-                        f"cast them to one dtype first")
+        raise KernelError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}) ({where}); "
+                         f"cast them to one dtype first")
     if (layout is not None or window is not None) and not causal:
-        raise UserError(f"attention: packed rows and sliding windows are causal; pass causal=True ({where})")
+        raise KernelError(f"attention: packed rows and sliding windows are causal; pass causal=True ({where})")
     if layout is not None and layout.doc_starts.shape != (q.shape[0], q.shape[2]):
-        raise UserError(f"attention: the packed layout is {tuple(layout.doc_starts.shape)} but q has batch "
-                        f"{q.shape[0]} and length {q.shape[2]} ({where}); pack the batch the model reads")
+        raise KernelError(f"attention: the packed layout is {tuple(layout.doc_starts.shape)} but q has batch "
+                         f"{q.shape[0]} and length {q.shape[2]} ({where}); pack the batch the model reads")
     if window is not None and window < 1:
-        raise UserError(f"attention: window={window} must be >= 1 ({where}); check sliding_window")
+        raise KernelError(f"attention: window={window} must be >= 1 ({where}); check sliding_window")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import spin_kernels.attention as attention_module
-from configurator import UserError
+from spin_kernels import KernelError
 from spin_kernels.attention import attention, attention_ref, uses_triton
 from packing import RowLayout, visible_mask
 
@@ -210,9 +210,9 @@ def test_bf16_on_cpu_is_not_sent_to_the_interpreter():
 
 def test_bad_shapes_raise_user_errors():
     q = torch.zeros(1, 4, 8, 32)
-    with pytest.raises(UserError, match="multiple"):
+    with pytest.raises(KernelError, match="multiple"):
         attention(q, torch.zeros(1, 3, 8, 32), torch.zeros(1, 3, 8, 32))
-    with pytest.raises(UserError, match="differ"):
+    with pytest.raises(KernelError, match="differ"):
         attention(q, torch.zeros(1, 2, 9, 32), torch.zeros(1, 2, 9, 32))
-    with pytest.raises(UserError, match="dtypes"):
+    with pytest.raises(KernelError, match="dtypes"):
         attention(q, torch.zeros(1, 2, 8, 32).half(), torch.zeros(1, 2, 8, 32).half())

@@ -117,14 +117,6 @@ def test_load_weights_puts_a_directory_into_an_existing_model(tmp_path):
         assert torch.equal(got, want), name
 
 
-def test_gpt_entry_points_are_the_checkpoint_functions(tmp_path):
-    model = tiny_gpt()
-    model.save_pretrained(str(tmp_path / "m"))
-    loaded = GPT.from_pretrained(str(tmp_path / "m"))
-    assert loaded.config == checkpoint.load_pretrained(str(tmp_path / "m")).config
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
-
-
 def test_save_model_dir_with_a_tokenizer_writes_the_chat_template(tmp_path):
     tok = load_tokenizer("bytes")
     model = tiny_gpt()
@@ -192,7 +184,8 @@ def test_read_model_source_reads_the_config_and_the_stored_dtype(tmp_path):
     hf_config = bf16_mistral_dir(tmp_path / "bf16")
     source = checkpoint.read_model_source(str(tmp_path / "bf16"))
     assert source.hf_config == hf_config and source.dtype == torch.bfloat16
-    tiny_gpt().save_pretrained(str(tmp_path / "fp32"))
+    fp32 = tiny_gpt()
+    checkpoint.save_model_dir(str(tmp_path / "fp32"), fp32.state_dict(), fp32.config)
     assert checkpoint.read_model_source(str(tmp_path / "fp32")).dtype == torch.float32
     scratch = checkpoint.read_model_source(None)
     assert scratch.dir is None and scratch.hf_config is None and scratch.dtype == torch.float32
@@ -223,7 +216,7 @@ def test_export_config_from_scratch_describes_the_model(tmp_path):
     exported = checkpoint.export_hf_config(model.config, torch.float32, checkpoint.read_model_source(None))
     assert checkpoint.hf_config_to_gpt_config(exported) == model.config
     source_dir = tmp_path / "src"
-    model.save_pretrained(str(source_dir))
+    checkpoint.save_model_dir(str(source_dir), model.state_dict(), model.config)
     config = json.loads((source_dir / "config.json").read_text())
     config["torch_dtype"] = config.pop("dtype")
     (source_dir / "config.json").write_text(json.dumps(config))

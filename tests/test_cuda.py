@@ -326,7 +326,7 @@ def check_train_compile() -> None:
         steps = [r for r in records if "loss" in r]
         assert any(r["phase"] == "spin" for r in steps) and all(math.isfinite(r["loss"]) for r in steps)
         assert all(r["tokens_per_sec"] > 0 for r in steps)
-        from train import peak_flops
+        from fsdp import peak_flops
         if peak_flops(torch.device("cuda")):  # a card whose peak FLOP/s train.py knows
             assert all(0 < r["mfu"] < 1 for r in steps)
         assert os.path.isfile(os.path.join(out_dir, "final", "config.json"))

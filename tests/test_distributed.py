@@ -107,7 +107,7 @@ SAMPLER_UNDER_FSDP = """
 from contextlib import nullcontext
 import torch, torch.distributed as dist
 from torch.distributed.tensor import DTensor
-import train
+import fsdp
 from model import GPT, GPTConfig
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -115,10 +115,10 @@ torch.manual_seed(0)
 model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=16))
 reference = GPT(model.config)
 reference.load_state_dict(model.state_dict())
-train.apply_fsdp(model, torch.float32, activation_checkpointing=True, compile=False)
-rt = train.Runtime(rank, rank, 2, torch.device("cpu"), torch.float32, True, nullcontext())
+fsdp.apply_fsdp(model, torch.float32, activation_checkpointing=True, compile=False)
+rt = fsdp.Runtime(rank, rank, 2, torch.device("cpu"), torch.float32, True, nullcontext())
 idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(rank))
-with train.model_for_sampling(model, rt) as sampler, torch.no_grad():
+with fsdp.model_for_sampling(model, rt) as sampler, torch.no_grad():
     assert not any(isinstance(p, DTensor) for p in sampler.parameters())
     assert sampler.lm_head.weight is sampler.wte.weight
     assert torch.equal(sampler(idx), reference(idx))
@@ -168,7 +168,7 @@ import errno, os, sys
 import torch, torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-import checkpoint, train
+import checkpoint, fsdp
 from configurator import UserError
 from model import GPT, GPTConfig
 out = sys.argv[1]
@@ -178,7 +178,7 @@ rank = dist.get_rank()
 def build(seed):
     torch.manual_seed(seed)  # 65 embedding rows: rank 0 holds 33 of them, rank 1 32
     model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=20))
-    train.apply_fsdp(model, torch.float32, False, False)
+    fsdp.apply_fsdp(model, torch.float32, False, False)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
 def full_state(model, optimizer):
@@ -327,7 +327,7 @@ def test_kill_mid_rollout_at_boundary_in_checkpoint_write_nan_and_sigterm_then_b
     C2. SIGKILL while writing checkpoint 14 (weights written, no state.json) -> 12 stays the latest
     D. SIGTERM after global step 16                                   -> checkpoint 16, exit 143
     E. (this process) resumes mid continued-SFT and finishes: identical to the uninterrupted run."""
-    from model import GPT
+    import checkpoint as ckpt
     out_dir, _ = run
     out = tmp_path / "faults"
 
@@ -349,7 +349,7 @@ def test_kill_mid_rollout_at_boundary_in_checkpoint_write_nan_and_sigterm_then_b
     assert checkpoint_steps(out)[-1] == 12 and not list((out / "checkpoints").glob("tmp-*"))
     last_good = out / "checkpoints" / "step_00000012"
     assert json.loads((last_good / "state.json").read_text())["step"] == 2
-    assert all(torch.isfinite(p).all() for p in GPT.from_pretrained(str(last_good / "model")).parameters())
+    assert all(torch.isfinite(p).all() for p in ckpt.load_pretrained(str(last_good / "model")).parameters())
     assert 13 not in step_losses(out)
 
     c2 = run_train(out, fault="kill_in_save:1")

@@ -1,6 +1,7 @@
 """spin_kernels/__init__.py, what both kernel files share: without triton they import and take the PyTorch
 paths; with it, kernels run only in the mode triton was first imported in (conftest.py imports it to
-interpret), and asking for the other mode is a UserError that says how to fix it, never a fallback."""
+interpret), and asking for the other mode is a KernelError that says how to fix it, never a fallback; the model
+shows it to people as a UserError."""
 
 import os
 import subprocess
@@ -12,8 +13,7 @@ import torch
 triton = pytest.importorskip("triton")  # where triton is not installed this file skips instead of failing to import
 import triton.language as tl  # noqa: E402
 
-from configurator import UserError
-from spin_kernels import launch, triton_interprets
+from spin_kernels import KernelError, launch, triton_interprets
 from spin_kernels.attention import _attn_fwd_kernel, attention
 from spin_kernels.logprob import token_logprobs
 
@@ -63,12 +63,25 @@ def run_logprobs():
 def test_interpreter_switched_on_too_late_is_an_error(monkeypatch, run):
     # As if triton had been imported before TRITON_INTERPRET=1: its own helpers are GPU functions.
     monkeypatch.setattr(tl, "sum", triton.JITFunction(identity))
-    with pytest.raises(UserError, match="TRITON_INTERPRET=1 was set after triton was first imported"):
+    with pytest.raises(KernelError, match="TRITON_INTERPRET=1 was set after triton was first imported"):
         run()
+
+
+@pytest.mark.triton
+def test_the_model_shows_a_kernel_error_as_a_user_error(monkeypatch):
+    from configurator import UserError
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
+                          attention="triton"))
+    monkeypatch.setattr(tl, "sum", triton.JITFunction(identity))
+    idx = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(UserError, match="TRITON_INTERPRET=1 was set after") as caught:
+        model.token_logprobs(idx, idx)
+    assert not isinstance(caught.value, KernelError) and "\n" not in str(caught.value)
 
 
 def test_compiling_after_triton_was_imported_to_interpret_is_an_error():
     # Only CUDA tensors reach a launch with TRITON_INTERPRET unset; the check comes before any argument is read.
     assert "TRITON_INTERPRET" not in os.environ and triton_interprets()
-    with pytest.raises(UserError, match="can only be interpreted"):
+    with pytest.raises(KernelError, match="can only be interpreted"):
         launch(_attn_fwd_kernel, (1,))

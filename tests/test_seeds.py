@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from seeds import mean_ci, parse_seeds, summarize, t_cdf_two_sided, t_quantile
+from metrics_log import mean_ci, t_cdf_two_sided, t_quantile
+from seeds import parse_seeds, summarize
 from train_runs import REPO, TINY, child_env, describe, metrics
 
 # two-sided 95% (p = 0.975) and 90% (p = 0.95) critical values from printed t tables

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import spin_kernels.attention as attention_module
+from checkpoint import load_pretrained
 from generate import GREEDY, generate
-from model import GPT
 from tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -46,13 +46,13 @@ def test_windowed_logits_equal_transformers_mistral(tmp_path, attention, monkeyp
 
     monkeypatch.setattr(attention_module, "launch", counting_launch)
     hf = mistral_dir(tmp_path)
-    model = GPT.from_pretrained(str(tmp_path), attention=attention).eval()
+    model = load_pretrained(str(tmp_path), attention=attention).eval()
     assert model.config.sliding_window == WINDOW
     idx = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = hf(idx).logits
         got = model(idx)
-        unwindowed = GPT.from_pretrained(str(tmp_path)).eval()
+        unwindowed = load_pretrained(str(tmp_path)).eval()
         unwindowed.config.sliding_window = None
         full = unwindowed(idx)
     assert (got - want).abs().max().item() <= 1e-4
@@ -63,7 +63,7 @@ def test_windowed_logits_equal_transformers_mistral(tmp_path, attention, monkeyp
 
 def test_kv_cached_greedy_generation_equals_transformers_past_the_window(tmp_path):
     hf = mistral_dir(tmp_path)
-    model = GPT.from_pretrained(str(tmp_path)).eval()
+    model = load_pretrained(str(tmp_path)).eval()
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [1, 2, 3]]  # one prompt already longer than the window
     with torch.no_grad():  # each prompt alone: no padding for transformers to handle
         expected = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=30, eos_token_id=None,
@@ -81,5 +81,5 @@ def test_generate_cli_opens_a_mistral_v01_style_directory(tmp_path):
                           "--max_new_tokens=4", "--seed=0", "--device=cpu"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    model = GPT.from_pretrained(str(tmp_path))
+    model = load_pretrained(str(tmp_path))
     assert (model.config.block_size, model.config.sliding_window) == (32768, 4096)

@@ -473,7 +473,7 @@ def test_added_chatml_markers_render_as_hugging_face_with_the_saved_tokenizer(tm
 
 
 def test_train_config_refuses_a_bad_template_before_anything_runs():
-    from train import TrainConfig, check_config
+    from train_config import TrainConfig, check_config
 
     with pytest.raises(UserError, match="config key 'chat_template': unknown field 'end_of_trun'"):
         check_config(TrainConfig(chat_template={"base": "chatml", "end_of_trun": "<|im_end|>"}))

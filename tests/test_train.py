@@ -57,7 +57,7 @@ def copy_run(src, dst):
 
 
 def test_lr_schedules():
-    from train import TrainConfig, get_lr
+    from train_config import TrainConfig, get_lr
     cfg = TrainConfig(warmup_frac=0.2, min_lr_frac=0.1, lr_schedule="linear")
     lrs = [get_lr(s, 10, 1.0, cfg) for s in range(10)]
     assert lrs[:2] == pytest.approx([1 / 3, 2 / 3])  # 2 warmup steps climbing towards the peak
@@ -69,13 +69,31 @@ def test_lr_schedules():
     assert {get_lr(s, 10, 3.0, constant) for s in range(10)} == {3.0}
 
 
+def test_pack_pairs_is_read_as_pack_sequences_with_one_line(capsys):
+    from train_config import load_train_config
+    cfg = load_train_config(["--pack_pairs=False"])
+    assert cfg.pack_sequences is False and cfg.pack_pairs is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'pack_pairs' is now 'pack_sequences'" in err
+    assert load_train_config([]).pack_sequences is True and capsys.readouterr().err == ""
+
+
+def test_derived_seeds_keep_the_values_runs_always_used():
+    """derive_seed is the one place a run's seeds come from; the quick demo's numbers depend on these values."""
+    from generate import derive_seed
+    assert [derive_seed(1337, "data_order", p) for p in (0, 3)] == [1337, 4337]
+    assert derive_seed(1337, "prompt_subset", 2) == 1539 and derive_seed(1337, "rollout", 1) == 9114
+    assert derive_seed(1337, "eval_rollout") == 1338 and derive_seed(1337, "checker", 64) == 1418
+    assert derive_seed(5, "chat_turn", 2) == 7
+
+
 def test_save_load_gives_identical_next_step(tmp_path):
     import checkpoint as ckpt
     from templates import render_prompt, render_response
     from model import GPT, GPTConfig
     from spin import sequence_logps
     from tokenizer import load_tokenizer
-    from train import TrainConfig, make_optimizer
+    from train_config import TrainConfig, make_optimizer
 
     tok = load_tokenizer("bytes")
     cfg = GPTConfig(model_type="llama", vocab_size=tok.n_vocab, block_size=96, n_layer=2, n_head=2, n_kv_head=1,
@@ -179,7 +197,7 @@ def test_a_redirected_log_has_lines_not_progress_bars(run):
 
 
 def test_progress_bars_are_drawn_on_a_terminal_by_rank_0(monkeypatch):
-    from train import progress_bar
+    from fsdp import progress_bar
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -211,9 +229,9 @@ def first_spin_steps(out_dir) -> list[dict]:
 
 
 def bf16_copy(model, rt):
-    """What train.sampler_of samples with on a GPU in bf16 (train.compute_dtype_copy), here on the CPU."""
-    import train
-    return train.compute_dtype_copy(model, torch.device("cpu"), torch.bfloat16)
+    """What fsdp.sampler_of samples with on a GPU in bf16 (fsdp.compute_dtype_copy), here on the CPU."""
+    import fsdp
+    return fsdp.compute_dtype_copy(model, torch.device("cpu"), torch.bfloat16)
 
 
 def test_sampling_leaves_no_kv_cache_and_no_copy_behind(monkeypatch):
@@ -221,18 +239,18 @@ def test_sampling_leaves_no_kv_cache_and_no_copy_behind(monkeypatch):
     sampling copy's weights are gone even while its module is still referenced."""
     from contextlib import nullcontext
 
-    import train
+    import fsdp
     from generate import generate
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
-    rt = train.Runtime(0, 0, 1, torch.device("cpu"), torch.float32, False, nullcontext())
-    with train.model_for_sampling(model, rt) as sampler:
+    rt = fsdp.Runtime(0, 0, 1, torch.device("cpu"), torch.float32, False, nullcontext())
+    with fsdp.model_for_sampling(model, rt) as sampler:
         assert sampler is model  # one process on the CPU samples with the model itself
         generate(sampler, [[1, 2, 3]], 4, compile="eager")
         assert sampler.kept_kv_caches is not None
     assert model.kept_kv_caches is None
-    monkeypatch.setattr(train, "sampler_of", bf16_copy)  # as on one GPU in bf16
-    with train.model_for_sampling(model, rt) as copy:
+    monkeypatch.setattr(fsdp, "sampler_of", bf16_copy)  # as on one GPU in bf16
+    with fsdp.model_for_sampling(model, rt) as copy:
         assert copy is not model and generate(copy, [[1, 2, 3]], 4, compile="eager")
         assert {p.dtype for p in copy.parameters()} == {torch.bfloat16} and copy.lm_head.weight is copy.wte.weight
         assert torch.equal(copy.wte.weight, model.wte.weight.to(torch.bfloat16))
@@ -245,9 +263,9 @@ def test_each_iteration_starts_at_zero_rewards_under_bf16_autocast(tmp_path, mon
     """--dtype=bfloat16 on the CPU trains fp32 weights under bf16 autocast. The opponent's log-probs take that
     same path, so each iteration still starts at zero rewards (loss log 2), also when the rollout samples with a
     bf16 copy as it does on a GPU: a copy may sample, never score."""
-    import train
+    import fsdp
     if sampler == "a bf16 copy":
-        monkeypatch.setattr(train, "sampler_of", bf16_copy)
+        monkeypatch.setattr(fsdp, "sampler_of", bf16_copy)
     out = tmp_path / "bf16"
     assert run_in_process(*TINY, f"--out_dir={out}", "--dtype=bfloat16", "--stage=spin", "--baseline_sft=False",
                           "--save_interval=0") == 0
@@ -289,12 +307,12 @@ def test_a_bad_top_p_fails_at_start_up_before_anything_is_built(tmp_path):
 def test_final_export_loads_in_nanospin_and_transformers(run):
     from transformers import AutoModelForCausalLM
 
-    from model import GPT
+    from checkpoint import load_pretrained
     out_dir, _ = run
     final = out_dir / "final"
     # the product is the model after the last SPIN iteration, not the continued-SFT baseline
     assert_same_weights(final_weights(out_dir), checkpoint_weights(out_dir, 14))
-    ours = GPT.from_pretrained(str(final)).eval()
+    ours = load_pretrained(str(final)).eval()
     theirs = AutoModelForCausalLM.from_pretrained(str(final), torch_dtype=torch.float32).eval()
     idx = torch.tensor([[257, 117, 115, 101, 114, 10, 51, 32, 100, 258, 10, 257, 97]])
     with torch.no_grad():
@@ -315,13 +333,13 @@ def test_generate_cli_chats_with_the_final_model(run):
 def test_opponent_logps_are_the_weights_at_the_end_of_the_previous_iteration(run):
     """iter_1's opponent log-probs are the model after SPIN iteration 0 (checkpoint 10), not its start
     (checkpoint 6): the opponent is renewed every iteration."""
-    from model import GPT
+    from checkpoint import load_pretrained
     from spin import pair_logps
     out_dir, _ = run
     pairs = rollouts(out_dir, 1)
     scored = {}
     for step in (10, 6):
-        model = GPT.from_pretrained(str(out_dir / "checkpoints" / f"step_{step:08d}" / "model")).eval()
+        model = load_pretrained(str(out_dir / "checkpoints" / f"step_{step:08d}" / "model")).eval()
         with torch.no_grad():
             scored[step] = pair_logps(model, [p["prompt_ids"] for p in pairs], [p["real_ids"] for p in pairs],
                                       [p["generated_ids"] for p in pairs], 256, torch.device("cpu"))
@@ -393,12 +411,12 @@ def test_a_bf16_model_trained_and_exported_comes_back_as_it_came_in(tmp_path):
 
 def test_export_dtype_overrides_the_dtype_the_model_came_in():
     import checkpoint as ckpt
-    from train import TrainConfig, export_dtype
-    bf16 = ckpt.ModelSource("m", {}, torch.bfloat16)
+    from train_config import TrainConfig, export_dtype
+    bf16 = ckpt.ModelSource("m", {}, torch.bfloat16).dtype
     assert export_dtype(TrainConfig(), bf16) == torch.bfloat16
-    assert export_dtype(TrainConfig(), ckpt.read_model_source(None)) == torch.float32
+    assert export_dtype(TrainConfig(), ckpt.read_model_source(None).dtype) == torch.float32
     assert export_dtype(TrainConfig(export_dtype="float32"), bf16) == torch.float32
-    assert export_dtype(TrainConfig(export_dtype="bfloat16"), ckpt.read_model_source(None)) == torch.bfloat16
+    assert export_dtype(TrainConfig(export_dtype="bfloat16"), ckpt.read_model_source(None).dtype) == torch.bfloat16
 
 
 def test_block_size_defaults_to_the_models_context(tmp_path):
@@ -447,20 +465,19 @@ def test_rollout_records_describe_the_opponents_generations(run):
 
 
 def test_identical_frac_counts_generations_equal_to_the_real_response():
-    from spin import Pair
-    from train import rollout_stats_of
+    from spin import IterationPairs, Pair, rollout_stats
     same, other = [5, 6, 258], [5, 7, 258]
     pairs = [Pair("t", [1], same, same, 0.0, 0.0, True), Pair("t", [1], same, other, 0.0, 0.0, True),
              Pair("t", [1], same, same[:2], 0.0, 0.0, False), Pair("t", [1], other, other, 0.0, 0.0, True)]
-    stats = rollout_stats_of(pairs)
+    stats = rollout_stats(IterationPairs(pairs, own=4, blocks=1, eval_pairs=[], opponent_eval=None))
     assert stats["dynamics/identical_frac"] == 0.5 and stats["eos_rate"] == 0.75
     assert (stats["gen_len_mean"], stats["gen_len_p50"], stats["gen_len_max"]) == (2.75, 3.0, 3.0)
 
 
 def held_out_logprobs(model_dir, pairs: list[dict]) -> torch.Tensor:
     """(N, V) next-token log-probs along each held-out real response, each sequence alone, in float64."""
-    from model import GPT
-    model = GPT.from_pretrained(str(model_dir)).eval()
+    from checkpoint import load_pretrained
+    model = load_pretrained(str(model_dir)).eval()
     rows = []
     with torch.no_grad():
         for p in pairs:
@@ -502,30 +519,30 @@ def test_held_out_log_prob_changes_equal_a_direct_computation(run):
 def test_kl_capture_keeps_the_top_k_that_fit_the_budget(monkeypatch):
     """opponent_eval_logprobs keeps all V log-probs within kl_opponent_mb, else the top k that fit, and
     held_out_kl lines its rows up with the policy's across batches: exact, and a lower bound."""
-    import train
+    import fsdp
+    import spin
+    from evaluator import held_out_kl
     from model import GPT, GPTConfig
     tok = load_tokenizer("bytes")
     examples = [Example(render_prompt(tok, [{"role": "user", "content": f"{k} distinct 2-digit numbers"}], "chatml"),
                         render_response(tok, " ".join(["12"] * k), "chatml"), "t", [], "") for k in (1, 2, 3, 4, 5)]
-    data = train.RunData(tok, "chatml", [], tok.eos_id, [], examples, False, None)
     config = GPTConfig(model_type="llama", vocab_size=268, block_size=96, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
     torch.manual_seed(0)
     opponent, policy = GPT(config).eval(), GPT(config).eval()
-    rt = train.init_runtime(train.TrainConfig(device="cpu"))
-    monkeypatch.setattr(train, "LOGITS_PER_BATCH", 2 * 96 * 268)  # batches of 2 examples
+    rt = fsdp.init_runtime("cpu", "auto")
+    monkeypatch.setattr(spin, "LOGITS_PER_BATCH", 2 * 96 * 268)  # batches of 2 examples
     n_tokens = sum(len(e.real_ids) for e in examples)
     with torch.no_grad():
         p, q = held_out_rows(policy, examples), held_out_rows(opponent, examples)
     direct = (p.exp() * (p - q)).sum(-1).mean().item()
-    exact_cfg = train.TrainConfig(max_len=96, kl_opponent_mb=1.0)
-    kept = train.opponent_eval_logprobs(opponent, exact_cfg, data, rt)
+    kept = spin.opponent_eval_logprobs(opponent, examples, tok.eos_id, 96, 1.0, rt.autocast, rt.device)
     assert kept.keys() == {"logprobs"} and kept["logprobs"].shape == (n_tokens, 268)
-    assert train.held_out_kl(policy, examples, kept, exact_cfg, tok.eos_id, rt) == pytest.approx(direct, rel=1e-4)
+    assert held_out_kl(policy, examples, kept, 96, tok.eos_id, rt) == pytest.approx(direct, rel=1e-4)
     # room for 10 of 268 per token: value, id and the rest's mass take 12 * 10 + 4 bytes per token
-    top_cfg = train.TrainConfig(max_len=96, kl_opponent_mb=n_tokens * (12 * 10 + 4) / 2**20)
-    kept = train.opponent_eval_logprobs(opponent, top_cfg, data, rt)
+    kept = spin.opponent_eval_logprobs(opponent, examples, tok.eos_id, 96, n_tokens * (12 * 10 + 4) / 2**20,
+                                       rt.autocast, rt.device)
     assert kept["ids"].shape == (n_tokens, 10) and kept["rest"].shape == (n_tokens,)
-    bound = train.held_out_kl(policy, examples, kept, top_cfg, tok.eos_id, rt)
+    bound = held_out_kl(policy, examples, kept, 96, tok.eos_id, rt)
     assert 0 < bound <= direct
 
 
@@ -547,18 +564,11 @@ def test_phase_ends_store_each_held_out_prompts_validity(run):
                 assert sum(scores) / 8 == r[f"eval/valid_{name}"]
 
 
-def test_t_quantiles_match_the_tables():
-    from seeds import t_quantile  # the verdict's intervals use it (train.paired_interval via seeds.mean_ci)
-    table = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 7: 2.3646, 10: 2.2281, 30: 2.0423,
-             127: 1.9788}
-    for dof, value in table.items():
-        assert t_quantile(0.975, dof) == pytest.approx(value, rel=2e-3), dof
-
-
 def test_the_verdict_is_a_paired_interval_over_prompts():
     """By hand: SPIN − SFT differences [0, 1, 0, 0, 0, 1, 0, 0]: mean 0.25, sd 0.46291, t(0.975, 7) 2.3646,
     half-width 2.3646 x 0.46291 / sqrt(8) = 0.3870; SPIN − continued SFT all +1: 100 ± 0 points."""
-    from train import paired_interval, verdict
+    from metrics_log import paired_interval
+    from evaluator import verdict
     sft = [1, 0, 1, 1, 0, 0, 1, 0]
     spin = [1, 1, 1, 1, 0, 1, 1, 0]
     mean, half = paired_interval(spin, sft)
@@ -604,11 +614,11 @@ def test_grad_accumulation_equals_one_batch(run, tmp_path, batch_size, grad_accu
 
 
 def test_packed_and_unpacked_runs_end_alike(run, tmp_path):
-    """pack_pairs (the default, the shared run) against pack_pairs=False, the unpacked reference: the same steps
-    up to float round-off, in training, the opponent's scoring and evaluation."""
+    """pack_sequences (the default, the shared run) against pack_sequences=False, the unpacked reference: the same
+    steps up to float round-off, in training, the opponent's scoring and evaluation."""
     out_dir, _ = run
     out = tmp_path / "unpacked"
-    assert run_in_process(*TINY, f"--out_dir={out}", "--pack_pairs=False", "--baseline_sft=False",
+    assert run_in_process(*TINY, f"--out_dir={out}", "--pack_sequences=False", "--baseline_sft=False",
                           "--save_interval=0") == 0
     expected, got = step_losses(out_dir), step_losses(out)
     assert sorted(got) == list(range(1, 15))
@@ -626,9 +636,9 @@ def test_packed_and_unpacked_runs_end_alike(run, tmp_path):
 
 def scored_by(model_dir, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """The (real, generated) summed log-probs of rollout records under the model saved in model_dir."""
-    from model import GPT
+    from checkpoint import load_pretrained
     from spin import pair_logps
-    model = GPT.from_pretrained(str(model_dir)).eval()
+    model = load_pretrained(str(model_dir)).eval()
     with torch.no_grad():
         return pair_logps(model, [p["prompt_ids"] for p in pairs], [p["real_ids"] for p in pairs],
                           [p["generated_ids"] for p in pairs], 256, torch.device("cpu"))
@@ -670,13 +680,15 @@ def test_mix_previous_rollouts_k_and_lr_per_iteration(tmp_path):
 def record_training_pairs(monkeypatch) -> list[list[tuple]]:
     """Patch train.forward_backward to record the generated responses each SPIN step trains on."""
     import train
+    from spin import epoch_pairs
     steps = []
     real_forward_backward = train.forward_backward
 
-    def recording(model, kind, indices, pairs, *args):
-        if kind == "spin":
+    def recording(model, phase, indices, *args):
+        if phase.spin_data is not None:
+            pairs = epoch_pairs(phase.spin_data, phase.order.epoch)
             steps.append([tuple(pairs[i].generated_ids) for i in indices])
-        return real_forward_backward(model, kind, indices, pairs, *args)
+        return real_forward_backward(model, phase, indices, *args)
 
     monkeypatch.setattr(train, "forward_backward", recording)
     return steps
@@ -740,20 +752,25 @@ def test_nll_weight_is_normalised_by_the_steps_pairs(tmp_path):
 
     from model import GPT, GPTConfig
     from spin import Pair, pair_logps
-    from train import RunData, TrainConfig, forward_backward, init_runtime
+    from data import BatchOrder
+    from fsdp import init_runtime
+    from spin import spin_metrics, spin_micro_batch
+    from train import Phase, forward_backward
     torch.manual_seed(0)
     model = GPT(GPTConfig(model_type="llama", vocab_size=268, block_size=96, n_layer=2, n_head=2, n_kv_head=1,
                           n_embd=32))
     pairs = [Pair("t", [257, 5, 6], [20, 21, 22, 258], [30, 258], -20.0, -9.0, True),
              Pair("t", [257, 7], [23, 258], [31, 32, 33, 34, 35, 258], -8.0, -30.0, True),
              Pair("t", [257, 8, 9, 10], [24, 25, 26, 27, 28, 258], [36, 258], -33.0, -10.0, True)]
-    data = RunData(None, "chatml", [258], 256, [], [], False, None)
-    rt = init_runtime(TrainConfig(device="cpu"))
+    rt = init_runtime("cpu", "auto")
 
     def gradients(batch_size: int) -> list[torch.Tensor]:
-        cfg = TrainConfig(batch_size=batch_size, nll_weight=0.5, beta=0.1)
+        phase = Phase("spin", 0, BatchOrder(n=3, batch_size=3), 1, 1e-3, (0, 1),
+                      lambda model, indices, epoch: spin_micro_batch(model, [pairs[i] for i in indices], 0.1, "sigmoid",
+                                                                     0.5, True, 256, rt.device),
+                      len, spin_metrics, "spin 0")
         model.zero_grad()
-        forward_backward(model, "spin", [0, 1, 2], pairs, data, 0.1, cfg, rt)
+        forward_backward(model, phase, [0, 1, 2], batch_size, rt)
         return [p.grad.clone() for p in model.parameters()]
 
     model.zero_grad()

@@ -87,7 +87,7 @@ def install(kind: str, args: list[int]) -> None:
         spin.spin_terms = nan_terms
 
     if kind == "kill_in_rollout":
-        real_rollout = train.rollout  # the name train.py calls
+        real_rollout = spin.rollout  # the name spin.build_iteration calls
         target_iteration, n_batches = args
 
         def rollout(model, examples, settings, iteration, progress=None, should_stop=None, scorer=None):
@@ -103,7 +103,7 @@ def install(kind: str, args: list[int]) -> None:
 
             return real_rollout(model, examples, settings, iteration, counting, should_stop, scorer)
 
-        train.rollout = rollout
+        spin.rollout = rollout
 
     if kind == "kill_in_save":
         real_save_model_dir = checkpoint.save_model_dir
@@ -157,16 +157,16 @@ def no_full_gather(what: str):
 
 
 def check_no_full_gather_in_rollout() -> None:
-    real_run_rollout = train.run_rollout
+    real_rollout_iteration = train.rollout_iteration
     rollouts = {"n": 0}
 
-    def run_rollout(*a, **kw):
+    def rollout_iteration(*a, **kw):
         with no_full_gather("a rollout"):
-            made = real_run_rollout(*a, **kw)
+            made = real_rollout_iteration(*a, **kw)
         rollouts["n"] += 1
         return made
 
-    train.run_rollout = run_rollout
+    train.rollout_iteration = rollout_iteration
     rank = os.environ.get("RANK", "0")
     atexit.register(lambda: print(f"rank {rank}: {rollouts['n']} rollouts without a full-state-dict gather",
                                   flush=True))
