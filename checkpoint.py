@@ -1,38 +1,19 @@
 """Everything on disk: Hugging Face model directories in and out, and resumable run checkpoints.
 
 Design choices:
-- A model directory is Hugging Face's format (config.json + safetensors, sharded above 4 GiB), so what
-  nanospin writes loads in transformers with identical logits, and back. Weights are never unpickled.
-- One load path: config.json becomes a GPTConfig (the architecture is read, never guessed from a name),
-  the tensors are renamed (q/k/v fused, GPT-2's Conv1D transposed), and `model_from_state` builds the
-  model on the meta device and assigns them (no random init, no second copy), re-tying tied embeddings.
-  `load_weights` puts a directory's weights into an existing model, plain or FSDP-sharded.
-- One save path, `save_model_dir`: the Hugging Face files plus nanospin's tokenizer and nanospin.json
-  (the chat template); `export_model` is rank 0 writing it atomically. A model goes out as it came in
-  (`ModelSource`): its config.json with every field kept (context, sliding window, rope, token ids,
-  keys unknown to nanospin), only the dtype updated; its companion files (generation_config.json, the
-  tokenizer's) copied unchanged; the exported product in the dtype it came in, while a run checkpoint's
-  model/ keeps the fp32 master weights, so a resume is exact.
-- A run checkpoint is a directory `out_dir/checkpoints/step_XXXXXXXX/` of tensors and JSON only (a
-  run directory someone hands you never runs code, so nothing in it is ever unpickled):
-    model/          full weights as a model directory (above), so any checkpoint also works with
-                    generate.py and transformers;
-    optimizer/      one safetensors file per rank (its shard of each FSDP-sharded tensor, with the
-                    shard's place in the full tensor) and index.json: any world size reads its slices;
-    state.json      loop position (phase, step, data order), RNG states, the resolved config, and the
-                    sha256 of every file above and of out_dir's files a resume reads (iter_*/, sft/,
-                    metrics.jsonl so far): a file that differs is a one-line error, never used;
-    rollouts.jsonl  the current iteration's pairs, so a mid-iteration resume never regenerates.
-  It is written under a temporary name and renamed when complete; older ones are deleted only after
-  that, so the previous checkpoint stays valid until the new one is whole. A disk error (full,
-  read-only) removes the partial directory and is one line on every rank.
-- The latest checkpoint is the one a run resumes from: when it is incomplete or damaged the run stops
-  and says so (`resume_point`), it never quietly falls back; metrics.jsonl is cut to what it held when
-  that checkpoint was saved, so it always reads as one run's records in order.
-- A run's out_dir: its config.json holds the settings a resume must share (`config_fingerprint`); a run
-  resumes from its latest checkpoint (`prepare_out_dir`, `start_or_resume`), and SPIN iteration t's
-  files live in `iteration_dir` (a mid-iteration resume takes its rollouts from the checkpoint).
-"""
+- A model directory is Hugging Face's format (config.json + safetensors, sharded above 4 GiB), so what nanospin
+  writes loads in transformers with identical logits, and back. Weights are never unpickled; the architecture is
+  read from config.json, never guessed from a name; a model is built on the meta device and its tensors assigned.
+- A model goes out as it came in (`ModelSource`): its config.json with every field kept and only the dtype
+  updated, its companion files copied, the export in its own dtype; a checkpoint's model/ keeps fp32 master
+  weights, so a resume is exact.
+- A run checkpoint, out_dir/checkpoints/step_XXXXXXXX/, holds tensors and JSON only: model/ (a model directory),
+  optimizer/ (one safetensors file per rank with each shard's place in the full tensor: any world size reads it),
+  state.json (loop position, RNG, config, and the sha256 of every file a resume reads) and the iteration's
+  rollouts.jsonl. It is written under a temporary name and renamed when whole; older ones go only after that.
+  A disk error removes the partial directory and is one line on every rank.
+- A run resumes from its latest checkpoint or stops and says why (never a quiet fallback); metrics.jsonl is
+  cut to what it held at that checkpoint, so it reads as one run's records in order."""
 
 from __future__ import annotations
 
@@ -115,9 +96,8 @@ def _rope_settings(hf: dict, where: str) -> tuple[float, dict | None]:
 
 
 def _sliding_window(hf: dict, block: int, where: str) -> int | None:
-    """Mistral's sliding_window (every layer), or Qwen2's when use_sliding_window is set. Qwen2 windows only the
-    layers from max_window_layers on (or those its layer_types name); nanospin windows all layers or none, so a
-    split is refused where the window is shorter than the context, and ignored where it never matters."""
+    """Mistral's sliding_window, or Qwen2's when use_sliding_window is set; nanospin windows every layer or none,
+    so a Qwen2 split (max_window_layers / layer_types) is refused where the window is shorter than the context."""
     window = hf.get("sliding_window")
     if hf.get("model_type") == "qwen2":
         if not hf.get("use_sliding_window", False) or window is None:
@@ -239,8 +219,7 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 
 
 def stored_dtype(path: str) -> torch.dtype:
-    """The floating dtype most of a model directory's tensors are stored in, from the safetensors headers
-    (no tensor is read); float32 when there is none."""
+    """The floating dtype most of a model directory's tensors have, from the headers; float32 when there is none."""
     counts: Counter = Counter()
     for file in safetensors_files(path):
         try:
@@ -281,14 +260,9 @@ def save_hf_dir(path: str, hf_config: dict, state: dict[str, torch.Tensor], max_
 def _hf_layer_names(cfg: GPTConfig, i: int) -> dict[str, str]:
     """nanospin name -> Hugging Face name for layer i (fused qkv handled separately)."""
     if cfg.is_gpt2:
-        p = f"h.{i}."
-        return {f"blocks.{i}.norm1.weight": p + "ln_1.weight", f"blocks.{i}.norm1.bias": p + "ln_1.bias",
-                f"blocks.{i}.norm2.weight": p + "ln_2.weight", f"blocks.{i}.norm2.bias": p + "ln_2.bias",
-                f"blocks.{i}.attn.proj.weight": p + "attn.c_proj.weight",
-                f"blocks.{i}.attn.proj.bias": p + "attn.c_proj.bias",
-                f"blocks.{i}.mlp.up.weight": p + "mlp.c_fc.weight", f"blocks.{i}.mlp.up.bias": p + "mlp.c_fc.bias",
-                f"blocks.{i}.mlp.down.weight": p + "mlp.c_proj.weight",
-                f"blocks.{i}.mlp.down.bias": p + "mlp.c_proj.bias"}
+        pairs = (("norm1", "ln_1"), ("norm2", "ln_2"), ("attn.proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
+                 ("mlp.down", "mlp.c_proj"))
+        return {f"blocks.{i}.{ours}.{w}": f"h.{i}.{theirs}.{w}" for ours, theirs in pairs for w in ("weight", "bias")}
     p = f"model.layers.{i}."
     names = {f"blocks.{i}.norm1.weight": p + "input_layernorm.weight",
              f"blocks.{i}.norm2.weight": p + "post_attention_layernorm.weight",
@@ -329,9 +303,9 @@ def hf_state_to_nanospin(hf_state: dict[str, torch.Tensor], cfg: GPTConfig, wher
         t = hf_state.pop(name)
         return t.t() if cfg.is_gpt2 and name.endswith(_CONV1D) else t
 
-    state = {ours: take(theirs) for ours, theirs in _hf_global_names(cfg).items()}
+    names = {**_hf_global_names(cfg), **{k: v for i in range(cfg.n_layer) for k, v in _hf_layer_names(cfg, i).items()}}
+    state = {ours: take(theirs) for ours, theirs in names.items()}
     for i in range(cfg.n_layer):
-        state.update({ours: take(theirs) for ours, theirs in _hf_layer_names(cfg, i).items()})
         if cfg.is_gpt2:
             state[f"blocks.{i}.attn.qkv.weight"] = take(f"h.{i}.attn.c_attn.weight")
             state[f"blocks.{i}.attn.qkv.bias"] = take(f"h.{i}.attn.c_attn.bias")
@@ -348,10 +322,8 @@ def hf_state_to_nanospin(hf_state: dict[str, torch.Tensor], cfg: GPTConfig, wher
         expected = GPT(cfg).state_dict()
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            hf_name = {**_hf_global_names(cfg), **{k: v for i in range(cfg.n_layer)
-                                                  for k, v in _hf_layer_names(cfg, i).items()}}.get(name, name)
-            raise UserError(f"tensor '{hf_name}' in '{where}' has shape {tuple(tensor.shape)}, but config.json "
-                            f"implies {tuple(expected[name].shape)}")
+            raise UserError(f"tensor '{names.get(name, name)}' in '{where}' has shape {tuple(tensor.shape)}, but "
+                            f"config.json implies {tuple(expected[name].shape)}")
     return state
 
 
@@ -392,9 +364,8 @@ def _is_model_dir(path: str) -> bool:
 
 
 def resolve_model_dir(path: str, key: str = "model") -> str:
-    """A Hugging Face dir (config.json + weights) as is; a nanospin checkpoint -> its model/; a run's
-    out_dir -> final/ (the exported model), else its latest checkpoint's model/. `key` is the setting that
-    named the path (generate.py's model, train.py's init_from), for the error."""
+    """A Hugging Face dir as is; a nanospin checkpoint -> its model/; a run's out_dir -> final/, else its latest
+    checkpoint's model/. `key` names the setting that gave the path, for the error."""
     candidates = [path, os.path.join(path, "model"), os.path.join(path, "final")]
     checkpoints = os.path.join(path, CHECKPOINTS)
     if os.path.isdir(checkpoints):  # step_XXXXXXXX names sort in step order
@@ -408,8 +379,7 @@ def resolve_model_dir(path: str, key: str = "model") -> str:
 
 
 def read_chat_template(model_dir: str) -> str | dict | None:
-    """The chat template (a name or a dict, see templates.py) in <model_dir>/nanospin.json, or None when there is
-    none."""
+    """The chat template in <model_dir>/nanospin.json (a name or a dict, see templates.py), or None."""
     file = os.path.join(model_dir, "nanospin.json")
     if not os.path.isfile(file):
         return None
@@ -431,8 +401,6 @@ class ModelSource:
     dtype: torch.dtype  # the dtype its weights are stored in (float32 from scratch)
 
 
-# files beside the weights that describe the model to other tools: copied into every export unchanged
-MODEL_COMPANION_FILES = ("generation_config.json",)
 DTYPE_KEYS = ("dtype", "torch_dtype")  # transformers >= 4.56 writes the first, older versions the second
 
 
@@ -444,9 +412,8 @@ def read_model_source(path: str | None) -> ModelSource:
 
 
 def export_hf_config(cfg: GPTConfig, dtype: torch.dtype, source: ModelSource | None = None) -> dict:
-    """config.json for `cfg`'s weights stored in `dtype`: the source's own with every field kept and only
-    the dtype (and a grown vocabulary) updated (training changes the weights, not what the model is); from
-    scratch, nanospin's."""
+    """config.json for `cfg` stored in `dtype`: the source's with every field kept, only the dtype and a grown
+    vocabulary updated; from scratch, nanospin's."""
     if source is None or source.hf_config is None:
         return gpt_config_to_hf_config(cfg, dtype)
     config = dict(source.hf_config)
@@ -457,20 +424,9 @@ def export_hf_config(cfg: GPTConfig, dtype: torch.dtype, source: ModelSource | N
     return config
 
 
-def copy_companion_files(path: str, source: ModelSource | None) -> None:
-    """The source directory's generation_config.json into `path` byte for byte (the tokenizer's own files
-    travel with Tokenizer.save)."""
-    if source is None or source.dir is None:
-        return
-    for name in MODEL_COMPANION_FILES:
-        if os.path.isfile(os.path.join(source.dir, name)):
-            shutil.copyfile(os.path.join(source.dir, name), os.path.join(path, name))
-
-
 def model_from_state(cfg: GPTConfig, state: dict[str, torch.Tensor], device=None,
                      dtype: torch.dtype | None = None) -> GPT:
-    """A GPT holding `state` (nanospin names), moved to device/dtype (None: as given). Built on the meta
-    device, so no weight is initialised only to be overwritten; assign=True takes the tensors as they are."""
+    """A GPT holding `state` (nanospin names) on device/dtype, built on the meta device (no wasted init)."""
     with torch.device("meta"):
         model = GPT(cfg)
     missing, unexpected = model.load_state_dict({k: v.to(device, dtype) for k, v in state.items()},
@@ -486,8 +442,7 @@ def model_from_state(cfg: GPTConfig, state: dict[str, torch.Tensor], device=None
 
 def load_pretrained(path: str, attention: str = "sdpa", block_size: int | None = None,
                     dtype: torch.dtype | None = None) -> GPT:
-    """A local Hugging Face model directory (config.json + safetensors, sharded or not) as a GPT on the
-    CPU, in dtype (None: float32, whatever the files hold). block_size None: the model's own context."""
+    """A local Hugging Face model directory as a GPT on the CPU, in dtype (None: float32)."""
     cfg = hf_config_to_gpt_config(read_hf_config(path), attention=attention, block_size=block_size,
                                   where=os.path.join(path, "config.json"))
     state = hf_state_to_nanospin(read_safetensors_dir(path), cfg, path)
@@ -495,15 +450,14 @@ def load_pretrained(path: str, attention: str = "sdpa", block_size: int | None =
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
-    """A model directory's weights into an existing model of the same architecture, plain or FSDP-sharded
-    (every rank reads the full tensors and keeps its shard)."""
+    """A model directory's weights into an existing model, plain or FSDP-sharded (each rank keeps its shard)."""
     weights = hf_state_to_nanospin(read_safetensors_dir(path), model.config, path)
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def vocab_rows_needed(tok: Tokenizer, template: ChatFormat) -> int:
-    """Embedding rows a model needs for the ids a run can feed it: the tokenizer's vocabulary up to the specials
-    after it (a named tiktoken encoding appends chat specials a template may never use), and the template's."""
+    """Embedding rows the ids a run can feed need: the tokenizer's vocabulary up to the specials after it, and the
+    template's."""
     special_ids = set(tok.specials.values())
     vocab_end = tok.n_vocab
     while vocab_end > 0 and vocab_end - 1 in special_ids:
@@ -514,8 +468,8 @@ def vocab_rows_needed(tok: Tokenizer, template: ChatFormat) -> int:
 
 def load_for_training(path: str, tok: Tokenizer, template: ChatFormat, attention: str = "sdpa",
                       block_size: int | None = None) -> tuple[GPT, int]:
-    """(the model in `path` in fp32 on the CPU, how many embedding rows it grew): rows for the chat markers the run
-    added to its tokenizer, each the mean embedding (GPT.grow_vocab). `path` as resolve_model_dir takes it."""
+    """(the model in `path` in fp32 on the CPU, rows grown for the run's added chat markers, each the mean
+    embedding)."""
     model = load_pretrained(resolve_model_dir(path), attention=attention, block_size=block_size)
     rows, had = vocab_rows_needed(tok, template), model.config.vocab_size
     if had >= rows:
@@ -528,8 +482,7 @@ def load_for_training(path: str, tok: Tokenizer, template: ChatFormat, attention
 
 
 def chat_template_for(chat_template: str | dict, model_dir: str | None, tok: Tokenizer) -> ChatFormat:
-    """A run's chat template: the configured one; for 'auto', the one a nanospin model directory was trained with
-    (its nanospin.json), else the tokenizer's, else chatml."""
+    """The configured template; for 'auto', a nanospin model dir's nanospin.json, else the tokenizer's, else chatml."""
     if chat_template != "auto":
         return chat_format(chat_template)
     saved = read_chat_template(model_dir) if model_dir else None
@@ -548,10 +501,7 @@ def pick_device(device: str) -> str:
 
 def load_for_chat(path: str, device: str = "auto",
                   dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer, ChatFormat]:
-    """-> (model, tokenizer, chat template) for a model dir, checkpoint or out_dir. The template
-    comes from nanospin.json's 'chat_template' if present, else the tokenizer's own, else 'chatml' if
-    the tokenizer has its special tokens, else 'plain'. dtype None: bf16 on a GPU that supports it,
-    fp32 otherwise."""
+    """(model, tokenizer, chat template) for a model dir, checkpoint or out_dir; dtype None: bf16 on a GPU."""
     model_dir = resolve_model_dir(path)
     device = pick_device(device)
     if dtype is None:
@@ -565,18 +515,15 @@ def load_for_chat(path: str, device: str = "auto",
 
 
 def full_model_state(model) -> dict[str, torch.Tensor]:
-    """The full (unsharded) weights on rank 0, offloaded to the CPU tensor by tensor (a collective under
-    FSDP: every rank calls it, only rank 0 keeps the tensors; the others get an empty dict)."""
+    """The full weights on rank 0, offloaded to the CPU (a collective under FSDP; other ranks get {})."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def save_model_dir(path: str, state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer: Tokenizer | None = None,
                    chat_template: ChatFormat | str | None = None, dtype: torch.dtype | None = None,
                    max_shard_bytes: int = 4 << 30, source: ModelSource | None = None) -> None:
-    """A Hugging Face model directory (config.json + safetensors, sharded above max_shard_bytes) that
-    transformers' AutoModelForCausalLM loads as it is; with a tokenizer, also the tokenizer's files and
-    nanospin.json (tokenizer name and chat template). dtype None: the weights' own. With a source, its
-    config.json (dtype updated) and companion files (`export_hf_config`, `copy_companion_files`)."""
+    """A model directory transformers loads as it is; with a tokenizer, also its files and nanospin.json (tokenizer
+    name, chat template). dtype None: the weights' own."""
     hf_state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
                 for k, v in nanospin_state_to_hf(state, cfg).items()}
     save_hf_dir(path, export_hf_config(cfg, dtype or next(iter(hf_state.values())).dtype, source), hf_state,
@@ -586,14 +533,14 @@ def save_model_dir(path: str, state: dict[str, torch.Tensor], cfg: GPTConfig, to
         with open(os.path.join(path, "nanospin.json"), "w") as f:
             template = format_config(chat_format(chat_template)) if chat_template else None
             json.dump({"chat_template": template, "tokenizer": tokenizer.name}, f, indent=2, ensure_ascii=False)
-    copy_companion_files(path, source)
+    companion = os.path.join(source.dir, "generation_config.json") if source and source.dir else None
+    if companion and os.path.isfile(companion):  # it describes the model to other tools: copied unchanged
+        shutil.copyfile(companion, os.path.join(path, "generation_config.json"))
 
 
 def export_model(path: str, model, cfg: GPTConfig, tokenizer, chat_template: ChatFormat | str, rank: int,
                  dtype: torch.dtype | None = None, source: ModelSource | None = None) -> None:
-    """Rank 0 writes the full weights to `path` atomically (temporary directory, then rename), in dtype
-    (None: the master weights' own) and, with a source, as the model came in (`save_model_dir`). A disk
-    error is a UserError on every rank, the temporary directory removed."""
+    """Rank 0 writes the full weights to `path` atomically; a disk error is a UserError on every rank."""
     state = full_model_state(model)
     error = None
     if rank == 0:
@@ -618,8 +565,7 @@ def export_model(path: str, model, cfg: GPTConfig, tokenizer, chat_template: Cha
 
 
 def _as_os_error(e: Exception, path: str) -> OSError | None:
-    """The OSError behind a failed write: the exception itself, or the one safetensors' writer names only in
-    its message ('... No space left on device (os error 28)'); None for anything else (a bug: raised)."""
+    """The OSError behind a failed write (safetensors names it only in its message); None for anything else."""
     if isinstance(e, OSError):
         return e if e.filename else OSError(e.errno, e.strerror, path)
     found = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, SafetensorError) else None
@@ -630,9 +576,7 @@ def _as_os_error(e: Exception, path: str) -> OSError | None:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' save_file, with the mode every other file gets (0666 less the umask: safetensors writes through
-    a private temporary file and keeps its 0600); a disk error is raised as the OSError it is (safetensors names it
-    only in words)."""
+    """safetensors' save_file, with the usual file mode (not its temporary file's 0600); disk errors as OSError."""
     try:
         save_file(tensors, path, metadata=metadata)
     except SafetensorError as e:
@@ -643,7 +587,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str
 
 
 def _attempt(write, path: str) -> str | None:
-    """Run write(); a disk error is returned as its one-line description (`disk_error`), anything else raised."""
+    """Run write(); a disk error is returned as its one-line description, anything else raised."""
     try:
         write()
     except Exception as e:  # noqa: BLE001 - only disk errors are kept, the rest re-raised
@@ -654,38 +598,18 @@ def _attempt(write, path: str) -> str | None:
     return None
 
 
-_ERROR_BYTES = 1024  # a message crosses between ranks in a fixed-size buffer
-
-
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+def _gather(value) -> list:
+    """`value` of every rank, in rank order (a collective)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _first_error(error: str | None) -> str | None:
-    """The error of the lowest rank that had one, on every rank (None when none had): a collective, so a rank
-    that failed a write never leaves the others waiting in a barrier."""
-    if not dist.is_initialized():
-        return error
-    device, world = _collective_device(), dist.get_world_size()
-    first = torch.tensor([dist.get_rank() if error else world], device=device)
-    dist.all_reduce(first, op=dist.ReduceOp.MIN)
-    if first.item() == world:
-        return None
-    message = torch.zeros(_ERROR_BYTES, dtype=torch.uint8)
-    if error:
-        encoded = error.encode()[:_ERROR_BYTES]
-        message[:len(encoded)] = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
-    message = message.to(device)
-    dist.broadcast(message, src=int(first.item()))
-    return bytes(message.cpu().tolist()).rstrip(b"\0").decode(errors="replace")
-
-
-def _sum_over_ranks(value: int) -> int:
-    if not dist.is_initialized():
-        return value
-    total = torch.tensor([value], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(total)
-    return int(total.item())
+    """The lowest failing rank's error on every rank (a collective, so no rank is left waiting in a barrier)."""
+    return next((e for e in _gather(error) if e), None)
 
 
 def _check_free_space(path: str, needed: int) -> None:
@@ -698,9 +622,8 @@ def _check_free_space(path: str, needed: int) -> None:
 
 
 def probe_out_dir(out_dir: str) -> None:
-    """A one-line error, before data and model are built, when out_dir cannot be written: it is a file, or the
-    disk refuses a small file (read-only, no permission, full). The probe is made in out_dir, or where it will
-    be created, and removed, so a run that stops here leaves nothing behind."""
+    """A one-line error, before data and model are built, when out_dir cannot be written (a file, read-only, no
+    permission, full); the probe file is removed."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"out_dir '{out_dir}' is a file, not a directory; use another --out_dir")
     where = os.path.abspath(out_dir)
@@ -725,8 +648,7 @@ def probe_out_dir(out_dir: str) -> None:
 
 
 def file_digest(path: str) -> dict:
-    """{'bytes': size, 'sha256': hex} of a file. Cached by (size, mtime, inode): a file hashed at one save is
-    not read again at the next unless it was rewritten."""
+    """{'bytes', 'sha256'} of a file, cached by (size, mtime, inode) so an unchanged file is hashed once."""
     st = os.stat(path)
     size, sha256 = _digest(path, st.st_size, st.st_mtime_ns, st.st_ino)
     return {"bytes": size, "sha256": sha256}
@@ -742,7 +664,6 @@ def _digest(path: str, size: int, mtime_ns: int, inode: int) -> tuple[int, str]:
 
 
 def _digests_under(root: str, relative_to: str) -> dict[str, dict]:
-    """{path relative to `relative_to`: digest} of every file under `root`."""
     found = {}
     for folder, _, names in os.walk(root):
         for name in names:
@@ -767,7 +688,6 @@ def run_inputs(out_dir: str) -> dict[str, dict]:
 
 
 def _check_file(file: str, digest: dict, fix: str) -> None:
-    """A one-line error naming `file` and `fix` unless it is the file `digest` describes."""
     if not os.path.isfile(file):
         raise UserError(f"'{file}' is missing; {fix}")
     actual = file_digest(file)
@@ -778,7 +698,6 @@ def _check_file(file: str, digest: dict, fix: str) -> None:
 
 
 def _prefix_digest(path: str, size: int) -> dict | None:
-    """The digest of the first `size` bytes of `path`; None when it is shorter or missing."""
     if not os.path.isfile(path) or os.path.getsize(path) < size:
         return None
     with open(path, "rb") as f:
@@ -813,11 +732,8 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, cfg: GPTConfig, tokenizer,
                     chat_template: ChatFormat | str, rollouts_path: str | None, rank: int, keep: int = 2,
                     source: ModelSource | None = None) -> str:
-    """Write checkpoint `step` (all ranks call this) and return its path. Its model/ holds the fp32 master
-    weights whatever the source's dtype (a resume restores them exactly), with the source's config.json;
-    its state.json, written last, `state` with the RNG states and the digests of every file of the
-    checkpoint, of out_dir's files a resume reads (`run_inputs`) and of metrics.jsonl as it stands.
-    A disk error on any rank is a UserError on every rank, the partial directory removed."""
+    """Write checkpoint `step` (all ranks call this) and return its path: fp32 master weights, optimizer shards, the
+    rollouts, and last state.json (`state`, RNG, the digests of its files, of `run_inputs` and of metrics.jsonl)."""
     root = os.path.join(out_dir, CHECKPOINTS)
     final = os.path.join(root, f"step_{step:08d}")
     tmp = os.path.join(root, f"tmp-step_{step:08d}")
@@ -827,13 +743,13 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, cfg:
     nbytes = sum(t.numel() * t.element_size() for t in (*shard.values(), *weights.values()))
     if rank == 0 and rollouts_path is not None:
         nbytes += os.path.getsize(rollouts_path)
-    needed = _sum_over_ranks(nbytes)
+    nbytes_by_rank = _gather(nbytes)
     shard_file = os.path.join(tmp, "optimizer", f"rank_{rank:05d}.safetensors")
 
     def begin() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "optimizer"))
-        _check_free_space(tmp, needed)
+        _check_free_space(tmp, sum(nbytes_by_rank))
 
     def write_parts() -> None:
         save_tensors(shard, shard_file, metadata={"layout": json.dumps(layout)})
@@ -842,7 +758,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, cfg:
             if rollouts_path is not None:
                 shutil.copyfile(rollouts_path, os.path.join(tmp, "rollouts.jsonl"))
             with open(os.path.join(tmp, "optimizer", "index.json"), "w") as f:
-                json.dump({**index, "files": [f"rank_{r:05d}.safetensors" for r in range(_world_size())]}, f)
+                json.dump({**index, "files": [f"rank_{r:05d}.safetensors" for r in range(len(nbytes_by_rank))]}, f)
 
     def finish() -> None:
         metrics = os.path.join(out_dir, METRICS)
@@ -878,12 +794,8 @@ METRICS = "metrics.jsonl"
 _EMPTY_SHA = hashlib.sha256(b"").hexdigest()
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def list_checkpoints(out_dir: str) -> list[str]:
-    """Complete checkpoints, oldest first (a temporary directory left by a kill is not one)."""
+    """Complete checkpoints, oldest first."""
     root = os.path.join(out_dir, CHECKPOINTS)
     if not os.path.isdir(root):
         return []
@@ -892,7 +804,7 @@ def list_checkpoints(out_dir: str) -> list[str]:
 
 
 def _remedy(path: str) -> str:
-    """What to do about checkpoint `path` when it cannot be used: resume from the one before it, or start over."""
+    """What to do when checkpoint `path` cannot be used: resume from the one before, or start over."""
     root, name = os.path.split(os.path.abspath(path))
     earlier = sorted(n for n in os.listdir(root) if n.startswith("step_") and n < name)
     if earlier:
@@ -917,10 +829,8 @@ def read_state(path: str) -> dict:
 
 
 def verify_checkpoint(path: str) -> dict:
-    """state.json of checkpoint `path`, once every file it records is as it was saved: the checkpoint's own,
-    out_dir's files the run reads on (`run_inputs`; the iteration's rollouts.jsonl excepted, which the resume
-    restores from the checkpoint's copy) and metrics.jsonl up to where it stood. Otherwise a one-line error
-    naming the file and what to do: nothing is read before its digest matches."""
+    """state.json of checkpoint `path`, once every file it records (its own, out_dir's inputs but the rollouts it holds
+    a copy of, metrics.jsonl's first bytes) is as saved; otherwise a one-line error naming the file."""
     state = read_state(path)
     for name, digest in state["files"].items():
         _check_file(os.path.join(path, name), digest, _remedy(path))
@@ -938,8 +848,7 @@ def verify_checkpoint(path: str) -> dict:
 
 
 def resume_point(out_dir: str) -> str | None:
-    """The checkpoint a run in out_dir continues from, verified (`verify_checkpoint`); None when out_dir has
-    none. The latest is the one: when it is incomplete or damaged the error says so, it is never skipped."""
+    """The latest checkpoint in out_dir, verified; None when there is none. A damaged latest one is an error."""
     root = os.path.join(out_dir, CHECKPOINTS)
     names = sorted(n for n in os.listdir(root) if n.startswith("step_")) if os.path.isdir(root) else []
     if not names:
@@ -957,14 +866,13 @@ RUN_FILES = (CHECKPOINTS, "final", "final.tmp", "sft", "sft.tmp", METRICS, "metr
 
 
 def run_files(out_dir: str) -> list[str]:
-    """The names in out_dir a run wrote (RUN_FILES and iter_*/)."""
     if not os.path.isdir(out_dir):
         return []
     return sorted(n for n in os.listdir(out_dir) if n in RUN_FILES or re.fullmatch(r"iter_\d+", n))
 
 
 def start_over(out_dir: str, rank: int) -> list[str]:
-    """Remove what an earlier run wrote to out_dir (`run_files`; rank 0, every rank waits) and return the names."""
+    """Remove what an earlier run wrote to out_dir (rank 0; every rank waits) and return the names."""
     names = run_files(out_dir)
     if rank == 0:
         for name in names:
@@ -975,9 +883,8 @@ def start_over(out_dir: str, rank: int) -> list[str]:
 
 
 def open_metrics(out_dir: str, rank: int, checkpoint: str | None):
-    """Rank 0's metrics.jsonl, to append to, holding exactly the records written before `checkpoint` was
-    (none for a start from step 0): a resumed run's replayed steps, and a rollout it redoes, are logged
-    once, so the file reads as one run's records in order. None on other ranks."""
+    """Rank 0's metrics.jsonl to append to, cut to the records written before `checkpoint` (all, none for a fresh
+    start), so replayed steps are logged once; None on other ranks."""
     if rank != 0:
         return None
     path = os.path.join(out_dir, METRICS)
@@ -993,8 +900,7 @@ def open_metrics(out_dir: str, rank: int, checkpoint: str | None):
 
 
 def finished_history(checkpoint: str | None, n_phases: int) -> list[dict] | None:
-    """The phase summaries of a run whose latest checkpoint is past its last phase (the run is complete: the
-    same command has nothing left to do), else None."""
+    """The phase summaries of a run whose latest checkpoint is past its last phase, else None."""
     if checkpoint is None:
         return None
     state = read_state(checkpoint)
@@ -1002,8 +908,7 @@ def finished_history(checkpoint: str | None, n_phases: int) -> list[dict] | None
 
 
 def finished_run_message(out_dir: str) -> str:
-    """One line for the same command run again after its run completed: that it is complete, where its results
-    are, how to train afresh."""
+    """One line for a completed run's command run again: where its results are, how to train afresh."""
     results = [os.path.join(out_dir, name) for name in ("final", "metrics.jsonl", "metrics.png")
                if os.path.exists(os.path.join(out_dir, name))]
     return (f"nothing to do: the run in '{out_dir}' is complete (results: {', '.join(results)}); to train again, "
@@ -1011,8 +916,7 @@ def finished_run_message(out_dir: str) -> str:
 
 
 def load_checkpoint(path: str, model, optimizer, cfg: GPTConfig) -> dict:
-    """Load weights, optimizer and RNG into the (possibly FSDP-sharded) model once every file the checkpoint
-    records is verified; return state.json."""
+    """Weights, optimizer and RNG from checkpoint `path` once verified; returns state.json."""
     state = verify_checkpoint(path)
     model_dir = os.path.join(path, "model")
     # read at this run's context: a checkpoint keeps its source's (a longer one is no reason to refuse it)
@@ -1044,9 +948,8 @@ def _local_place(value: torch.Tensor) -> tuple[torch.Tensor, list[int], bool]:
 
 
 def optimizer_shard(model, optimizer, rank: int) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """This rank's part of the optimizer state (keys '<parameter>/<name>'): its shard of every FSDP-sharded
-    tensor, and on rank 0 the tensors every rank holds whole; their full shapes and offsets (the layout); and
-    on rank 0 the index: the parameter groups' settings and any value that is not a tensor, as JSON."""
+    """This rank's optimizer state ('<parameter>/<name>'): its shard of each sharded tensor (rank 0 also the whole
+    ones), their shapes and offsets, and on rank 0 the index (param groups, non-tensor values)."""
     osd = get_optimizer_state_dict(model, optimizer)  # keyed by parameter name, so any world size can load it
     shard, layout, values = {}, {}, {}
     for param, entries in osd["state"].items():
@@ -1064,8 +967,7 @@ def optimizer_shard(model, optimizer, rank: int) -> tuple[dict[str, torch.Tensor
 
 
 def load_optimizer(path: str, model, optimizer) -> None:
-    """The optimizer state of checkpoint `path` into `optimizer`, each rank reading the slices of the saved
-    shards that overlap its own (any world size)."""
+    """The optimizer state of checkpoint `path`, each rank reading the saved slices that overlap its own."""
     optim_dir = os.path.join(path, "optimizer")
     index = read_json(os.path.join(optim_dir, "index.json"))
     osd = get_optimizer_state_dict(model, optimizer)  # this run's layout, filled in below
@@ -1098,7 +1000,7 @@ def load_optimizer(path: str, model, optimizer) -> None:
 
 
 def _fill(value: torch.Tensor, key: str, pieces: list, where: str) -> None:
-    """This rank's part of tensor `key` copied from the saved pieces that overlap it (boxes in the full tensor)."""
+    """This rank's part of tensor `key`, copied from the saved pieces that overlap it."""
     target, offset, _ = _local_place(value)
     covered = 0
     for f, place in pieces:
@@ -1125,7 +1027,7 @@ _SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 
 
 def _param_groups(saved: list[dict], current: list[dict], where: str) -> list[dict]:
-    """The saved groups' settings for the optimizer's groups; JSON's lists become the tuples it holds (betas)."""
+    """The saved groups' settings; JSON's lists become the tuples the optimizer holds (betas)."""
     if [g["params"] for g in saved] != [g["params"] for g in current]:
         raise UserError(f"the parameter groups in '{where}' are not this run's; resume with the checkpoint's "
                         f"model and optimizer settings")
@@ -1145,8 +1047,7 @@ RESUMABLE_KEYS = {"out_dir", "resume", "allow_config_change", "log_interval", "e
 
 
 def config_fingerprint(config, world_size: int) -> dict:
-    """The settings of a run's config (a dataclass) that a resumed run must share with the run that wrote the
-    checkpoint. The batch counts as its global size, so a run may resume at another world size or split."""
+    """The settings a resumed run must share with the one that wrote the checkpoint; the batch as its global size."""
     fingerprint = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_KEYS}
     fingerprint["global_batch"] = config.batch_size * config.grad_accum * world_size
     return fingerprint
@@ -1165,9 +1066,8 @@ class RunState:
 
 def prepare_out_dir(out_dir: str, resume: bool | str, allow_config_change: bool, fingerprint: dict,
                     rank: int) -> str | None:
-    """The checkpoint to resume from, verified (None: start at step 0), once out_dir is known to be writable:
-    resume=False refuses a non-empty one, a run there with another config needs allow_config_change, and
-    resume='restart' first removes what a run wrote there. A start at step 0 in a used out_dir says so."""
+    """The verified checkpoint to resume from (None: step 0). resume=False refuses a non-empty out_dir, another
+    config needs allow_config_change, resume='restart' first removes what a run wrote there."""
     probe_out_dir(out_dir)
     if resume == "restart":
         removed = start_over(out_dir, rank)
@@ -1197,8 +1097,7 @@ def prepare_out_dir(out_dir: str, resume: bool | str, allow_config_change: bool,
 
 def start_or_resume(out_dir: str, resume_from: str | None, model, optimizer, config, fingerprint: dict,
                     rank: int) -> RunState:
-    """Weights, optimizer, RNG and run state from the checkpoint; or a fresh state, and out_dir/config.json
-    with every key of the resolved config (a dataclass; the start's plan points there) (every rank calls this)."""
+    """The run state from the checkpoint, or a fresh one and out_dir/config.json (every rank calls this)."""
     _barrier()  # every rank has read out_dir (prepare_out_dir) before rank 0 writes config.json there
     state = RunState()
     if resume_from:
@@ -1215,25 +1114,23 @@ def start_or_resume(out_dir: str, resume_from: str | None, model, optimizer, con
 
 def save_run(out_dir: str, state: RunState, config, model, optimizer, tokenizer, chat_template: ChatFormat,
              source: ModelSource, rollouts_path: str | None, rank: int, keep: int) -> str:
-    """A checkpoint of the run as it stands, with its resolved config (a dataclass); every rank calls this."""
     saved = {**dataclasses.asdict(state), "config": dataclasses.asdict(config)}
     return save_checkpoint(out_dir, state.global_step, model, optimizer, saved, model.config, tokenizer,
                            chat_template, rollouts_path, rank, keep, source=source)
 
 
 def file_sha(path: str) -> str:
-    """A short content hash: a checkpoint records its rollouts' so a resume can tell they are unchanged."""
     return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
 
 
 def iteration_dir(out_dir: str, iteration: int) -> str:
-    """out_dir/iter_t/: SPIN iteration t's rollouts.jsonl, eval_rollouts.jsonl and opponent_eval.safetensors."""
+    """out_dir/iter_t/: SPIN iteration t's rollouts, held-out rollouts and opponent log-probs."""
     return os.path.join(out_dir, f"iter_{iteration}")
 
 
 def restore_rollouts(checkpoint: str, iter_dir: str, rollouts_sha: str | None, rank: int) -> str:
-    """The rollouts.jsonl a mid-iteration checkpoint saved, checked against its state.json and put back as the
-    iteration's own file (rank 0); returns the checkpoint's copy, which every rank reads."""
+    """The rollouts.jsonl a mid-iteration checkpoint saved, checked and put back in iter_dir (rank 0); returns the
+    checkpoint's copy."""
     saved = os.path.join(checkpoint, "rollouts.jsonl")
     if not os.path.isfile(saved) or file_sha(saved) != rollouts_sha:
         raise UserError(f"the rollouts in checkpoint '{checkpoint}' are missing or do not match its "
