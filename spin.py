@@ -1,35 +1,19 @@
 """SPIN (Self-Play Fine-Tuning, Chen et al. 2024): the loss, sequence log-probs, the rollout, and an iteration's pairs.
 
 Design choices:
-- At iteration t the opponent is the model as it stands when the iteration starts. The rollout
-  samples y' ~ p_θt(·|x) for every prompt and, in the same pass, computes the opponent's summed
-  log-probs of the real and the generated responses; they are stored with the rollout, so training
-  holds ONE model and never a second copy for the opponent. The sampling model and the scoring one may
-  differ (train.py samples with a compute-dtype copy where that is cheaper and scores with the model).
-- Log-probs are summed over response tokens, end-of-turn included, through the model's fused
-  log-prob path (the [tokens, vocab] logits never exist).
-- A loss is one entry of LOSSES: a function of the two unscaled log-ratios (policy minus opponent, for the
-  real and the generated response) and β, applied inside as torchtune's DPOLoss and TRL apply it, so a loss
-  copied from either needs no rescaling; the entry also says whether its log-probs are length-averaged.
-  When an iteration starts the policy is the opponent, so every loss starts at zero rewards (log 2 only
-  for sigmoid).
-- By default (pack=True) a pair is scored in one packed row, its prompt run once for the real and the
-  generated response, several pairs to a row (packing.py); pack=False is the unpacked reference: a padded
-  row per prompt + response (data.collate).
-- `spin_terms` names every training metric where it is computed, as per-pair values; train.py sums
-  them over micro-batches, steps and ranks and `spin_metrics` turns the sums into the logged means.
-- The held-out KL(policy ‖ opponent) needs the opponent's next-token distributions after the opponent is
-  gone: the rollout keeps them for the held-out real responses (all, or each position's top k and the
-  rest of the mass as one outcome) and `kl_per_token` compares the policy's with them.
-- What an iteration trains on is built in one place, `build_iteration`, one function per variant: the data's
-  given y' (SPIN's own files, iteration 0), the opponent's rollout (once, or once per epoch), earlier
-  iterations' rollouts rescored by this opponent; a new variant is one more function there.
-- Rollouts are reproducible whatever the world size: prompts are sorted by length and dealt to the
-  ranks in turn; each rank samples its share with continuous batching (`batch_size` cache rows, a fixed
-  cache length), prompt i drawing from the seed (seed, iteration, i), and a row's numbers never depend on
-  the rows beside it (generate.py), so a prompt's answer is the same on any rank; every rank ends up with
-  the same list.
-"""
+- At iteration t the opponent is the model as the iteration starts. The rollout samples y' ~ p_θt(·|x) and, in
+  the same pass, stores the opponent's summed log-probs of the real and generated responses, so training holds
+  ONE model. Sampling may use a cheaper copy; scoring uses the model itself.
+- A loss is one entry of LOSSES: a function of the two unscaled log-ratios and β, applied inside as torchtune's
+  DPOLoss and TRL apply it, so a loss copied from either needs no rescaling. An iteration starts at zero
+  rewards (log 2 only for sigmoid).
+- By default a pair is scored in one packed row, its prompt run once (packing.py); pack=False is the padded
+  reference (data.collate). `spin_terms` names every training metric where it is computed.
+- The held-out KL(policy ‖ opponent) outlives the opponent: the rollout keeps its next-token distributions
+  on the held-out responses (all, or the top k plus the rest's mass as one outcome).
+- What an iteration trains on is built in `build_iteration`, one function per variant.
+- Rollouts are the same at any world size: prompts sorted by length are dealt to the ranks in turn, prompt i
+  draws from seed (seed, iteration, i), and a row's numbers never depend on its neighbours (generate.py)."""
 
 from __future__ import annotations
 
@@ -57,8 +41,8 @@ SCORING_CHUNKS = 4  # opponent_logps scores a rollout batch's pairs in this many
 
 
 def sigmoid_loss(real_ratio: torch.Tensor, generated_ratio: torch.Tensor, beta: float) -> torch.Tensor:
-    """SPIN's logistic loss −log σ(h), h = β·r_real − β·r_generated (the logged rewards' difference, bit for
-    bit: β multiplies each ratio before they are subtracted)."""
+    """SPIN's logistic loss −log σ(h), h = β·r_real − β·r_generated (β multiplies each ratio before the
+    difference, so h is the logged rewards' difference bit for bit)."""
     return -F.logsigmoid(beta * real_ratio - beta * generated_ratio)
 
 
@@ -68,8 +52,8 @@ def hinge_loss(real_ratio: torch.Tensor, generated_ratio: torch.Tensor, beta: fl
 
 
 def ipo_loss(real_ratio: torch.Tensor, generated_ratio: torch.Tensor, beta: float) -> torch.Tensor:
-    """IPO (Azar et al. 2023) in TRL's form: (Δ − 1/(2β))², Δ = r_real − r_generated. A square: it pulls Δ to
-    1/(2β) and no further, where the logistic loss keeps pushing the margin up."""
+    """IPO (Azar et al. 2023) in TRL's form: (Δ − 1/(2β))², Δ = r_real − r_generated: it pulls Δ to 1/(2β) and no
+    further."""
     return (real_ratio - generated_ratio - 1 / (2 * beta)) ** 2
 
 
@@ -88,17 +72,11 @@ def spin_terms(policy_real_logps: torch.Tensor, policy_generated_logps: torch.Te
                opponent_real_logps: torch.Tensor, opponent_generated_logps: torch.Tensor, beta: float,
                loss_type: str = "sigmoid", nll_weight: float = 0.0, real_tokens: torch.Tensor | None = None,
                generated_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair (B,) losses, and the metrics of each pair by name, (B,) each, without grad.
+    """Per-pair (B,) losses, and each pair's metrics by name (no grad), from (B,) summed log-probs.
 
-    The log-probs are (B,) sums over each response. LOSSES[loss_type] gets the log-ratios
-    r_real = log p_θ(y|x) − log p_θt(y|x) and r_generated (the same for y'), of per-token log-probs when the
-    entry is length_averaged (then `real_tokens` and `generated_tokens` (B,), the responses' lengths, are
-    needed); the rewards are β·r_real and β·r_generated, zero when the policy is the opponent.
-    With `real_tokens`, each pair also reports `nll/real`, its real response's per-token NLL
-    −log p_θ(y|x)/|y|, and the loss adds nll_weight times it (an anchor on the real response, as RPO adds):
-    train.py divides the summed losses by the pairs of the step, so the anchor enters the update as
-    nll_weight × the mean over pairs of each pair's per-token NLL.
-    """
+    The loss gets r = log p_θ − log p_θt of the real and generated responses (per token when the entry is
+    length_averaged: then the lengths are needed). With `real_tokens`, `nll/real` is the real response's
+    per-token NLL, added nll_weight times to the loss (an anchor, as RPO adds)."""
     if loss_type not in LOSSES:
         raise ValueError(f"loss_type '{loss_type}' is unknown; use one of {', '.join(LOSSES)}")
     loss = LOSSES[loss_type]
@@ -126,8 +104,7 @@ def spin_terms(policy_real_logps: torch.Tensor, policy_generated_logps: torch.Te
 
 
 def spin_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The logged means: `spin_terms`' metrics summed over pairs, divided by sums['pairs'] (their count),
-    and the mean margin rewards/real − rewards/generated."""
+    """The logged means: the summed metrics over sums['pairs'], and rewards/margins."""
     pairs = sums["pairs"].item()
     metrics = {name: total.item() / pairs for name, total in sums.items() if name != "pairs"}
     metrics["rewards/margins"] = (sums["rewards/real"] - sums["rewards/generated"]).item() / pairs
@@ -147,8 +124,7 @@ def per_iteration(value: float | list[float], iteration: int) -> float:
 
 def packed_logps(model, documents: list[tuple[list[int], list[list[int]]]], pad_id: int,
                  device: torch.device) -> torch.Tensor:
-    """(n_responses,) fp32 sums of log p(response | prompt) of (prompt, responses) documents, in order, from
-    packed rows (packing.py)."""
+    """(n_responses,) fp32 sums of log p(response | prompt) of (prompt, responses) documents, from packed rows."""
     batch = pack_documents(documents, pad_id).to(device)
     return response_logps(model.token_logprobs(batch.input_ids, batch.targets, batch.layout), batch)
 
@@ -164,8 +140,7 @@ def sequence_logps(model, prompts: list[list[int]], responses: list[list[int]], 
 
 
 def pair_logps(model, prompts, real, generated, pad_id, device, pack: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real and generated (B,) log-probs: from one row per pair, the prompt run once (pack), or from one
-    forward over the 2B unpacked sequences."""
+    """Real and generated (B,) log-probs: one packed row per pair (prompt run once), or 2B unpacked sequences."""
     if pack:
         logps = packed_logps(model, [(p, [r, g]) for p, r, g in zip(prompts, real, generated)], pad_id, device)
         return logps[0::2], logps[1::2]
@@ -175,8 +150,7 @@ def pair_logps(model, prompts, real, generated, pad_id, device, pack: bool = Tru
 
 def pair_terms(model, pairs: list[Pair], beta: float, loss_type: str, pad_id: int, device: torch.device,
                pack: bool = True, nll_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`spin_terms` of a batch of rollout pairs: the policy's log-probs now against the opponent's
-    stored at rollout."""
+    """`spin_terms` of rollout pairs: the policy's log-probs now against the opponent's stored at rollout."""
     real, generated = pair_logps(model, [p.prompt_ids for p in pairs], [p.real_ids for p in pairs],
                                  [p.generated_ids for p in pairs], pad_id, device, pack)
     opponent_real = torch.tensor([p.opponent_real_logp for p in pairs], device=device)
@@ -189,8 +163,7 @@ def pair_terms(model, pairs: list[Pair], beta: float, loss_type: str, pad_id: in
 
 def spin_micro_batch(model, pairs: list[Pair], beta: float, loss_type: str, nll_weight: float, pack: bool,
                      pad_id: int, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """(summed loss, summed metrics with the pair count, tokens run through the model) of a micro-batch of SPIN
-    pairs, for train.py's step: a packed pair runs its prompt once, an unpacked pair twice."""
+    """(summed loss, summed metrics with the pair count, tokens run) of a micro-batch of SPIN pairs."""
     losses, metrics = pair_terms(model, pairs, beta, loss_type, pad_id, device, pack, nll_weight)
     sums = {name: values.sum() for name, values in metrics.items()}
     sums["pairs"] = torch.tensor(float(len(pairs)), device=device)
@@ -201,8 +174,7 @@ def spin_micro_batch(model, pairs: list[Pair], beta: float, loss_type: str, nll_
 
 def sft_micro_batch(model, examples: list, pad_id: int, device: torch.device,
                     pack: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """(summed negative log-likelihood of the real responses, the sums to log, tokens run) of a micro-batch of
-    examples, for train.py's SFT steps (and the continued-SFT baseline's)."""
+    """(summed NLL of the real responses, the sums to log, tokens run) of a micro-batch of SFT examples."""
     logps = sequence_logps(model, [e.prompt_ids for e in examples], [e.real_ids for e in examples], pad_id, device,
                            pack)
     loss_sum = -logps.sum()
@@ -217,17 +189,15 @@ def sft_micro_batch(model, examples: list, pad_id: int, device: torch.device,
 
 def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
                       device: torch.device) -> torch.Tensor:
-    """(N, V) fp32 log-softmax of the next-token distribution at each response position, N = the
-    responses' tokens, example after example. Full logits: for held-out diagnostics, never training."""
+    """(N, V) fp32 next-token log-softmax at each response position (full logits: held-out diagnostics only)."""
     input_ids, targets = collate(prompts, responses, pad_id)  # (B, T), (B, T)
     logits = model(input_ids.to(device))  # (B, T, V) fp32
     return logits[targets.to(device) != -100].log_softmax(-1)  # (N, V), rows in (example, position) order
 
 
 def opponent_top_k(logprobs: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    """What is kept of the opponent's (N, V) next-token log-probs: all of them ({'logprobs'}) when k >= V;
-    else each position's k most likely tokens, 'logprobs' (N, k) and 'ids' (N, k) int64, and 'rest' (N,),
-    the log of the mass of all the other tokens (a logsumexp: exact even when that mass is tiny)."""
+    """What is kept of the opponent's (N, V) log-probs: all ({'logprobs'}) when k >= V, else each position's top k
+    ('logprobs', 'ids') and 'rest' (N,), the log of the other tokens' mass."""
     if k >= logprobs.shape[-1]:
         return {"logprobs": logprobs}
     values, ids = logprobs.topk(k, dim=-1)  # (N, k), (N, k)
@@ -235,16 +205,13 @@ def opponent_top_k(logprobs: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
 
 
 def rest_logprob(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """(N,) log of the probability of every token but `ids` (N, k), from (N, V) log-probs."""
+    """(N,) log of the probability of every token but `ids` (N, k)."""
     return logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1)
 
 
 def kl_per_token(policy_logprobs: torch.Tensor, opponent: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(N,) KL(policy ‖ opponent) = Σ_v p(v) (log p(v) − log q(v)) at each position, from the policy's
-    (N, V) log-probs and what `opponent_top_k` kept of the opponent's. With all of the opponent's it is
-    exact. With its top k, both distributions are folded onto those k tokens plus one outcome 'any
-    other token' holding the rest of each one's mass: by the log-sum inequality that KL is a lower
-    bound of the exact one, equal to it when p(v)/q(v) is the same for all the other tokens."""
+    """(N,) KL(policy ‖ opponent) per position against what `opponent_top_k` kept: exact with all V; with the top k,
+    both folded onto those k plus 'any other token', a lower bound (log-sum inequality)."""
     if "ids" not in opponent:
         return (policy_logprobs.exp() * (policy_logprobs - opponent["logprobs"])).sum(-1)
     policy_top = policy_logprobs.gather(-1, opponent["ids"])  # (N, k)
@@ -258,17 +225,14 @@ LOGITS_PER_BATCH = 2**26  # full-logit diagnostics run in batches of at most abo
 
 
 def logit_batches(examples: list, vocab_size: int, max_len: int) -> list[list]:
-    """Held-out examples in batches whose full (B, T, V) logits hold at most LOGITS_PER_BATCH values."""
     size = max(1, LOGITS_PER_BATCH // (max_len * vocab_size))
     return [examples[i:i + size] for i in range(0, len(examples), size)]
 
 
 def opponent_eval_logprobs(opponent, examples: list, pad_id: int, max_len: int, budget_mb: float,
                            autocast: AbstractContextManager, device: torch.device) -> dict[str, torch.Tensor] | None:
-    """The opponent's next-token log-probs on the held-out real responses, for eval/kl_opponent once the
-    opponent is gone: all V per token if they fit in budget_mb (kl_opponent_mb; 4 bytes each), else the top k
-    per token that fit (value and id, 12 bytes each, and 4 for the rest's mass). None without held-out
-    examples or with a zero budget."""
+    """The opponent's held-out next-token log-probs for eval/kl_opponent: all V if they fit in budget_mb (4 bytes
+    each), else the top k that fit (12 bytes each, 4 for the rest). None without examples or budget."""
     if not examples or not budget_mb:
         return None
     vocab, n_tokens = opponent.config.vocab_size, sum(len(e.real_ids) for e in examples)
@@ -300,7 +264,7 @@ class Pair:
 
 @dataclass
 class RolloutSettings:
-    """How the opponent samples and scores, and where: this process's rank of world_size, its device."""
+    """How the opponent samples and scores, and where (this process's rank of world_size, its device)."""
     max_new_tokens: int
     max_len: int  # prompt + response: each prompt may add max_len minus its own length
     stop: list[int]  # token ids that end a generation
@@ -324,22 +288,10 @@ def _all_gather_lists(local: list, world_size: int) -> list:
     return [item for part in gathered for item in part]
 
 
-def run_sharded(batches: list[list[int]], run_batch: Callable[[list[int]], list], rank: int,
-                world_size: int) -> list:
-    """Run run_batch(batch_j) on rank j % world_size; batch_j lists item indices and run_batch returns one
-    result per index. Every rank gets all results, in item order 0..n-1."""
-    local = []
-    for batch in batches[rank::world_size]:
-        local += zip(batch, run_batch(batch))
-    by_index = dict(_all_gather_lists(local, world_size))
-    return [by_index[i] for i in range(len(by_index))]
-
-
 def opponent_logps(scorer, prompts: list[list[int]], real: list[list[int]], generated: list[list[int]],
                    s: RolloutSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scorer's (B,) log-probs of the real and the generated responses, without grad, in SCORING_CHUNKS
-    chunks of the batch: each forward holds at most B/2 sequences (fewer rows when packed), so its temporaries
-    stay small beside the weights and the KV cache the rollout holds."""
+    """The scorer's (B,) log-probs of real and generated responses, in SCORING_CHUNKS forwards, so temporaries stay
+    small beside the weights and the rollout's KV cache."""
     chunk = max(1, -(-len(prompts) // SCORING_CHUNKS))
     with torch.no_grad():
         parts = [pair_logps(scorer, prompts[i:i + chunk], real[i:i + chunk], generated[i:i + chunk], s.pad_id,
@@ -348,7 +300,6 @@ def opponent_logps(scorer, prompts: list[list[int]], real: list[list[int]], gene
 
 
 def _score(model, examples: list, generated: list[list[int]], s: RolloutSettings) -> list[Pair]:
-    """The pairs of examples and their generations, with both responses scored under `model`."""
     prompts, real = [e.prompt_ids for e in examples], [e.real_ids for e in examples]
     real_logps, generated_logps = opponent_logps(model, prompts, real, generated, s)
     return [Pair(e.source, p, r, g, rl, gl, bool(g) and g[-1] in s.stop)  # one device-to-host copy each, below
@@ -359,12 +310,10 @@ def _score(model, examples: list, generated: list[list[int]], s: RolloutSettings
 def rollout(model, examples: list, settings: RolloutSettings, iteration: int,
             progress: Callable[[int], None] | None = None,
             should_stop: Callable[[], bool] | None = None, scorer=None) -> list[Pair] | None:
-    """Generate y' for every example's prompt with `model` (the opponent) and score the real and
-    generated responses under `scorer` (default: `model`; train.py samples with a cheaper copy of the
-    opponent but scores with the opponent itself). Returns the pairs in the examples' order on every rank, or
-    None if `should_stop()` said to abort. Every `batch_size` finished prompts (and at the end) a rank scores
-    them, reports progress(n) for the n more prompts done on all ranks, and asks should_stop(), a collective:
-    every rank asks as often as the rank with the largest share."""
+    """y' for every example's prompt sampled by `model`, both responses scored by `scorer` (default `model`): the
+    pairs in the examples' order on every rank, or None if should_stop() said to abort. Every `batch_size`
+    finished prompts a rank scores them, reports progress(n) and asks should_stop(), a collective: every rank
+    asks as often as the rank with the largest share."""
     s = settings
     if not examples:
         return []
@@ -409,21 +358,17 @@ def rollout(model, examples: list, settings: RolloutSettings, iteration: int,
 
 
 def rescore(model, pairs: list[Pair], settings: RolloutSettings) -> list[Pair]:
-    """The same pairs with the opponent's log-probs recomputed under `model` (for earlier iterations'
-    generations mixed into this iteration: their opponent is now the current one)."""
-    s = settings
-    batches = [list(range(i, min(i + s.batch_size, len(pairs)))) for i in range(0, len(pairs), s.batch_size)]
-
-    def score_batch(indices: list[int]) -> list[Pair]:
-        batch = [pairs[i] for i in indices]
-        prompts, real = [p.prompt_ids for p in batch], [p.real_ids for p in batch]
-        generated = [p.generated_ids for p in batch]
+    """The same pairs with the opponent's log-probs recomputed under `model` (earlier iterations' generations)."""
+    s, local = settings, []
+    for start in range(s.rank * s.batch_size, len(pairs), s.world_size * s.batch_size):  # batch j on rank j % world
+        batch = pairs[start:start + s.batch_size]
         with s.autocast or torch.autocast(s.device.type, enabled=False):
-            real_logps, generated_logps = opponent_logps(model, prompts, real, generated, s)
-        return [replace(p, opponent_real_logp=r, opponent_generated_logp=g)
-                for p, r, g in zip(batch, real_logps.tolist(), generated_logps.tolist())]
-
-    return run_sharded(batches, score_batch, s.rank, s.world_size)
+            real_logps, generated_logps = opponent_logps(
+                model, [p.prompt_ids for p in batch], [p.real_ids for p in batch], [p.generated_ids for p in batch], s)
+        local += [(start + j, replace(p, opponent_real_logp=r, opponent_generated_logp=g))
+                  for j, (p, r, g) in enumerate(zip(batch, real_logps.tolist(), generated_logps.tolist()))]
+    by_index = dict(_all_gather_lists(local, s.world_size))
+    return [by_index[i] for i in range(len(pairs))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,8 +376,7 @@ def rescore(model, pairs: list[Pair], settings: RolloutSettings) -> list[Pair]:
 
 
 def write_rollouts(path: str, pairs: list[Pair], decode, decode_response=None) -> None:
-    """JSONL, one pair per line: texts for people (responses by decode_response, default decode), ids and
-    log-probs for an exact resume. Written to a temporary file and renamed, so a kill never leaves half a file."""
+    """JSONL, one pair per line: texts for people, ids and log-probs for an exact resume; written, then renamed."""
     decode_response = decode_response or decode
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
@@ -449,7 +393,7 @@ def write_rollouts(path: str, pairs: list[Pair], decode, decode_response=None) -
 
 
 def read_rollouts(path: str) -> list[Pair]:
-    """The pairs write_rollouts wrote; a line that is not one (garbage, cut short) is an error naming path:line."""
+    """The pairs write_rollouts wrote; a damaged line is an error naming path:line."""
     pairs = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -480,9 +424,8 @@ class IterationRecipe:
 
 @dataclass
 class IterationPairs:
-    """A SPIN iteration's data, as out_dir/iter_t/ holds it. `pairs` is its rollouts.jsonl: `blocks` blocks of
-    `own` pairs, one per prompt, whose y' its opponent sampled (one block; or one per epoch), then those of
-    iterations t-1 .. t-k mixed in, rescored by it."""
+    """A SPIN iteration's data, as out_dir/iter_t/ holds it: `blocks` blocks of `own` pairs (one per prompt; one block
+    per epoch with regenerate_per_epoch), then earlier iterations' pairs mixed in, rescored."""
     pairs: list[Pair]
     own: int  # pairs per block: one per prompt of the iteration
     blocks: int
@@ -493,11 +436,10 @@ class IterationPairs:
 def build_iteration(sampler, opponent, examples: list, eval_examples: list, iteration: int,
                     recipe: IterationRecipe, settings: RolloutSettings, progress: Callable[[int], None] | None = None,
                     should_stop: Callable[[], bool] | None = None) -> IterationPairs | None:
-    """Iteration t's pairs, each variant one function: the data's given y' (iteration 0 of SPIN's own files),
-    else the opponent's rollout (one per epoch with regenerate_per_epoch), then earlier iterations' first
-    rollouts; its held-out pairs; the opponent's held-out next-token log-probs. `sampler` samples (it may be
-    a cheaper copy), `opponent` scores: its log-probs take the numerical path they take in training, so each
-    iteration starts at zero rewards. None if should_stop() said to abort the rollout."""
+    """Iteration t's pairs, one function per variant: the data's given y' (iteration 0 of SPIN's own files), else
+    the opponent's rollout(s), then earlier iterations' first rollouts; its held-out pairs and the opponent's
+    held-out log-probs. `sampler` samples, `opponent` scores (as in training, so rewards start at zero).
+    None if should_stop() aborted the rollout."""
     prompts = prompts_for_iteration(examples, recipe.prompts_per_iteration, settings.seed, iteration)
     use_given = recipe.use_given and iteration == 0
     own = given_generations(opponent, prompts, settings) if use_given else None
@@ -528,8 +470,7 @@ def prompts_for_iteration(examples: list, count: int, seed: int, iteration: int)
 
 
 def given_generations(opponent, examples: list, settings: RolloutSettings) -> list[Pair] | None:
-    """The y' SPIN's own data format brings ('generated'), scored by the opponent as it scores its own samples;
-    None when the examples bring none."""
+    """The y' SPIN's own data format brings, scored by the opponent; None when the examples bring none."""
     given = [e for e in examples if e.generated_ids is not None]
     if not given:
         return None
@@ -545,8 +486,7 @@ def given_generations(opponent, examples: list, settings: RolloutSettings) -> li
 def sampled_generations(sampler, opponent, prompts: list, settings: RolloutSettings, iteration: int, rollouts: int,
                         progress: Callable[[int], None] | None = None,
                         should_stop: Callable[[], bool] | None = None) -> list[Pair] | None:
-    """The opponent's y' for every prompt, `rollouts` times over (epoch e's seeded by derive_seed(seed, 'rollout', e),
-    so the first is the single rollout's); None if should_stop() said to abort."""
+    """The opponent's y' for every prompt, `rollouts` times over (the first as a single rollout); None if aborted."""
     generations = []
     for epoch in range(rollouts):
         seeded = replace(settings, seed=derive_seed(settings.seed, "rollout", epoch))
@@ -560,8 +500,7 @@ def sampled_generations(sampler, opponent, prompts: list, settings: RolloutSetti
 
 def previous_generations(opponent, out_dir: str, iteration: int, k: int, own: int,
                          settings: RolloutSettings) -> list[Pair]:
-    """The first `own` pairs (the first rollout) of iterations t-1 .. t-k, in that order, with the opponent's
-    log-probs recomputed by this iteration's opponent: it is the opponent they are trained against now."""
+    """The first rollouts of iterations t-1 .. t-k, rescored by this iteration's opponent."""
     mixed = []
     for back in range(1, min(k, iteration) + 1):
         earlier = read_rollouts(os.path.join(iteration_dir(out_dir, iteration - back), "rollouts.jsonl"))
@@ -570,27 +509,22 @@ def previous_generations(opponent, out_dir: str, iteration: int, k: int, own: in
 
 
 def prompt_count(recipe: IterationRecipe, n_examples: int) -> int:
-    """Prompts an iteration samples for: every training prompt, or prompts_per_iteration of them."""
     return min(recipe.prompts_per_iteration, n_examples) if recipe.prompts_per_iteration else n_examples
 
 
 def pairs_per_epoch(recipe: IterationRecipe, n_examples: int, iteration: int) -> int:
-    """Pairs an epoch of iteration t trains on: one per prompt of t and of each iteration mixed in, known
-    before any rollout (a schedule across iterations needs every iteration's length)."""
+    """Pairs an epoch of iteration t trains on, known before any rollout (a schedule needs every iteration's length)."""
     return (1 + min(recipe.mix_previous, iteration)) * prompt_count(recipe, n_examples)
 
 
 def epoch_pairs(it: IterationPairs, epoch: int) -> list[Pair]:
-    """The pairs an epoch trains on: its block of the opponent's generations, then the ones mixed in."""
     block = epoch % it.blocks
     return it.pairs[block * it.own:(block + 1) * it.own] + it.pairs[it.blocks * it.own:]
 
 
 def rollout_stats(it: IterationPairs) -> dict[str, float]:
-    """The opponent's own generations (never those mixed in): their length in tokens (mean; median and 90th
-    percentile, interpolated linearly between order statistics; longest), the share that reached a stop
-    token, and the share equal to the real response token for token: pairs with y' = y, whose SPIN
-    gradient is zero (both log-prob differences are the same function of θ)."""
+    """The opponent's own generations (not those mixed in): length (mean, p50, p90 linearly interpolated, max), the
+    share that stopped, and the share identical to y (zero SPIN gradient)."""
     generations = it.pairs[:it.blocks * it.own]
     lengths = torch.tensor([float(len(p.generated_ids)) for p in generations])
     return {"gen_len_mean": sum(len(p.generated_ids) for p in generations) / len(generations),
@@ -600,7 +534,6 @@ def rollout_stats(it: IterationPairs) -> dict[str, float]:
 
 
 def write_iteration(iter_dir: str, made: IterationPairs, decode, decode_response) -> None:
-    """out_dir/iter_t/: rollouts.jsonl, eval_rollouts.jsonl and opponent_eval.safetensors (rank 0)."""
     write_rollouts(os.path.join(iter_dir, "rollouts.jsonl"), made.pairs, decode, decode_response)
     if made.eval_pairs:
         write_rollouts(os.path.join(iter_dir, "eval_rollouts.jsonl"), made.eval_pairs, decode, decode_response)
@@ -612,8 +545,7 @@ def write_iteration(iter_dir: str, made: IterationPairs, decode, decode_response
 
 def read_iteration(rollouts_path: str, iter_dir: str, own: int, mixed_iterations: int,
                    eval_examples: list) -> IterationPairs:
-    """An iteration's pairs as written: its rollouts (for a mid-iteration resume, the checkpoint's copy), its
-    held-out pairs and the opponent's held-out log-probs, if they were kept for these held-out examples."""
+    """An iteration's pairs as written; the opponent's held-out log-probs only if kept for these held-out examples."""
     pairs = read_rollouts(rollouts_path)
     eval_file = os.path.join(iter_dir, "eval_rollouts.jsonl")
     eval_pairs = read_rollouts(eval_file) if eval_examples and os.path.isfile(eval_file) else []
