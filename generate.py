@@ -1,27 +1,18 @@
 """Batched KV-cached sampling with continuous batching (the SPIN rollout engine) and a chat command line.
 
 Design choices:
-- gpt-fast's structure: a static, preallocated KV cache (model.setup_kv_cache) of `batch_size` rows, a
-  `prefill` per prompt, then `decode_one_token` steps whose shapes never change, so the step can be
-  torch.compile'd (CUDA graphs on the GPU) and does no per-row Python work.
-- Continuous batching: a cache row whose prompt has ended takes the next prompt (a prefill of that row
-  alone) while the other rows keep decoding, so a batch never waits for its longest response.
-- Every row keeps its tokens at cache positions 0, 1, ...: its position is its cache index, its mask
-  (`attention_mask`, the decode step's mask; a prefill uses the model's own causal one) is "keys up to my
-  position" (and, with a sliding window, fewer than `window` positions back), and a row's numbers do not
-  depend on the other rows, on its row or on when it started. Sampling draws come from a per-prompt
-  SplitMix64 stream, so sampled answers do not depend on the prompts beside them or on the world size.
-- A step always attends to the whole cache (masked past each row's position). Attending only to its filled
-  part would save a little, but the width would then depend on the other rows, and SDPA's CPU reductions
-  change their last bits with the width on some CPUs (AMD EPYC): a prompt's y' would depend on its neighbours.
-- How a token is drawn is one `Sampling` value (temperature, top_k, top_p, min_p), checked when it is made and
-  passed whole from the config to the rollout to every step. Temperature, then top-k, then top-p, then min-p
-  (Hugging Face's order), as small pure functions; ties at a cut-off are kept.
-- `generate_ref` recomputes the whole sequence every step: the plain reference the tests compare against.
+- gpt-fast's structure: a static KV cache of `batch_size` rows, a `prefill` per prompt, then `decode_one_token`
+  steps whose shapes never change, so the step can be torch.compile'd (CUDA graphs on the GPU).
+- Continuous batching: a row whose answer has ended takes the next prompt while the others keep decoding.
+- A row keeps its tokens at cache positions 0, 1, ... and a step attends to the whole cache, masked past the
+  row's position: attending only to the filled part would make the width, and so SDPA's CPU reductions' last
+  bits, depend on the other rows. Draws come from a per-prompt SplitMix64 stream, so a prompt's answer does not
+  depend on its neighbours or the world size.
+- How a token is drawn is one `Sampling` value, checked when made; temperature, top-k, top-p, min-p in Hugging
+  Face's order, as small pure functions. `generate_ref` (a full forward per step) is the tests' reference.
 
 CLI: python generate.py --model=<HF dir | nanospin checkpoint or out_dir> [--prompt="..."] [--temperature=0.7]
-     [--top_k=...] [--top_p=...] [--min_p=...]
-"""
+     [--top_k=...] [--top_p=...] [--min_p=...]"""
 
 from __future__ import annotations
 
@@ -58,8 +49,7 @@ CHECK_EVERY = {"cpu": 1, "default": 8}
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the next token is drawn. Checked when made: the fields are config keys of train.py and generate.py
-    under the same names, so a bad value is a UserError naming its key before any data or model is built."""
+    """How the next token is drawn; its fields are config keys of train.py and generate.py, checked when made."""
     temperature: float = 1.0  # 0 = greedy (argmax; the filters then change nothing)
     top_k: int | None = None  # keep the k most likely tokens (and any tied with the k-th)
     top_p: float | None = None  # keep the smallest most-likely set whose probability sums to >= top_p
@@ -80,7 +70,6 @@ GREEDY = Sampling(temperature=0.0)
 
 
 def sampling_of(cfg) -> Sampling:
-    """The Sampling of a config that has its fields as keys (train.py's, generate.py's): checks them."""
     return Sampling(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Sampling)})
 
 
@@ -93,8 +82,7 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose probability sums to >= p
-    (always at least one token), plus any token tied with the least likely one kept; -inf elsewhere."""
+    """Nucleus filter: keep the smallest most-likely set whose probability sums to >= p (and ties); -inf elsewhere."""
     probs = torch.softmax(logits, dim=-1)
     sorted_probs = torch.sort(probs, dim=-1, descending=True).values  # (B, V)
     # tokens needed = 1 + how many prefix sums are still short of p
@@ -104,8 +92,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Min-p (as vLLM and Hugging Face): keep the tokens whose probability is >= min_p times the row's largest
-    (the most likely token always stays); -inf elsewhere. The bar moves with the model's confidence."""
+    """Min-p (as vLLM and Hugging Face): keep tokens with probability >= min_p times the row's largest."""
     probs = torch.softmax(logits, dim=-1)  # (B, V)
     return logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
 
@@ -114,8 +101,7 @@ _U64 = (1 << 64) - 1
 
 
 def mix_seed(*values: int) -> int:
-    """One 63-bit seed from integers (SplitMix64's finaliser over them in turn): (seed, i) and (seed, i + 1)
-    give unrelated streams."""
+    """One 63-bit seed from integers (SplitMix64's finaliser): (seed, i) and (seed, i + 1) give unrelated streams."""
     h = 0
     for value in values:
         h = (h ^ (value & _U64)) + 0x9E3779B97F4A7C15 & _U64
@@ -138,14 +124,13 @@ SEED_PURPOSES = {
 
 
 def derive_seed(seed: int, purpose: str, index: int = 0) -> int:
-    """The seed for `purpose` (SEED_PURPOSES) of what is seeded by `seed`, e.g. derive_seed(1337, 'rollout', 2)."""
+    """The seed for `purpose` (SEED_PURPOSES), e.g. derive_seed(1337, 'rollout', 2)."""
     offset, stride = SEED_PURPOSES[purpose]
     return seed + offset + stride * index
 
 
 def uniforms(seed: int, n: int) -> np.ndarray:
-    """The first n draws of the SplitMix64 stream `seed` as float64 in (0, 1): draw t is a pure function of
-    (seed, t), the same on every device and in every batch."""
+    """The first n draws of the SplitMix64 stream `seed` as float64 in (0, 1), the same on every device and batch."""
     with np.errstate(over="ignore"):  # uint64 arithmetic is meant to wrap
         z = np.uint64(seed & _U64) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -155,9 +140,8 @@ def uniforms(seed: int, n: int) -> np.ndarray:
 
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, draws: torch.Tensor | None) -> torch.Tensor:
-    """logits (B, V) fp32, draws (B,) float64 uniforms in (0, 1) -> next tokens (B,); temperature 0 is greedy
-    (argmax, first on ties, no draws needed). A row's token is the first whose cumulative probability
-    exceeds its draw (inverse CDF), so it depends on that row's logits and draw only."""
+    """logits (B, V), draws (B,) -> next tokens (B,) by inverse CDF, so a row's token depends on its own logits and
+    draw only; temperature 0 is greedy."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
     if sampling.temperature != 1:  # x / 1 == x: skip the op and its (B, V) copy
@@ -176,7 +160,7 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, draws: torch.Tensor | 
 
 
 def token_logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per row, (B, V), (B,) -> (B,), without materialising the log-softmax."""
+    """log softmax(logits)[token] per row, (B, V), (B,) -> (B,)."""
     return logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
@@ -185,20 +169,16 @@ def token_logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
 
 
 def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """query_pos (B, T), key_pos (L,) the cache positions attended -> (B, 1, T, L) bool, True = may attend: a
-    query sees the keys at cache positions up to its own (a row's position is its cache index) and, with a
-    sliding window, fewer than `window` positions back. The decode step's mask; a prefill is the model's own
-    causal (windowed) attention."""
+    """query_pos (B, T), key_pos (L,) -> (B, 1, T, L) bool, True = may attend: keys up to the query's position and,
+    with a window, fewer than `window` back. The decode step's mask; a prefill uses the model's causal one."""
     query = query_pos[:, None, :, None]  # (B, 1, T, 1)
     seen = key_pos <= query  # (B, 1, T, L)
     return seen if window is None else seen & (key_pos > query - window)
 
 
 def prefill(model: GPT, prompts: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Run right-padded prompts (B, T) of `lengths` (B,) into cache rows `rows` (B,), positions 0..T-1, and
-    return each prompt's last logits (B, V) fp32 (the other positions never reach the vocabulary). A fresh
-    row sees only its own keys, so this is the model's plain causal forward plus the cache writes; a pad
-    after a prompt changes none of its numbers and leaves a key the decode steps mask, then overwrite."""
+    """Run right-padded prompts (B, T) into cache rows `rows` at positions 0..T-1 and return their last logits (B, V)
+    fp32. A fresh row sees only its own keys; a pad's key is masked by the decode steps, then overwritten."""
     pos = torch.arange(prompts.shape[1], device=prompts.device).expand_as(prompts)  # (B, T)
     h = model.hidden_states(prompts, pos, (rows, pos))  # (B, T, C)
     last = h[torch.arange(len(rows), device=h.device), lengths - 1]  # (B, C)
@@ -206,9 +186,8 @@ def prefill(model: GPT, prompts: torch.Tensor, lengths: torch.Tensor, rows: torc
 
 
 def decode_logits(model: GPT, token: torch.Tensor, pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
-    """One step for every cache row: token, pos (B, 1) -> logits (B, V) fp32; each row writes its key at its
-    own position and attends to the whole cache, key_pos (L,) = 0..L-1 (static shapes: the function
-    torch.compile captures)."""
+    """One step for every cache row: token, pos (B, 1) -> logits (B, V) fp32, attending to the whole cache (static
+    shapes: what torch.compile captures)."""
     mask = attention_mask(pos, key_pos, model.config.sliding_window)  # (B, 1, 1, L)
     h = model.hidden_states(token, pos, (None, pos), mask)  # (B, 1, C)
     return model.lm_head(h[:, -1]).float()
@@ -216,8 +195,7 @@ def decode_logits(model: GPT, token: torch.Tensor, pos: torch.Tensor, key_pos: t
 
 @functools.cache
 def compiled_decode(device_type: str, backend: str = "inductor") -> Callable:
-    """decode_logits under torch.compile, made once per (device type, backend); dynamo keeps its graphs.
-    On the GPU inductor also records CUDA graphs ('reduce-overhead')."""
+    """decode_logits under torch.compile, once per (device type, backend); CUDA graphs on the GPU."""
     if device_type == "cuda" and backend == "inductor":
         return torch.compile(decode_logits, mode="reduce-overhead", fullgraph=True)
     return torch.compile(decode_logits, backend=backend, fullgraph=True)
@@ -244,8 +222,7 @@ def _as_id_list(eos_id: int | list[int] | None) -> list[int]:
 
 
 def _row_budgets(prompts: list[list[int]], max_new_tokens: int | list[int], max_len: int, limit: str) -> list[int]:
-    """How many tokens each row may add: its max_new_tokens, and prompt + new <= max_len (`limit` names
-    where max_len comes from)."""
+    """How many tokens each row may add: its max_new_tokens, and prompt + new <= max_len (from `limit`)."""
     if isinstance(max_new_tokens, int):
         max_new_tokens = [max_new_tokens] * len(prompts)
     elif len(max_new_tokens) != len(prompts):
@@ -268,12 +245,8 @@ def _cut_rows(new_tokens: list[list[int]], budgets: list[int], stop: list[int]) 
     """Cut each row after its first stop token (kept) or at its budget."""
     out = []
     for row, budget in zip(new_tokens, budgets):
-        row = row[:budget]
-        for j, t in enumerate(row):
-            if t in stop:
-                row = row[:j + 1]
-                break
-        out.append(row)
+        ends = [j for j, t in enumerate(row[:budget]) if t in stop]
+        out.append(row[:ends[0] + 1] if ends else row[:budget])
     return out
 
 
@@ -310,8 +283,8 @@ def _empty_rows(n_rows: int, width: int, device: torch.device, return_logprobs: 
 
 
 def _cache_len(prompts: list[list[int]], budgets: list[int], max_len: int | None, compile: bool | str) -> int:
-    """Cache positions a call needs: the last sampled token is never fed back; a fixed max_len fixes the
-    cache whatever the prompts; compiled, lengths round up to 128 (fewer recompiles / CUDA graph captures)."""
+    """Cache positions a call needs (the last token is never fed back); a given max_len fixes it; compiled, rounded up
+    to 128 (fewer recompiles)."""
     if max_len:
         return max_len - 1
     cache_len = max(len(p) + b for p, b in zip(prompts, budgets)) - 1
@@ -320,9 +293,7 @@ def _cache_len(prompts: list[list[int]], budgets: list[int], max_len: int | None
 
 def _start_rows(model: GPT, rows: Rows, free: list[int], waiting: deque, prompts: list[list[int]],
                 budgets: list[int], seeds: list[int] | None, stop_ids: torch.Tensor, sampling: Sampling) -> None:
-    """Prefill the next waiting prompts into the free rows and sample their first tokens; a row left without
-    a prompt marks time. One prompt per prefill: a row's numbers never depend on which prompts start beside
-    it."""
+    """Prefill the next waiting prompts into the free rows, one per prefill, and sample their first tokens."""
     width = rows.new_tokens.shape[1]
     for r in free:
         rows.prompt[r] = waiting.popleft() if waiting else None
@@ -353,8 +324,8 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int | 
                     compile: bool | str = False, batch_size: int | None = None, max_len: int | None = None,
                     on_step: Callable[[torch.Tensor], None] | None = None
                     ) -> Iterator[tuple[int, list[int], list[float] | None]]:
-    """`generate`, yielding (prompt index, new tokens, their log-probs or None) as each prompt ends, in the
-    order they end. Closing the iterator early (a `break`) stops the work and frees the cache."""
+    """`generate`, yielding (prompt index, new tokens, their log-probs or None) as each prompt ends; closing the
+    iterator early stops the work and frees the cache."""
     block_size = model.config.block_size
     if max_len is not None and max_len > block_size:
         raise UserError(f"max_len={max_len} exceeds the model's block_size={block_size}; lower max_len")
@@ -422,25 +393,15 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int | list[in
              compile: bool | str = False, batch_size: int | None = None, max_len: int | None = None,
              on_step: Callable[[torch.Tensor], None] | None = None
              ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
-    """Sample up to max_new_tokens new tokens (an int, or one per prompt) for each prompt (token-id lists
-    of any lengths).
+    """Sample up to max_new_tokens (an int, or one per prompt) for each prompt; returns the new tokens, cut after the
+    first eos_id token (kept).
 
-    Returns the new tokens of each prompt, cut after the first token in eos_id (kept). `sampling` says how
-    each token is drawn (default: temperature 1, no filter; GREEDY: argmax). batch_size rows (default: all
-    prompts) decode together; when a row's answer ends, the row takes the next waiting prompt (continuous
-    batching). Each row stops at prompt + new = max_len (default the model's block_size; a prompt that
-    leaves no room is a UserError); given, max_len also fixes the cache length, so that a row's numbers
-    are the same whatever prompts it shares the call with.
-    seed: an int (prompt i draws from the stream mix_seed(seed, i)), one seed per prompt, or None (a base
-    seed from torch's global RNG); a prompt's sampled answer depends on its seed, not on batch_size.
-    return_logprobs=True also returns, per new token, its log-prob under the model's UNMODIFIED
-    distribution (log_softmax of the raw logits, before temperature and the filters).
-    compile=True runs the decode step under torch.compile (CUDA graphs on the GPU) and keeps the KV
-    cache on the model for the next call of the same shape; a string names another torch.compile
-    backend (the tests' 'eager' checks the step is one graph without a C++ compile).
-    on_step(tokens (batch_size,)) is called after the first tokens and after every step (it costs a
-    device sync; the CLI streams with it). The model is left without a KV cache and in its train/eval mode.
-    """
+    batch_size rows decode together (continuous batching). A row stops at prompt + new = max_len (default
+    block_size); a given max_len also fixes the cache length, so a row's numbers do not depend on its neighbours.
+    seed: an int (prompt i draws from mix_seed(seed, i)), one per prompt, or None (from torch's global RNG).
+    return_logprobs: each new token's log-prob under the raw logits (before temperature and filters).
+    compile: True for torch.compile (the cache is kept for the next call of the same shape), or a backend name.
+    on_step(tokens) runs after every step (a device sync; the CLI streams with it)."""
     out: list[list[int]] = [[] for _ in prompts]
     out_logps: list[list[float]] = [[] for _ in prompts]
     for i, tokens, logps in generate_stream(model, prompts, max_new_tokens, sampling=sampling, eos_id=eos_id, seed=seed,
@@ -453,8 +414,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int | list[in
 @torch.inference_mode()
 def generate_ref(model: GPT, prompts: list[list[int]], max_new_tokens: int,
                  eos_id: int | list[int] | None = None) -> list[list[int]]:
-    """Greedy decoding by a full forward over the whole sequence every step, no cache (the reference).
-    Prompts of equal length run as one batch; ragged ones row by row."""
+    """Greedy decoding by a full forward every step, no cache (the reference); ragged prompts row by row."""
     if len({len(p) for p in prompts}) > 1:
         return [generate_ref(model, [p], max_new_tokens, eos_id)[0] for p in prompts]
     budgets = _row_budgets(prompts, max_new_tokens, model.config.block_size, "block_size")
@@ -494,7 +454,7 @@ class GenerateConfig:
 
 def stream_answer(model: GPT, tok, prompt_ids: list[int], cfg: GenerateConfig, template, stop: list[int],
                   seed: int | None) -> list[int]:
-    """Generate one answer (batch 1), printing the text as it grows; returns the new tokens."""
+    """One answer (batch 1), printed as it grows; returns the new tokens."""
     from templates import response_text
 
     ids: list[int] = []
