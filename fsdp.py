@@ -3,15 +3,10 @@
 Design choices:
 - A process group exists only under torchrun; one process is the plain case, never a group of one.
 - Under torchrun every block and then the root are wrapped with FSDP2's fully_shard (torchtitan's recipe):
-  parameters in the compute dtype for the forward, gradients reduced in fp32. One process keeps fp32
-  master weights and runs its forwards under autocast instead.
-- Sampling never gathers weights per token and never builds a full fp32 state dict: `model_for_sampling`
-  all-gathers each FSDP module once, in the compute dtype, and hands out a plain GPT over those weights
-  (one GPU in a lower dtype: a copy in it). Scoring never uses the copy: the opponent's log-probs come
-  from the model itself, on the numerical path its log-probs take in training.
-- Every rank does the same work; only rank 0 prints (`print0`) and draws progress bars, and those only
-  on a terminal (a log file gets a line per logged step instead of carriage-return redraws).
-"""
+  parameters in the compute dtype, gradients reduced in fp32. One process keeps fp32 master weights under autocast.
+- Sampling never gathers weights per token: `model_for_sampling` all-gathers each FSDP module once and hands out
+  a plain GPT over those weights (one GPU in a lower dtype: a copy in it). Scoring always uses the model itself.
+- Every rank does the same work; only rank 0 prints (`print0`) and draws progress bars (on a terminal only)."""
 
 from __future__ import annotations
 
@@ -47,8 +42,7 @@ class Runtime:
 
 
 def init_runtime(device: str, dtype: str) -> Runtime:
-    """A process group only when launched by torchrun; device 'auto' | 'cpu' | 'cuda' and dtype 'auto' (bfloat16 on
-    a GPU, float32 on the CPU) or a name in DTYPES."""
+    """A process group only under torchrun; dtype 'auto' is bfloat16 on a GPU, float32 on the CPU."""
     rank, local_rank, world_size = 0, 0, 1
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -67,7 +61,6 @@ def init_runtime(device: str, dtype: str) -> Runtime:
 
 
 def close_runtime(rt: Runtime) -> None:
-    """The process group goes (torchrun)."""
     if rt.world_size > 1:
         dist.destroy_process_group()
 
@@ -83,8 +76,7 @@ def print0(*args, **kwargs) -> None:
 
 
 def progress_bar(total: int, desc: str, rank: int, initial: int = 0) -> tqdm:
-    """Rank 0's tqdm bar, drawn only on a terminal (disable=None): in a log file its carriage-return
-    redraws would bury everything else, so there `show_progress` prints a line per logged step."""
+    """Rank 0's tqdm bar, drawn only on a terminal: in a log file `show_progress` prints a line per logged step."""
     return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=None if rank == 0 else True)
 
 
@@ -98,7 +90,6 @@ def show_progress(bar: tqdm, name: str, step: int, total_steps: int, record: dic
 
 
 def barrier(world_size: int) -> None:
-    """Every rank waits here for the others (a no-op in one process)."""
     if world_size > 1:
         dist.barrier()
 
@@ -124,8 +115,8 @@ def all_reduce_sums(sums: dict[str, torch.Tensor], world_size: int) -> dict[str,
 
 @dataclass
 class StopRequest:
-    """SIGTERM or SIGINT asks the run to save and stop at the next step boundary; the run then exits with
-    128 + the signal's number (143, 130), as a shell reports a process the signal ended."""
+    """SIGTERM or SIGINT asks the run to save and stop at the next step boundary; it then exits 128 + the signal's
+    number, as a shell reports a process the signal ended."""
     world_size: int
     signum: int = 0  # the signal this process caught; after requested(), the one any rank caught
 
@@ -142,13 +133,12 @@ class StopRequest:
         return signal.Signals(self.signum).name
 
     def exit(self, message: str) -> None:
-        """Say where the run stopped, and exit 128 + the signal's number: a stopped run is not a finished one."""
+        """Say where the run stopped, and exit 128 + the signal's number."""
         print0(message)
         sys.exit(128 + self.signum)
 
 
 def catch_stop_signals(world_size: int) -> StopRequest:
-    """Install the SIGTERM and SIGINT handlers that record a stop request."""
     stop = StopRequest(world_size)
 
     def on_signal(signum, frame):
@@ -176,7 +166,7 @@ def place_model(model: GPT, rt: Runtime, activation_checkpointing: bool, compile
 
 
 def apply_fsdp(model: GPT, param_dtype: torch.dtype, activation_checkpointing: bool, compile: bool) -> None:
-    """FSDP2: shard each transformer block, then the root (embeddings, final norm, head)."""
+    """FSDP2: shard each transformer block, then the root."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for i, block in enumerate(model.blocks):
         if activation_checkpointing:
@@ -202,10 +192,8 @@ def clip_gradients(model: GPT, grad_clip: float) -> torch.Tensor:
 
 @contextmanager
 def model_for_sampling(model: GPT, rt: Runtime) -> Iterator[GPT]:
-    """The model to sample from (the opponent at a rollout, the checker's at evaluation): see `sampler_of`.
-    On exit any KV cache it kept goes (a compiled decode's must not stay alive into training), a copy's
-    weights go (moved to the meta device, whoever still holds the module), FSDP reshards, and on a GPU
-    the allocator's cache is emptied."""
+    """The model to sample from (`sampler_of`). On exit its KV caches go, a copy's weights go (to the meta device),
+    FSDP reshards, and a GPU's allocator cache is emptied."""
     with unsharded(model) if rt.fsdp else nullcontext():
         sampler = sampler_of(model, rt)
         try:
@@ -219,9 +207,8 @@ def model_for_sampling(model: GPT, rt: Runtime) -> Iterator[GPT]:
 
 
 def sampler_of(model: GPT, rt: Runtime) -> GPT:
-    """One process on the CPU, or fp32 weights: the model itself. One GPU with a lower compute dtype: a
-    copy in it (sampling needs no fp32 master weights). FSDP (inside `unsharded`): a plain GPT over the
-    unsharded weights, no copy and no hooks, so a compiled decode step is one graph."""
+    """The model itself (CPU, or fp32); one GPU in a lower compute dtype: a copy in it; FSDP (inside `unsharded`): a
+    plain GPT over the unsharded weights, no hooks, so a compiled decode step is one graph."""
     if rt.fsdp:
         params = {name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): p
                   for name, p in model.named_parameters()}
@@ -232,16 +219,15 @@ def sampler_of(model: GPT, rt: Runtime) -> GPT:
 
 
 def compute_dtype_copy(model: GPT, device: torch.device, dtype: torch.dtype) -> GPT:
-    """A copy of the model's weights in `dtype` on `device` (tied embeddings stay tied), to sample with."""
+    """A copy of the model's weights in `dtype` on `device` (tied embeddings stay tied)."""
     params = {name: p.detach() for name, p in model.named_parameters()}  # tied weights once
     return model_from_state(model.config, params, device, dtype)
 
 
 @contextmanager
 def unsharded(model: GPT) -> Iterator[None]:
-    """Every FSDP module's weights all-gathered once, in the mixed-precision policy's dtype, and kept so through
-    any number of forwards, which then run no collective: each rank may sample and score its own batches.
-    On exit the weights are sharded again and the blocks reshard after forward as apply_fsdp set them."""
+    """Every FSDP module's weights all-gathered once and kept through any number of forwards (no collective in them);
+    on exit resharded, the blocks as apply_fsdp set them."""
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for module in fsdp_modules:
         module.unshard()
@@ -272,6 +258,6 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def mfu(tokens_per_sec: float, model: GPT, seq_len: int, rt: Runtime) -> dict[str, float]:
-    """{'mfu': model FLOPs utilisation} against the GPU's peak; {} where that is unknown."""
+    """{'mfu': model FLOPs utilisation} against the GPU's peak; {} where unknown."""
     flops = peak_flops(rt.device)
     return {"mfu": tokens_per_sec * model.flops_per_token(seq_len) / (flops * rt.world_size)} if flops else {}
