@@ -1,14 +1,10 @@
-"""Seeds: run one config over several seeds and say, with 95% intervals, whether SPIN helped.
-
-    python seeds.py config/quick.py --seeds=1,2,3,4,5 [--jobs=2] [--key=value ...]
-    python seeds.py --summarize OUT_DIR [OUT_DIR ...] [--out=PREFIX]
+"""Seeds: run one config over several seeds and say, with 95% intervals, whether SPIN helped (usage: HELP).
 
 Design choices:
-- Each seed is a plain train.py run in `<out_dir>/seed_N` (its output in `<out_dir>/seed_N.log`); a
-  seed whose metrics.jsonl already holds every phase's end is skipped, and an unfinished one resumes
+- Each seed is a plain train.py run in `<out_dir>/seed_N`; a finished seed is skipped, an unfinished one resumes
   because train.py does. `--jobs=2` runs two at a time with one torch thread each.
-- The table is built only from the phase-end evaluations in each run's metrics.jsonl, so
-  `--summarize` gives the same table for runs made any other way.
+- The table is built only from the phase-end records in each run's metrics.jsonl, so `--summarize` gives the
+  same table for runs made any other way.
 - Differences are paired within a run (same seed, same held-out prompts): SPIN iter t − SFT start
   and SPIN iter t − continued SFT iter t, with 95% Student t intervals (metrics_log.mean_ci).
 """
@@ -21,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from configurator import UserError, run_main
 from metrics_log import mean_ci, read_metrics
@@ -204,36 +201,26 @@ def run_seeds(config: str, overrides: list[str], seeds: list[int], jobs: int) ->
     if jobs > 1:  # two processes with several threads each crawl on a small CPU
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    out_dirs, pending = [], []
-    for seed in seeds:
-        out_dir = os.path.join(root, f"seed_{seed}")
-        out_dirs.append(out_dir)
+    out_dirs = [os.path.join(root, f"seed_{seed}") for seed in seeds]
+
+    def run(seed: int, out_dir: str) -> tuple[int, str] | None:
+        """One seed's train.py run; (seed, its log) if it failed."""
         if finished(out_dir, phases_of(cfg)):
             print(f"seed {seed}: {out_dir} has finished every phase; skipped")
-        else:
-            pending.append((seed, out_dir))
-    running, failed = [], []
-    while pending or running:
-        while pending and len(running) < jobs:
-            seed, out_dir = pending.pop(0)
-            log_path = out_dir + ".log"
-            log = open(log_path, "a")
+            return None
+        log_path, t0 = out_dir + ".log", time.time()
+        print(f"seed {seed}: running in {out_dir} (output in {log_path})", flush=True)
+        with open(log_path, "a") as log:
             cmd = [sys.executable, script, config, *overrides, f"--seed={seed}", f"--out_dir={out_dir}"]
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            print(f"seed {seed}: running in {out_dir} (output in {log_path})", flush=True)
-            running.append((seed, log_path, log, proc, time.time()))
-        time.sleep(0.2)
-        for item in list(running):
-            seed, log_path, log, proc, t0 = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            log.close()
-            if proc.returncode == 0:
-                print(f"seed {seed}: done in {time.time() - t0:.0f}s", flush=True)
-            else:
-                print(f"seed {seed}: failed with exit code {proc.returncode}; see {log_path}", flush=True)
-                failed.append((seed, log_path))
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        if code == 0:
+            print(f"seed {seed}: done in {time.time() - t0:.0f}s", flush=True)
+            return None
+        print(f"seed {seed}: failed with exit code {code}; see {log_path}", flush=True)
+        return seed, log_path
+
+    with ThreadPoolExecutor(jobs) as pool:
+        failed = [f for f in pool.map(run, seeds, out_dirs) if f]
     if failed:
         raise UserError(f"{len(failed)} of {len(seeds)} runs failed (seed {failed[0][0]}: see {failed[0][1]}); "
                         f"fix the cause and run the same command again to resume them")
@@ -258,8 +245,7 @@ More: README.md (The quick demo: how its 5-seed table was made).
 
 
 def main(argv: list[str]) -> None:
-    usage = ("usage: python seeds.py CONFIG --seeds=1,2,3 [--jobs=2] [--key=value ...] | "
-             "python seeds.py --summarize OUT_DIR [OUT_DIR ...] [--out=PREFIX]")
+    usage = " | ".join(line.strip() for line in HELP.splitlines()[:2])
     if "-h" in argv or "--help" in argv:
         print(HELP, end="")
         return
