@@ -1,22 +1,13 @@
-"""Plot: one PNG of a run's (or several runs') metrics.jsonl, to see at a glance what SPIN did.
-
-    python plot.py OUT_DIR [OUT_DIR ...] [--out=FILE.png]
+"""Plot: one PNG of a run's (or several runs') metrics.jsonl, to see at a glance what SPIN did (usage: HELP).
 
 Design choices:
-- matplotlib is optional (never a run-time dependency): it is imported inside `plot_runs`, and its
-  absence is a one-line error; train.py's end calls `write_run_plot`, which without it says how to get the picture.
-- Colour is the arm in every panel (SFT grey, SPIN blue, continued SFT orange) and the figure's legend
-  says so; several runs (e.g. seeds) are overlaid, one marker shape each, named in that legend. Within
-  a panel, line style tells two quantities apart (real y solid, generated y' dashed) and reference
-  lines (log 2, chance, zero) are labelled: each panel's legend says what its styles mean.
-- Training curves share the global step axis, with dotted lines where SFT and SPIN iterations end;
-  SPIN's logged steps are one line with a marker on each point (a short iteration logs only a few).
-  The continued-SFT baseline runs after SPIN in global steps; it is drawn shifted back onto the SPIN
-  steps it is compared with, so each iteration of both sits at the same x.
-- Held-out scores are drawn per iteration (x = SFT, iter 0, iter 1, ...), both arms starting from
-  the SFT point.
-- Keys a run did not log (e.g. the SPIN dynamics of older runs) leave their panel empty with a note.
-"""
+- matplotlib is optional: imported inside `make_figure`, its absence a one-line error; train.py's end calls
+  `write_run_plot`, which without it says how to get the picture.
+- Colour is the arm in every panel (SFT grey, SPIN blue, continued SFT orange); several runs are overlaid, one
+  marker shape each; line style tells two quantities apart, and each panel's legend says what its styles mean.
+- Training curves share the global step axis, dotted where phases end; the continued-SFT baseline is shifted
+  back onto the SPIN steps it is compared with. Held-out scores are per iteration, both arms from the SFT point.
+- Keys a run did not log leave their panel empty with a note."""
 
 from __future__ import annotations
 
@@ -54,8 +45,8 @@ def run_label(out_dirs: list[str], out_dir: str) -> str:
 
 
 def split_run(records: list[dict]) -> dict:
-    """One run's records by kind: training steps per phase, rollouts, phase ends, and the step offset
-    that moves the continued-SFT baseline back onto the SPIN steps."""
+    """One run's records by kind: training steps per phase, rollouts, phase ends, and the shift that moves the
+    continued-SFT baseline back onto the SPIN steps."""
     steps = {"sft": [], "spin": [], "baseline": []}
     rollouts, ends = {}, {}
     for r in records:
@@ -75,8 +66,7 @@ def split_run(records: list[dict]) -> dict:
 
 
 def values_by_iteration(run: dict, key: str, phase: str = "spin") -> tuple[list[int], list[float]]:
-    """(iterations, values) of `key` in the records of `phase` that carry it, one value per
-    iteration (the last record wins): rollout stats, dynamics, phase-end evaluations."""
+    """(iterations, values) of `key` in `phase`'s records, one per iteration (the last record wins)."""
     values = {}
     for r in run["records"]:
         if key in r and r.get("phase") == phase:
@@ -121,8 +111,8 @@ PANELS = {
 
 
 def draw_training(panels: dict, drawn: set, run: dict, marker: str) -> None:
-    """Curves against the global step: SFT and continued-SFT loss, SPIN loss, rewards, log-probs. SPIN's logged
-    steps are one line across its iterations, a point on each (a few per iteration), the boundaries dotted."""
+    """Curves against the global step: losses, SPIN's rewards and log-probs, with the held-out margin and accuracy
+    at each iteration's end as open markers."""
     steps = run["steps"]
     ax = panels["sft_loss"]
     for kind, shift in (("sft", 0), ("baseline", run["shift"])):
@@ -144,7 +134,6 @@ def draw_training(panels: dict, drawn: set, run: dict, marker: str) -> None:
         if name in drawn:
             for x in run["spin_ends"][:-1]:
                 panels[name].axvline(x, **BOUNDARY)
-    # held-out reward margin and accuracy at the end of each SPIN iteration, as open markers
     for name, key in (("margin", "eval/reward_margin"), ("accuracy", "eval/reward_accuracy")):
         points = sorted((r["step"], r[key]) for (phase, _), r in run["ends"].items() if phase == "spin" and key in r)
         if points:
@@ -155,8 +144,7 @@ def draw_training(panels: dict, drawn: set, run: dict, marker: str) -> None:
 
 
 def draw_per_iteration(panels: dict, drawn: set, run: dict, marker: str, kl_axis):
-    """Rollout statistics and SPIN dynamics, one point per iteration; returns the KL's right-hand axis
-    (made the first time a run has the KL)."""
+    """Rollout statistics and SPIN dynamics per iteration; returns the KL's right-hand axis (made when first needed)."""
     color = ARMS["spin"][1]
     for name, keys in (("gen_len", ["gen_len_mean", "gen_len_p90"]), ("eos", ["eos_rate"]),
                        ("delta_logps", ["dynamics/delta_logps_real", "dynamics/delta_logps_generated"]),
@@ -177,8 +165,7 @@ def draw_per_iteration(panels: dict, drawn: set, run: dict, marker: str, kl_axis
 
 
 def draw_held_out(panels: dict, drawn: set, run: dict, marker: str) -> None:
-    """Held-out checker scores and NLL per phase: x = 0 for SFT, t + 1 for iteration t; SPIN and
-    continued SFT both start from the SFT point."""
+    """Held-out scores and NLL per phase: x = 0 for SFT, t + 1 for iteration t."""
     for name, key, scale in (("valid_sampled", "eval/valid_sampled", 100),
                              ("valid_greedy", "eval/valid_greedy", 100), ("nll", "eval/nll", 1)):
         start = run["ends"].get(("sft", 0), {}).get(key)
@@ -224,14 +211,13 @@ def style_panels(panels: dict, drawn: set, n_iterations: int, ticker, plt, kl_ax
 
 
 def arms_in(runs: list[dict]) -> list[str]:
-    """The arms the runs hold, in ARMS order."""
     return [kind for kind in ARMS if any(run["steps"][kind] or any(p == kind for p, _ in run["ends"])
                                           for run in runs)]
 
 
 def make_figure(out_dirs: list[str]):
-    """(the figure, its panels by name) for the runs in `out_dirs`. The figure's legend names the arms by colour,
-    the dotted boundaries and, for several runs, each run by its marker; each panel's legend its line styles."""
+    """(the figure, its panels by name) for the runs in `out_dirs`; the figure's legend names the arms, the
+    boundaries and, for several runs, each run's marker."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, never a window
@@ -269,11 +255,11 @@ def make_figure(out_dirs: list[str]):
 
 
 def plot_runs(out_dirs: list[str], path: str) -> str:
-    """Write the PNG of the runs in `out_dirs` to `path`; returns `path`."""
+    """Write the PNG of the runs in `out_dirs` to `path` (whole, then renamed); returns `path`."""
     fig, _ = make_figure(out_dirs)
     import matplotlib.pyplot as plt  # make_figure has imported it, or said how to install it
 
-    tmp = path + ".tmp.png"  # written whole, then renamed: no half-written picture
+    tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, path)
@@ -281,8 +267,8 @@ def plot_runs(out_dirs: list[str], path: str) -> str:
 
 
 def write_run_plot(out_dir: str) -> None:
-    """out_dir/metrics.png at the end of a train.py run, when matplotlib is importable; without it one line says
-    how to get the picture. The run is done by then: a plot that fails is reported, not raised."""
+    """out_dir/metrics.png at the end of a run when matplotlib is importable (else a line saying how); a failure is
+    reported, not raised: the run is done by then."""
     if importlib.util.find_spec("matplotlib") is None:
         print(f"plot: pip install matplotlib, then python plot.py {out_dir}")
         return
