@@ -1,20 +1,15 @@
 """The language model: one GPT module that covers GPT-2 and the Llama family (Llama, Qwen2, Mistral).
 
 Design choices:
-- One nn.Module and one dataclass; the family only switches small pieces (LayerNorm or RMSNorm, GELU
-  or SwiGLU MLP, learned positions or RoPE, biases), so the forward pass reads the same for all.
-- q, k and v come from one fused projection; grouped-query attention never repeats k/v in memory.
-- Attention goes through `attend`, which picks 'sdpa' (PyTorch) or 'triton' (spin_kernels/attention.py). It is causal,
-  and also masked to packed rows' documents (a RowLayout from packing.py: a prompt run once for the responses
-  scored against it) and to a sliding window (Mistral's), measured on positions so packed rows stay right.
-- `forward(idx)` returns logits; `token_logprobs(idx, targets, layout)` returns per-token log-probs through
-  the fused log-prob kernel (spin_kernels/logprob.py) from the final hidden states, so the (B, T, vocab)
-  logits never exist in training.
-- An optional static KV cache (KVCache) plus per-row positions and an attention mask make the same
-  forward serve generate.py's prefill and decode steps.
-- The architecture only: Hugging Face directories are read and written by checkpoint.py
-  (`load_pretrained`, `save_model_dir`); this file imports nothing of nanospin's above the kernels.
-"""
+- One nn.Module and one dataclass; the family switches only small pieces (LayerNorm or RMSNorm, GELU or SwiGLU,
+  learned positions or RoPE, biases), so the forward reads the same for all. q, k, v come from one projection;
+  grouped-query attention never repeats k/v in memory.
+- `attend` picks 'sdpa' or 'triton' (spin_kernels/attention.py); attention is causal, masked to packed rows'
+  documents (packing.RowLayout) and to a sliding window, measured on positions so packed rows stay right.
+- `token_logprobs` goes through the fused log-prob kernel from the final hidden states, so the (B, T, vocab)
+  logits never exist in training. A static KV cache lets the same forward serve generate.py.
+- The architecture only: checkpoint.py reads and writes Hugging Face directories; nothing above the kernels
+  is imported here."""
 
 from __future__ import annotations
 
@@ -127,12 +122,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa", mask: torch.Tensor | None = None,
            layout: RowLayout | None = None, window: int | None = None) -> torch.Tensor:
-    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Hq, Tq, D).
-
-    With a boolean mask (B or 1, 1, Tq, Tk), True = may attend, it is used as given (the KV-cached sampler; the
-    SDPA path's packed/windowed mask, built once per forward). Without one, attention is causal over aligned
-    q/k, within packed documents (layout) and the sliding window.
-    """
+    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Hq, Tq, D). A boolean mask (True = may attend) is used as given;
+    without one attention is causal, within packed documents (layout) and the sliding window."""
     gqa = q.shape[1] != k.shape[1]
     if mask is None and impl == "triton":
         from spin_kernels import KernelError
@@ -163,12 +154,9 @@ class KVCache(nn.Module):
 
     def update(self, slots: tuple[torch.Tensor | None, torch.Tensor], k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, D) and return the keys and values the queries attend to.
-
-        slots = (rows, positions): rows None is a step of every cache row, row b's token t going to position
-        positions[b, t] (B, T); the whole cache comes back. rows (B,) is a prefill that starts those cache
-        rows afresh at positions 0..T-1 (positions unused): its queries see its own keys only, so k, v come back.
-        """
+        """Write k, v (B, Hkv, T, D); return the keys and values the queries attend to. slots = (rows, positions): rows
+        None is a step of every row, token t of row b going to positions[b, t], and the whole cache comes back; rows
+        (B,) is a prefill starting those rows at 0..T-1, which sees only its own keys: k, v come back."""
         rows, positions = slots
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if rows is None:
@@ -216,8 +204,6 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(slots, k, v)  # (B, Hkv, max_len or T, D)
-            if mask is not None and mask.shape[-1] < k.shape[2]:  # the sampler attends to the filled part only
-                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
             k, v = k.to(q.dtype), v.to(q.dtype)
         y = attend(q, k, v, cfg.attention, mask, layout, cfg.sliding_window)  # (B, Hq, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
@@ -282,12 +268,8 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, pos: torch.Tensor | None = None, slots: torch.Tensor | None = None,
                       mask: torch.Tensor | None = None, layout: RowLayout | None = None) -> torch.Tensor:
-        """idx (B, T) -> final hidden states (B, T, C), after the last norm.
-
-        pos (B, T) are the positions (default 0..T-1 for every row; packed rows: layout.positions). With
-        `setup_kv_cache` called, `slots` says where in the cache these tokens go (KVCache.update) and `mask`
-        (B, 1, T, keys) which of the keys it returns each query may see (sliding window included).
-        """
+        """idx (B, T) -> final hidden states (B, T, C). pos (B, T): default 0..T-1 (packed rows: layout.positions); with
+        a KV cache, `slots` says where the tokens go (KVCache.update) and `mask` which keys each query sees."""
         B, T = idx.shape
         if layout is not None:
             pos = layout.positions
@@ -316,8 +298,7 @@ class GPT(nn.Module):
 
     def token_logprobs(self, idx: torch.Tensor, targets: torch.Tensor,
                        layout: RowLayout | None = None) -> torch.Tensor:
-        """idx, targets (B, T) -> log p(targets) (B, T) fp32, 0 where targets == -100; layout: packed rows.
-        Through the fused log-prob kernel from the final hidden states, so the (B, T, V) logits never exist."""
+        """idx, targets (B, T) -> log p(targets) (B, T) fp32 (0 where targets == -100), by the fused log-prob kernel."""
         from spin_kernels import KernelError
         from spin_kernels.logprob import token_logprobs
         h = self.hidden_states(idx, layout=layout)  # (B, T, C)
@@ -332,9 +313,8 @@ class GPT(nn.Module):
 
     def setup_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                        reuse: bool = False) -> None:
-        """Give every layer a zeroed static cache. reuse=True takes the kept cache of the last reuse=True
-        call when shape, dtype and device match (else keeps a new one): a CUDA graph replays on fixed
-        addresses, so a fresh cache per call would make it re-record every time."""
+        """Give every layer a zeroed static cache; reuse=True takes the kept one when shape, dtype and device match (a
+        CUDA graph replays on fixed addresses)."""
         param, cfg = self.lm_head.weight, self.config
         dtype = dtype or param.dtype
         kept = self.kept_kv_caches
@@ -353,7 +333,7 @@ class GPT(nn.Module):
         self.kv_caches = None
 
     def release_kv_caches(self) -> None:
-        """Drop the cache and the one kept for reuse (a compiled decode's), whose memory training needs back."""
+        """Drop the cache and the one kept for reuse, whose memory training needs back."""
         self.kv_caches = self.kept_kv_caches = None
 
     # --- accounting --------------------------------------------------------------------------
@@ -374,8 +354,8 @@ class GPT(nn.Module):
     # --- a grown vocabulary ------------------------------------------------------------------
 
     def grow_vocab(self, vocab_size: int) -> None:
-        """New embedding (and untied output) rows up to vocab_size, each the mean of the existing rows: a new
-        marker starts as an average token rather than noise, so it disturbs the pretrained model least."""
+        """New embedding (and untied output) rows up to vocab_size, each the mean of the existing rows, so a new marker
+        starts as an average token and disturbs the pretrained model least."""
         old, C = self.config.vocab_size, self.config.n_embd
         with torch.no_grad():
             wte = nn.Embedding(vocab_size, C)  # (V', C)
