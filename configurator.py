@@ -1,19 +1,15 @@
 """Configuration: a dataclass of defaults, then a config file, then --key=value overrides.
 
 Design choices:
-- Config files are plain Python files of bare assignments (nanoGPT style) and may import each
-  other (`from config.base import *`), but they are run in a namespace of their own and every name
-  they define is checked against the dataclass: a typo is an error naming the file:line and the
-  closest valid key, never a silently new variable.
-- Types come from the dataclass annotations; ints are accepted where floats are expected, and
-  command-line values are parsed by the type they must have (`--lr=1` is a float, `--out_dir=1`
-  a string).
-- Errors meant for people are `UserError`s; the scripts print them as one line and exit with 2. So
-  are the disk's own errors (full, read-only, no permission): the path, the errno's words, what to do.
-- `--help` reads the dataclass from its file's source (ast and tokenize: fields, defaults, the comments
-  beside and above them) instead of importing it, so it answers before torch's seconds of imports.
-- What a run says about itself before and while it runs is written here too: a few lines of plan (phases,
-  steps, model, data, device) instead of the whole config, which out_dir keeps, and a time estimate per phase.
+- Config files are Python files of bare assignments (nanoGPT style) that may import each other, run in a
+  namespace of their own; every name is checked against the dataclass, so a typo is an error naming file:line
+  and the closest valid key, never a silently new variable.
+- Types come from the dataclass annotations; command-line values are parsed by the type they must have
+  (`--lr=1` is a float, `--out_dir=1` a string).
+- Errors meant for people, and the disk's own (full, read-only, no permission), are one line and exit code 2.
+- `--help` reads the dataclass from its file's source (fields, defaults, comments) instead of importing it,
+  so it answers before torch's seconds of imports.
+- What a run says about itself is written here too: a few lines of plan, and a time estimate per phase.
 """
 
 from __future__ import annotations
@@ -70,8 +66,7 @@ def run_main(main, *args) -> None:
 
 
 def _closest(name: str, keys) -> str:
-    """' (did you mean ...?)' for a key close to `name` (difflib's 0.6: 'n_layers' finds 'n_layer', 'bogus_key'
-    finds nothing), else where the keys are listed."""
+    """' (did you mean ...?)' for a key close to `name` (difflib's 0.6 cut-off), else where the keys are listed."""
     match = difflib.get_close_matches(name, list(keys), n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else " (--help lists the keys)"
 
@@ -114,47 +109,27 @@ def check_value(key: str, value: Any, tp) -> Any:
     return value
 
 
-def _assignment_line(path: str, name: str) -> str:
-    """'file:line' of the assignment to `name` in the config file `path` (or just the file)."""
+def _where(path: str, name: str, seen: set | None = None) -> str:
+    """'file:line' of the assignment to `name` in config file `path` or the config files it imports, else `path`."""
+    seen = set() if seen is None else seen
+    if path in seen or not os.path.isfile(path):
+        return path
+    seen.add(path)
     try:
         tree = ast.parse(open(path).read())
     except (OSError, SyntaxError):
         return path
+    root, imported = os.path.dirname(os.path.dirname(os.path.abspath(path))), []
     for node in ast.walk(tree):
-        targets = []
-        if isinstance(node, ast.Assign):
-            targets = node.targets
-        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
-            targets = [node.target]
-        for t in targets:
-            for n in ast.walk(t):
-                if isinstance(n, ast.Name) and n.id == name:
-                    return f"{path}:{node.lineno}"
-    return path
-
-
-def _config_modules(path: str, seen=None) -> list[str]:
-    """The file and the config files it star-imports, so an error can point at the right one."""
-    seen = seen if seen is not None else []
-    if path in seen or not os.path.isfile(path):
-        return seen
-    seen.append(path)
-    try:
-        tree = ast.parse(open(path).read())
-    except SyntaxError:
-        return seen
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AnnAssign, ast.AugAssign)) else []
+        if any(isinstance(n, ast.Name) and n.id == name for t in targets for n in ast.walk(t)):
+            return f"{path}:{node.lineno}"
         if isinstance(node, ast.ImportFrom) and node.module:
-            _config_modules(os.path.join(root, *node.module.split(".")) + ".py", seen)
-    return seen
-
-
-def _where(path: str, name: str) -> str:
-    for p in _config_modules(path):
-        loc = _assignment_line(p, name)
-        if loc != p:
-            return loc
+            imported.append(os.path.join(root, *node.module.split(".")) + ".py")
+    for module in imported:
+        if (found := _where(module, name, seen)) != module:
+            return found
     return path
 
 
@@ -220,8 +195,7 @@ def parse_override(arg: str, fields: dict) -> tuple[str, Any]:
 
 
 def load_config(cls, argv: list[str]):
-    """Build a `cls` dataclass from defaults, an optional config file (a path not starting with
-    '--', first), and --key=value overrides, in that order."""
+    """A `cls` dataclass from defaults, an optional config file (first), then --key=value overrides."""
     fields = {f.name: f.type for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     fields = {name: hints[name] for name in fields}
@@ -253,8 +227,7 @@ class KeyDoc:
 
 
 def _comments(lines: list[str], first: int) -> dict[int, tuple[str, bool]]:
-    """{line number: (comment text, whether the comment is alone on its line)} in `lines`, which start at line
-    `first` of their file (tokenizing only the class, not the whole file, keeps --help fast)."""
+    """{line number: (comment text, whether alone on its line)} in `lines`, which start at line `first` of the file."""
     found = {}
     for tok in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
         if tok.type == tokenize.COMMENT:
@@ -263,8 +236,7 @@ def _comments(lines: list[str], first: int) -> dict[int, tuple[str, bool]]:
 
 
 def _typed_default(lines: list[str], value: ast.expr | None) -> str:
-    """A default as it is typed after --key= (`lines`: the file's): a string bare unless empty or padded, anything
-    else as its source writes it (5e-7, not ast's 5e-07)."""
+    """A default as typed after --key=: a string bare unless empty or padded, anything else as its source writes it."""
     if value is None:
         return "(required)"
     if isinstance(value, ast.Constant) and isinstance(value.value, str):
@@ -275,8 +247,7 @@ def _typed_default(lines: list[str], value: ast.expr | None) -> str:
 
 
 def dataclass_keys(source: str, tree: ast.Module, class_name: str) -> list[KeyDoc]:
-    """The fields of the dataclass `class_name` defined at the top level of the module `tree` parsed from `source`:
-    read, not imported."""
+    """The fields of the top-level dataclass `class_name` in the module `tree` parsed from `source` (not imported)."""
     cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name), None)
     if cls is None:
         raise ValueError(f"no class {class_name} at the top level of the module")
@@ -305,8 +276,8 @@ def dataclass_keys(source: str, tree: ast.Module, class_name: str) -> list[KeyDo
 
 
 def help_text(path: str, class_name: str, usage: str, more: str) -> str:
-    """Usage, the script's one-line summary (its docstring's first line), every key of `class_name` in `path`
-    with its default and comment, grouped by section, and where to read more."""
+    """Usage, the script's docstring's first line, every key of `class_name` in `path` with its default and
+    comment by section, and where to read more."""
     source = open(path).read()
     tree = ast.parse(source)
     summary = (ast.get_docstring(tree) or "").split("\n")[0]
@@ -334,7 +305,7 @@ def help_text(path: str, class_name: str, usage: str, more: str) -> str:
 
 
 def help_if_asked(argv: list[str], path: str, class_name: str, usage: str, more: str) -> None:
-    """With -h or --help among `argv`: print `help_text` and exit 0. Scripts call it before their heavy imports."""
+    """With -h or --help in `argv`: print `help_text` and exit 0 (scripts call it before their heavy imports)."""
     if "-h" in argv or "--help" in argv:
         sys.stdout.write(help_text(path, class_name, usage, more))
         sys.exit(0)
@@ -355,9 +326,8 @@ def duration(seconds: float) -> str:
 
 
 def run_plan(cfg, phases: list[tuple[str, int]], n_train: int, world_size: int, device: str, dtype: str) -> str:
-    """A few lines saying what a train.py run will do: its phases and their optimizer steps (a SPIN epoch is one step
-    per global batch of its pairs: one per rollout prompt, plus those of mixed-in earlier iterations), the model,
-    the data, where it runs and where it writes. `phases` as train.phases_of gives them."""
+    """A few lines saying what a train.py run will do: its phases and their optimizer steps, the model, the data,
+    where it runs and writes. `phases` as train_config.phases_of gives them."""
     global_batch = cfg.batch_size * cfg.grad_accum * world_size
     prompts = min(cfg.prompts_per_iteration or n_train, n_train)
     spin_steps = [cfg.max_epochs * ((1 + min(cfg.mix_previous_rollouts, t)) * prompts // global_batch)
@@ -388,6 +358,6 @@ def run_plan(cfg, phases: list[tuple[str, int]], n_train: int, world_size: int, 
 
 
 def time_left(name: str, total_steps: int, done: int, seconds_per_step: float) -> str:
-    """'sft: 500 steps, ~1m12s left (0.145 s/step)': the phase's remaining steps at the measured pace."""
+    """'sft: 500 steps, ~1m12s left (0.145 s/step)'."""
     left = duration((total_steps - done) * seconds_per_step)
     return f"{name}: {total_steps} steps, ~{left} left ({seconds_per_step:.3g} s/step)"
