@@ -275,12 +275,12 @@ def dataclass_keys(source: str, tree: ast.Module, class_name: str) -> list[KeyDo
     return keys
 
 
-def help_text(path: str, class_name: str, usage: str, more: str) -> str:
-    """Usage, the script's docstring's first line, every key of `class_name` in `path` with its default and
-    comment by section, and where to read more."""
+def help_text(path: str, class_name: str, usage: str, more: str, summary: str | None = None) -> str:
+    """Usage, the summary (default: `path`'s docstring's first line), every key of `class_name` in `path` with its
+    default and comment by section, and where to read more."""
     source = open(path).read()
     tree = ast.parse(source)
-    summary = (ast.get_docstring(tree) or "").split("\n")[0]
+    summary = summary or (ast.get_docstring(tree) or "").split("\n")[0]
     width = max(80, min(shutil.get_terminal_size((100, 24)).columns, 120))
     keys = dataclass_keys(source, tree, class_name)
     heads = {k.name: f"  --{k.name}={k.default}" for k in keys}
@@ -304,10 +304,10 @@ def help_text(path: str, class_name: str, usage: str, more: str) -> str:
     return "\n".join([*lines, "", *textwrap.wrap(more, width)]).rstrip() + "\n"
 
 
-def help_if_asked(argv: list[str], path: str, class_name: str, usage: str, more: str) -> None:
+def help_if_asked(argv: list[str], path: str, class_name: str, usage: str, more: str, summary: str | None = None):
     """With -h or --help in `argv`: print `help_text` and exit 0 (scripts call it before their heavy imports)."""
     if "-h" in argv or "--help" in argv:
-        sys.stdout.write(help_text(path, class_name, usage, more))
+        sys.stdout.write(help_text(path, class_name, usage, more, summary))
         sys.exit(0)
 
 

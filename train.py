@@ -33,7 +33,8 @@ if __name__ == "__main__":  # --help answers before torch's seconds of imports; 
     configurator.help_if_asked(sys.argv[1:], os.path.join(os.path.dirname(__file__), "train_config.py"), "TrainConfig",
                                 "python train.py [CONFIG.py] [--key=value ...]\ntorchrun --standalone "
                                 "--nproc_per_node=8 train.py CONFIG.py [--key=value ...]", "More: README.md "
-                                "(Configuration, Resume, The quick demo); recipes in config/, e.g. config/quick.py.")
+                                "(Configuration, Resume, The quick demo); recipes in config/, e.g. config/quick.py.",
+                                __doc__.split("\n")[0])
 
 import torch
 from tqdm import tqdm
