@@ -163,7 +163,7 @@ def _help(script: str, flag: str = "--help") -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("script, flag, expected", [
     ("train.py", "--help", ["usage: python train.py [CONFIG.py] [--key=value ...]", "--beta=0.1",
-                            "\n\nTrain: SFT, then SPIN iterations and a continued-SFT baseline",
+                            "CONFIG.py [--key=value ...] Train: SFT, then SPIN iterations and a continued-SFT",
                             "--beta=0.1 a float, or one per iteration (the last repeats)",
                             "--init_from=scratch 'scratch', a Hugging Face model directory",
                             "--lr=5e-7", "More: README.md"]),
