@@ -100,3 +100,11 @@ def test_every_worked_answer_is_right_and_ends_in_its_result():
         assert last_number(answer) == equations[1][3] and int(equations[1][3]) >= 0
         stories.add(conv[0]["content"].split()[-1])
     assert len(stories) >= 5  # several phrasings, not one surface form
+
+
+def test_the_shipped_task_files_are_what_the_script_writes():
+    """config/smollm_task.py trains on these files: `arith_task.py write` with its defaults must reproduce them."""
+    train, val = arith_task.split(384, 128, seed=0)
+    for name, convs in (("arith_train.jsonl", train), ("arith_val.jsonl", val)):
+        with open(REPO / "experiments" / name) as f:
+            assert [json.loads(line)["messages"] for line in f] == convs
