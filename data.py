@@ -470,6 +470,18 @@ def synthetic_split(seed: int, n_train: int, n_val: int) -> tuple[list[list[dict
     return train, val
 
 
+def last_number(text: str) -> str | None:
+    """The last number in a text ("1,200" reads as 1200), or None: what a worked arithmetic answer ends with."""
+    found = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
+    return found[-1] if found else None
+
+
+def check_final_number(answer_text: str, real_text: str) -> dict[str, float]:
+    """'valid' is 1 when the answer's last number equals the real answer's (GSM8K-style data, a worked answer)."""
+    expected = last_number(real_text)
+    return {"valid": float(expected is not None and last_number(answer_text) == expected)}
+
+
 def check_answer(prompt_text: str, answer_text: str) -> dict[str, float]:
     """Score an answer to a synthetic prompt (the user message, or any text containing it):
     'valid' is 1 only if every criterion holds; the others say which ones do."""

@@ -5,7 +5,7 @@ Design choices:
   batches of rollout_batch_size: the real responses' NLL per token; in a SPIN iteration the SPIN loss,
   rewards and log-prob changes on the opponent's held-out pairs and KL(policy ‖ opponent) per token
   against the opponent's next-token log-probs kept at its rollout (spin.opponent_eval_logprobs).
-- The synthetic task's checker scores greedy and sampled (T=1) answers and keeps each prompt's validity
+- The task's checker (config key 'checker') scores greedy and sampled (T=1) answers and keeps each prompt's validity
   (per_prompt/valid_*), so two phases compare as paired differences over the same prompts.
 - The verdict sets SPIN's last iteration against the SFT start and against continued SFT's same
   iteration, with 95% Student t intervals (metrics_log.paired_interval); seeds.py does the same across runs.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data import Example, check_answer
+from data import Example, check_answer, check_final_number
 from fsdp import Runtime, add_sums, model_for_sampling
 from generate import GREEDY, Sampling, derive_seed, generate
 from metrics_log import paired_interval
@@ -41,7 +41,7 @@ class HeldOut:
     seed: int
     pack: bool  # score in packed rows (False: the unpacked reference)
     loss_type: str
-    checker: bool  # the synthetic task's checker can score sampled answers
+    checker: str  # 'synthetic' | 'final_number' | 'none': how sampled answers are scored
 
 
 def evaluate(model: GPT, rt: Runtime, held: HeldOut, beta: float,
@@ -57,7 +57,7 @@ def evaluate(model: GPT, rt: Runtime, held: HeldOut, beta: float,
     if spin_data is not None and spin_data.opponent_eval is not None:
         results["eval/kl_opponent"] = held_out_kl(model, held.examples, spin_data.opponent_eval, held.max_len,
                                                   held.pad_id, rt)
-    if held.checker and held.examples:
+    if held.checker != "none" and held.examples:
         results.update(checker_scores(model, held, rt))
     model.train()
     return results
@@ -114,7 +114,7 @@ def held_out_kl(model: GPT, examples: list[Example], opponent_eval: dict[str, to
 
 
 def checker_scores(model: GPT, held: HeldOut, rt: Runtime) -> dict[str, float | list[int]]:
-    """The synthetic task's checker on greedy and on sampled (T=1) answers to the held-out prompts, how
+    """The task's checker on greedy and on sampled (T=1) answers to the held-out prompts, how
     often an answer equals the real one, and per_prompt/valid_*: each prompt's validity (0/1), for the
     paired intervals of the summary."""
     examples, tok, template = held.examples, held.tok, held.template
@@ -132,7 +132,8 @@ def checker_scores(model: GPT, held: HeldOut, rt: Runtime) -> dict[str, float | 
         valid = []
         for e, ids in zip(examples, answers):
             answer = response_text(tok, ids, template)
-            checked = check_answer(e.prompt_messages[-1]["content"], answer)
+            checked = (check_answer(e.prompt_messages[-1]["content"], answer) if held.checker == "synthetic" else
+                       check_final_number(answer, response_text(tok, e.real_ids, template)))
             for key, value in checked.items():
                 scores[key] = scores.get(key, 0.0) + value
             valid.append(int(checked["valid"]))

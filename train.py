@@ -56,7 +56,7 @@ from spin import (IterationPairs, IterationRecipe, RolloutSettings, build_iterat
                   spin_micro_batch, write_iteration)
 from templates import ChatFormat, missing_tokens, response_text, stop_ids
 from tokenizer import Tokenizer, add_special_tokens, load_tokenizer
-from train_config import TrainConfig, export_dtype, get_lr, load_train_config, make_optimizer, phases_of
+from train_config import TrainConfig, checker_of, export_dtype, get_lr, load_train_config, make_optimizer, phases_of
 
 
 ETA_STEPS = 3  # steps timed before a phase says how long it has left
@@ -74,7 +74,7 @@ class RunData:
     pad_id: int
     train_examples: list[Example]
     eval_examples: list[Example]  # the first eval_samples held-out examples
-    has_checker: bool  # the synthetic task's checker can score sampled answers
+    checker: str  # how sampled held-out answers are scored: 'synthetic' | 'final_number' | 'none'
     source: ckpt.ModelSource  # the model directory the run starts from: exports go out as the model came in
 
 
@@ -103,7 +103,7 @@ def prepare_data(cfg: TrainConfig) -> RunData:
         if not train:
             raise UserError(f"'{cfg.train_data}' has no usable examples; check max_len/max_prompt_len")
     return RunData(tok, template, stop_ids(tok, template), tok.eos_id, train, val[: cfg.eval_samples],
-                   cfg.train_data == "synthetic", ckpt.read_model_source(model_dir))
+                   checker_of(cfg), ckpt.read_model_source(model_dir))
 
 
 def build_model(cfg: TrainConfig, tok: Tokenizer, template: ChatFormat) -> GPT:
@@ -463,7 +463,7 @@ def main(argv: list[str]) -> None:
     print0(run_plan(cfg, phases, len(data.train_examples), rt.world_size, rt.device.type,
                     str(rt.compute_dtype).removeprefix("torch.")))
     held = HeldOut(data.eval_examples, data.tok, data.template, data.stop, data.pad_id, cfg.rollout_batch_size,
-                   cfg.max_new_tokens, cfg.max_len, cfg.seed, cfg.pack_sequences, cfg.loss_type, data.has_checker)
+                   cfg.max_new_tokens, cfg.max_len, cfg.seed, cfg.pack_sequences, cfg.loss_type, data.checker)
 
     # ---- model and optimizer ---------------------------------------------------------------------
     model = build_model(cfg, data.tok, data.template)

@@ -110,6 +110,9 @@ class TrainConfig:
     # --- evaluation, logging, checkpoints --------------------------------------------------------
     eval_interval: int = 0  # steps between evaluations (0 = only at the end of each phase)
     eval_samples: int = 128  # held-out prompts scored by the task's checker (and SPIN pairs)
+    # how sampled held-out answers are scored: 'auto' (the synthetic task's own checker for train_data='synthetic',
+    # none otherwise) | 'synthetic' | 'final_number' (the answer's last number equals the real answer's) | 'none'
+    checker: str = "auto"
     # memory for the opponent's next-token distributions on the held-out real responses (eval/kl_opponent):
     # exact when they fit, else each position's top-k that fit plus the rest of the mass; 0 = no eval/kl_opponent
     kl_opponent_mb: float = 64.0
@@ -133,13 +136,21 @@ def load_train_config(argv: list[str]) -> TrainConfig:
     return cfg
 
 
+def checker_of(cfg: TrainConfig) -> str:
+    """'auto' resolved: the synthetic task has its own checker; other data is scored only when asked."""
+    if cfg.checker == "auto":
+        return "synthetic" if cfg.train_data == "synthetic" else "none"
+    return cfg.checker
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Values the type system cannot catch, as one-line errors naming the key."""
     sampling_of(cfg)  # temperature, top_k, top_p, min_p: a bad one fails here, naming its key
     choices = {"stage": ("sft", "spin", "sft+spin"), "loss_type": tuple(LOSSES),
                "optimizer": ("adamw", "rmsprop"), "lr_schedule": ("linear", "cosine", "constant"),
                "device": ("auto", "cpu", "cuda"), "dtype": ("auto", *DTYPES), "export_dtype": ("auto", *DTYPES),
-               "attention": ATTENTION_IMPLS, "model_type": SCRATCH_MODEL_TYPES}
+               "attention": ATTENTION_IMPLS, "model_type": SCRATCH_MODEL_TYPES,
+               "checker": ("auto", "synthetic", "final_number", "none")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"config key '{key}' is {getattr(cfg, key)!r}; use one of {allowed}")
@@ -179,6 +190,9 @@ def phases_of(cfg: TrainConfig) -> list[tuple[str, int]]:
         phases += [("baseline", t) for t in range(cfg.max_iterations)]
     if not phases:
         raise UserError("nothing to run: stage='spin' with max_iterations=0")
+    if cfg.checker == "synthetic" and cfg.train_data != "synthetic":
+        raise UserError(f"checker='synthetic' scores the synthetic task only, not train_data='{cfg.train_data}'; "
+                        "use checker='final_number' or 'none'")
     return phases
 
 
