@@ -58,7 +58,6 @@ from templates import ChatFormat, missing_tokens, response_text, stop_ids
 from tokenizer import Tokenizer, add_special_tokens, load_tokenizer
 from train_config import TrainConfig, checker_of, export_dtype, get_lr, load_train_config, make_optimizer, phases_of
 
-
 ETA_STEPS = 3  # steps timed before a phase says how long it has left
 
 # ------------------------------------------------------------------------------------------------
