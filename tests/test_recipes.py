@@ -185,10 +185,10 @@ def test_zephyr_recipe_on_llama2_tokenizer_files_trains_on_spins_generated_respo
 # config/smollm.py: a Llama-family model with a byte-level tokenizer and a default system prompt
 
 
-def test_smollm_recipe_on_a_byte_level_llama_dir_keeps_the_default_system_prompt(tmp_path):
+def smol_style_model_dir(model_dir) -> str:
+    """A byte-level tokenizer with SmolLM2's template style beside a tiny Llama of SmolLM2's config fields."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model_dir = tmp_path / "smollm"
     hf = train_hf_tokenizer(model_dir, "digits", specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                             chat_template=SMOL_STYLE_JINJA)
     torch.manual_seed(0)
@@ -196,6 +196,11 @@ def test_smollm_recipe_on_a_byte_level_llama_dir_keeps_the_default_system_prompt
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                  max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
                                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)).save_pretrained(model_dir)
+    return str(model_dir)
+
+
+def test_smollm_recipe_on_a_byte_level_llama_dir_keeps_the_default_system_prompt(tmp_path):
+    model_dir = smol_style_model_dir(tmp_path / "smollm")
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
     out_dir = tmp_path / "out"
     run_recipe("smollm.py", f"--init_from={model_dir}", f"--train_data={data}", f"--out_dir={out_dir}",
@@ -230,6 +235,19 @@ def test_smollm_recipe_on_the_real_smollm2(smollm2_dir, tmp_path):
         assert eos in p["real_ids"] and p["real_ids"] == full[len(prompt):len(prompt) + len(p["real_ids"])]
         assert p["eos"] == (p["generated_ids"][-1] == eos)
     assert next(r for r in metrics(out_dir) if "loss" in r)["loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_smollm_task_recipe_runs_sft_spin_and_the_baseline_and_scores_final_numbers(tmp_path):
+    """config/smollm_task.py as written (its shipped arithmetic files, checker 'final_number'), shrunk: every phase
+    ends with held-out accuracies at T=1 and greedy, and the continued-SFT baseline runs as many steps as SPIN."""
+    out_dir = tmp_path / "out"
+    run_recipe("smollm_task.py", f"--init_from={smol_style_model_dir(tmp_path / 'smollm')}", f"--out_dir={out_dir}",
+               "--sft_steps=2", "--val_data=experiments/arith_val.jsonl", "--eval_samples=4", "--plot=False")
+    ends = [r for r in metrics(out_dir) if "eval/valid_greedy" in r]
+    assert [r["phase"] for r in ends] == ["sft", "spin", "baseline"]
+    assert all(0 <= r["eval/valid_sampled"] <= 1 and len(r["per_prompt/valid_greedy"]) == 4 for r in ends)
+    steps = [r for r in metrics(out_dir) if "loss" in r]
+    assert sum(r["phase"] == "spin" for r in steps) == sum(r["phase"] == "baseline" for r in steps) == 2
 
 
 # -----------------------------------------------------------------------------
