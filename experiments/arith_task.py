@@ -6,7 +6,7 @@ Design choices:
   cannot learn one surface form, and every real answer follows one worked style: the two steps written as
   equations, then "The answer is N." That style is what SFT teaches; the checker only needs the last number.
 - The checker is `final_number`: the last number in an answer must equal the last number in the real answer
-  (data.final_number_check), so a held-out file needs no extra field and GSM8K-style data works the same.
+  (data.check_final_number), so a held-out file needs no extra field and GSM8K-style data works the same.
 - Items are drawn from a seeded stream: the same seed writes the same files. Held-out items are distinct
   from training items (the question text is the key).
 - `score` answers the held-out questions with a model directory (T=1 and greedy) and prints both accuracies:
@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import random
-import re
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,11 +145,6 @@ def split(n_train: int, n_val: int, seed: int) -> tuple[list[list[dict]], list[l
     return out[n_val:], out[:n_val]
 
 
-def last_number(text: str) -> str | None:
-    found = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
-    return found[-1] if found else None
-
-
 def write(args) -> None:
     train, val = split(args.n_train, args.n_val, args.seed)
     os.makedirs(args.out, exist_ok=True)
@@ -168,6 +162,7 @@ def score(args) -> None:
     import torch
 
     from checkpoint import load_for_chat
+    from data import check_final_number
     from generate import GREEDY, Sampling, derive_seed, generate
     from templates import render_prompt, response_text, stop_ids
 
@@ -179,7 +174,7 @@ def score(args) -> None:
         answers = generate(model, prompts, args.max_new_tokens, sampling=sampling, eos_id=stop_ids(tok, template),
                            seed=derive_seed(args.seed, "checker"), batch_size=args.batch_size)
         texts = [response_text(tok, ids, template) for ids in answers]
-        right = [last_number(t) == last_number(c[-1]["content"]) for t, c in zip(texts, convs)]
+        right = [check_final_number(t, c[-1]["content"])["valid"] == 1 for t, c in zip(texts, convs)]
         print(f"{name}: {sum(right)}/{len(right)} = {100 * sum(right) / len(right):.1f}%")
         for t, c, ok in list(zip(texts, convs, right))[:args.show]:
             print(f"  [{'ok' if ok else 'no'}] Q: {c[0]['content']}\n       A: {t!r}")
