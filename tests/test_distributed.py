@@ -11,8 +11,6 @@ import json
 import math
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,8 +18,7 @@ import torch
 from train_runs import (CHECKPOINT_STEPS, HOSTILE, REPO, SPIN_STEPS, STALLED_AFTER, TINY, assert_same_weights,
                         baseline, checkpoint_steps, checkpoint_weights, child_env, copy_up_to, describe, final_weights,
                         metrics, plant, records, rollouts, run_in_process, run_train, run_watched, shared_run,
-                        start_train, step_losses, stop,
-                        wait_for)
+                        start_train, step_losses, stop, torchrun, wait_for)
 
 # 2 ranks x micro-batch 2 x grad_accum 2 = the baseline's global batch of 8 (and FSDP's no-sync micro-batch)
 TWO_RANKS = ("--batch_size=2", "--grad_accum=2")
@@ -138,8 +135,7 @@ def test_under_fsdp_the_sampler_is_the_unsharded_model_and_the_model_scores_with
     script = tmp_path / "sampler_under_fsdp.py"
     script.write_text(SAMPLER_UNDER_FSDP)
     env = {**child_env(), "PYTHONPATH": str(REPO)}
-    proc = run_watched([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script)], env)
+    proc = run_watched(torchrun(2) + [str(script)], env)
     assert proc.returncode == 0 and "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout, describe(proc)
 
 
@@ -223,9 +219,8 @@ def test_optimizer_shards_load_at_any_world_size_and_a_disk_error_on_one_rank_is
     script = tmp_path / "optimizer_shards.py"
     script.write_text(OPTIMIZER_SHARDS)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(out)], cwd=REPO, env={**child_env(), "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=180)
+    # a stall limit, not a time limit (a busy machine can outlast any fixed one); on a hang its ranks are taken down
+    proc = run_watched(torchrun(2) + [str(script), str(out)], {**child_env(), "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and "2 ranks -> 2 ranks: equal" in proc.stdout, describe(proc)
     for rank in (0, 1):
         assert (f"rank {rank}: cannot save checkpoint '{out}/checkpoints/step_00000003': "
