@@ -9,6 +9,7 @@ test_train.py. Faults are injected at exact points by tests/train_with_faults.py
 
 import json
 import math
+import os
 import shutil
 import signal
 
@@ -20,6 +21,8 @@ from train_runs import (CHECKPOINT_STEPS, HOSTILE, REPO, SPIN_STEPS, STALLED_AFT
                         metrics, plant, records, rollouts, run_in_process, run_train, run_watched, shared_run,
                         start_train, step_losses, stop, torchrun, wait_for)
 
+# the scripts below import nanospin and tests/train_with_faults.py
+SCRIPT_PATH = os.pathsep.join([str(REPO), str(REPO / "tests")])
 # 2 ranks x micro-batch 2 x grad_accum 2 = the baseline's global batch of 8 (and FSDP's no-sync micro-batch)
 TWO_RANKS = ("--batch_size=2", "--grad_accum=2")
 
@@ -103,6 +106,7 @@ def test_every_rank_reads_out_dir_before_rank_0_writes_to_it(tmp_path):
 SAMPLER_UNDER_FSDP = """
 from contextlib import nullcontext
 import torch, torch.distributed as dist
+from train_with_faults import leave_without_teardown  # no interpreter teardown racing gloo's threads
 from torch.distributed.tensor import DTensor
 import fsdp
 from model import GPT, GPTConfig
@@ -125,6 +129,7 @@ with fsdp.model_for_sampling(model, rt) as sampler, torch.no_grad():
 assert all(isinstance(p, DTensor) for p in model.parameters())
 model.token_logprobs(idx, idx).sum().backward()
 print(f"rank {rank} ok", flush=True)
+leave_without_teardown(0)
 """
 
 
@@ -134,7 +139,7 @@ def test_under_fsdp_the_sampler_is_the_unsharded_model_and_the_model_scores_with
     again and trains."""
     script = tmp_path / "sampler_under_fsdp.py"
     script.write_text(SAMPLER_UNDER_FSDP)
-    env = {**child_env(), "PYTHONPATH": str(REPO)}
+    env = {**child_env(), "PYTHONPATH": SCRIPT_PATH}
     proc = run_watched(torchrun(2) + [str(script)], env)
     assert proc.returncode == 0 and "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout, describe(proc)
 
@@ -167,6 +172,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 import checkpoint, fsdp
 from configurator import UserError
 from model import GPT, GPTConfig
+from train_with_faults import leave_without_teardown  # no interpreter teardown racing gloo's threads
 out = sys.argv[1]
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -209,6 +215,7 @@ except UserError as e:
     print(f"rank {rank}: {e}", flush=True)
 dist.barrier()
 print(f"rank {rank}: {sorted(os.listdir(os.path.join(out, 'checkpoints')))}", flush=True)
+leave_without_teardown(0)
 """
 
 
@@ -220,7 +227,7 @@ def test_optimizer_shards_load_at_any_world_size_and_a_disk_error_on_one_rank_is
     script.write_text(OPTIMIZER_SHARDS)
     out = tmp_path / "out"
     # a stall limit, not a time limit (a busy machine can outlast any fixed one); on a hang its ranks are taken down
-    proc = run_watched(torchrun(2) + [str(script), str(out)], {**child_env(), "PYTHONPATH": str(REPO)})
+    proc = run_watched(torchrun(2) + [str(script), str(out)], {**child_env(), "PYTHONPATH": SCRIPT_PATH})
     assert proc.returncode == 0 and "2 ranks -> 2 ranks: equal" in proc.stdout, describe(proc)
     for rank in (0, 1):
         assert (f"rank {rank}: cannot save checkpoint '{out}/checkpoints/step_00000003': "
