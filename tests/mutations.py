@@ -190,6 +190,8 @@ MUTATIONS = [
       'latest_checkpoint_and_keep'),
     M('resume-from-earliest', 'checkpoint.py', 'latest = os.path.join(root, names[-1])',
       'latest = os.path.join(root, names[0])', 'tests/test_checkpoint.py', 'latest_checkpoint_and_keep'),
+    M('no-barrier-before-config-json', 'checkpoint.py', '_barrier()  # every rank has read out_dir',
+      'pass  # every rank has read out_dir', 'tests/test_distributed.py', 'every_rank_reads_out_dir'),
     # --- evaluator.py
     M('held-out-nll-per-example', 'evaluator.py', 'tokens += sum(len(e.real_ids) for e in batch)',
       'tokens += len(batch)', 'tests/test_train.py', 'held_out_nll'),
