@@ -10,7 +10,9 @@ per process, from its start, so a point is chosen by arithmetic on the run's con
   kill_after_save:N      SIGKILL right after the N-th checkpoint is complete
   term_after_step:N      SIGTERM itself after the N-th optimizer step (a graceful stop)
   int_after_step:N       SIGINT itself after the N-th optimizer step (Ctrl-C, also a graceful stop)
-  slow_after_step:N      sleep 0.3 s after every optimizer step from the N-th on (room for an outside signal)
+  hold_after_step:N      wait right after the N-th optimizer step until a SIGTERM or SIGINT has come (then
+                         handled by the run as ever): a signal sent once step N-1 is logged lands in step N
+                         however busy the machine is (a fixed sleep per step once let the run finish first)
   nan_loss_after_step:N  every SPIN loss after the N-th optimizer step is NaN
 and two checks, installed on every rank:
   no_full_gather_in_rollout  a full-state-dict gather during a rollout raises; at exit each rank prints
@@ -56,8 +58,24 @@ def die(sig: int = signal.SIGKILL) -> None:
         time.sleep(60)  # never reached: the kill is immediate
 
 
+def relay_stop_signals() -> list[dict]:
+    """Note each SIGTERM/SIGINT in the returned record, then pass it to the handler the run installed."""
+    arrived = {"signals": []}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def relay(signum, frame):
+        arrived["signals"].append(signum)
+        if callable(handlers[signum]):
+            handlers[signum](signum, frame)
+
+    for s in handlers:
+        signal.signal(s, relay)
+    return [arrived]
+
+
 def install(kind: str, args: list[int]) -> None:
     steps = {"done": 0}
+    arrivals: list[dict] = []
 
     def after_step(optimizer, a, kw):
         if all(float(group["lr"]) == 0.0 for group in optimizer.param_groups):
@@ -70,8 +88,12 @@ def install(kind: str, args: list[int]) -> None:
             die(signal.SIGTERM)
         if kind == "int_after_step" and steps["done"] == n:
             die(signal.SIGINT)
-        if kind == "slow_after_step" and steps["done"] >= n:
-            time.sleep(0.3)
+        if kind == "hold_after_step" and steps["done"] == n - 1:
+            arrivals.extend(relay_stop_signals())  # before step n-1 is logged, so before any signal is sent
+        if kind == "hold_after_step" and steps["done"] == n:
+            end = time.time() + 600
+            while not arrivals[0]["signals"] and time.time() < end:
+                time.sleep(0.05)
 
     register_optimizer_step_post_hook(after_step)
 
