@@ -10,9 +10,10 @@ per process, from its start, so a point is chosen by arithmetic on the run's con
   kill_after_save:N      SIGKILL right after the N-th checkpoint is complete
   term_after_step:N      SIGTERM itself after the N-th optimizer step (a graceful stop)
   int_after_step:N       SIGINT itself after the N-th optimizer step (Ctrl-C, also a graceful stop)
-  hold_after_step:N      wait right after the N-th optimizer step until a SIGTERM or SIGINT has come (then
-                         handled by the run as ever): a signal sent once step N-1 is logged lands in step N
-                         however busy the machine is (a fixed sleep per step once let the run finish first)
+  hold_after_step:N      right after the N-th optimizer step, create <out_dir>.held and wait there until a
+                         SIGTERM or SIGINT has come (then handled by the run as ever): a signal sent once that
+                         file exists lands in step N however busy the machine is (a fixed sleep per step once
+                         let the run finish before the signal came)
   nan_loss_after_step:N  every SPIN loss after the N-th optimizer step is NaN
 and two checks, installed on every rank:
   no_full_gather_in_rollout  a full-state-dict gather during a rollout raises; at exit each rank prints
@@ -58,7 +59,7 @@ def die(sig: int = signal.SIGKILL) -> None:
         time.sleep(60)  # never reached: the kill is immediate
 
 
-def relay_stop_signals() -> list[dict]:
+def relay_stop_signals() -> dict:
     """Note each SIGTERM/SIGINT in the returned record, then pass it to the handler the run installed."""
     arrived = {"signals": []}
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -70,12 +71,11 @@ def relay_stop_signals() -> list[dict]:
 
     for s in handlers:
         signal.signal(s, relay)
-    return [arrived]
+    return arrived
 
 
-def install(kind: str, args: list[int]) -> None:
+def install(kind: str, args: list[int], held: str) -> None:
     steps = {"done": 0}
-    arrivals: list[dict] = []
 
     def after_step(optimizer, a, kw):
         if all(float(group["lr"]) == 0.0 for group in optimizer.param_groups):
@@ -88,11 +88,11 @@ def install(kind: str, args: list[int]) -> None:
             die(signal.SIGTERM)
         if kind == "int_after_step" and steps["done"] == n:
             die(signal.SIGINT)
-        if kind == "hold_after_step" and steps["done"] == n - 1:
-            arrivals.extend(relay_stop_signals())  # before step n-1 is logged, so before any signal is sent
         if kind == "hold_after_step" and steps["done"] == n:
+            arrived = relay_stop_signals()  # before the file tells the test to send one
+            open(held, "w").close()
             end = time.time() + 600
-            while not arrivals[0]["signals"] and time.time() < end:
+            while not arrived["signals"] and time.time() < end:
                 time.sleep(0.05)
 
     register_optimizer_step_post_hook(after_step)
@@ -289,7 +289,7 @@ if __name__ == "__main__":
         late_out_dir_reader(out_dir_of(sys.argv[1:]))
     elif fault and os.environ.get("RANK", "0") == os.environ.get("NANOSPIN_FAULT_RANK", "0"):
         kind, *numbers = fault.split(":")
-        install(kind, [int(x) for x in numbers])
+        install(kind, [int(x) for x in numbers], out_dir_of(sys.argv[1:]) + ".held")
     if "RANK" not in os.environ:
         run_main(train.main, sys.argv[1:])
     else:
