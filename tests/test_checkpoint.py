@@ -224,6 +224,38 @@ def test_export_config_from_scratch_describes_the_model(tmp_path):
     assert checkpoint.export_hf_config(model.config, torch.bfloat16, source) == {**config, "torch_dtype": "bfloat16"}
 
 
+# every exported field away from its default, so a field written from the wrong attribute (or a constant) shows
+EXPORT_CASES = [
+    GPTConfig(model_type="llama", vocab_size=301, block_size=80, n_layer=3, n_head=6, n_kv_head=2, n_embd=48,
+              head_dim=16, intermediate_size=100, norm_eps=3e-6, rope_theta=123456.0, tie_embeddings=False,
+              qkv_bias=True, attn_out_bias=True, mlp_bias=True, bos_token_id=7, eos_token_id=[8, 9],
+              rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+                            "original_max_position_embeddings": 40}),
+    GPTConfig(model_type="qwen2", vocab_size=303, block_size=72, n_layer=2, n_head=4, n_kv_head=1, n_embd=40,
+              intermediate_size=88, norm_eps=2e-6, rope_theta=1e6, tie_embeddings=True, qkv_bias=True,
+              sliding_window=24, bos_token_id=None, eos_token_id=5),
+    GPTConfig(model_type="mistral", vocab_size=305, block_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+              intermediate_size=72, norm_eps=4e-6, rope_theta=2e5, tie_embeddings=False, sliding_window=32,
+              bos_token_id=1, eos_token_id=2),
+    GPTConfig(model_type="gpt2", vocab_size=307, block_size=48, n_layer=3, n_head=2, n_kv_head=2, n_embd=24,
+              intermediate_size=56, norm_eps=3e-5, tie_embeddings=True, bos_token_id=3, eos_token_id=4),
+]
+
+
+@pytest.mark.parametrize("cfg", EXPORT_CASES, ids=[c.model_type for c in EXPORT_CASES])
+def test_every_exported_config_field_reads_back(cfg):
+    """config.json from scratch, read back: the same GPTConfig, with each field set off its default; and the
+    fields transformers reads from it are the model's."""
+    exported = checkpoint.gpt_config_to_hf_config(cfg, torch.bfloat16)
+    assert checkpoint.hf_config_to_gpt_config(exported) == cfg
+    assert exported["dtype"] == "bfloat16" and exported["vocab_size"] == cfg.vocab_size
+    if cfg.model_type != "gpt2":
+        hf = transformers.AutoConfig.for_model(**exported)
+        assert (hf.hidden_size, hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim, hf.intermediate_size,
+                hf.max_position_embeddings, hf.rms_norm_eps) == (cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim,
+                                                                 cfg.intermediate_size, cfg.block_size, cfg.norm_eps)
+
+
 # ----------------------------------------------------------------------------------------------
 # finding a model directory, nanospin.json
 
@@ -284,6 +316,22 @@ def test_a_one_process_checkpoint_saves_and_loads_without_warnings(tmp_path):
     assert state["step"] == 3  # it did save and load
     exp_avg = [opt.state_dict()["state"][0]["exp_avg"] for opt in (optimizer, resumed_optimizer)]
     assert torch.equal(*exp_avg)
+
+
+def test_a_resume_starts_from_the_latest_checkpoint_and_keep_prunes_the_oldest(tmp_path):
+    """Checkpoints 3, 10 and 9 saved in that order with keep=2: the two highest steps stay (by step, not by the
+    order they were written), and a resume starts from the latest of them."""
+    model = tiny_gpt()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    out = str(tmp_path / "run")
+    assert checkpoint.resume_point(out) is None
+    for step in (3, 10, 9):
+        checkpoint.save_checkpoint(out, step, model, optimizer, {}, model.config, None, None, None, rank=0, keep=2)
+    names = lambda: [os.path.basename(p) for p in checkpoint.list_checkpoints(out)]  # noqa: E731
+    assert names() == ["step_00000009", "step_00000010"]
+    assert checkpoint.resume_point(out) == os.path.join(out, "checkpoints", "step_00000010")
+    checkpoint.save_checkpoint(out, 11, model, optimizer, {}, model.config, None, None, None, rank=0, keep=1)
+    assert names() == ["step_00000011"]
 
 
 def test_a_loaded_checkpoint_restores_rng_optimizer_and_data_order_as_saved(tmp_path):

@@ -290,6 +290,40 @@ def test_gradient_step_raises_real_and_lowers_generated_logps():
     assert spin_metrics(summed(metrics))["rewards/accuracies"] == 1.0
 
 
+def test_sft_micro_batch_is_the_summed_nll_and_a_step_on_it_raises_the_responses_logps():
+    """SFT's micro-batch loss is the summed NLL of the real responses (the step normalises it by the tokens it
+    logs), so a gradient step on it makes every response more likely."""
+    tok = load_tokenizer("bytes")
+    model = tiny_gpt(seed=4).train()
+    examples = [Example(p, r, f"s:{i}", [], "") for i, (p, r, _) in enumerate([
+        chat_pair(tok, "3 distinct 2-digit numbers, digits 147", "47 14 71", ""),
+        chat_pair(tok, "2 distinct 2-digit numbers, digits 58", "58 85", "")])]
+    prompts, real = [e.prompt_ids for e in examples], [e.real_ids for e in examples]
+    with torch.no_grad():
+        before = sequence_logps(model, prompts, real, tok.eos_id, CPU)
+    loss_sum, sums, tokens = spin.sft_micro_batch(model, examples, tok.eos_id, CPU)
+    assert loss_sum.item() == pytest.approx(-before.sum().item(), rel=1e-6)
+    assert sums["tokens"].item() == sum(len(r) for r in real)
+    assert tokens == sum(len(p) + len(r) for p, r in zip(prompts, real))
+    (loss_sum / sums["tokens"]).backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    with torch.no_grad():
+        after = sequence_logps(model, prompts, real, tok.eos_id, CPU)
+    assert (after > before).all(), (after - before)
+
+
+def test_a_prompt_subset_is_a_seeded_draw_of_distinct_prompts_from_all_of_them():
+    """prompts_per_iteration: `count` distinct prompts drawn from all of them, the same for a seed and iteration,
+    another for the next iteration (so over iterations every prompt is trained on); 0 is every prompt."""
+    examples = [f"prompt {i}" for i in range(40)]
+    drawn = [spin.prompts_for_iteration(examples, 8, seed=5, iteration=t) for t in range(12)]
+    assert all(len(set(d)) == 8 and set(d) <= set(examples) for d in drawn)
+    assert spin.prompts_for_iteration(examples, 8, seed=5, iteration=0) == drawn[0]
+    assert drawn[0] != drawn[1] and drawn[0] != spin.prompts_for_iteration(examples, 8, seed=6, iteration=0)
+    assert drawn[0] != examples[:8] and len(set().union(*drawn)) > 32  # not the first prompts, nor a few only
+    assert spin.prompts_for_iteration(examples, 0, seed=5, iteration=3) == examples
+
+
 # ----------------------------------------------------------------------------------------------
 # KL(policy ‖ opponent)
 

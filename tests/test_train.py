@@ -516,6 +516,58 @@ def test_held_out_log_prob_changes_equal_a_direct_computation(run):
         0.1 * (end["dynamics/delta_logps_real"] - end["dynamics/delta_logps_generated"]), abs=1e-5)
 
 
+def test_held_out_nll_is_the_mean_over_response_tokens_not_examples():
+    """eval/nll: the held-out real responses' summed NLL over their token count, in batches (here 2 + 1 examples of
+    4, 2 and 6 response tokens), not a mean of per-example or per-batch means."""
+    from evaluator import held_out_nll
+    from fsdp import init_runtime
+    from model import GPT, GPTConfig
+    from spin import sequence_logps
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=268, block_size=96, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)).eval()
+    examples = [Example([257, 5, 6], [20, 21, 22, 258], "t:0", [], ""), Example([257, 7], [23, 258], "t:1", [], ""),
+                Example([257, 8, 9, 10], [24, 25, 26, 27, 28, 258], "t:2", [], "")]
+    with torch.no_grad():
+        logps = sequence_logps(model, [e.prompt_ids for e in examples], [e.real_ids for e in examples], 256,
+                               torch.device("cpu"))
+    expected = -logps.sum().item() / 12
+    for pack in (True, False):
+        got = held_out_nll(model, examples, 2, 256, init_runtime("cpu", "auto"), pack)
+        assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_held_out_pair_metrics_are_means_over_pairs_in_batches():
+    """held_out_pair_metrics over 3 pairs in batches of 2: the SPIN loss, reward accuracy and margin and the log-prob
+    changes, each the mean over the pairs of spin_terms' values computed here in one batch. The opponent's
+    log-probs are set around the policy's so that one pair of three has the larger real reward."""
+    from evaluator import HeldOut, held_out_pair_metrics
+    from fsdp import init_runtime
+    from model import GPT, GPTConfig
+    from spin import Pair, pair_logps, spin_terms
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=268, block_size=96, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)).eval()
+    shapes = [([257, 5, 6], [20, 21, 22, 258], [30, 258]), ([257, 7], [23, 258], [31, 32, 33, 34, 35, 258]),
+              ([257, 8, 9, 10], [24, 25, 26, 27, 28, 258], [36, 258])]
+    with torch.no_grad():
+        real, generated = pair_logps(model, *(list(x) for x in zip(*shapes)), 256, torch.device("cpu"))
+    opponent_real, opponent_generated = real + torch.tensor([1.0, -1.0, 2.0]), generated - torch.tensor([0.5, 0.5, 0.5])
+    pairs = [Pair("t", *shape, r, g, True) for shape, r, g in zip(shapes, opponent_real.tolist(),
+                                                                  opponent_generated.tolist())]
+    held = HeldOut([], None, None, [], 256, 2, 1, 96, 0, True, "sigmoid", "none")
+    got = held_out_pair_metrics(model, pairs, 0.1, held, init_runtime("cpu", "auto"))
+    opponent_real, opponent_generated = (torch.tensor([getattr(p, k) for p in pairs])
+                                         for k in ("opponent_real_logp", "opponent_generated_logp"))
+    losses, terms = spin_terms(real, generated, opponent_real, opponent_generated, 0.1)
+    expected = {"eval/spin_loss": losses, "eval/reward_accuracy": terms["rewards/accuracies"],
+                "eval/reward_margin": terms["rewards/real"] - terms["rewards/generated"],
+                "dynamics/delta_logps_real": real - opponent_real,
+                "dynamics/delta_logps_generated": generated - opponent_generated}
+    assert got.keys() == expected.keys()
+    for name, values in expected.items():
+        assert got[name] == pytest.approx(values.mean().item(), abs=1e-5), name
+    assert got["eval/reward_accuracy"] == pytest.approx(1 / 3)
+
+
 def test_kl_capture_keeps_the_top_k_that_fit_the_budget(monkeypatch):
     """opponent_eval_logprobs keeps all V log-probs within kl_opponent_mb, else the top k that fit, and
     held_out_kl lines its rows up with the policy's across batches: exact, and a lower bound."""
@@ -764,14 +816,14 @@ def test_nll_weight_is_normalised_by_the_steps_pairs(tmp_path):
              Pair("t", [257, 8, 9, 10], [24, 25, 26, 27, 28, 258], [36, 258], -33.0, -10.0, True)]
     rt = init_runtime("cpu", "auto")
 
-    def gradients(batch_size: int) -> list[torch.Tensor]:
+    def gradients(batch_size: int) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], int]:
         phase = Phase("spin", 0, BatchOrder(n=3, batch_size=3), 1, 1e-3, (0, 1),
                       lambda model, indices, epoch: spin_micro_batch(model, [pairs[i] for i in indices], 0.1, "sigmoid",
                                                                      0.5, True, 256, rt.device),
                       len, spin_metrics, "spin 0")
         model.zero_grad()
-        forward_backward(model, phase, [0, 1, 2], batch_size, rt)
-        return [p.grad.clone() for p in model.parameters()]
+        sums, tokens = forward_backward(model, phase, [0, 1, 2], batch_size, rt)
+        return [p.grad.clone() for p in model.parameters()], sums, tokens
 
     model.zero_grad()
     real, generated = pair_logps(model, [p.prompt_ids for p in pairs], [p.real_ids for p in pairs],
@@ -780,9 +832,16 @@ def test_nll_weight_is_normalised_by_the_steps_pairs(tmp_path):
     objective = (-F.logsigmoid(h) + 0.5 * -real / torch.tensor([4.0, 2.0, 6.0])).mean()
     objective.backward()
     expected = [p.grad.clone() for p in model.parameters()]
+    whole = gradients(3)
     for batch_size in (3, 1):
-        for got, want in zip(gradients(batch_size), expected):
+        grads, sums, tokens = gradients(batch_size)
+        for got, want in zip(grads, expected):
             assert (got - want).abs().max() < 1e-6
+        # the logged sums and the tokens run (packed: each prompt once, (3+4+2) + (2+2+6) + (4+6+2)): the
+        # micro-batches' added up, as one batch's
+        assert sums.keys() == whole[1].keys() and sums["pairs"].item() == 3 and tokens == whole[2] == 31
+        for name, value in sums.items():
+            assert value.item() == pytest.approx(whole[1][name].item(), rel=1e-5, abs=1e-6), name
 
 
 # ----------------------------------------------------------------------------------------------

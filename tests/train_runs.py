@@ -12,7 +12,8 @@
 - A subprocess run has no time limit, only a stall limit (`run_watched`): on a 2-core machine shared with
   other jobs a run may take many times its idle time, but a run that writes nothing for STALLED_AFTER
   seconds is hung. It is stopped with SIGTERM first: torchrun starts each rank in a session of its own, so
-  only torchrun can take them down; killing torchrun outright leaves the ranks running as orphans.
+  only torchrun can take them down; killing torchrun outright leaves the ranks running as orphans. Every
+  torchrun is started by `torchrun` (a free port of its own, and the stall limit as its shutdown grace).
 """
 
 from __future__ import annotations
@@ -59,11 +60,18 @@ def child_env(fault: str | None = None) -> dict:
     return env
 
 
+def torchrun(nproc: int) -> list[str]:
+    """torchrun on this machine: --standalone binds its rendezvous store to a free port itself (no port is picked
+    here and released before it is bound). A signal or a failed rank makes torchrun SIGTERM the ranks and, by
+    default, SIGKILL them 30 s later: too soon on a busy machine for ranks finishing a step and saving their
+    checkpoint, so they get the stall limit instead."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--shutdown-timeout={STALLED_AFTER}"]
+
+
 def train_command(out_dir, *overrides: str, nproc: int = 1, fault: str | None = None) -> list[str]:
     script = FAULTS if fault else "train.py"
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    launcher = torchrun(nproc) if nproc > 1 else [sys.executable]
     return launcher + [script, *TINY, f"--out_dir={out_dir}", *overrides]
 
 

@@ -10,7 +10,10 @@ per process, from its start, so a point is chosen by arithmetic on the run's con
   kill_after_save:N      SIGKILL right after the N-th checkpoint is complete
   term_after_step:N      SIGTERM itself after the N-th optimizer step (a graceful stop)
   int_after_step:N       SIGINT itself after the N-th optimizer step (Ctrl-C, also a graceful stop)
-  slow_after_step:N      sleep 0.3 s after every optimizer step from the N-th on (room for an outside signal)
+  hold_after_step:N      right after the N-th optimizer step, create <out_dir>.held and wait there until a
+                         SIGTERM or SIGINT has come (then handled by the run as ever): a signal sent once that
+                         file exists lands in step N however busy the machine is (a fixed sleep per step once
+                         let the run finish before the signal came)
   nan_loss_after_step:N  every SPIN loss after the N-th optimizer step is NaN
 and two checks, installed on every rank:
   no_full_gather_in_rollout  a full-state-dict gather during a rollout raises; at exit each rank prints
@@ -21,6 +24,7 @@ and two checks, installed on every rank:
                              creates out_dir/config.json, which rank 0 then leaves empty for a second: the
                              schedule of a rank descheduled on a busy machine, at its worst moment. A rank that
                              reads out_dir before every rank has (no barrier first) reads the empty file.
+Under torchrun each rank ends with `leave_without_teardown` (why: its docstring).
 """
 
 import atexit
@@ -55,7 +59,22 @@ def die(sig: int = signal.SIGKILL) -> None:
         time.sleep(60)  # never reached: the kill is immediate
 
 
-def install(kind: str, args: list[int]) -> None:
+def relay_stop_signals() -> dict:
+    """Note each SIGTERM/SIGINT in the returned record, then pass it to the handler the run installed."""
+    arrived = {"signals": []}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def relay(signum, frame):
+        arrived["signals"].append(signum)
+        if callable(handlers[signum]):
+            handlers[signum](signum, frame)
+
+    for s in handlers:
+        signal.signal(s, relay)
+    return arrived
+
+
+def install(kind: str, args: list[int], held: str) -> None:
     steps = {"done": 0}
 
     def after_step(optimizer, a, kw):
@@ -69,8 +88,12 @@ def install(kind: str, args: list[int]) -> None:
             die(signal.SIGTERM)
         if kind == "int_after_step" and steps["done"] == n:
             die(signal.SIGINT)
-        if kind == "slow_after_step" and steps["done"] >= n:
-            time.sleep(0.3)
+        if kind == "hold_after_step" and steps["done"] == n:
+            arrived = relay_stop_signals()  # before the file tells the test to send one
+            open(held, "w").close()
+            end = time.time() + 600
+            while not arrived["signals"] and time.time() < end:
+                time.sleep(0.05)
 
     register_optimizer_step_post_hook(after_step)
 
@@ -237,6 +260,21 @@ def late_out_dir_reader(out_dir: str) -> None:
         dist.init_process_group = init_process_group
 
 
+def leave_without_teardown(code: int) -> None:
+    """End a torchrun rank with `code` once its exit handlers ran, skipping the interpreter's teardown. A gloo worker
+    thread drops its reference to a collective's work (and its tensors) only after the rank has the result; when
+    that reference is the last (e.g. a tensor made for one all_reduce and dropped right after it), dropping it
+    takes the GIL. If the rank is tearing the interpreter down by then, Python ends that thread mid-destructor and
+    the process aborts ("terminate called without an active exception", exit -6): a finished 2-rank run fails its
+    test. Measured on this busy 2-core machine: 5 of 26 runs of the sampler script of test_distributed.py, 1 of 19
+    one-step 2-rank train.py runs; the cores show ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork -> take_gil ->
+    PyThread_exit_thread -> std::terminate."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def out_dir_of(argv: list[str]) -> str:
     return next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir="))
 
@@ -251,5 +289,15 @@ if __name__ == "__main__":
         late_out_dir_reader(out_dir_of(sys.argv[1:]))
     elif fault and os.environ.get("RANK", "0") == os.environ.get("NANOSPIN_FAULT_RANK", "0"):
         kind, *numbers = fault.split(":")
-        install(kind, [int(x) for x in numbers])
-    run_main(train.main, sys.argv[1:])
+        install(kind, [int(x) for x in numbers], out_dir_of(sys.argv[1:]) + ".held")
+    if "RANK" not in os.environ:
+        run_main(train.main, sys.argv[1:])
+    else:
+        try:
+            run_main(train.main, sys.argv[1:])
+            code = 0
+        except SystemExit as e:
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        leave_without_teardown(code)
