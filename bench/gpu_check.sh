@@ -164,7 +164,7 @@ elif [ "$DRY_RUN" = 1 ]; then
   run_step real-logprob 60 "CPU|skipped|GPU" "$PY" bench/logprob.py --gpu --case=256,576,49152
   run_step real-iteration 400 "TOTAL|MFU" "$PY" bench/iteration.py --model="$REAL_DIR" --device=cpu --peer=no \
     --reps=1 --n=4 --max_new_tokens=4 --batch_size=2 --threads=2
-  run_step real-generate 300 "^ *[0-9]+ |continuous" "$PY" bench/generate.py --model="$REAL_DIR" --parts=[step] \
+  run_step real-generate 300 "^ *[0-9]+ |continuous" "$PY" bench/generate.py --model="$REAL_DIR" --parts="['step']" \
     --batch_sizes=[1] --new_tokens=4 --prompt_len=16 --reps=1 --gpu=False
 else
   # the kernels at SmolLM2-135M's shapes: 9 query heads of 64 (the KV heads repeated: the kernel's GROUP=1 path),
@@ -189,7 +189,7 @@ EOF
     ROWS+=("| real-mfu | ok | 0 | $MFU |")
   fi
   run_step real-generate 150 "^ *[0-9]+ |continuous" "$PY" bench/generate.py --model="$REAL_DIR" --cpu=False \
-    --reps=2 --parts=[step,long_tail] --gpu_long_tail_prompts=256
+    --reps=2 --parts="['step','long_tail']" --gpu_long_tail_prompts=256
 fi
 
 # ---- summary -------------------------------------------------------------------------------------------------------
