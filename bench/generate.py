@@ -22,7 +22,8 @@ than wall time. On a GPU (--gpu, bf16, ours with compile=True: CUDA graphs) the 
 again, and the batch-1 decode step is set against the memory-bandwidth bound (weight + KV-cache bytes read
 per token / measured copy bandwidth).
 
-python bench/generate.py [--model=fixture|DIR] [--batch_sizes=[1,16,64]] [--reps=3] [--parts=[step,profile,long_tail]] [--gpu=True] ...
+python bench/generate.py [--model=fixture|DIR] [--batch_sizes=[1,16,64]] [--reps=3]
+                         [--parts="['step','profile','long_tail']"] [--gpu=True] ...
 """
 
 import contextlib
@@ -199,7 +200,8 @@ def step_part(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compil
           f"{cfg.prompt_len} tokens, {N} new, greedy; ours compile={compile}; medians of {cfg.reps} reps; "
           f"step = (call of {N} new - call of 1) / {N - 1}")
     print(f"{'batch':>5} {'ours step ms':>12} {'hf step ms':>10} {'hf/ours':>7} {'floor ms':>8} {'floor/ours':>10} | "
-          f"{'ours tok/s':>10} {'hf tok/s':>9} {'ours/hf':>7} {'uncached':>9} | ours/hf tok/s per rep, greedy rows equal")
+          f"{'ours tok/s':>10} {'hf tok/s':>9} {'ours/hf':>7} {'uncached':>9} | ours/hf tok/s per rep, "
+          f"greedy rows equal")
     g = torch.Generator().manual_seed(cfg.seed)
     for B in cfg.batch_sizes:
         prompts = random_prompts(cfg, B, g).to(device)

