@@ -1,7 +1,8 @@
 """Benchmark spin_kernels/attention.py against PyTorch SDPA's flash backend: causal, bf16, B=4, H=16; and packed rows
 (the document mask of packing.py, SPIN-shaped documents) against SDPA with the same boolean mask.
 
-Usage: python bench/attention.py [--quick] [--compile-check]
+Usage: python bench/attention.py [--quick] [--compile-check] [--heads=H] [--head_dim=D]  (a model's shapes: SmolLM2-135M
+is --heads=9 --head_dim=64, its 3 KV heads repeated, as the kernel's GROUP=1 path sees them)
 FLOPs are counted the usual way: forward = 4*B*H*T^2*D (two matmuls), halved for the causal mask;
 forward+backward = 2.5x forward (the backward does five matmuls to the forward's two); packed rows count
 only the (query, key) pairs the mask lets through. Each time is the median over several runs timed with
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 # before triton is first imported, since triton builds its own helpers for one mode at import.
 
 BATCH, HEADS = 4, 16
+HEAD_DIMS = (64, 128)  # --heads and --head_dim replace these for one model's shapes
 
 
 def causal_flops(B: int, H: int, T: int, D: int, backward: bool) -> float:
@@ -85,7 +87,7 @@ def max_difference(q, k, v, grad_out) -> float:
 def bench_gpu(quick: bool) -> None:
     import triton
     from spin_kernels.attention import attention, uses_triton
-    head_dims = (64, 128)
+    head_dims = HEAD_DIMS
     lengths = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192)
     reps = 5 if quick else 20
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
@@ -133,7 +135,7 @@ def bench_packed_gpu(quick: bool, doc_len: int = 512) -> None:
     print("| D | T | fwd triton ms | fwd sdpa-masked ms | fwd ratio | fwd+bwd triton ms | fwd+bwd sdpa-masked ms | "
           "fwd+bwd ratio | fwd+bwd TFLOP/s | causal whole-row fwd+bwd ms | max rel diff |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for D in (64, 128):
+    for D in HEAD_DIMS:
         for T in lengths:
             layout = spin_rows(BATCH, T, doc_len).to(torch.device("cuda"))
             mask = visible_mask(layout, T, None, torch.device("cuda"))  # (B, 1, T, T)
@@ -252,11 +254,17 @@ def compile_check() -> None:
 
 
 def main() -> None:
+    global HEADS, HEAD_DIMS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two sequence lengths, fewer runs")
     parser.add_argument("--compile-check", action="store_true",
                         help="compile the kernels for sm_90 without a GPU and report their resources")
+    parser.add_argument("--heads", type=int, default=HEADS, help=f"attention heads (default {HEADS})")
+    parser.add_argument("--head_dim", type=int, default=None, help="one head size (default: 64 and 128)")
     args = parser.parse_args()
+    if args.heads < 1 or (args.head_dim is not None and args.head_dim not in (64, 128)):
+        parser.error(f"--heads={args.heads} --head_dim={args.head_dim}: heads >= 1, head_dim 64 or 128")
+    HEADS, HEAD_DIMS = args.heads, (args.head_dim,) if args.head_dim else HEAD_DIMS
     if args.compile_check:
         os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU even where the interpreter is on
         compile_check()

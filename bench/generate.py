@@ -10,16 +10,24 @@ Three parts, all in one run on one machine:
   forced the same way on every side (a per-prompt max_new_tokens for us, a per-row stopping criterion for
   transformers); tokens/s of continuous batching against static batches of the same size and against
   transformers' generate on those static batches.
+- matmul floor (--model runs): the decode step's weight matmuls alone (every nn.Linear of the model on a
+  (batch, in_features) input, the LM head included), timed the same way: what no sampler on these weights beats.
+By default the model is a random GPT-2-shaped toy; --model=fixture (SmolLM2-135M-Instruct, bench/real_model.py) or
+--model=DIR loads a real Hugging Face directory on both sides (ours through checkpoint.load_pretrained, transformers
+through from_pretrained) and its prompts are the last prompt_len tokens of the chat prompts of --data (default
+shared/bench/smollm_workload.jsonl), each ending in the assistant header, so the greedy answers are real answers.
 Repetitions interleave the methods, so a load change on a shared machine hits all of them; figures are
 medians, and on the CPU the time is the process's CPU time (one thread), which other jobs inflate far less
 than wall time. On a GPU (--gpu, bf16, ours with compile=True: CUDA graphs) the step and long-tail parts run
 again, and the batch-1 decode step is set against the memory-bandwidth bound (weight + KV-cache bytes read
 per token / measured copy bandwidth).
 
-python bench/generate.py [--batch_sizes=[1,16,64]] [--reps=3] [--parts=[step,profile,long_tail]] [--gpu=True] ...
+python bench/generate.py [--model=fixture|DIR] [--batch_sizes=[1,16,64]] [--reps=3]
+                         [--parts="['step','profile','long_tail']"] [--gpu=True] ...
 """
 
 import contextlib
+import importlib.util
 import os
 import statistics
 import sys
@@ -29,15 +37,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 import configurator  # noqa: E402
-from checkpoint import save_model_dir  # noqa: E402
+from checkpoint import load_pretrained, save_model_dir  # noqa: E402
+from configurator import UserError  # noqa: E402
 from generate import GREEDY, generate, generate_ref  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
 @dataclass
 class BenchConfig:
+    model: str = ""  # '' = the random toy below; 'fixture' (SmolLM2-135M-Instruct) or a Hugging Face model directory
+    data: str = ""  # the real model's prompts (chat JSONL); '' = shared/bench/smollm_workload.jsonl
     parts: list[str] = field(default_factory=lambda: ["step", "profile", "long_tail"])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 64])
     new_tokens: int = 64
@@ -83,16 +95,21 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
 
 def make_model(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, n_layer: int, n_embd: int,
                n_head: int, block_size: int) -> GPT:
+    if cfg.model:
+        return load_pretrained(cfg.model, dtype=dtype).to(device).eval()
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(model_type="gpt2", vocab_size=cfg.vocab_size, block_size=block_size, n_layer=n_layer,
                           n_head=n_head, n_kv_head=n_head, n_embd=n_embd))
     return model.to(device, dtype).eval()
 
 
-def hf_copy(model: GPT, device: torch.device, dtype: torch.dtype):
+def hf_copy(cfg: BenchConfig, model: GPT, device: torch.device, dtype: torch.dtype):
+    """transformers' model on the same weights: the real directory itself, or our toy saved and read back."""
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if cfg.model:
+        return transformers.AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
     with tempfile.TemporaryDirectory() as d:
         save_model_dir(d, model.state_dict(), model.config)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
@@ -119,7 +136,51 @@ def hf_generate(hf, prompts: torch.Tensor, new_tokens: int | list[int]) -> list[
 
 
 def random_prompts(cfg: BenchConfig, n: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, cfg.vocab_size, (n, cfg.prompt_len), generator=generator)
+    """(n, prompt_len) prompts: random ids on the toy; the real model's chat prompts (cycled, in an order drawn
+    from the generator), each cut to its last prompt_len tokens."""
+    if not cfg.model:
+        return torch.randint(0, cfg.vocab_size, (n, cfg.prompt_len), generator=generator)
+    prompts = real_prompts(cfg)
+    order = torch.randperm(len(prompts), generator=generator).tolist()
+    return torch.tensor([prompts[order[i % len(order)]][-cfg.prompt_len:] for i in range(n)])
+
+
+def real_prompts(cfg: BenchConfig) -> list[list[int]]:
+    """The chat prompts of cfg.data in the model's own tokenizer and chat template, as train.py reads them."""
+    import checkpoint as ckpt
+    from data import load_examples
+    from tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+    template = ckpt.chat_template_for("auto", cfg.model, tok)
+    examples, _ = load_examples(cfg.data, tok, template, 4096, 4096)
+    short = [len(e.prompt_ids) for e in examples if len(e.prompt_ids) < cfg.prompt_len]
+    if short:
+        raise UserError(f"--prompt_len={cfg.prompt_len}: {len(short)} prompts of {cfg.data} are shorter "
+                        f"(shortest {min(short)} tokens); lower --prompt_len")
+    return [e.prompt_ids for e in examples]
+
+
+def model_name(cfg: BenchConfig) -> str:
+    if cfg.model:
+        return os.path.basename(os.path.normpath(cfg.model))
+    return f"GPT-2 shaped {cfg.n_layer} x {cfg.n_embd}, vocab {cfg.vocab_size}"
+
+
+def resolve_model(cfg: BenchConfig) -> None:
+    """--model=fixture -> bench/real_model.py's directory; a real model's default data file."""
+    if cfg.model == "fixture":
+        spec = importlib.util.spec_from_file_location("real_model", os.path.join(REPO, "bench", "real_model.py"))
+        real_model = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(real_model)
+        try:
+            cfg.model = real_model.smollm2_dir()
+        except RuntimeError as e:
+            raise UserError(f"--model=fixture: {e}; or pass --model=DIR (a Hugging Face model directory)") from None
+    if cfg.model and not os.path.isfile(os.path.join(cfg.model, "config.json")):
+        raise UserError(f"--model={cfg.model!r} has no config.json; give a Hugging Face model directory")
+    if cfg.model and not cfg.data:
+        cfg.data = os.path.join(os.path.dirname(REPO), "shared", "bench", "smollm_workload.jsonl")
 
 
 def median_ms(times: list[float]) -> float:
@@ -133,13 +194,14 @@ def median_ms(times: list[float]) -> float:
 def step_part(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compile: bool) -> None:
     """Decode step and whole-call tokens/s at each batch size: ours, transformers, (uncached)."""
     model = make_model(cfg, device, dtype, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.prompt_len + cfg.new_tokens)
-    hf = hf_copy(model, device, dtype)
+    hf = hf_copy(cfg, model, device, dtype)
     N = cfg.new_tokens
-    print(f"-- decode step: GPT-2 shaped {cfg.n_layer} x {cfg.n_embd}, vocab {cfg.vocab_size}, {dtype}; prompt "
+    print(f"-- decode step: {model_name(cfg)}, {dtype}; prompt "
           f"{cfg.prompt_len} tokens, {N} new, greedy; ours compile={compile}; medians of {cfg.reps} reps; "
           f"step = (call of {N} new - call of 1) / {N - 1}")
-    print(f"{'batch':>5} {'ours step ms':>12} {'hf step ms':>10} {'hf/ours':>7} | {'ours tok/s':>10} "
-          f"{'hf tok/s':>9} {'ours/hf':>7} {'uncached':>9} | ours/hf tok/s per rep, greedy rows equal")
+    print(f"{'batch':>5} {'ours step ms':>12} {'hf step ms':>10} {'hf/ours':>7} {'floor ms':>8} {'floor/ours':>10} | "
+          f"{'ours tok/s':>10} {'hf tok/s':>9} {'ours/hf':>7} {'uncached':>9} | ours/hf tok/s per rep, "
+          f"greedy rows equal")
     g = torch.Generator().manual_seed(cfg.seed)
     for B in cfg.batch_sizes:
         prompts = random_prompts(cfg, B, g).to(device)
@@ -148,6 +210,11 @@ def step_part(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compil
                 "hf": lambda n: hf_generate(hf, prompts, n)}
         ours, theirs = runs["ours"](N), runs["hf"](N)  # warm-up (compile), and the tokens compared
         same = sum(a == b for a, b in zip(ours, theirs))
+        if cfg.model and same != B:  # the real weights are the same file on both sides: greedy must agree
+            first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+            raise AssertionError(f"batch {B}: greedy tokens differ from transformers' in {B - same} rows (row "
+                                 f"{first}: ours {ours[first][:12]}..., transformers {theirs[first][:12]}...)")
+        floor = matmul_floor_ms(model, B, device, cfg.reps)
         times = {(name, n): [] for name in runs for n in (1, N)}
         uncached = []
         for _ in range(cfg.reps):
@@ -160,9 +227,29 @@ def step_part(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compil
         rate = {name: B * N / statistics.median(times[name, N]) for name in runs}
         per_rep = " ".join(f"{h / o:.2f}" for o, h in zip(times["ours", N], times["hf", N]))
         unc = f"{B * N / statistics.median(uncached):9.0f}" if uncached else f"{'-':>9}"
-        print(f"{B:5d} {step['ours']:12.3f} {step['hf']:10.3f} {step['hf'] / step['ours']:7.2f} | "
+        print(f"{B:5d} {step['ours']:12.3f} {step['hf']:10.3f} {step['hf'] / step['ours']:7.2f} {floor:8.3f} "
+              f"{floor / step['ours']:10.2f} | "
               f"{rate['ours']:10.0f} {rate['hf']:9.0f} {rate['ours'] / rate['hf']:7.2f} {unc} | [{per_rep}] {same}/{B}",
               flush=True)
+
+
+def matmul_floor_ms(model: GPT, batch: int, device: torch.device, reps: int) -> float:
+    """ms of one decode step's weight matmuls alone: every nn.Linear once on a (batch, in_features) input (the LM
+    head on the last position only, as the step runs it), no attention, norms, cache or sampling; median of reps,
+    each the mean of 10 passes."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    g = torch.Generator().manual_seed(0)
+    dtype = linears[0].weight.dtype
+    inputs = [torch.randn(batch, m.in_features, generator=g).to(device, dtype) for m in linears]
+
+    def passes(n: int) -> None:
+        with torch.inference_mode():
+            for _ in range(n):
+                for m, x in zip(linears, inputs):
+                    torch.nn.functional.linear(x, m.weight, m.bias)
+
+    passes(1)
+    return median_ms([timed(lambda: passes(10), device)[0] / 10 for _ in range(reps)])
 
 
 # the step's parts, each a function the profile wraps in a labelled range: (label, module, attribute)
@@ -275,7 +362,7 @@ def long_tail_part(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, c
     """tokens/s on the long-tailed workload: continuous batching, static batches, transformers. Compiled, every
     call gets the same cache (max_len), so one captured step serves them all."""
     model = make_model(cfg, device, dtype, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.prompt_len + cfg.long_tail_max)
-    hf = hf_copy(model, device, dtype)
+    hf = hf_copy(cfg, model, device, dtype)
     prompts = random_prompts(cfg, n_prompts, torch.Generator().manual_seed(cfg.seed + 2)).to(device)
     prompt_lists = prompts.tolist()
     lengths = long_tail_lengths(cfg, n_prompts)
@@ -346,11 +433,12 @@ def bandwidth_bound(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) 
 
 def main(argv: list[str]) -> None:
     cfg = configurator.load_config(BenchConfig, argv)
+    resolve_model(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     load = os.getloadavg()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average {load[0]:.1f} "
-          f"{load[1]:.1f} {load[2]:.1f}")
+          f"{load[1]:.1f} {load[2]:.1f}; model {cfg.model or model_name(cfg)}")
     cpu = torch.device("cpu")
     if cfg.cpu:
         print("== CPU (fp32, times are this process's CPU seconds)")
@@ -364,6 +452,7 @@ def main(argv: list[str]) -> None:
             long_tail_part(cfg, cpu, torch.float32, False, cfg.long_tail_prompts, cfg.long_tail_batch)
     if not (cfg.gpu and torch.cuda.is_available()):
         print("== GPU: skipped (CUDA is not available)")
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
         return
     device = torch.device("cuda")
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

