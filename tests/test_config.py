@@ -182,3 +182,36 @@ def test_help_answers_before_the_heavy_imports(script, flag, expected):
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "configurator" in imported  # the list is read: an empty one would prove nothing
     assert not {"torch", "numpy", "matplotlib"} & imported, sorted({"torch", "numpy", "matplotlib"} & imported)
+
+
+RANK_SCRIPT = """
+import atexit, sys
+from configurator import UserError, run_main
+
+class Finalized:
+    def __del__(self):
+        print("torn down", flush=True)  # runs only if the interpreter tears its modules down
+
+kept = Finalized()
+atexit.register(lambda: print("exit handlers ran", flush=True))
+def main(how):
+    if how == "user":
+        raise UserError("bad key")
+    if how == "exit":
+        sys.exit(3)
+run_main(main, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("how,code", [("ok", 0), ("user", 2), ("exit", 3)])
+def test_a_torchrun_rank_keeps_its_exit_code_and_handlers_but_skips_interpreter_teardown(how, code):
+    """Under torchrun (RANK set) run_main ends the rank with os._exit after the exit handlers: the interpreter's
+    teardown can abort (exit -6) while a gloo thread still holds a collective's tensors (run_main's docstring)."""
+    for rank in (None, "0"):
+        env = {k: v for k, v in os.environ.items() if k != "RANK"} | ({"RANK": rank} if rank else {})
+        proc = subprocess.run([sys.executable, "-c", RANK_SCRIPT, how], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == code, proc.stderr
+        assert "exit handlers ran" in proc.stdout
+        assert ("torn down" in proc.stdout) == (rank is None), proc.stdout
+        assert ("error: bad key" in proc.stderr) == (how == "user")

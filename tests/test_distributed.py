@@ -106,7 +106,7 @@ def test_every_rank_reads_out_dir_before_rank_0_writes_to_it(tmp_path):
 SAMPLER_UNDER_FSDP = """
 from contextlib import nullcontext
 import torch, torch.distributed as dist
-from train_with_faults import leave_without_teardown  # no interpreter teardown racing gloo's threads
+from configurator import leave_without_teardown  # no interpreter teardown racing gloo's threads
 from torch.distributed.tensor import DTensor
 import fsdp
 from model import GPT, GPTConfig
@@ -172,7 +172,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 import checkpoint, fsdp
 from configurator import UserError
 from model import GPT, GPTConfig
-from train_with_faults import leave_without_teardown  # no interpreter teardown racing gloo's threads
+from configurator import leave_without_teardown  # no interpreter teardown racing gloo's threads
 out = sys.argv[1]
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -24,7 +24,6 @@ and two checks, installed on every rank:
                              creates out_dir/config.json, which rank 0 then leaves empty for a second: the
                              schedule of a rank descheduled on a busy machine, at its worst moment. A rank that
                              reads out_dir before every rank has (no barrier first) reads the empty file.
-Under torchrun each rank ends with `leave_without_teardown` (why: its docstring).
 """
 
 import atexit
@@ -260,21 +259,6 @@ def late_out_dir_reader(out_dir: str) -> None:
         dist.init_process_group = init_process_group
 
 
-def leave_without_teardown(code: int) -> None:
-    """End a torchrun rank with `code` once its exit handlers ran, skipping the interpreter's teardown. A gloo worker
-    thread drops its reference to a collective's work (and its tensors) only after the rank has the result; when
-    that reference is the last (e.g. a tensor made for one all_reduce and dropped right after it), dropping it
-    takes the GIL. If the rank is tearing the interpreter down by then, Python ends that thread mid-destructor and
-    the process aborts ("terminate called without an active exception", exit -6): a finished 2-rank run fails its
-    test. Measured on this busy 2-core machine: 5 of 26 runs of the sampler script of test_distributed.py, 1 of 19
-    one-step 2-rank train.py runs; the cores show ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork -> take_gil ->
-    PyThread_exit_thread -> std::terminate."""
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def out_dir_of(argv: list[str]) -> str:
     return next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir="))
 
@@ -290,14 +274,4 @@ if __name__ == "__main__":
     elif fault and os.environ.get("RANK", "0") == os.environ.get("NANOSPIN_FAULT_RANK", "0"):
         kind, *numbers = fault.split(":")
         install(kind, [int(x) for x in numbers], out_dir_of(sys.argv[1:]) + ".held")
-    if "RANK" not in os.environ:
-        run_main(train.main, sys.argv[1:])
-    else:
-        try:
-            run_main(train.main, sys.argv[1:])
-            code = 0
-        except SystemExit as e:
-            if e.code is not None and not isinstance(e.code, int):
-                print(e.code, file=sys.stderr)
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-        leave_without_teardown(code)
+    run_main(train.main, sys.argv[1:])  # under torchrun it leaves without interpreter teardown (its docstring)
