@@ -192,6 +192,12 @@ MUTATIONS = [
       'latest = os.path.join(root, names[0])', 'tests/test_checkpoint.py', 'latest_checkpoint_and_keep'),
     M('no-barrier-before-config-json', 'checkpoint.py', '_barrier()  # every rank has read out_dir',
       'pass  # every rank has read out_dir', 'tests/test_distributed.py', 'every_rank_reads_out_dir'),
+    # --- configurator.py
+    M('torchrun-rank-tears-down', 'configurator.py', '    if "RANK" not in os.environ:\n        return _run_main',
+      '    if True:\n        return _run_main', 'tests/test_config.py', 'torchrun_rank'),
+    M('torchrun-rank-loses-exit-code', 'configurator.py',
+      'code = e.code if isinstance(e.code, int) else int(e.code is not None)', 'code = 1', 'tests/test_config.py',
+      'torchrun_rank'),
     # --- evaluator.py
     M('held-out-nll-per-example', 'evaluator.py', 'tokens += sum(len(e.real_ids) for e in batch)',
       'tokens += len(batch)', 'tests/test_train.py', 'held_out_nll'),
