@@ -18,8 +18,8 @@ device = "cpu"
 compile = False
 
 stage = "sft+spin"
-sft_steps = 48  # one epoch of 384 problems at 8 per step
-sft_lr = 2e-5
+sft_steps = 144  # three epochs of 384 problems at 8 per step: one epoch at 2e-5 left 4.7% at T=1 (EXPERIMENTS.md)
+sft_lr = 5e-5
 baseline_sft = True  # continued SFT from the SFT model for as many steps as SPIN: the compute-matched control
 baseline_lr = 2e-5
 max_iterations = 3
@@ -27,7 +27,7 @@ max_epochs = 1
 beta = 0.1
 lr = 1e-6
 optimizer = "adamw"
-prompts_per_iteration = 0
+prompts_per_iteration = 192  # a seeded half of the problems per iteration (the paper also draws a subset): 24 steps each
 
 rollout_batch_size = 64
 max_new_tokens = 64  # the longest real answer is ~50 tokens
